@@ -1,0 +1,1 @@
+"""teachercache service: domain, persistence, storage and the HTTP API."""

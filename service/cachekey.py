@@ -1,0 +1,75 @@
+"""The cache key: a hash of everything that determines a request's output.
+
+Version 1 hashes, as canonical JSON: the key version; the teacher's identity (revision,
+tokenizer hash, dtype); the mode; the exact prompt token ids after the chat template (so a
+text prompt and the same tokens given as ids share one entry); the response token ids in
+score mode; `top_logprobs`; and the normalised sampling parameters. Normalising removes what
+cannot change the output (top_p/top_k/min_p/seed under greedy decoding, the order of stop
+strings, all sampling in score mode), so such differences do not split the cache.
+Changing anything here must bump `CACHE_KEY_VERSION`, so old entries are never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+CACHE_KEY_VERSION = 1
+DEFAULT_SEED = 0
+
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "max_tokens": 128,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": -1,
+    "min_p": 0.0,
+    "seed": DEFAULT_SEED,
+    "n": 1,
+    "stop": [],
+    "stop_token_ids": [],
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "ignore_eos": False,
+}
+GREEDY_IRRELEVANT = ("top_p", "top_k", "min_p", "seed")
+
+
+def normalize_sampling(mode: str, sampling: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults and drop what cannot change the output."""
+    if mode == "score":
+        return {}  # teacher-forced: nothing is sampled
+    full = {**SAMPLING_DEFAULTS, **sampling}
+    full["stop"] = sorted(set(full["stop"]))
+    full["stop_token_ids"] = sorted(set(full["stop_token_ids"]))
+    if full["temperature"] == 0:
+        for name in GREEDY_IRRELEVANT:
+            full[name] = SAMPLING_DEFAULTS[name]
+    return full
+
+
+def teacher_identity(revision: str, tokenizer_hash: str, dtype: str) -> dict[str, str]:
+    return {"revision": revision, "tokenizer_hash": tokenizer_hash, "dtype": dtype}
+
+
+def cache_key(
+    teacher: dict[str, str],
+    mode: str,
+    prompt_token_ids: list[int],
+    response_token_ids: list[int] | None,
+    sampling: dict[str, Any],
+    top_logprobs: int,
+) -> str:
+    """`sampling` must already be normalised (see `normalize_sampling`)."""
+    document = {
+        "v": CACHE_KEY_VERSION,
+        "teacher": teacher,
+        "mode": mode,
+        "prompt": prompt_token_ids,
+        "response": response_token_ids,
+        "sampling": sampling,
+        "top_logprobs": top_logprobs,
+    }
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return f"k{CACHE_KEY_VERSION}-" + hashlib.sha256(canonical.encode()).hexdigest()

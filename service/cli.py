@@ -1,0 +1,89 @@
+"""Server-side commands, added to the `teachercache` CLI through the `teachercache.cli` entry point."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from service.settings import ServiceSettings
+
+teacher_app = typer.Typer(help="Teachers: prepare model folders, list the registry.", no_args_is_help=True)
+db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(teacher_app, name="teacher")
+    app.add_typer(db_app, name="db")
+    app.command("serve", help="Run the HTTP API.")(serve)
+    app.command("up", help="Run the whole stack on this machine: database, API and one worker.")(up)
+
+
+@teacher_app.command("prepare")
+def teacher_prepare(name: Annotated[Optional[str], typer.Argument(help="default: every built-in teacher")] = None) -> None:
+    """Convert a teacher's weights into a local model folder, once."""
+    from service.teachers.prepare import prepare_teacher
+    from service.teachers.registry import load_registry
+
+    settings = ServiceSettings()
+    registry = load_registry(settings.teachers_file)
+    names = [name] if name else [n for n, t in registry.teachers.items() if t.source]
+    for teacher in names:
+        folder, built = prepare_teacher(registry.get(teacher), settings.models_dir)
+        typer.echo(f"{teacher}: {'prepared' if built else 'already prepared'} at {folder}")
+
+
+@teacher_app.command("list")
+def teacher_list() -> None:
+    from service.teachers.catalog import TeacherCatalog
+
+    for teacher in TeacherCatalog.from_settings(ServiceSettings()).available():
+        typer.echo(f"{teacher.name}\t{teacher.revision}\t{teacher.folder}")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every migration to the configured database (or the embedded server)."""
+    from service.db import resolve_database_url
+    from service.migrate import upgrade as run_upgrade
+
+    run_upgrade(resolve_database_url(ServiceSettings()))
+    typer.echo("database is at the latest schema")
+
+
+def serve(host: Annotated[Optional[str], typer.Option()] = None, port: Annotated[Optional[int], typer.Option()] = None) -> None:
+    import uvicorn
+
+    from service.http.app import create_app
+    from service.migrate import upgrade as run_upgrade
+    from service.runtime import Runtime
+
+    logging.basicConfig(level=logging.INFO)
+    settings = ServiceSettings()
+    rt = Runtime.from_settings(settings)
+    run_upgrade(rt.database_url)
+    uvicorn.run(create_app(rt), host=host or settings.host, port=port or settings.port, log_level="warning")
+
+
+def up(teacher: Annotated[Optional[str], typer.Option(help="teacher for the worker")] = None,
+       port: Annotated[Optional[int], typer.Option()] = None) -> None:
+    """Embedded stack in the foreground: Postgres (embedded unless configured), API, one worker."""
+    from service.db import resolve_database_url
+
+    settings = ServiceSettings()
+    teacher_prepare(None)
+    url = resolve_database_url(settings)  # starts the embedded server when none is configured
+    env = {**os.environ, "TEACHERCACHE_DATABASE_URL": url}
+    worker = subprocess.Popen([sys.executable, "-m", "workers", *(["--teacher", teacher] if teacher else [])], env=env)
+    port = port or settings.port
+    typer.echo(f"teachercache is up: http://{settings.host}:{port}  (worker pid {worker.pid}; Ctrl-C stops)")
+    os.environ["TEACHERCACHE_DATABASE_URL"] = url
+    try:
+        serve(None, port)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)

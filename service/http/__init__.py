@@ -1,0 +1,1 @@
+"""The HTTP layer (FastAPI). Handlers stay a few lines: they parse, call a service, commit."""

@@ -1,0 +1,35 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.http import errors, routes_jobs, routes_misc
+from service.jobs.finalizer import Finalizer
+from service.runtime import Runtime
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(rt: Runtime | None = None, run_finalizer: bool = True) -> FastAPI:
+    rt = rt or Runtime.from_settings(ServiceSettings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if run_finalizer:
+            app.state.finalizer.start()
+        yield
+        if run_finalizer:
+            app.state.finalizer.stop()
+
+    app = FastAPI(title="teachercache", version="1", lifespan=lifespan)
+    app.state.runtime = rt
+    app.state.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
+    errors.install(app)
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_misc.router)
+    return app

@@ -1,0 +1,1 @@
+"""Jobs: submission, status, counts, finalization into output shards."""

@@ -1,0 +1,81 @@
+"""A background loop, in the API and in every worker, that moves jobs to their end.
+
+It assembles the shards of jobs that are ready (any process may: the claim skips locked
+jobs), and every `reconcile_s` it repairs what no single transaction could see: requests
+submitted while their task was finishing, and tasks whose last lease expired.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from service.db import db_retry, transaction
+from service.jobs.assemble import finalize_one
+from service.jobs.repository import JobRepository
+from service.queue.repository import TaskRepository
+from service.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def reconcile(rt: Runtime) -> None:
+    with transaction(rt.sessions) as db:
+        TaskRepository(db).expire_exhausted()
+        jobs = JobRepository(db)
+        jobs.advance_jobs(jobs.resolve_requests(None))
+
+
+def finalize_ready(rt: Runtime) -> int:
+    """Assemble every ready job; return how many."""
+    done = 0
+    while True:
+        with transaction(rt.sessions) as db:
+            job = finalize_one(JobRepository(db), rt.storage, rt.teacher_metadata(), rt.settings.shard_rows)
+        if job is None:
+            return done
+        log.info("job %s finalized (%s)", job.id, job.status)
+        done += 1
+
+
+class Finalizer:
+    def __init__(self, rt: Runtime, poll_s: float = 0.5, reconcile_s: float = 5.0) -> None:
+        self.rt = rt
+        self.poll_s = poll_s
+        self.reconcile_s = reconcile_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="finalizer", daemon=True)
+
+    def start(self) -> Finalizer:
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        last_reconcile = 0.0
+        while not self._stop.is_set():
+            if time.monotonic() - last_reconcile > self.reconcile_s:
+                self._safely(reconcile)
+                last_reconcile = time.monotonic()
+            self._safely(finalize_ready)
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    @db_retry(attempts=3)
+    def _attempt(self, step) -> None:
+        step(self.rt)
+
+    def _safely(self, step) -> None:
+        try:
+            self._attempt(step)
+        except Exception:  # keep the loop alive: the next round retries
+            log.exception("finalizer step %s failed", step.__name__)

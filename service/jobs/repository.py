@@ -1,0 +1,224 @@
+"""Every SQL statement about jobs, their requests, results (the cache index) and shards.
+
+Callers own the transaction; nothing here commits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+from sqlalchemy.dialects.postgresql import insert
+
+from service.models import Job, Request, Result, Shard, Task, Worker
+
+ACTIVE = ("queued", "running")
+
+# Requests waiting on a task that has a result now (e.g. it finished while they were being
+# submitted) are answered from it; those waiting on a task that failed for good fail with it.
+RESOLVE_FROM_RESULTS_SQL = sa.text(
+    """
+    UPDATE requests r SET state = 'done', result_key = r.cache_key
+      FROM results res
+     WHERE r.state = 'pending' AND res.cache_key = r.cache_key
+       AND (CAST(:keys AS text[]) IS NULL OR r.cache_key = ANY(CAST(:keys AS text[])))
+    RETURNING r.job_id
+    """
+)
+FAIL_FROM_TASKS_SQL = sa.text(
+    """
+    UPDATE requests r SET state = 'failed', error = t.errors::text
+      FROM tasks t
+     WHERE r.state = 'pending' AND t.key = r.cache_key AND t.state = 'failed'
+       AND (CAST(:keys AS text[]) IS NULL OR r.cache_key = ANY(CAST(:keys AS text[])))
+    RETURNING r.job_id
+    """
+)
+# Jobs with nothing pending move on to finalizing (their output shards get assembled).
+READY_TO_FINALIZE_SQL = sa.text(
+    """
+    UPDATE jobs j SET status = 'finalizing', started_at = COALESCE(j.started_at, now())
+     WHERE j.id = ANY(CAST(:job_ids AS text[])) AND j.status IN ('queued', 'running')
+       AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.id AND r.state = 'pending')
+    """
+)
+MARK_RUNNING_SQL = sa.text(
+    """
+    UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, now())
+     WHERE id = ANY(CAST(:job_ids AS text[])) AND status = 'queued'
+    """
+)
+CLAIM_FINALIZING_SQL = sa.text(
+    """
+    SELECT id FROM jobs
+     WHERE status = 'finalizing' OR (status = 'cancelled' AND finished_at IS NULL)
+     ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
+    """
+)
+
+
+@dataclass(frozen=True)
+class OutputRow:
+    """Where one request's rows come from when a job's shards are assembled."""
+
+    request_index: int
+    custom_id: str
+    state: str
+    cached: bool
+    cache_key: str
+    error: str | None
+    shard_path: str | None
+    row_start: int | None
+    row_count: int | None
+
+
+class JobRepository:
+    def __init__(self, session: orm.Session) -> None:
+        self.session = session
+
+    def add_job(self, job: Job) -> None:
+        self.session.add(job)
+        self.session.flush([job])
+
+    def add_requests(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self.session.execute(sa.insert(Request), rows)
+
+    def get(self, job_id: str, lock: bool = False) -> Job | None:
+        return self.session.get(Job, job_id, with_for_update=lock)
+
+    def by_idempotency_key(self, key: str) -> Job | None:
+        return self.session.scalar(sa.select(Job).where(Job.idempotency_key == key))
+
+    def list(self, limit: int, before: tuple[Any, str] | None) -> list[Job]:
+        query = sa.select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+        if before is not None:
+            query = query.where(sa.tuple_(Job.created_at, Job.id) < sa.tuple_(*before))
+        return list(self.session.scalars(query))
+
+    def counts(self, job_id: str) -> dict[str, int]:
+        query = (
+            sa.select(Request.state, Request.cached, sa.func.count())
+            .where(Request.job_id == job_id)
+            .group_by(Request.state, Request.cached)
+        )
+        counts = {"completed": 0, "cached": 0, "failed": 0, "pending": 0, "cancelled": 0}
+        for state, cached, n in self.session.execute(query):
+            bucket = "cached" if state == "done" and cached else {"done": "completed"}.get(state, state)
+            counts[bucket] += n
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def results_for(self, keys: list[str]) -> set[str]:
+        if not keys:
+            return set()
+        return set(self.session.scalars(sa.select(Result.cache_key).where(Result.cache_key.in_(keys))))
+
+    def count_hits(self, keys: list[str]) -> None:
+        self.session.execute(
+            sa.update(Result).where(Result.cache_key.in_(keys)).values(hits=Result.hits + 1)
+        )
+
+    def add_results(self, rows: list[dict[str, Any]]) -> None:
+        """Index computed rows; a recomputation (cache refresh) replaces the entry."""
+        if not rows:
+            return
+        statement = insert(Result).values(rows)
+        columns = ("shard_id", "row_start", "row_count", "prompt_tokens", "completion_tokens")
+        statement = statement.on_conflict_do_update(
+            index_elements=[Result.cache_key],
+            set_={c: statement.excluded[c] for c in columns} | {"created_at": sa.func.now()},
+        )
+        self.session.execute(statement)
+
+    def add_shard(self, shard: Shard) -> None:
+        self.session.add(shard)
+        self.session.flush([shard])
+
+    def resolve_requests(self, keys: list[str] | None) -> set[str]:
+        """Answer pending requests from results / failed tasks; return the jobs touched."""
+        params = {"keys": keys}
+        done = self.session.execute(RESOLVE_FROM_RESULTS_SQL, params).scalars().all()
+        failed = self.session.execute(FAIL_FROM_TASKS_SQL, params).scalars().all()
+        return set(done) | set(failed)
+
+    def advance_jobs(self, job_ids: set[str]) -> None:
+        if job_ids:
+            ids = sorted(job_ids)
+            self.session.execute(MARK_RUNNING_SQL, {"job_ids": ids})
+            self.session.execute(READY_TO_FINALIZE_SQL, {"job_ids": ids})
+
+    def claim_job_to_finalize(self) -> Job | None:
+        job_id = self.session.execute(CLAIM_FINALIZING_SQL).scalar_one_or_none()
+        return self.session.get(Job, job_id) if job_id else None
+
+    def output_rows(self, job_id: str) -> list[OutputRow]:
+        query = (
+            sa.select(
+                Request.request_index, Request.custom_id, Request.state, Request.cached,
+                Request.cache_key, Request.error, Shard.path, Result.row_start, Result.row_count,
+            )
+            .outerjoin(Result, Result.cache_key == Request.result_key)
+            .outerjoin(Shard, Shard.id == Result.shard_id)
+            .where(Request.job_id == job_id)
+            .order_by(Request.request_index)
+        )
+        return [OutputRow(*row) for row in self.session.execute(query)]
+
+    def job_shards(self, job_id: str) -> list[Shard]:
+        query = sa.select(Shard).where(Shard.job_id == job_id, Shard.kind == "job").order_by(Shard.shard_index)
+        return list(self.session.scalars(query))
+
+    def shard(self, shard_id: str) -> Shard | None:
+        return self.session.get(Shard, shard_id)
+
+    def failed_requests(self, job_id: str) -> list[Request]:
+        query = (
+            sa.select(Request)
+            .where(Request.job_id == job_id, Request.state.in_(("failed", "cancelled")))
+            .order_by(Request.request_index)
+        )
+        return list(self.session.scalars(query))
+
+    def cancel_pending(self, job_id: str) -> None:
+        self.session.execute(
+            sa.update(Request)
+            .where(Request.job_id == job_id, Request.state == "pending")
+            .values(state="cancelled", error="cancelled")
+        )
+
+    def prompts_for(self, keys: list[str]) -> dict[str, list[int]]:
+        rows = self.session.execute(sa.select(Task.key, Task.prompt_token_ids).where(Task.key.in_(keys)))
+        return dict(rows.tuples().all())
+
+    def cache_stats(self) -> dict[str, int]:
+        entries, hits, saved = self.session.execute(
+            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Result.hits), 0),
+                      sa.func.coalesce(sa.func.sum(Result.hits * Result.completion_tokens), 0))
+        ).one()
+        return {"entries": entries, "hits": int(hits), "completion_tokens_saved": int(saved)}
+
+    def online_workers(self, within_s: int = 60) -> dict[str, int]:
+        query = (
+            sa.select(Worker.teacher, sa.func.count())
+            .where(Worker.stopped_at.is_(None),
+                   Worker.heartbeat_at > sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, within_s))
+            .group_by(Worker.teacher)
+        )
+        return dict(self.session.execute(query).tuples().all())
+
+    def engine_totals(self) -> dict[str, int]:
+        """What every worker's engine has actually run, summed over workers (alive or not)."""
+        totals: dict[str, int] = {}
+        for stats in self.session.scalars(sa.select(Worker.stats)):
+            for name, value in stats.items():
+                totals[name] = totals.get(name, 0) + int(value)
+        return totals
+
+    def state_counts(self) -> dict[str, dict[str, int]]:
+        def grouped(column):
+            return dict(self.session.execute(sa.select(column, sa.func.count()).group_by(column)).tuples().all())
+
+        return {"jobs": grouped(Job.status), "requests": grouped(Request.state), "tasks": grouped(Task.state)}

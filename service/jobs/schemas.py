@@ -1,0 +1,117 @@
+"""The HTTP contract for jobs: what a submission may contain and what a job looks like."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class RequestIn(Strict):
+    """One prompt: exactly one of `prompt`, `messages`, `prompt_token_ids`.
+
+    In score mode also a `response` or `response_token_ids`, unless `messages` is a whole
+    conversation ending with the assistant's turn (that turn is then the response).
+    """
+
+    custom_id: str | None = Field(default=None, max_length=512)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt_token_ids: list[int] | None = Field(default=None, min_length=1)
+    response: str | None = None
+    response_token_ids: list[int] | None = Field(default=None, min_length=1)
+
+
+class Sampling(Strict):
+    max_tokens: int = Field(default=128, ge=1, le=32768)
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    n: int = Field(default=1, ge=1, le=64)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def one_stop_string(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class JobCreate(Strict):
+    teacher: str | None = Field(default=None, description="a registered teacher; the default when omitted")
+    mode: Literal["generate", "score"] = "generate"
+    top_logprobs: int = Field(default=20, ge=0)
+    sampling: Sampling = Field(default_factory=Sampling)
+    cache: Literal["use", "refresh", "bypass"] = "use"
+    requests: list[RequestIn] = Field(min_length=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Counts(BaseModel):
+    total: int
+    completed: int
+    cached: int
+    failed: int
+    pending: int
+    cancelled: int = 0
+
+
+class ShardOut(BaseModel):
+    index: int
+    url: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+class JobOut(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: str
+    teacher: str
+    mode: str
+    top_logprobs: int
+    sampling: dict[str, Any]
+    cache: str
+    metadata: dict[str, Any]
+    counts: Counts
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: str | None = None
+    shards: list[ShardOut] | None = None
+
+
+class JobList(BaseModel):
+    data: list[JobOut]
+    has_more: bool
+    next: str | None
+
+
+class ShardList(BaseModel):
+    shards: list[ShardOut]
+
+
+class RequestError(BaseModel):
+    request_index: int
+    custom_id: str
+    error: str
+
+
+class ErrorList(BaseModel):
+    errors: list[RequestError]

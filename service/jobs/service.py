@@ -1,0 +1,150 @@
+"""Job operations. Services never commit: the request handler or worker loop does."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import orm
+
+from service.cachekey import cache_key, normalize_sampling, teacher_identity
+from service.errors import Conflict, NotFound, ValidationFailed
+from service.jobs.repository import JobRepository
+from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
+from service.jobs.tokenize import PreparedRequest, prepare_requests
+from service.models import Job
+from service.queue.repository import NewTask, TaskRepository
+from service.teachers.tokenizer import Teacher
+
+MAX_ATTEMPTS = 3
+ShardUrl = Callable[[str], str]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def body_sha256(body: JobCreate) -> str:
+    return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+
+
+def check_parameters(body: JobCreate, teacher: Teacher) -> None:
+    limit = teacher.spec.max_top_logprobs
+    if body.top_logprobs > limit:
+        raise ValidationFailed(f"top_logprobs: {body.top_logprobs} is above this teacher's maximum of {limit}",
+                               field="top_logprobs")
+    if body.mode == "score" and body.sampling.n != 1:
+        raise ValidationFailed("sampling.n: score mode is teacher-forced and takes n = 1", field="sampling.n")
+
+
+class JobService:
+    def __init__(self, session: orm.Session) -> None:
+        self.jobs = JobRepository(session)
+        self.tasks = TaskRepository(session)
+
+    def find_retry(self, idempotency_key: str | None, body: JobCreate) -> Job | None:
+        """The job a retried submission (same Idempotency-Key) already created."""
+        if idempotency_key is None:
+            return None
+        job = self.jobs.by_idempotency_key(idempotency_key)
+        if job is not None and job.body_sha256 != body_sha256(body):
+            raise ValidationFailed("Idempotency-Key was already used with a different body",
+                                   field="Idempotency-Key")
+        return job
+
+    def submit(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None = None) -> Job:
+        check_parameters(body, teacher)
+        prepared = prepare_requests(body, teacher)
+        sampling = normalize_sampling(body.mode, body.sampling.model_dump())
+        identity = teacher_identity(teacher.revision, teacher.tokenizer_hash, teacher.spec.dtype)
+        keys = [cache_key(identity, body.mode, r.prompt_token_ids, r.response_token_ids, sampling, body.top_logprobs)
+                for r in prepared]
+        job = self._add_job(body, teacher, idempotency_key, len(prepared))
+        if body.cache == "bypass":
+            keys = [f"bypass-{job.id}-{i}" for i in range(len(keys))]  # never shared, never found
+        hits = self.jobs.results_for(keys) if body.cache == "use" else set()
+        self.jobs.add_requests([request_row(job.id, r, k, k in hits) for r, k in zip(prepared, keys)])
+        self.jobs.count_hits(sorted(hits))
+        self._enqueue_misses(body, teacher, prepared, keys, hits, sampling)
+        self.jobs.advance_jobs({job.id})  # a job answered wholly from the cache is ready at once
+        return job
+
+    def _add_job(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None, total: int) -> Job:
+        job = Job(
+            id=new_id("job"), status="queued", teacher=teacher.name, mode=body.mode,
+            top_logprobs=body.top_logprobs, sampling=body.sampling.model_dump(), cache_policy=body.cache,
+            metadata_=body.metadata, total=total, idempotency_key=idempotency_key, body_sha256=body_sha256(body),
+        )
+        self.jobs.add_job(job)
+        return job
+
+    def _enqueue_misses(self, body, teacher, prepared, keys, hits, sampling) -> None:
+        tasks: dict[str, NewTask] = {}
+        for request, key in zip(prepared, keys):
+            if key not in hits and key not in tasks:
+                tasks[key] = NewTask(
+                    key=key, teacher=teacher.name, mode=body.mode, prompt_token_ids=request.prompt_token_ids,
+                    response_token_ids=request.response_token_ids, sampling=sampling,
+                    top_logprobs=body.top_logprobs, max_attempts=MAX_ATTEMPTS,
+                )
+        self.tasks.enqueue(list(tasks.values()), recompute_done=body.cache == "refresh")
+
+    def get(self, job_id: str, lock: bool = False) -> Job:
+        job = self.jobs.get(job_id, lock=lock)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}", field="job_id")
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id, lock=True)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            return job
+        if job.status == "finalizing":
+            raise Conflict(f"job {job_id} is already finalizing; nothing is left to cancel")
+        self.jobs.cancel_pending(job_id)
+        job.status = "cancelled"
+        return job
+
+    def errors(self, job_id: str) -> list[RequestError]:
+        self.get(job_id)
+        return [RequestError(request_index=r.request_index, custom_id=r.custom_id, error=r.error or r.state)
+                for r in self.jobs.failed_requests(job_id)]
+
+    def shards(self, job_id: str, shard_url: ShardUrl) -> list[ShardOut]:
+        self.get(job_id)
+        return [shard_out(s, shard_url) for s in self.jobs.job_shards(job_id)]
+
+    def describe(self, job: Job, shard_url: ShardUrl) -> JobOut:
+        finished = job.finished_at is not None
+        return JobOut(
+            id=job.id, status=job.status, teacher=job.teacher, mode=job.mode, top_logprobs=job.top_logprobs,
+            sampling=job.sampling, cache=job.cache_policy, metadata=job.metadata_,
+            counts=Counts(**self.jobs.counts(job.id)), created_at=iso(job.created_at),
+            started_at=iso(job.started_at), finished_at=iso(job.finished_at), error=job.error,
+            shards=[shard_out(s, shard_url) for s in self.jobs.job_shards(job.id)] if finished else None,
+        )
+
+
+def request_row(job_id: str, request: PreparedRequest, key: str, hit: bool) -> dict[str, Any]:
+    return {
+        "job_id": job_id, "request_index": request.index, "custom_id": request.custom_id, "cache_key": key,
+        "state": "done" if hit else "pending", "cached": hit, "result_key": key if hit else None,
+        "prompt_tokens": len(request.prompt_token_ids),
+    }
+
+
+def shard_out(shard, shard_url: ShardUrl) -> ShardOut:
+    return ShardOut(index=shard.shard_index, url=shard_url(shard.id), rows=shard.rows, bytes=shard.bytes,
+                    sha256=shard.sha256)
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,105 @@
+"""Turn submitted requests into the exact token ids the teacher will see, or say what is wrong."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.errors import ValidationFailed
+from service.jobs.schemas import JobCreate, RequestIn
+from service.teachers.tokenizer import Teacher
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    index: int
+    custom_id: str
+    prompt_token_ids: list[int]
+    response_token_ids: list[int] | None
+
+
+def invalid(index: int, field: str, message: str) -> ValidationFailed:
+    return ValidationFailed(f"requests[{index}].{field}: {message}", request_index=index, field=field)
+
+
+def prepare_requests(job: JobCreate, teacher: Teacher) -> list[PreparedRequest]:
+    seen: dict[str, int] = {}
+    prepared = []
+    for index, request in enumerate(job.requests):
+        item = prepare_one(index, request, job, teacher)
+        if item.custom_id in seen:
+            raise invalid(index, "custom_id", f"duplicate of requests[{seen[item.custom_id]}]")
+        seen[item.custom_id] = index
+        prepared.append(item)
+    return prepared
+
+
+def prepare_one(index: int, request: RequestIn, job: JobCreate, teacher: Teacher) -> PreparedRequest:
+    prompt, response = split_prompt(index, request, job.mode, teacher)
+    check_token_ids(index, "prompt_token_ids", prompt, teacher.vocab_size)
+    if response is not None:
+        check_token_ids(index, "response_token_ids", response, teacher.vocab_size)
+    check_length(index, job, prompt, response, teacher.spec.max_model_len)
+    custom_id = request.custom_id if request.custom_id is not None else str(index)
+    return PreparedRequest(index, custom_id, prompt, response)
+
+
+def split_prompt(index: int, request: RequestIn, mode: str, teacher: Teacher) -> tuple[list[int], list[int] | None]:
+    given = [f for f in ("prompt", "messages", "prompt_token_ids") if getattr(request, f) is not None]
+    if len(given) != 1:
+        raise invalid(index, "prompt", f"give exactly one of prompt, messages, prompt_token_ids (got {given or 'none'})")
+    if mode == "generate":
+        if request.response is not None or request.response_token_ids is not None:
+            raise invalid(index, "response", "only score mode takes a response")
+        return prompt_ids(request, teacher), None
+    return score_pair(index, request, teacher)
+
+
+def prompt_ids(request: RequestIn, teacher: Teacher) -> list[int]:
+    if request.prompt_token_ids is not None:
+        return list(request.prompt_token_ids)
+    if request.messages is not None:
+        return teacher.encode_chat([m.model_dump() for m in request.messages])
+    return teacher.encode_text(request.prompt)
+
+
+def score_pair(index: int, request: RequestIn, teacher: Teacher) -> tuple[list[int], list[int]]:
+    """Score mode: the prompt and the response tokens to record the teacher's view of."""
+    has_response = request.response is not None or request.response_token_ids is not None
+    if request.response is not None and request.response_token_ids is not None:
+        raise invalid(index, "response", "give response or response_token_ids, not both")
+    if not has_response:
+        if request.messages and request.messages[-1].role == "assistant":
+            return transcript_pair(request, teacher)
+        raise invalid(index, "response", "score mode needs response, response_token_ids, or messages ending with the assistant")
+    prompt = prompt_ids(request, teacher)
+    if request.response_token_ids is not None:
+        return prompt, list(request.response_token_ids)
+    if not request.response:
+        raise invalid(index, "response", "must not be empty")
+    return prompt, teacher.encode_continuation(request.response)
+
+
+def transcript_pair(request: RequestIn, teacher: Teacher) -> tuple[list[int], list[int]]:
+    """A whole conversation: the last (assistant) turn exactly as the chat template renders it."""
+    messages = [m.model_dump() for m in request.messages]
+    prompt = teacher.encode_chat(messages[:-1], add_generation_prompt=True)
+    full = teacher.encode_chat(messages, add_generation_prompt=False)
+    if full[: len(prompt)] != prompt:
+        raise ValueError("the chat template does not render the conversation as prompt + response")
+    return prompt, full[len(prompt):]
+
+
+def check_token_ids(index: int, field: str, ids: list[int], vocab_size: int) -> None:
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise invalid(index, field, f"token id {bad} is outside the teacher's vocabulary [0, {vocab_size})")
+
+
+def check_length(index: int, job: JobCreate, prompt: list[int], response: list[int] | None, limit: int) -> None:
+    if job.mode == "score":
+        total, what = len(prompt) + len(response or []), "prompt + response"
+    else:
+        total, what = len(prompt) + job.sampling.max_tokens, "prompt + max_tokens"
+    if total > limit:
+        field = "response" if job.mode == "score" else "prompt"
+        raise invalid(index, field, f"{what} is {total} tokens, over the teacher's context of {limit}")

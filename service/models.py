@@ -1,0 +1,151 @@
+"""The schema: jobs, their requests, the task queue, the result (cache) index and shards.
+
+A *request* is what a user submitted (one row per job and batch position). A *task* is one
+unit of teacher work, keyed by the request's cache key, so requests with one key (within a
+job or across jobs in flight) share one task and are computed once. Tasks carry the lease.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+class Base(orm.DeclarativeBase):
+    metadata = sa.MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+        }
+    )
+
+
+# Source of fencing tokens (Task.lease_token).
+lease_token_seq = sa.Sequence("lease_token_seq", metadata=Base.metadata)
+
+TIMESTAMP = sa.DateTime(timezone=True)
+NOW = sa.text("now()")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
+    status: orm.Mapped[str] = orm.mapped_column(sa.String(16), index=True)
+    teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200))
+    mode: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    top_logprobs: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    sampling: orm.Mapped[dict[str, Any]] = orm.mapped_column(JSONB)
+    cache_policy: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    metadata_: orm.Mapped[dict[str, Any]] = orm.mapped_column("metadata", JSONB)
+    total: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    idempotency_key: orm.Mapped[str | None] = orm.mapped_column(sa.String(200), unique=True)
+    body_sha256: orm.Mapped[str] = orm.mapped_column(sa.String(64))
+    error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW, index=True)
+    started_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+    finished_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+
+
+class Request(Base):
+    __tablename__ = "requests"
+    __table_args__ = (
+        sa.UniqueConstraint("job_id", "request_index"),
+        sa.Index("ix_requests_job_id_state", "job_id", "state"),
+        sa.Index("ix_requests_pending_key", "cache_key", postgresql_where=sa.text("state = 'pending'")),
+    )
+
+    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    job_id: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    request_index: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    custom_id: orm.Mapped[str] = orm.mapped_column(sa.String(512))
+    cache_key: orm.Mapped[str] = orm.mapped_column(sa.String(80))
+    # pending -> done | failed | cancelled
+    state: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    cached: orm.Mapped[bool] = orm.mapped_column(sa.Boolean, server_default=sa.false())
+    result_key: orm.Mapped[str | None] = orm.mapped_column(sa.String(80))
+    error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    prompt_tokens: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+
+
+class Task(Base):
+    """One computation on the teacher, leased by one worker at a time."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        sa.Index("ix_tasks_claimable", "teacher", "state", "created_at"),
+        sa.Index("ix_tasks_lease_expiry", "lease_expires_at", postgresql_where=sa.text("state = 'leased'")),
+    )
+
+    key: orm.Mapped[str] = orm.mapped_column(sa.String(80), primary_key=True)
+    teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200))
+    # pending -> leased -> done | failed; leased -> pending when released
+    state: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    mode: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    prompt_token_ids: orm.Mapped[list[int]] = orm.mapped_column(ARRAY(sa.Integer))
+    response_token_ids: orm.Mapped[list[int] | None] = orm.mapped_column(ARRAY(sa.Integer))
+    sampling: orm.Mapped[dict[str, Any]] = orm.mapped_column(JSONB)
+    top_logprobs: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    max_attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="3")
+    errors: orm.Mapped[list[Any]] = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"))
+    lease_owner: orm.Mapped[str | None] = orm.mapped_column(sa.String(200))
+    lease_expires_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+    # Fencing token: grows with every grant, so a worker whose lease was re-granted cannot commit.
+    lease_token: orm.Mapped[int | None] = orm.mapped_column(sa.BigInteger)
+    created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
+    finished_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+
+
+class Result(Base):
+    """The cache index: where the rows computed for one cache key live."""
+
+    __tablename__ = "results"
+
+    cache_key: orm.Mapped[str] = orm.mapped_column(sa.String(80), primary_key=True)
+    teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200))
+    shard_id: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("shards.id"), index=True)
+    row_start: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    row_count: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    prompt_tokens: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    completion_tokens: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    hits: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
+
+
+class Shard(Base):
+    """A Parquet file in storage: a worker's result shard, or one of a job's output shards."""
+
+    __tablename__ = "shards"
+    __table_args__ = (sa.UniqueConstraint("job_id", "shard_index"),)
+
+    id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
+    kind: orm.Mapped[str] = orm.mapped_column(sa.String(16))  # result | job
+    job_id: orm.Mapped[str | None] = orm.mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    shard_index: orm.Mapped[int | None] = orm.mapped_column(sa.Integer)
+    path: orm.Mapped[str] = orm.mapped_column(sa.String(500))
+    rows: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    bytes: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
+    sha256: orm.Mapped[str] = orm.mapped_column(sa.String(64))
+    created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
+
+
+class Worker(Base):
+    """A running worker process: what it serves, when it was last seen, what its engine ran."""
+
+    __tablename__ = "workers"
+
+    id: orm.Mapped[str] = orm.mapped_column(sa.String(200), primary_key=True)
+    teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200), index=True)
+    hostname: orm.Mapped[str] = orm.mapped_column(sa.String(200))
+    pid: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    stats: orm.Mapped[dict[str, Any]] = orm.mapped_column(JSONB, server_default=sa.text("'{}'::jsonb"))
+    started_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
+    heartbeat_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
+    stopped_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)

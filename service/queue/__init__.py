@@ -1,0 +1,1 @@
+"""The task queue: leases, fencing tokens, completion and failure of teacher work."""

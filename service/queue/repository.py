@@ -1,0 +1,178 @@
+"""Every SQL statement of the task queue. Callers own the transaction.
+
+The claim is one statement: `FOR UPDATE SKIP LOCKED` over claimable tasks (pending, or leased
+with an expired lease), granting a lease with an owner, an expiry and a fencing token from a
+sequence. A task is claimable only while some request still waits on it, so cancelling a
+job stops its work being handed out. Completion and failure check the fencing token: a worker
+whose lease was re-granted to another cannot commit anything for that task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+from sqlalchemy.dialects.postgresql import insert
+
+from service.models import Task
+
+CLAIM_SQL = sa.text(
+    """
+    WITH candidates AS (
+        SELECT t.key FROM tasks t
+        WHERE t.teacher = :teacher
+          AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now()))
+          AND t.attempts < t.max_attempts
+          AND EXISTS (SELECT 1 FROM requests r WHERE r.cache_key = t.key AND r.state = 'pending')
+        ORDER BY t.created_at, t.key
+        LIMIT :limit
+        FOR UPDATE OF t SKIP LOCKED
+    )
+    UPDATE tasks t
+       SET state = 'leased',
+           lease_owner = :owner,
+           lease_expires_at = now() + make_interval(secs => :lease_s),
+           lease_token = nextval('lease_token_seq'),
+           attempts = t.attempts + 1
+      FROM candidates c
+     WHERE t.key = c.key
+    RETURNING t.key, t.lease_token, t.mode, t.prompt_token_ids, t.response_token_ids,
+              t.sampling, t.top_logprobs, t.attempts, t.max_attempts
+    """
+)
+
+RENEW_SQL = sa.text(
+    """
+    UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => :lease_s)
+      FROM unnest(CAST(:keys AS text[]), CAST(:tokens AS bigint[])) AS held(key, token)
+     WHERE t.key = held.key AND t.lease_token = held.token AND t.state = 'leased'
+    RETURNING t.key
+    """
+)
+
+# Fenced: only the holder of the current token moves a leased task on.
+FINISH_SQL = sa.text(
+    """
+    UPDATE tasks t SET state = 'done', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL
+      FROM unnest(CAST(:keys AS text[]), CAST(:tokens AS bigint[])) AS held(key, token)
+     WHERE t.key = held.key AND t.lease_token = held.token AND t.state = 'leased'
+    RETURNING t.key
+    """
+)
+
+RECORD_FAILURE_SQL = sa.text(
+    """
+    UPDATE tasks SET
+        state = CASE WHEN attempts >= max_attempts OR :final THEN 'failed' ELSE 'pending' END,
+        errors = errors || jsonb_build_array(jsonb_build_object('attempt', attempts, 'error', CAST(:error AS text))),
+        lease_owner = NULL, lease_expires_at = NULL,
+        finished_at = CASE WHEN attempts >= max_attempts OR :final THEN now() END
+    WHERE key = :key AND lease_token = :token AND state = 'leased'
+    RETURNING state
+    """
+)
+
+RELEASE_SQL = sa.text(
+    """
+    UPDATE tasks t SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,
+                       attempts = GREATEST(t.attempts - 1, 0)
+      FROM unnest(CAST(:keys AS text[]), CAST(:tokens AS bigint[])) AS held(key, token)
+     WHERE t.key = held.key AND t.lease_token = held.token AND t.state = 'leased'
+    RETURNING t.key
+    """
+)
+
+# A task whose leases expired on its last attempt (it kept killing workers) fails for good.
+EXPIRE_EXHAUSTED_SQL = sa.text(
+    """
+    UPDATE tasks SET state = 'failed', finished_at = now(), lease_owner = NULL,
+        errors = errors || jsonb_build_array(jsonb_build_object(
+            'attempt', attempts, 'error', 'lease expired: the worker died or stalled')),
+        lease_expires_at = NULL
+    WHERE state = 'leased' AND lease_expires_at < now() AND attempts >= max_attempts
+    RETURNING key
+    """
+)
+
+
+@dataclass(frozen=True)
+class ClaimedTask:
+    key: str
+    lease_token: int
+    mode: str
+    prompt_token_ids: list[int]
+    response_token_ids: list[int] | None
+    sampling: dict[str, Any]
+    top_logprobs: int
+    attempts: int
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class NewTask:
+    key: str
+    teacher: str
+    mode: str
+    prompt_token_ids: list[int]
+    response_token_ids: list[int] | None
+    sampling: dict[str, Any]
+    top_logprobs: int
+    max_attempts: int
+
+
+class TaskRepository:
+    def __init__(self, session: orm.Session) -> None:
+        self.session = session
+
+    def claim(self, teacher: str, owner: str, limit: int, lease_s: float) -> list[ClaimedTask]:
+        params = {"teacher": teacher, "owner": owner, "limit": limit, "lease_s": lease_s}
+        rows = self.session.execute(CLAIM_SQL, params).mappings().all()
+        return [ClaimedTask(**row) for row in rows]
+
+    def renew(self, held: dict[str, int], lease_s: float) -> set[str]:
+        """Extend the leases still ours; return the keys we still hold."""
+        return set(self._fenced(RENEW_SQL, held, lease_s=lease_s))
+
+    def finish(self, held: dict[str, int]) -> set[str]:
+        return set(self._fenced(FINISH_SQL, held))
+
+    def release(self, held: dict[str, int]) -> set[str]:
+        """Give leased tasks back unrun (shutdown): the attempt does not count."""
+        return set(self._fenced(RELEASE_SQL, held))
+
+    def record_failure(self, key: str, token: int, error: str, final: bool = False) -> str | None:
+        """Record a failed attempt; return the task's new state, or None if the lease was lost."""
+        params = {"key": key, "token": token, "error": error, "final": final}
+        return self.session.execute(RECORD_FAILURE_SQL, params).scalar_one_or_none()
+
+    def expire_exhausted(self) -> list[str]:
+        return list(self.session.execute(EXPIRE_EXHAUSTED_SQL).scalars())
+
+    def _fenced(self, statement: sa.TextClause, held: dict[str, int], **params: Any) -> list[str]:
+        if not held:
+            return []
+        keys, tokens = list(held), list(held.values())
+        return list(self.session.execute(statement, {"keys": keys, "tokens": tokens, **params}).scalars())
+
+    def enqueue(self, tasks: list[NewTask], recompute_done: bool) -> None:
+        """Insert tasks; one already queued or leased is joined, one that failed is tried afresh.
+
+        With `recompute_done` (cache refresh) a finished task is queued again too.
+        """
+        if not tasks:
+            return
+        states = ["failed", "done"] if recompute_done else ["failed"]
+        statement = insert(Task).values([task.__dict__ for task in tasks])
+        statement = statement.on_conflict_do_update(
+            index_elements=[Task.key],
+            set_={"state": "pending", "attempts": 0, "errors": sa.text("'[]'::jsonb"),
+                  "finished_at": None, "created_at": sa.func.now()},
+            where=Task.state.in_(states),
+        )
+        self.session.execute(statement)
+
+    def errors_of(self, keys: list[str]) -> dict[str, list[Any]]:
+        rows = self.session.execute(sa.select(Task.key, Task.errors).where(Task.key.in_(keys)))
+        return {key: errors for key, errors in rows}

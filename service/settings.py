@@ -1,0 +1,45 @@
+"""Settings of the API process (and of the tools that share its database and storage)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the API and the admin commands read from the environment (`TEACHERCACHE_*`)."""
+
+    model_config = SettingsConfigDict(env_prefix="TEACHERCACHE_", env_file=".env", extra="ignore")
+
+    # Unset means: start the embedded PostgreSQL server under `state_dir`. `DATABASE_URL` also works.
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("TEACHERCACHE_DATABASE_URL", "DATABASE_URL")
+    )
+    state_dir: Path = PROJECT_ROOT / ".state"
+    # Where shards live: a local folder by default, or any URI pyarrow.fs understands (s3://bucket/prefix).
+    storage_uri: str | None = None
+    models_dir: Path = PROJECT_ROOT / "models"
+    # Operator-defined teachers (YAML); merged over the built-in registry.
+    teachers_file: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Public base URL used to build shard URLs; defaults to the request's own base URL.
+    public_url: str | None = None
+    max_requests_per_job: int = 200_000
+    shard_rows: int = 10_000
+    finalizer_poll_s: float = 0.5
+    db_retry_attempts: int = 8
+
+    @property
+    def shards_uri(self) -> str:
+        return self.storage_uri or str(self.state_dir / "shards")
+
+
+@lru_cache
+def get_settings() -> ServiceSettings:
+    return ServiceSettings()

@@ -1,0 +1,140 @@
+"""Shared fixtures: a real Postgres (migrated once into a template, cloned per test), the
+service runtime and app, the prepared teacher, and one vLLM engine per test session."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from service.db import embedded_database_url, normalize_url
+from service.migrate import upgrade
+from service.runtime import Runtime
+from service.settings import PROJECT_ROOT, ServiceSettings
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def admin_url(tmp_path_factory) -> str:
+    configured = os.environ.get("TEACHERCACHE_DATABASE_URL")
+    if configured:
+        return normalize_url(configured)
+    return normalize_url(embedded_database_url(tmp_path_factory.mktemp("embedded-pg")))
+
+
+def with_database(url: str, name: str) -> str:
+    return str(sa.make_url(url).set(database=name).render_as_string(hide_password=False))
+
+
+def run_admin(url: str, statement: str) -> None:
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sa.text(statement))
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url(tmp_path_factory) -> str:
+    return admin_url(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def template_database(postgres_admin_url) -> str:
+    """Migrated once per test run; each test gets a clone."""
+    name = f"tc_template_{uuid.uuid4().hex[:8]}"
+    run_admin(postgres_admin_url, f'CREATE DATABASE "{name}"')
+    url = with_database(postgres_admin_url, name)
+    upgrade(url)
+    yield name
+    run_admin(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(postgres_admin_url, template_database) -> str:
+    name = f"tc_test_{uuid.uuid4().hex[:10]}"
+    run_admin(postgres_admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    yield with_database(postgres_admin_url, name)
+    run_admin(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def settings(tmp_path, database_url) -> ServiceSettings:
+    return ServiceSettings(database_url=database_url, state_dir=tmp_path / "state",
+                           models_dir=PROJECT_ROOT / "models", finalizer_poll_s=0.1)
+
+
+@pytest.fixture
+def rt(settings) -> Runtime:
+    runtime = Runtime.from_settings(settings)
+    yield runtime
+    runtime.engine.dispose()
+
+
+@pytest.fixture
+def api(rt):
+    """The ASGI app in-process (with its finalizer thread), through FastAPI's TestClient."""
+    from fastapi.testclient import TestClient
+
+    from service.http.app import create_app
+
+    with TestClient(create_app(rt)) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def teacher_model_dir() -> Path:
+    from service.teachers.prepare import prepare_teacher
+    from service.teachers.registry import load_registry
+
+    registry = load_registry()
+    folder, _ = prepare_teacher(registry.get(registry.default), PROJECT_ROOT / "models")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(teacher_model_dir):
+    """One real vLLM engine (CPU build, float32) for the whole test session."""
+    from workers.vllm_adapter import VllmEngine
+
+    return VllmEngine.load(str(teacher_model_dir), max_model_len=2048, max_top_logprobs=20, dtype="float32")
+
+
+class RunningWorker:
+    """A WorkerLoop in a background thread, stopped (drained) at the end of the test."""
+
+    def __init__(self, loop) -> None:
+        self.loop = loop
+        self.exit_code: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.exit_code = self.loop.run()
+
+    def stop(self, timeout: float = 60) -> int | None:
+        self.loop.request_stop()
+        self.thread.join(timeout)
+        return self.exit_code
+
+
+@pytest.fixture
+def start_worker(rt):
+    """Start worker loops on a given engine; all are stopped at teardown."""
+    from workers.loop import WorkerLoop
+    from workers.settings import WorkerSettings
+
+    started: list[RunningWorker] = []
+
+    def start(engine, teacher: str = "smollm2-135m-instruct", **overrides) -> RunningWorker:
+        worker_settings = WorkerSettings(**{**rt.settings.model_dump(), "flush_s": 0.2, **overrides})
+        running = RunningWorker(WorkerLoop(rt, engine, worker_settings, teacher))
+        running.thread.start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()

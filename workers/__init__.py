@@ -1,0 +1,1 @@
+"""teachercache workers: the engine loop, engine adapters and the shard writer."""

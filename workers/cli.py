@@ -1,0 +1,30 @@
+"""The `teachercache worker` command (added through the `teachercache.cli` entry point)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+
+def worker(teacher: Annotated[Optional[str], typer.Option(help="default: the registry's default teacher")] = None,
+           engine: Annotated[Optional[str], typer.Option(help="vllm (default) or scripted")] = None) -> None:
+    """Claim and run pending requests for one teacher until SIGTERM."""
+    from workers.main import run_worker
+    from workers.settings import WorkerSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in {"teacher": teacher, "engine": engine}.items() if v is not None}
+    raise typer.Exit(run_worker(WorkerSettings(**overrides)))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("worker")(worker)
+
+
+def main() -> None:
+    app = typer.Typer()
+    app.command()(worker)
+    sys.exit(app())

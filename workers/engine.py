@@ -1,0 +1,78 @@
+"""The engine boundary: what a worker hands an engine and what it gets back.
+
+Only the adapters (`workers/vllm_adapter.py`, ...) import an inference library; the loop,
+the writer and the tests see these types alone, so a scripted engine can stand in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """The sampling parameters that reach the engine (already normalised by the service)."""
+
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int = 0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One unit of teacher work. `key` is unique among the requests an engine holds."""
+
+    key: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    top_logprobs: int
+    mode: str = "generate"  # or "score"
+    response_token_ids: list[int] | None = None
+
+
+@dataclass
+class Sample:
+    """One sample (generate) or the scored response (score), position-aligned lists."""
+
+    completion_token_ids: list[int]
+    completion_text: str
+    token_logprobs: list[float]
+    top_token_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+    finish_reason: str  # stop | length | scored
+
+
+@dataclass
+class EngineResult:
+    key: str
+    samples: list[Sample] = field(default_factory=list)
+    error: str | None = None  # set when the engine rejected or failed this request alone
+
+
+class Engine(Protocol):
+    """A continuously fed engine: add requests at any time, step to make progress."""
+
+    def add(self, request: EngineRequest) -> None: ...
+
+    def step(self) -> list[EngineResult]:
+        """Run one scheduling step; return the requests that finished in it."""
+        ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def abort(self, keys: list[str]) -> None: ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters of what the engine actually ran: requests, prompt_tokens, completion_tokens."""
+        ...

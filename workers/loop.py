@@ -1,0 +1,302 @@
+"""The worker: keep one engine continuously fed, and index what it produces.
+
+Four threads share a small amount of state (the tasks this worker holds and their fencing
+tokens), so that claiming, lease renewal and Parquet writing overlap with generation:
+
+- the engine thread (the caller's) adds claimed requests to the engine and steps it;
+- the claimer keeps up to `max_inflight` tasks claimed, so the engine never waits for work;
+- the writer turns finished results into result shards and indexes them, fenced by token;
+- the heartbeat renews the leases still held and drops those another worker took over.
+
+No database transaction is open while the engine runs: each claim, renewal and index is its
+own short transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from service.db import db_retry, transaction
+from service.jobs.finalizer import Finalizer
+from service.jobs.repository import JobRepository
+from service.jobs.service import new_id
+from service.models import Shard, Worker
+from service.queue.repository import ClaimedTask, TaskRepository
+from service.runtime import Runtime
+from service.shards import shard_metadata
+from workers.engine import Engine, EngineResult
+from workers.results import engine_request, result_table
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Holdings:
+    """The tasks this worker holds, from claim until indexed, failed or released."""
+
+    tasks: dict[str, ClaimedTask] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, claimed: list[ClaimedTask]) -> None:
+        with self.lock:
+            self.tasks.update({t.key: t for t in claimed})
+
+    def tokens(self, keys=None) -> dict[str, int]:
+        with self.lock:
+            return {k: t.lease_token for k, t in self.tasks.items() if keys is None or k in keys}
+
+    def drop(self, keys) -> None:
+        with self.lock:
+            for key in keys:
+                self.tasks.pop(key, None)
+
+    def prompt(self, key: str) -> list[int]:
+        with self.lock:
+            return list(self.tasks[key].prompt_token_ids)
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.tasks)
+
+
+def default_worker_id(teacher: str) -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{teacher}-{uuid.uuid4().hex[:6]}"
+
+
+class WorkerLoop:
+    def __init__(self, rt: Runtime, engine: Engine, settings: WorkerSettings, teacher_name: str) -> None:
+        self.rt = rt
+        self.engine = engine
+        self.settings = settings
+        self.teacher = teacher_name
+        self.worker_id = settings.worker_id or default_worker_id(teacher_name)
+        self.held = Holdings()
+        self.incoming: queue.Queue[ClaimedTask] = queue.Queue()
+        self.lost: queue.Queue[str] = queue.Queue()
+        self.finished: queue.Queue[EngineResult] = queue.Queue()
+        self.stopping = threading.Event()  # stop claiming (SIGTERM, or the engine died)
+        self.done = threading.Event()  # the engine thread has ended; writer drains and exits
+        self.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
+        self._db = db_retry(rt.settings.db_retry_attempts)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until stopped; return the process exit code (non-zero when the engine died)."""
+        self._register()
+        threads = [threading.Thread(target=f, name=f.__name__, daemon=True)
+                   for f in (self._claimer, self._writer, self._heartbeat)]
+        for thread in threads:
+            thread.start()
+        self.finalizer.start()
+        code = self._engine_loop()
+        self.done.set()
+        for thread in threads:
+            thread.join(timeout=self.settings.drain_s + 30)
+        self._release_all()
+        self.finalizer.stop()
+        self._unregister()
+        return code
+
+    def request_stop(self, *_: object) -> None:
+        log.info("worker %s: stop requested, draining", self.worker_id)
+        self.stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    # -- the engine thread -----------------------------------------------------------------
+    def _engine_loop(self) -> int:
+        drain_deadline = None
+        try:
+            while True:
+                self._feed_engine()
+                if self.stopping.is_set():
+                    drain_deadline = drain_deadline or time.monotonic() + self.settings.drain_s
+                    if self._drained(drain_deadline):
+                        return 0
+                if self.engine.has_unfinished():
+                    for result in self.engine.step():
+                        self.finished.put(result)
+                else:
+                    self._wait_for_work()
+        except Exception:
+            log.exception("worker %s: the engine failed; releasing leases and exiting", self.worker_id)
+            self.stopping.set()
+            return 1
+
+    def _feed_engine(self) -> None:
+        while not self.lost.empty():
+            self.engine.abort([self.lost.get_nowait()])
+        while not self.incoming.empty():
+            task = self.incoming.get_nowait()
+            if self.stopping.is_set():
+                continue  # released at exit, never started
+            self.engine.add(engine_request(task))
+
+    def _wait_for_work(self) -> None:
+        try:
+            task = self.incoming.get(timeout=self.settings.claim_poll_s)
+        except queue.Empty:
+            return
+        self.incoming.put(task)
+
+    def _drained(self, deadline: float) -> bool:
+        """After SIGTERM: done once nothing runs; past `drain_s`, abort (released at exit)."""
+        if not self.engine.has_unfinished():
+            return True
+        if time.monotonic() > deadline:
+            self.engine.abort(list(self.held.tokens()))
+            return True
+        return False
+
+    # -- claimer ---------------------------------------------------------------------------
+    def _claimer(self) -> None:
+        low_water = max(1, self.settings.max_inflight // 2)
+        while not self.stopping.is_set() and not self.done.is_set():
+            room = self.settings.max_inflight - len(self.held)
+            claimed = self._claim(room) if len(self.held) <= low_water or room >= low_water else []
+            for task in claimed:
+                self.incoming.put(task)
+            if not claimed:
+                time.sleep(self.settings.claim_poll_s)
+
+    def _claim(self, limit: int) -> list[ClaimedTask]:
+        @self._db
+        def claim() -> list[ClaimedTask]:
+            with transaction(self.rt.sessions) as db:
+                claimed = TaskRepository(db).claim(self.teacher, self.worker_id, limit, self.settings.lease_s)
+            self.held.add(claimed)
+            return claimed
+
+        try:
+            return claim()
+        except Exception:
+            log.exception("worker %s: claim failed", self.worker_id)
+            return []
+
+    # -- heartbeat -------------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        interval = self.settings.lease_s * self.settings.renew_fraction
+        while not self.done.wait(interval):
+            try:
+                self._db(self._renew)()
+            except Exception:
+                log.exception("worker %s: lease renewal failed", self.worker_id)
+
+    def _renew(self) -> None:
+        held = self.held.tokens()
+        with transaction(self.rt.sessions) as db:
+            kept = TaskRepository(db).renew(held, self.settings.lease_s)
+            db.execute(sa.update(Worker).where(Worker.id == self.worker_id)
+                       .values(heartbeat_at=sa.func.now(), stats=self.engine.stats()))
+        lost = set(held) - kept
+        if lost:
+            log.warning("worker %s: lost %d leases to other workers", self.worker_id, len(lost))
+            self.held.drop(lost)
+            for key in lost:
+                self.lost.put(key)
+
+    # -- writer ----------------------------------------------------------------------------
+    def _writer(self) -> None:
+        buffer: list[EngineResult] = []
+        first_at = 0.0
+        while True:
+            try:
+                result = self.finished.get(timeout=0.05)
+                first_at = first_at if buffer else time.monotonic()
+                buffer.append(result)
+            except queue.Empty:
+                if self.done.is_set() and not buffer:
+                    return
+            if buffer and self._should_flush(buffer, first_at):
+                self._flush(buffer)
+                buffer = []
+
+    def _should_flush(self, buffer: list[EngineResult], first_at: float) -> bool:
+        rows = sum(max(1, len(r.samples)) for r in buffer)
+        idle = self.finished.empty() and not self.engine.has_unfinished()
+        return rows >= self.settings.result_shard_rows or time.monotonic() - first_at >= self.settings.flush_s \
+            or idle or self.done.is_set()
+
+    def _flush(self, results: list[EngineResult]) -> None:
+        failures = [r for r in results if r.error is not None]
+        successes = [r for r in results if r.error is None and r.key in self.held.tokens([r.key])]
+        try:
+            if successes:
+                self._db(self._index)(successes)
+            for failure in failures:
+                self._db(self._record_failure)(failure)
+        except Exception:
+            log.exception("worker %s: indexing failed; the leases will expire and the work is retried",
+                          self.worker_id)
+        self.held.drop(r.key for r in results)
+        self.finalizer.wake()
+
+    def _index(self, results: list[EngineResult]) -> None:
+        """Write one result shard, then index it in one fenced transaction."""
+        prompts = {r.key: self.held.prompt(r.key) for r in results}
+        table, entries = result_table(results, prompts)
+        path = f"results/{self.teacher}/{time.strftime('%Y%m%d')}/{uuid.uuid4().hex}.parquet"
+        stored = self.rt.storage.write_table(path, table, shard_metadata(self.rt.teacher_metadata().get(self.teacher, {})))
+        with transaction(self.rt.sessions) as db:
+            kept = TaskRepository(db).finish(self.held.tokens(prompts))
+            jobs = JobRepository(db)
+            shard_id = new_id("shd")
+            jobs.add_shard(Shard(id=shard_id, kind="result", path=stored.path, rows=stored.rows,
+                                 bytes=stored.bytes, sha256=stored.sha256))
+            jobs.add_results([{**e, "teacher": self.teacher, "shard_id": shard_id} for e in entries if e["cache_key"] in kept])
+            jobs.advance_jobs(jobs.resolve_requests(sorted(kept)))
+        if len(kept) < len(results):
+            log.warning("worker %s: %d results discarded (lease lost)", self.worker_id, len(results) - len(kept))
+
+    def _record_failure(self, result: EngineResult) -> None:
+        token = self.held.tokens([result.key]).get(result.key)
+        if token is None:
+            return
+        with transaction(self.rt.sessions) as db:
+            state = TaskRepository(db).record_failure(result.key, token, result.error or "engine error")
+            if state == "failed":
+                jobs = JobRepository(db)
+                jobs.advance_jobs(jobs.resolve_requests([result.key]))
+
+    # -- registration and release ----------------------------------------------------------
+    def _register(self) -> None:
+        @self._db
+        def register() -> None:
+            with transaction(self.rt.sessions) as db:
+                db.merge(Worker(id=self.worker_id, teacher=self.teacher, hostname=socket.gethostname(),
+                                pid=os.getpid(), stats={}))
+        register()
+        swept = self.rt.storage.sweep_temporary_files()
+        log.info("worker %s serving %s (swept %d temporary files)", self.worker_id, self.teacher, swept)
+
+    def _release_all(self) -> None:
+        held = self.held.tokens()
+        if not held:
+            return
+        try:
+            with transaction(self.rt.sessions) as db:
+                released = TaskRepository(db).release(held)
+            log.info("worker %s: released %d leases", self.worker_id, len(released))
+        except Exception:
+            log.exception("worker %s: could not release leases; they will expire", self.worker_id)
+
+    def _unregister(self) -> None:
+        try:
+            with transaction(self.rt.sessions) as db:
+                db.execute(sa.update(Worker).where(Worker.id == self.worker_id)
+                           .values(stopped_at=sa.func.now(), stats=self.engine.stats()))
+        except Exception:
+            log.exception("worker %s: could not record its stop", self.worker_id)

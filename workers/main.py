@@ -1,0 +1,38 @@
+"""Entry point of a worker process: one engine for one teacher."""
+
+from __future__ import annotations
+
+import logging
+
+from service.migrate import upgrade
+from service.runtime import Runtime
+from workers.engine import Engine
+from workers.loop import WorkerLoop
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(settings: WorkerSettings, rt: Runtime, teacher_name: str) -> Engine:
+    teacher = rt.teachers.get(teacher_name)
+    if settings.engine == "scripted":
+        from workers.scripted_engine import ScriptedEngine
+
+        return ScriptedEngine(vocab_size=teacher.vocab_size)
+    from workers.vllm_adapter import VllmEngine  # the only path that imports vLLM
+
+    return VllmEngine.load(
+        str(teacher.folder), max_model_len=teacher.spec.max_model_len, max_top_logprobs=teacher.spec.max_top_logprobs,
+        dtype=teacher.spec.dtype, kv_cache_gb=settings.kv_cache_gb, max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+    )
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    rt = Runtime.from_settings(settings)
+    upgrade(rt.database_url)
+    teacher_name = rt.teachers.get(settings.teacher).name
+    engine = build_engine(settings, rt, teacher_name)
+    loop = WorkerLoop(rt, engine, settings, teacher_name)
+    loop.install_signal_handlers()
+    return loop.run()

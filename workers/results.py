@@ -1,0 +1,48 @@
+"""From engine results to result-shard rows and cache-index entries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from service.queue.repository import ClaimedTask
+from service.shards import RESULT_SCHEMA
+from workers.engine import EngineRequest, EngineResult, SamplingSpec
+
+
+def engine_request(task: ClaimedTask) -> EngineRequest:
+    sampling = dict(task.sampling)
+    for name in ("stop", "stop_token_ids"):
+        if name in sampling:
+            sampling[name] = tuple(sampling[name])
+    return EngineRequest(
+        key=task.key, prompt_token_ids=list(task.prompt_token_ids), sampling=SamplingSpec(**sampling),
+        top_logprobs=task.top_logprobs, mode=task.mode,
+        response_token_ids=list(task.response_token_ids) if task.response_token_ids is not None else None,
+    )
+
+
+def result_rows(result: EngineResult, prompt: list[int]) -> list[dict[str, Any]]:
+    return [
+        {"cache_key": result.key, "sample_index": i, "prompt_token_ids": prompt,
+         "completion_token_ids": s.completion_token_ids, "completion_text": s.completion_text,
+         "token_logprobs": s.token_logprobs, "top_token_ids": s.top_token_ids, "top_logprobs": s.top_logprobs,
+         "finish_reason": s.finish_reason, "error": None}
+        for i, s in enumerate(result.samples)
+    ]
+
+
+def result_table(results: list[EngineResult], prompts: dict[str, list[int]]) -> tuple[pa.Table, list[dict]]:
+    """The shard's rows, and for each result its index entry (row range, token counts)."""
+    rows: list[dict[str, Any]] = []
+    index = []
+    for result in results:
+        prompt = prompts[result.key]
+        index.append({
+            "cache_key": result.key, "row_start": len(rows), "row_count": len(result.samples),
+            "prompt_tokens": len(prompt),
+            "completion_tokens": sum(len(s.completion_token_ids) for s in result.samples),
+        })
+        rows.extend(result_rows(result, prompt))
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), index

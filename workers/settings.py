@@ -1,0 +1,26 @@
+"""Settings of a worker process (`TEACHERCACHE_*`): the service's, plus the engine loop's."""
+
+from __future__ import annotations
+
+from service.settings import ServiceSettings
+
+
+class WorkerSettings(ServiceSettings):
+    teacher: str | None = None  # default: the registry's default teacher
+    worker_id: str | None = None  # default: host-pid-random
+    # Leases: renewed every lease_s * renew_fraction while the worker holds the task.
+    lease_s: float = 60.0
+    renew_fraction: float = 0.33
+    claim_poll_s: float = 0.2
+    # Tasks held at once (claimed, in the engine, or waiting to be indexed): keeps the engine fed.
+    max_inflight: int = 256
+    # A result shard is written when this many rows are waiting, or the oldest waited flush_s.
+    result_shard_rows: int = 2048
+    flush_s: float = 1.0
+    # On SIGTERM: stop claiming, let running requests finish for this long, release the rest.
+    drain_s: float = 30.0
+    # Engine options (vLLM adapter).
+    kv_cache_gb: float | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    engine: str = "vllm"  # vllm | scripted (a deterministic stand-in for control-plane tests)
