@@ -2,8 +2,8 @@
 
 It is not a teacher: its "logprobs" are a function of the prompt, seed and position, so tests
 of the queue, cache and shards can check that every row lands where it belongs. Prompts that
-contain `FAIL_TOKEN` come back as a per-request error; `CRASH_TOKEN` makes `step()` raise,
-like an engine that died.
+contain one of `fail_tokens` come back as a per-request error; one of `crash_tokens` makes
+`step()` raise, like an engine that died.
 """
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ import time
 
 from workers.engine import EngineRequest, EngineResult, Sample
 
-FAIL_TOKEN = 999_001
-CRASH_TOKEN = 999_002
-
-
 def _unit(*parts: object) -> float:
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
 class ScriptedEngine:
-    def __init__(self, vocab_size: int = 49152, step_delay_s: float = 0.0, tokens_per_step: int = 4) -> None:
+    def __init__(self, vocab_size: int = 49152, step_delay_s: float = 0.0, tokens_per_step: int = 4,
+                 fail_tokens: frozenset[int] = frozenset(), crash_tokens: frozenset[int] = frozenset()) -> None:
         self.vocab_size = vocab_size
+        self.fail_tokens = fail_tokens
+        self.crash_tokens = crash_tokens
         self.step_delay_s = step_delay_s
         self.tokens_per_step = tokens_per_step
         self.running: dict[str, EngineRequest] = {}
@@ -51,12 +50,15 @@ class ScriptedEngine:
         time.sleep(self.step_delay_s)
         finished = []
         for key, request in list(self.running.items()):
-            if CRASH_TOKEN in request.prompt_token_ids:
+            if self.crash_tokens.intersection(request.prompt_token_ids):
                 raise RuntimeError("scripted engine crash")
             self.progress[key] += self.tokens_per_step
-            if self.progress[key] >= self._length(request) or FAIL_TOKEN in request.prompt_token_ids:
+            if self.progress[key] >= self._length(request) or self._fails(request):
                 finished.append(self._finish(request))
         return finished
+
+    def _fails(self, request: EngineRequest) -> bool:
+        return bool(self.fail_tokens.intersection(request.prompt_token_ids))
 
     def _length(self, request: EngineRequest) -> int:
         if request.mode == "score":
@@ -65,7 +67,7 @@ class ScriptedEngine:
 
     def _finish(self, request: EngineRequest) -> EngineResult:
         self.abort([request.key])
-        if FAIL_TOKEN in request.prompt_token_ids:
+        if self._fails(request):
             return EngineResult(key=request.key, error="scripted failure")
         samples = [self._sample(request, i) for i in range(1 if request.mode == "score" else request.sampling.n)]
         self.counters["requests"] += 1

@@ -80,7 +80,7 @@ class JobRepository:
 
     def add_job(self, job: Job) -> None:
         self.session.add(job)
-        self.session.flush([job])
+        self.session.flush()
 
     def add_requests(self, rows: list[dict[str, Any]]) -> None:
         if rows:
@@ -135,7 +135,7 @@ class JobRepository:
 
     def add_shard(self, shard: Shard) -> None:
         self.session.add(shard)
-        self.session.flush([shard])
+        self.session.flush()
 
     def resolve_requests(self, keys: list[str] | None) -> set[str]:
         """Answer pending requests from results / failed tasks; return the jobs touched."""

@@ -18,7 +18,8 @@ class PreparedRequest:
 
 
 def invalid(index: int, field: str, message: str) -> ValidationFailed:
-    return ValidationFailed(f"requests[{index}].{field}: {message}", request_index=index, field=field)
+    where = f"requests[{index}].{field}"
+    return ValidationFailed(f"{where}: {message}", request_index=index, field=where)
 
 
 def prepare_requests(job: JobCreate, teacher: Teacher) -> list[PreparedRequest]:

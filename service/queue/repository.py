@@ -164,7 +164,7 @@ class TaskRepository:
         if not tasks:
             return
         states = ["failed", "done"] if recompute_done else ["failed"]
-        statement = insert(Task).values([task.__dict__ for task in tasks])
+        statement = insert(Task).values([{**task.__dict__, "state": "pending"} for task in tasks])
         statement = statement.on_conflict_do_update(
             index_elements=[Task.key],
             set_={"state": "pending", "attempts": 0, "errors": sa.text("'[]'::jsonb"),

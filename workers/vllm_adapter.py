@@ -1,0 +1,313 @@
+"""The vLLM engine adapter: the only module of the project that imports `vllm`.
+
+`VllmEngine` drives vLLM's offline `LLMEngine` step by step (continuous batching): the
+worker loop adds requests whenever it has capacity and collects finished ones from
+`step()`. Logprobs are the teacher's RAW distribution (`logprobs_mode="raw_logprobs"`):
+computed from the logits before temperature, penalties, top-k/top-p, which is what a
+student is distilled on, whatever the sampling parameters were.
+
+Logprobs are requested in vLLM's flat layout (`flat_logprobs=True`): per position the
+first entry is the sampled (or, for prompt logprobs, the actual) token and the next
+`k` entries are the top-k in rank order. Reading that layout positionally is exact even
+when the sampled token ties with a top-k token, which a `{token: Logprob}` dict would
+collapse, and it creates no per-token Python objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import vllm
+from vllm.exceptions import VLLMClientError
+from vllm.inputs import tokens_input
+from vllm.logprobs import FlatLogprobs
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from workers.engine import EngineRequest, EngineResult, Sample, SamplingSpec
+
+_GIB = 1 << 30
+
+# Errors that concern one request only; anything else (e.g. a dead engine core) is
+# the engine's failure and propagates to the worker loop.
+_REQUEST_ERRORS = (VLLMClientError, ValueError, TypeError)
+
+_COMMON_PARAMS: dict[str, Any] = {
+    "flat_logprobs": True,
+    # Only the finished request matters; no intermediate outputs to build and drop.
+    "output_kind": RequestOutputKind.FINAL_ONLY,
+}
+
+
+@dataclass(frozen=True)
+class _Position:
+    """One position's logprobs: the token that was there, and the top-k, best first."""
+
+    token_id: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class VllmEngine:
+    """`workers.engine.Engine` on top of a `vllm.LLM` (offline engine, stepped by hand)."""
+
+    def __init__(self, llm: Any, *, max_top_logprobs: int) -> None:
+        self._llm = llm
+        self._engine = llm.llm_engine
+        self._tokenizer = llm.get_tokenizer()
+        self.max_top_logprobs = max_top_logprobs
+        self._inflight: dict[str, EngineRequest] = {}
+        self._rejected: list[EngineResult] = []
+        self._stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str,
+        *,
+        max_model_len: int | None = None,
+        max_top_logprobs: int = 20,
+        dtype: str = "float32",
+        seed: int = 0,
+        kv_cache_gb: float | None = None,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        **llm_kwargs: Any,
+    ) -> VllmEngine:
+        """Build the vLLM engine; extra keyword arguments go to `vllm.LLM` unchanged."""
+        optional = {
+            "max_model_len": max_model_len,
+            "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": max_num_batched_tokens,
+            "kv_cache_memory_bytes": None if kv_cache_gb is None else int(kv_cache_gb * _GIB),
+        }
+        llm = vllm.LLM(
+            model=str(model_dir),
+            dtype=dtype,
+            seed=seed,
+            max_logprobs=max_top_logprobs,
+            logprobs_mode="raw_logprobs",
+            **{k: v for k, v in optional.items() if v is not None},
+            **llm_kwargs,
+        )
+        return cls(llm, max_top_logprobs=max_top_logprobs)
+
+    # -- what the worker and the teacher registry may want to know -----------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self._llm.model_config.max_model_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._llm.model_config.get_vocab_size())
+
+    # -- the Engine protocol -------------------------------------------------------
+
+    def add(self, request: EngineRequest) -> None:
+        """Queue a request; one vLLM rejects comes back as an error from the next step."""
+        if request.key in self._inflight:
+            raise ValueError(f"request key {request.key!r} is already in flight")
+        try:
+            prompt_ids, params = self._to_vllm(request)
+            self._engine.add_request(request.key, tokens_input(prompt_ids), params)
+        except _REQUEST_ERRORS as exc:
+            self._rejected.append(EngineResult(key=request.key, error=_describe(exc)))
+            return
+        self._inflight[request.key] = request
+
+    def step(self) -> list[EngineResult]:
+        results, self._rejected = self._rejected, []
+        # Stepping an idle multiprocess engine would block waiting for output.
+        if not self._engine.has_unfinished_requests():
+            return results
+        for output in self._engine.step():
+            request = self._inflight.get(output.request_id)
+            if output.finished and request is not None:
+                del self._inflight[output.request_id]
+                results.append(self._finish(request, output))
+        return results
+
+    def has_unfinished(self) -> bool:
+        return bool(self._inflight or self._rejected)
+
+    def abort(self, keys: list[str]) -> None:
+        doomed = set(keys)
+        self._rejected = [r for r in self._rejected if r.key not in doomed]
+        live = [k for k in keys if self._inflight.pop(k, None) is not None]
+        if live:
+            self._engine.abort_request(live)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    def close(self) -> None:
+        """Stop vLLM's engine core process now rather than at interpreter exit."""
+        self._inflight.clear()
+        self._engine.engine_core.shutdown()
+
+    # -- request conversion ---------------------------------------------------------
+
+    def _to_vllm(self, request: EngineRequest) -> tuple[list[int], SamplingParams]:
+        if request.top_logprobs < 0:
+            raise ValueError("top_logprobs must be >= 0")
+        if request.mode == "generate":
+            return list(request.prompt_token_ids), _generate_params(request)
+        if request.mode == "score":
+            _check_score_request(request)
+            prompt_ids = list(request.prompt_token_ids) + list(request.response_token_ids)
+            return prompt_ids, _score_params(request.top_logprobs)
+        raise ValueError(f"unknown mode {request.mode!r}")
+
+    # -- result conversion ----------------------------------------------------------
+
+    def _finish(self, request: EngineRequest, output: Any) -> EngineResult:
+        try:
+            if request.mode == "score":
+                samples = [self._scored_sample(request, output)]
+            else:
+                samples = [self._generated_sample(request, c) for c in _by_index(output)]
+        except _EngineRequestFailed as exc:
+            return EngineResult(key=request.key, error=str(exc))
+        self._count(output, samples, request)
+        return EngineResult(key=request.key, samples=samples)
+
+    def _generated_sample(self, request: EngineRequest, completion: Any) -> Sample:
+        if completion.finish_reason not in ("stop", "length", "repetition"):
+            raise _EngineRequestFailed(f"vLLM finished the request: {completion.finish_reason}")
+        token_ids = list(completion.token_ids)
+        positions = [
+            _read_position(completion.logprobs, i, request.top_logprobs)
+            for i in range(len(token_ids))
+        ]
+        _check_tokens(positions, token_ids)
+        # "repetition" (vLLM's repetition detector) is a stop like any other.
+        reason = "length" if completion.finish_reason == "length" else "stop"
+        return self._sample(token_ids, positions, reason)
+
+    def _scored_sample(self, request: EngineRequest, output: Any) -> Sample:
+        completion = output.outputs[0]
+        if completion.finish_reason not in ("stop", "length"):
+            raise _EngineRequestFailed(f"vLLM finished the request: {completion.finish_reason}")
+        response = list(request.response_token_ids or [])
+        # prompt_logprobs[j] is the distribution that predicted token j (entry 0 is
+        # empty), so the response token at j = len(prompt) + i is read at row j.
+        first = len(request.prompt_token_ids)
+        positions = [
+            _read_position(output.prompt_logprobs, first + i, request.top_logprobs)
+            for i in range(len(response))
+        ]
+        _check_tokens(positions, response)
+        return self._sample(response, positions, "scored")
+
+    def _sample(self, token_ids: list[int], positions: list[_Position], reason: str) -> Sample:
+        return Sample(
+            completion_token_ids=token_ids,
+            # Text is always the decoded tokens (stop strings included), so the two agree.
+            completion_text=self._tokenizer.decode(token_ids, skip_special_tokens=True),
+            token_logprobs=[p.logprob for p in positions],
+            top_token_ids=[p.top_ids for p in positions],
+            top_logprobs=[p.top_logprobs for p in positions],
+            finish_reason=reason,
+        )
+
+    def _count(self, output: Any, samples: list[Sample], request: EngineRequest) -> None:
+        self._stats["requests"] += 1
+        self._stats["prompt_tokens"] += len(output.prompt_token_ids)
+        if request.mode == "generate":
+            self._stats["completion_tokens"] += sum(len(s.completion_token_ids) for s in samples)
+
+
+class _EngineRequestFailed(Exception):
+    """vLLM ended one request abnormally, or its output is not what was asked for."""
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _generate_params(request: EngineRequest) -> SamplingParams:
+    spec: SamplingSpec = request.sampling
+    return SamplingParams(
+        n=spec.n,
+        seed=spec.seed,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k,
+        min_p=spec.min_p,
+        stop=list(spec.stop) or None,
+        stop_token_ids=list(spec.stop_token_ids) or None,
+        presence_penalty=spec.presence_penalty,
+        frequency_penalty=spec.frequency_penalty,
+        repetition_penalty=spec.repetition_penalty,
+        max_tokens=spec.max_tokens,
+        ignore_eos=spec.ignore_eos,
+        logprobs=request.top_logprobs,
+        **_COMMON_PARAMS,
+        # vLLM needs text only to match stop strings; we decode the final text ourselves.
+        detokenize=bool(spec.stop),
+        include_stop_str_in_output=True,
+    )
+
+
+def _score_params(top_logprobs: int) -> SamplingParams:
+    # One greedy token is the minimum vLLM runs; it is discarded. Everything wanted is
+    # in the prompt logprobs of the teacher-forced prompt + response.
+    return SamplingParams(
+        max_tokens=1,
+        temperature=0.0,
+        prompt_logprobs=top_logprobs,
+        detokenize=False,
+        **_COMMON_PARAMS,
+    )
+
+
+
+def _check_score_request(request: EngineRequest) -> None:
+    if not request.response_token_ids:
+        raise ValueError("score mode needs at least one response token")
+    if not request.prompt_token_ids:
+        # The first response token would have no conditioning distribution.
+        raise ValueError("score mode needs a non-empty prompt")
+
+
+def _by_index(output: Any) -> list[Any]:
+    return sorted(output.outputs, key=lambda c: c.index)
+
+
+def _read_position(container: Any, pos: int, k: int) -> _Position:
+    if container is None:
+        raise _EngineRequestFailed("vLLM returned no logprobs")
+    if isinstance(container, FlatLogprobs):
+        start, end = container.start_indices[pos], container.end_indices[pos]
+        if end - start != k + 1:
+            raise _EngineRequestFailed(f"expected {k + 1} logprobs at {pos}, got {end - start}")
+        ids, lps = container.token_ids, container.logprobs
+        return _Position(ids[start], lps[start], ids[start + 1 : end], lps[start + 1 : end])
+    return _read_dict_position(container[pos], k)
+
+
+def _read_dict_position(entry: dict[int, Any], k: int) -> _Position:
+    """Fallback for the `{token: Logprob}` layout: the first key is the actual token."""
+    token_id = next(iter(entry))
+    ranked = sorted(entry.items(), key=lambda kv: (kv[1].rank, -kv[1].logprob))[:k]
+    return _Position(
+        token_id,
+        entry[token_id].logprob,
+        [tid for tid, _ in ranked],
+        [lp.logprob for _, lp in ranked],
+    )
+
+
+def _check_tokens(positions: list[_Position], token_ids: list[int]) -> None:
+    # Guards the position bookkeeping: each row must be about the token we think it is.
+    for i, (position, token_id) in enumerate(zip(positions, token_ids, strict=True)):
+        if position.token_id != token_id:
+            raise _EngineRequestFailed(
+                f"logprob row {i} is for token {position.token_id}, expected {token_id}"
+            )
