@@ -28,9 +28,10 @@ from workers.engine import EngineRequest, EngineResult, Sample, SamplingSpec
 
 _GIB = 1 << 30
 
-# Errors that concern one request only; anything else (e.g. a dead engine core) is
-# the engine's failure and propagates to the worker loop.
-_REQUEST_ERRORS = (VLLMClientError, ValueError, TypeError)
+# Errors that concern one request only; anything else (a dead engine core, a TypeError
+# from a vLLM whose SamplingParams lack a field we set) is the engine's failure and
+# propagates to the worker loop.
+_REQUEST_ERRORS = (VLLMClientError, ValueError)
 
 _COMMON_PARAMS: dict[str, Any] = {
     "flat_logprobs": True,
@@ -283,25 +284,14 @@ def _by_index(output: Any) -> list[Any]:
 def _read_position(container: Any, pos: int, k: int) -> _Position:
     if container is None:
         raise _EngineRequestFailed("vLLM returned no logprobs")
-    if isinstance(container, FlatLogprobs):
-        start, end = container.start_indices[pos], container.end_indices[pos]
-        if end - start != k + 1:
-            raise _EngineRequestFailed(f"expected {k + 1} logprobs at {pos}, got {end - start}")
-        ids, lps = container.token_ids, container.logprobs
-        return _Position(ids[start], lps[start], ids[start + 1 : end], lps[start + 1 : end])
-    return _read_dict_position(container[pos], k)
-
-
-def _read_dict_position(entry: dict[int, Any], k: int) -> _Position:
-    """Fallback for the `{token: Logprob}` layout: the first key is the actual token."""
-    token_id = next(iter(entry))
-    ranked = sorted(entry.items(), key=lambda kv: (kv[1].rank, -kv[1].logprob))[:k]
-    return _Position(
-        token_id,
-        entry[token_id].logprob,
-        [tid for tid, _ in ranked],
-        [lp.logprob for _, lp in ranked],
-    )
+    if not isinstance(container, FlatLogprobs):
+        # Loud, not per request: this vLLM ignores flat_logprobs, so every request would fail.
+        raise TypeError(f"expected vLLM FlatLogprobs, got {type(container).__name__}")
+    start, end = container.start_indices[pos], container.end_indices[pos]
+    if end - start != k + 1:
+        raise _EngineRequestFailed(f"expected {k + 1} logprobs at {pos}, got {end - start}")
+    ids, lps = container.token_ids, container.logprobs
+    return _Position(ids[start], lps[start], ids[start + 1 : end], lps[start + 1 : end])
 
 
 def _check_tokens(positions: list[_Position], token_ids: list[int]) -> None:

@@ -191,7 +191,7 @@ class JobRepository:
 
     def prompts_for(self, keys: list[str]) -> dict[str, list[int]]:
         rows = self.session.execute(sa.select(Task.key, Task.prompt_token_ids).where(Task.key.in_(keys)))
-        return dict(rows.tuples().all())
+        return dict(rows.all())
 
     def cache_stats(self) -> dict[str, int]:
         entries, hits, saved = self.session.execute(
@@ -207,7 +207,7 @@ class JobRepository:
                    Worker.heartbeat_at > sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, within_s))
             .group_by(Worker.teacher)
         )
-        return dict(self.session.execute(query).tuples().all())
+        return dict(self.session.execute(query).all())
 
     def engine_totals(self) -> dict[str, int]:
         """What every worker's engine has actually run, summed over workers (alive or not)."""
@@ -219,6 +219,6 @@ class JobRepository:
 
     def state_counts(self) -> dict[str, dict[str, int]]:
         def grouped(column):
-            return dict(self.session.execute(sa.select(column, sa.func.count()).group_by(column)).tuples().all())
+            return dict(self.session.execute(sa.select(column, sa.func.count()).group_by(column)).all())
 
         return {"jobs": grouped(Job.status), "requests": grouped(Request.state), "tasks": grouped(Task.state)}
