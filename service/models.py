@@ -51,6 +51,8 @@ class Job(Base):
     created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW, index=True)
     started_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     finished_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+    # Set by cancel: the job is assembled with what was done, then ends `cancelled`.
+    cancel_requested_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
 
 
 class Request(Base):

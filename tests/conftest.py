@@ -23,7 +23,7 @@ def admin_url(tmp_path_factory) -> str:
     configured = os.environ.get("TEACHERCACHE_DATABASE_URL")
     if configured:
         return normalize_url(configured)
-    return normalize_url(embedded_database_url(tmp_path_factory.mktemp("embedded-pg")))
+    return normalize_url(embedded_database_url(tmp_path_factory.mktemp("embedded-pg"), stop_at_exit=True))
 
 
 def with_database(url: str, name: str) -> str:

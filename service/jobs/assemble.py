@@ -22,7 +22,7 @@ from service.storage import Storage
 
 
 def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict, shard_rows: int) -> Job | None:
-    """Claim one job that is ready (or cancelled and not yet assembled) and assemble it."""
+    """Claim one job that is ready (all requests resolved, or cancelled) and assemble it."""
     job = jobs.claim_job_to_finalize()
     if job is None:
         return None
@@ -32,8 +32,7 @@ def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict, shar
         stored = storage.write_table(f"jobs/{job.id}/part-{index:05d}.parquet", table.slice(start, shard_rows), metadata)
         jobs.add_shard(Shard(id=new_id("shd"), kind="job", job_id=job.id, shard_index=index, path=stored.path,
                              rows=stored.rows, bytes=stored.bytes, sha256=stored.sha256))
-    if job.status == "finalizing":
-        job.status = "succeeded"
+    job.status = "cancelled" if job.cancel_requested_at else "succeeded"
     job.finished_at = sa.func.now()
     return job
 

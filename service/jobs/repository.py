@@ -52,8 +52,7 @@ MARK_RUNNING_SQL = sa.text(
 )
 CLAIM_FINALIZING_SQL = sa.text(
     """
-    SELECT id FROM jobs
-     WHERE status = 'finalizing' OR (status = 'cancelled' AND finished_at IS NULL)
+    SELECT id FROM jobs WHERE status = 'finalizing'
      ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
     """
 )

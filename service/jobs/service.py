@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import orm
 
 from service.cachekey import cache_key, normalize_sampling, teacher_identity
@@ -104,9 +105,13 @@ class JobService:
         if job.status in ("succeeded", "failed", "cancelled"):
             return job
         if job.status == "finalizing":
+            if job.cancel_requested_at is not None:
+                return job
             raise Conflict(f"job {job_id} is already finalizing; nothing is left to cancel")
         self.jobs.cancel_pending(job_id)
-        job.status = "cancelled"
+        # Assembled with what was completed; the finalizer then ends it `cancelled`.
+        job.status = "finalizing"
+        job.cancel_requested_at = sa.func.now()
         return job
 
     def errors(self, job_id: str) -> list[RequestError]:
