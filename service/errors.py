@@ -38,3 +38,10 @@ class Conflict(TeachercacheError):
 class Unavailable(TeachercacheError):
     status_code = 503
     code = "unavailable"
+
+
+class ShardDamaged(TeachercacheError):
+    """A stored shard no longer matches its index entry: reported, never served."""
+
+    status_code = 500
+    code = "shard_damaged"

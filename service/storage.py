@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class Storage:
             self.local_root = Path(uri).resolve()
             self.local_root.mkdir(parents=True, exist_ok=True)
             self.fs, self.root = pafs.LocalFileSystem(), str(self.local_root)
+        self._verified: set[tuple[str, int, int]] = set()
 
     def full(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -112,14 +114,36 @@ class Storage:
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.full(rel), filesystem=self.fs, columns=columns)
 
-    def sweep_temporary_files(self) -> int:
-        """Remove temporary files a crashed writer left behind (local storage only)."""
+    def sweep_temporary_files(self, older_than_s: float = 600.0) -> int:
+        """Remove temporary files a crashed writer left behind (local storage only).
+
+        Only files untouched for `older_than_s`: a live writer's temporary file is seconds old.
+        """
         if self.local_root is None:
             return 0
-        orphans = list(self.local_root.rglob(f"*{TEMP_SUFFIX}"))
+        cutoff = time.time() - older_than_s
+        orphans = [p for p in self.local_root.rglob(f"*{TEMP_SUFFIX}") if p.stat().st_mtime < cutoff]
         for orphan in orphans:
             orphan.unlink(missing_ok=True)
         return len(orphans)
+
+    def verified_local_path(self, rel: str, size: int, sha256: str) -> Path:
+        """The shard's local file, after checking it is the one indexed (size, then sha256).
+
+        A file is hashed once per (size, mtime); a damaged file raises ShardCheckFailed.
+        """
+        path = self.local_path(rel)
+        if path is None or not path.exists():
+            raise ShardCheckFailed(f"{rel} is missing")
+        stat = path.stat()
+        if stat.st_size != size:
+            raise ShardCheckFailed(f"{rel} is {stat.st_size} bytes, {size} indexed")
+        stamp = (rel, stat.st_size, stat.st_mtime_ns)
+        if stamp not in self._verified:
+            if self.sha256(rel) != sha256:
+                raise ShardCheckFailed(f"{rel} does not match its indexed sha256")
+            self._verified.add(stamp)
+        return path
 
 
 def fsync_dir(path: Path) -> None:

@@ -103,7 +103,7 @@ class WorkerLoop:
         self.done.set()
         for thread in threads:
             thread.join(timeout=self.settings.drain_s + 30)
-        self._release_all()
+        self._release_all(count_attempt=code != 0)
         self.finalizer.stop()
         self._unregister()
         return code
@@ -282,13 +282,13 @@ class WorkerLoop:
         swept = self.rt.storage.sweep_temporary_files()
         log.info("worker %s serving %s (swept %d temporary files)", self.worker_id, self.teacher, swept)
 
-    def _release_all(self) -> None:
+    def _release_all(self, count_attempt: bool) -> None:
         held = self.held.tokens()
         if not held:
             return
         try:
             with transaction(self.rt.sessions) as db:
-                released = TaskRepository(db).release(held)
+                released = TaskRepository(db).release(held, count_attempt)
             log.info("worker %s: released %d leases", self.worker_id, len(released))
         except Exception:
             log.exception("worker %s: could not release leases; they will expire", self.worker_id)

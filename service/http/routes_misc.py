@@ -9,11 +9,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import orm
 
-from service.errors import NotFound, Unavailable
+from service.errors import NotFound, ShardDamaged, Unavailable
 from service.http.deps import runtime, session
 from service.http.metrics import render_metrics
 from service.jobs.repository import JobRepository
 from service.runtime import Runtime
+from service.storage import ShardCheckFailed
 
 router = APIRouter()
 Db = Annotated[orm.Session, Depends(session)]
@@ -32,9 +33,10 @@ def download_shard(shard_id: str, rt: Rt, db: Db) -> FileResponse:
     shard = JobRepository(db).shard(shard_id)
     if shard is None or shard.kind != "job":
         raise NotFound(f"no shard {shard_id!r}", field="shard_id")
-    path = rt.storage.local_path(shard.path)
-    if path is None or not path.exists() or path.stat().st_size != shard.bytes:
-        raise Unavailable(f"shard {shard_id} is missing or damaged in storage", field="shard_id")
+    try:
+        path = rt.storage.verified_local_path(shard.path, shard.bytes, shard.sha256)
+    except ShardCheckFailed as exc:  # never serve a damaged file as good
+        raise ShardDamaged(f"shard {shard_id} failed its integrity check: {exc}", field="shard_id") from exc
     headers = {"ETag": f'"{shard.sha256}"', "X-Content-SHA256": shard.sha256, "Cache-Control": "private, max-age=86400"}
     return FileResponse(path, media_type=PARQUET, headers=headers, filename=f"{shard.job_id}-{shard.shard_index:05d}.parquet")
 

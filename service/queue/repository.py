@@ -77,7 +77,7 @@ RECORD_FAILURE_SQL = sa.text(
 RELEASE_SQL = sa.text(
     """
     UPDATE tasks t SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,
-                       attempts = GREATEST(t.attempts - 1, 0)
+                       attempts = CASE WHEN :count_attempt THEN t.attempts ELSE GREATEST(t.attempts - 1, 0) END
       FROM unnest(CAST(:keys AS text[]), CAST(:tokens AS bigint[])) AS held(key, token)
      WHERE t.key = held.key AND t.lease_token = held.token AND t.state = 'leased'
     RETURNING t.key
@@ -138,9 +138,10 @@ class TaskRepository:
     def finish(self, held: dict[str, int]) -> set[str]:
         return set(self._fenced(FINISH_SQL, held))
 
-    def release(self, held: dict[str, int]) -> set[str]:
-        """Give leased tasks back unrun (shutdown): the attempt does not count."""
-        return set(self._fenced(RELEASE_SQL, held))
+    def release(self, held: dict[str, int], count_attempt: bool = False) -> set[str]:
+        """Give leased tasks back. After a clean shutdown the attempt does not count; after an
+        engine failure it does, so a request that kills engines runs out of attempts."""
+        return set(self._fenced(RELEASE_SQL, held, count_attempt=count_attempt))
 
     def record_failure(self, key: str, token: int, error: str, final: bool = False) -> str | None:
         """Record a failed attempt; return the task's new state, or None if the lease was lost."""
@@ -164,14 +165,15 @@ class TaskRepository:
         if not tasks:
             return
         states = ["failed", "done"] if recompute_done else ["failed"]
-        statement = insert(Task).values([{**task.__dict__, "state": "pending"} for task in tasks])
-        statement = statement.on_conflict_do_update(
+        statement = insert(Task).on_conflict_do_update(
             index_elements=[Task.key],
             set_={"state": "pending", "attempts": 0, "errors": sa.text("'[]'::jsonb"),
                   "finished_at": None, "created_at": sa.func.now()},
-            where=Task.state.in_(states),
+            where=sa.or_(*(Task.state == state for state in states)),  # IN (...) cannot be executemany'd
         )
-        self.session.execute(statement)
+        # Rows as executemany parameters: SQLAlchemy batches them into multi-row INSERTs that
+        # stay under Postgres's 65,535 bind parameters (one .values() list does not).
+        self.session.execute(statement, [{**task.__dict__, "state": "pending"} for task in tasks])
 
     def errors_of(self, keys: list[str]) -> dict[str, list[Any]]:
         rows = self.session.execute(sa.select(Task.key, Task.errors).where(Task.key.in_(keys)))
