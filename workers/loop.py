@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import socket
 import threading
 import time
@@ -75,7 +74,8 @@ def default_worker_id(teacher: str) -> str:
 
 
 class WorkerLoop:
-    def __init__(self, rt: Runtime, engine: Engine, settings: WorkerSettings, teacher_name: str) -> None:
+    def __init__(self, rt: Runtime, engine: Engine, settings: WorkerSettings, teacher_name: str,
+                 stopping: threading.Event | None = None) -> None:
         self.rt = rt
         self.engine = engine
         self.settings = settings
@@ -85,7 +85,7 @@ class WorkerLoop:
         self.incoming: queue.Queue[ClaimedTask] = queue.Queue()
         self.lost: queue.Queue[str] = queue.Queue()
         self.finished: queue.Queue[EngineResult] = queue.Queue()
-        self.stopping = threading.Event()  # stop claiming (SIGTERM, or the engine died)
+        self.stopping = stopping or threading.Event()  # stop claiming (SIGTERM, or the engine died)
         self.done = threading.Event()  # the engine thread has ended; writer drains and exits
         self.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
         self._db = db_retry(rt.settings.db_retry_attempts)
@@ -111,10 +111,6 @@ class WorkerLoop:
     def request_stop(self, *_: object) -> None:
         log.info("worker %s: stop requested, draining", self.worker_id)
         self.stopping.set()
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
 
     # -- the engine thread -----------------------------------------------------------------
     def _engine_loop(self) -> int:

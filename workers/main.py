@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 
 from service.migrate import upgrade
 from service.runtime import Runtime
@@ -18,7 +20,7 @@ def build_engine(settings: WorkerSettings, rt: Runtime, teacher_name: str) -> En
     if settings.engine == "scripted":
         from workers.scripted_engine import ScriptedEngine
 
-        return ScriptedEngine(vocab_size=teacher.vocab_size)
+        return ScriptedEngine(vocab_size=teacher.vocab_size, step_delay_s=settings.scripted_step_delay_s)
     from workers.vllm_adapter import VllmEngine  # the only path that imports vLLM
 
     return VllmEngine.load(
@@ -28,11 +30,20 @@ def build_engine(settings: WorkerSettings, rt: Runtime, teacher_name: str) -> En
     )
 
 
+def stop_on_signals() -> threading.Event:
+    """SIGTERM/SIGINT stop the worker gracefully, even while the engine is still loading."""
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    return stopping
+
+
 def run_worker(settings: WorkerSettings) -> int:
+    stopping = stop_on_signals()
     rt = Runtime.from_settings(settings)
     upgrade(rt.database_url)
     teacher_name = rt.teachers.get(settings.teacher).name
     engine = build_engine(settings, rt, teacher_name)
-    loop = WorkerLoop(rt, engine, settings, teacher_name)
-    loop.install_signal_handlers()
-    return loop.run()
+    if stopping.is_set():
+        return 0
+    return WorkerLoop(rt, engine, settings, teacher_name, stopping).run()

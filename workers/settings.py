@@ -24,3 +24,4 @@ class WorkerSettings(ServiceSettings):
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     engine: str = "vllm"  # vllm | scripted (a deterministic stand-in for control-plane tests)
+    scripted_step_delay_s: float = 0.0  # scripted engine only: how long one step takes
