@@ -97,6 +97,8 @@ class Task(Base):
     attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
     max_attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="3")
     errors: orm.Mapped[list[Any]] = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"))
+    # In flight when an engine died: run alone next time, so one poison request fails by itself.
+    suspect: orm.Mapped[bool] = orm.mapped_column(sa.Boolean, server_default=sa.false())
     lease_owner: orm.Mapped[str | None] = orm.mapped_column(sa.String(200))
     lease_expires_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     # Fencing token: grows with every grant, so a worker whose lease was re-granted cannot commit.

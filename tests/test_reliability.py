@@ -114,3 +114,21 @@ def test_an_engine_that_dies_makes_the_worker_exit_non_zero_and_release_its_leas
     assert task.state == "pending" and task.lease_owner is None  # released for another worker
     start_worker(ScriptedEngine())
     assert wait_for(api, job["id"])["counts"]["completed"] == 1
+
+
+def test_a_request_that_kills_the_engine_fails_alone_and_its_neighbours_succeed(api, start_worker, rt):
+    body = {**batch(1), "requests": [{"custom_id": f"r{i}", "prompt_token_ids": [1, 50 + i]} for i in range(4)]}
+    body["requests"][2] = {"custom_id": "killer", "prompt_token_ids": [1, 777]}
+    job = api.post("/v1/jobs", json=body).json()
+    exit_codes = []
+    for _ in range(8):  # a supervisor restarting the worker each time its engine dies
+        worker = start_worker(ScriptedEngine(crash_tokens=frozenset({777})))
+        worker.thread.join(10)
+        if worker.exit_code is None:
+            break
+        exit_codes.append(worker.exit_code)
+    job = wait_for(api, job["id"])
+    assert exit_codes == [1, 1, 1]  # the first crash in a batch, then two alone; the neighbours never again
+    assert job["counts"]["completed"] == 3 and job["counts"]["failed"] == 1
+    [error] = api.get(f"/v1/jobs/{job['id']}/errors").json()["errors"]
+    assert error["custom_id"] == "killer"

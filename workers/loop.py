@@ -88,6 +88,7 @@ class WorkerLoop:
         self.stopping = stopping or threading.Event()  # stop claiming (SIGTERM, or the engine died)
         self.done = threading.Event()  # the engine thread has ended; writer drains and exits
         self.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
+        self.engine_error: str | None = None
         self._db = db_retry(rt.settings.db_retry_attempts)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -103,7 +104,7 @@ class WorkerLoop:
         self.done.set()
         for thread in threads:
             thread.join(timeout=self.settings.drain_s + 30)
-        self._release_all(count_attempt=code != 0)
+        self._release_all(self.engine_error)
         self.finalizer.stop()
         self._unregister()
         return code
@@ -127,8 +128,9 @@ class WorkerLoop:
                         self.finished.put(result)
                 else:
                     self._wait_for_work()
-        except Exception:
+        except Exception as exc:
             log.exception("worker %s: the engine failed; releasing leases and exiting", self.worker_id)
+            self.engine_error = f"the engine died: {type(exc).__name__}: {exc}"[:2000]
             self.stopping.set()
             return 1
 
@@ -161,6 +163,8 @@ class WorkerLoop:
     def _claimer(self) -> None:
         low_water = max(1, self.settings.max_inflight // 2)
         while not self.stopping.is_set() and not self.done.is_set():
+            if not len(self.held) and self._run_one_suspect():
+                continue
             room = self.settings.max_inflight - len(self.held)
             claimed = self._claim(room) if len(self.held) <= low_water or room >= low_water else []
             for task in claimed:
@@ -168,11 +172,20 @@ class WorkerLoop:
             if not claimed:
                 time.sleep(self.settings.claim_poll_s)
 
-    def _claim(self, limit: int) -> list[ClaimedTask]:
+    def _run_one_suspect(self) -> bool:
+        """A task that was in a dying engine runs alone: nothing else is claimed until it ends."""
+        claimed = self._claim(1, suspect=True)
+        for task in claimed:
+            self.incoming.put(task)
+        while claimed and len(self.held) and not self.stopping.is_set():
+            time.sleep(self.settings.claim_poll_s)
+        return bool(claimed)
+
+    def _claim(self, limit: int, suspect: bool = False) -> list[ClaimedTask]:
         @self._db
         def claim() -> list[ClaimedTask]:
             with transaction(self.rt.sessions) as db:
-                claimed = TaskRepository(db).claim(self.teacher, self.worker_id, limit, self.settings.lease_s)
+                claimed = TaskRepository(db).claim(self.teacher, self.worker_id, limit, self.settings.lease_s, suspect)
             self.held.add(claimed)
             return claimed
 
@@ -278,13 +291,15 @@ class WorkerLoop:
         swept = self.rt.storage.sweep_temporary_files()
         log.info("worker %s serving %s (swept %d temporary files)", self.worker_id, self.teacher, swept)
 
-    def _release_all(self, count_attempt: bool) -> None:
+    def _release_all(self, engine_error: str | None) -> None:
         held = self.held.tokens()
         if not held:
             return
         try:
             with transaction(self.rt.sessions) as db:
-                released = TaskRepository(db).release(held, count_attempt)
+                released = TaskRepository(db).release(held, engine_error)
+                jobs = JobRepository(db)
+                jobs.advance_jobs(jobs.resolve_requests(sorted(released)))  # tasks out of attempts fail
             log.info("worker %s: released %d leases", self.worker_id, len(released))
         except Exception:
             log.exception("worker %s: could not release leases; they will expire", self.worker_id)

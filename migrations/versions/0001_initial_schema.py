@@ -52,6 +52,7 @@ def upgrade() -> None:
     sa.Column('attempts', sa.Integer(), server_default='0', nullable=False),
     sa.Column('max_attempts', sa.Integer(), server_default='3', nullable=False),
     sa.Column('errors', postgresql.JSONB(astext_type=sa.Text()), server_default=sa.text("'[]'::jsonb"), nullable=False),
+    sa.Column('suspect', sa.Boolean(), server_default=sa.false(), nullable=False),
     sa.Column('lease_owner', sa.String(length=200), nullable=True),
     sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('lease_token', sa.BigInteger(), nullable=True),

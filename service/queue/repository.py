@@ -25,6 +25,7 @@ CLAIM_SQL = sa.text(
         WHERE t.teacher = :teacher
           AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now()))
           AND t.attempts < t.max_attempts
+          AND t.suspect = :suspect
           AND EXISTS (SELECT 1 FROM requests r WHERE r.cache_key = t.key AND r.state = 'pending')
         ORDER BY t.created_at, t.key
         LIMIT :limit
@@ -74,10 +75,18 @@ RECORD_FAILURE_SQL = sa.text(
     """
 )
 
+# Releasing after an engine failure counts the attempt (and fails a task out of attempts);
+# after a clean shutdown it does not.
 RELEASE_SQL = sa.text(
     """
-    UPDATE tasks t SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,
-                       attempts = CASE WHEN :count_attempt THEN t.attempts ELSE GREATEST(t.attempts - 1, 0) END
+    UPDATE tasks t SET
+        state = CASE WHEN CAST(:error AS text) IS NOT NULL AND t.attempts >= t.max_attempts THEN 'failed' ELSE 'pending' END,
+        finished_at = CASE WHEN CAST(:error AS text) IS NOT NULL AND t.attempts >= t.max_attempts THEN now() END,
+        lease_owner = NULL, lease_expires_at = NULL,
+        suspect = t.suspect OR CAST(:error AS text) IS NOT NULL,
+        attempts = CASE WHEN CAST(:error AS text) IS NOT NULL THEN t.attempts ELSE GREATEST(t.attempts - 1, 0) END,
+        errors = CASE WHEN CAST(:error AS text) IS NULL THEN t.errors ELSE t.errors || jsonb_build_array(
+            jsonb_build_object('attempt', t.attempts, 'error', CAST(:error AS text))) END
       FROM unnest(CAST(:keys AS text[]), CAST(:tokens AS bigint[])) AS held(key, token)
      WHERE t.key = held.key AND t.lease_token = held.token AND t.state = 'leased'
     RETURNING t.key
@@ -126,8 +135,9 @@ class TaskRepository:
     def __init__(self, session: orm.Session) -> None:
         self.session = session
 
-    def claim(self, teacher: str, owner: str, limit: int, lease_s: float) -> list[ClaimedTask]:
-        params = {"teacher": teacher, "owner": owner, "limit": limit, "lease_s": lease_s}
+    def claim(self, teacher: str, owner: str, limit: int, lease_s: float, suspect: bool = False) -> list[ClaimedTask]:
+        """Lease up to `limit` tasks; with `suspect`, only tasks that were in a dying engine."""
+        params = {"teacher": teacher, "owner": owner, "limit": limit, "lease_s": lease_s, "suspect": suspect}
         rows = self.session.execute(CLAIM_SQL, params).mappings().all()
         return [ClaimedTask(**row) for row in rows]
 
@@ -138,10 +148,11 @@ class TaskRepository:
     def finish(self, held: dict[str, int]) -> set[str]:
         return set(self._fenced(FINISH_SQL, held))
 
-    def release(self, held: dict[str, int], count_attempt: bool = False) -> set[str]:
+    def release(self, held: dict[str, int], error: str | None = None) -> set[str]:
         """Give leased tasks back. After a clean shutdown the attempt does not count; after an
-        engine failure it does, so a request that kills engines runs out of attempts."""
-        return set(self._fenced(RELEASE_SQL, held, count_attempt=count_attempt))
+        engine failure (`error`) it does, and the tasks become suspects (each is then run alone), so a
+        request that kills engines runs out of attempts without taking its neighbours along."""
+        return set(self._fenced(RELEASE_SQL, held, error=error))
 
     def record_failure(self, key: str, token: int, error: str, final: bool = False) -> str | None:
         """Record a failed attempt; return the task's new state, or None if the lease was lost."""
