@@ -24,7 +24,9 @@ def reconcile(rt: Runtime) -> None:
     with transaction(rt.sessions) as db:
         TaskRepository(db).expire_exhausted()
         jobs = JobRepository(db)
-        jobs.advance_jobs(jobs.resolve_requests(None))
+        # Two workers indexing a job's last requests at once each still see the other's as
+        # pending, so neither moves the job on; looking at every active job here does.
+        jobs.advance_jobs(jobs.resolve_requests(None) | jobs.active_jobs())
 
 
 def finalize_ready(rt: Runtime) -> int:
@@ -40,7 +42,7 @@ def finalize_ready(rt: Runtime) -> int:
 
 
 class Finalizer:
-    def __init__(self, rt: Runtime, poll_s: float = 0.5, reconcile_s: float = 5.0) -> None:
+    def __init__(self, rt: Runtime, poll_s: float = 0.5, reconcile_s: float = 2.0) -> None:
         self.rt = rt
         self.poll_s = poll_s
         self.reconcile_s = reconcile_s

@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from service.models import Job, Request, Result, Shard, Task, Worker
 
@@ -18,11 +18,14 @@ ACTIVE = ("queued", "running")
 
 # Requests waiting on a task that has a result now (e.g. it finished while they were being
 # submitted) are answered from it; those waiting on a task that failed for good fail with it.
+# Only once their task is done: while it is queued, running or failed, the result there is the
+# entry a cache refresh is replacing, and a refreshing request must get the new rows.
 RESOLVE_FROM_RESULTS_SQL = sa.text(
     """
     UPDATE requests r SET state = 'done', result_key = r.cache_key
       FROM results res
      WHERE r.state = 'pending' AND res.cache_key = r.cache_key
+       AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.key = r.cache_key AND t.state <> 'done')
        AND (CAST(:keys AS text[]) IS NULL OR r.cache_key = ANY(CAST(:keys AS text[])))
     RETURNING r.job_id
     """
@@ -36,6 +39,22 @@ FAIL_FROM_TASKS_SQL = sa.text(
     RETURNING r.job_id
     """
 )
+# The cache as users see it. Bypass jobs index their rows under private keys that no lookup
+# can find, so those are not entries. A hit is a request answered from the cache at
+# submission; a miss is a request of a job that looked (cache "use") and was not.
+CACHE_ENTRIES_SQL = sa.text("SELECT count(*) FROM results WHERE cache_key NOT LIKE 'bypass-%'")
+CACHE_LOOKUPS_SQL = sa.text(
+    """
+    SELECT count(*) FILTER (WHERE r.cached) AS hits,
+           count(*) FILTER (WHERE NOT r.cached AND j.cache_policy = 'use') AS misses,
+           COALESCE(sum(res.prompt_tokens) FILTER (WHERE r.cached), 0) AS prompt_tokens_saved,
+           COALESCE(sum(res.completion_tokens) FILTER (WHERE r.cached), 0) AS completion_tokens_saved
+      FROM requests r
+      JOIN jobs j ON j.id = r.job_id
+      LEFT JOIN results res ON res.cache_key = r.result_key
+    """
+)
+COPY_REQUESTS_SQL = "COPY requests ({columns}) FROM STDIN"
 # Jobs with nothing pending move on to finalizing (their output shards get assembled).
 READY_TO_FINALIZE_SQL = sa.text(
     """
@@ -56,6 +75,11 @@ CLAIM_FINALIZING_SQL = sa.text(
      ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
     """
 )
+
+
+def any_key(keys: list[str]) -> sa.ColumnElement:
+    """`= ANY(:keys)`: one array parameter however many keys (IN takes one per key, at most 65,535)."""
+    return sa.any_(sa.bindparam("keys", keys, type_=ARRAY(sa.String)))
 
 
 @dataclass(frozen=True)
@@ -82,11 +106,22 @@ class JobRepository:
         self.session.flush()
 
     def add_requests(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            self.session.execute(sa.insert(Request), rows)
+        """COPY, in the session's transaction: a 100,000-request job is 2-3x faster than executemany."""
+        if not rows:
+            return
+        columns = list(rows[0])  # every row has the same keys: the service's request_row()
+        cursor = self.session.connection().connection.cursor()
+        with cursor.copy(COPY_REQUESTS_SQL.format(columns=", ".join(columns))) as copy:
+            for row in rows:
+                copy.write_row([row[column] for column in columns])
 
     def get(self, job_id: str, lock: bool = False) -> Job | None:
         return self.session.get(Job, job_id, with_for_update=lock)
+
+    def lock_idempotency_key(self, key: str) -> bool:
+        """Hold the key for this transaction; False while another submission is writing it."""
+        statement = sa.text("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))")
+        return bool(self.session.execute(statement, {"key": f"idempotency:{key}"}).scalar())
 
     def by_idempotency_key(self, key: str) -> Job | None:
         return self.session.scalar(sa.select(Job).where(Job.idempotency_key == key))
@@ -113,24 +148,19 @@ class JobRepository:
     def results_for(self, keys: list[str]) -> set[str]:
         if not keys:
             return set()
-        return set(self.session.scalars(sa.select(Result.cache_key).where(Result.cache_key.in_(keys))))
-
-    def count_hits(self, keys: list[str]) -> None:
-        self.session.execute(
-            sa.update(Result).where(Result.cache_key.in_(keys)).values(hits=Result.hits + 1)
-        )
+        return set(self.session.scalars(sa.select(Result.cache_key).where(Result.cache_key == any_key(keys))))
 
     def add_results(self, rows: list[dict[str, Any]]) -> None:
         """Index computed rows; a recomputation (cache refresh) replaces the entry."""
         if not rows:
             return
-        statement = insert(Result).values(rows)
+        statement = insert(Result)
         columns = ("shard_id", "row_start", "row_count", "prompt_tokens", "completion_tokens")
         statement = statement.on_conflict_do_update(
             index_elements=[Result.cache_key],
             set_={c: statement.excluded[c] for c in columns} | {"created_at": sa.func.now()},
         )
-        self.session.execute(statement)
+        self.session.execute(statement, rows)  # executemany: batched under the bind-parameter limit
 
     def add_shard(self, shard: Shard) -> None:
         self.session.add(shard)
@@ -148,6 +178,9 @@ class JobRepository:
             ids = sorted(job_ids)
             self.session.execute(MARK_RUNNING_SQL, {"job_ids": ids})
             self.session.execute(READY_TO_FINALIZE_SQL, {"job_ids": ids})
+
+    def active_jobs(self) -> set[str]:
+        return set(self.session.scalars(sa.select(Job.id).where(Job.status.in_(ACTIVE))))
 
     def claim_job_to_finalize(self) -> Job | None:
         job_id = self.session.execute(CLAIM_FINALIZING_SQL).scalar_one_or_none()
@@ -189,15 +222,13 @@ class JobRepository:
         )
 
     def prompts_for(self, keys: list[str]) -> dict[str, list[int]]:
-        rows = self.session.execute(sa.select(Task.key, Task.prompt_token_ids).where(Task.key.in_(keys)))
+        rows = self.session.execute(sa.select(Task.key, Task.prompt_token_ids).where(Task.key == any_key(keys)))
         return dict(rows.all())
 
     def cache_stats(self) -> dict[str, int]:
-        entries, hits, saved = self.session.execute(
-            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Result.hits), 0),
-                      sa.func.coalesce(sa.func.sum(Result.hits * Result.completion_tokens), 0))
-        ).one()
-        return {"entries": entries, "hits": int(hits), "completion_tokens_saved": int(saved)}
+        entries = self.session.execute(CACHE_ENTRIES_SQL).scalar_one()
+        lookups = self.session.execute(CACHE_LOOKUPS_SQL).mappings().one()
+        return {"entries": entries, **{name: int(value) for name, value in lookups.items()}}
 
     def online_workers(self, within_s: int = 60) -> dict[str, int]:
         query = (
