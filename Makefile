@@ -31,7 +31,7 @@ demo: teacher
 	$(PY) examples/demo.py
 
 bench: teacher
-	$(PY) bench/run.py
+	$(PY) -m bench.run
 
 up: teacher
 	$(TC) up

@@ -1,0 +1,114 @@
+"""Service end-to-end generation throughput against plain `vllm.LLM.generate`, same run.
+
+    .venv/bin/python -m bench.bench_pipeline [--requests 64] [--max-tokens 64] [--top-logprobs 20]
+
+One engine is loaded once and used by both sides. The baseline is `LLM.generate` on the same
+token-id prompts with the same SamplingParams (built by the adapter for the same requests).
+The service side is the whole path: POST /v1/jobs (in-process ASGI), a worker loop on that
+engine claiming from Postgres, result shards written and indexed, the job's shards assembled
+and downloaded. Baseline runs before and after the service run; their mean is the reference.
+Writes bench/results/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+
+def prompts(teacher, count: int) -> list[list[int]]:
+    """Distinct chat prompts built from the example file (numbered to keep them distinct)."""
+    lines = [json.loads(x) for x in (Path(__file__).parent.parent / "examples/prompts.jsonl").read_text().splitlines()]
+    texts = [line.get("prompt") or line["messages"][-1]["content"] for line in lines]
+    return [teacher.encode_chat([{"role": "user", "content": f"{texts[i % len(texts)]} (#{i})"}]) for i in range(count)]
+
+
+def engine_requests(token_prompts, args):
+    from workers.engine import EngineRequest, SamplingSpec
+
+    spec = SamplingSpec(max_tokens=args.max_tokens, temperature=1.0, seed=0, ignore_eos=args.ignore_eos)
+    return [EngineRequest(key=str(i), prompt_token_ids=p, sampling=spec, top_logprobs=args.top_logprobs)
+            for i, p in enumerate(token_prompts)]
+
+
+def run_baseline(engine, requests) -> dict:
+    """Plain LLM.generate over the same prompts and parameters."""
+    from workers.vllm_adapter import sampling_params_for
+
+    started = time.perf_counter()
+    outputs = engine.llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in requests],
+                                  [sampling_params_for(r) for r in requests], use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def run_service(engine, token_prompts, args, rt) -> dict:
+    """POST -> worker loop on the same engine -> shards assembled -> downloaded."""
+    import pyarrow.parquet as pq
+    from fastapi.testclient import TestClient
+
+    from service.http.app import create_app
+    from workers.loop import WorkerLoop
+    from workers.settings import WorkerSettings
+
+    body = {"top_logprobs": args.top_logprobs, "cache": "bypass",
+            "sampling": {"max_tokens": args.max_tokens, "temperature": 1.0, "seed": 0, "ignore_eos": args.ignore_eos},
+            "requests": [{"custom_id": str(i), "prompt_token_ids": p} for i, p in enumerate(token_prompts)]}
+    worker = WorkerLoop(rt, engine, WorkerSettings(**{**rt.settings.model_dump(), "flush_s": 0.5}), "smollm2-135m-instruct")
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    with TestClient(create_app(rt)) as api:
+        started = time.perf_counter()
+        job = api.post("/v1/jobs", json=body).json()
+        while (job := api.get(f"/v1/jobs/{job['id']}").json())["status"] != "succeeded":
+            time.sleep(0.05)
+        tables = [pq.read_table(io.BytesIO(api.get(s["url"]).content)) for s in job["shards"]]
+        elapsed = time.perf_counter() - started
+    worker.request_stop()
+    thread.join(60)
+    tokens = sum(len(x) for t in tables for x in t.column("completion_token_ids").to_pylist())
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--top-logprobs", type=int, default=20)
+    parser.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens per request")
+    args = parser.parse_args()
+
+    from bench.common import report, scratch_runtime
+    from service.teachers.catalog import TeacherCatalog
+    from service.settings import ServiceSettings
+    from workers.vllm_adapter import VllmEngine
+
+    teacher = TeacherCatalog.from_settings(ServiceSettings()).get(None)
+    engine = VllmEngine.load(str(teacher.folder), max_model_len=teacher.spec.max_model_len,
+                             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype)
+    token_prompts = prompts(teacher, args.requests)
+    requests = engine_requests(token_prompts, args)
+    run_baseline(engine, requests[:8])  # warm-up: the first batch after load is several times slower
+    before = run_baseline(engine, requests)
+    with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
+        service = run_service(engine, token_prompts, args, rt)
+    after = run_baseline(engine, requests)
+    reference = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
+    rows = [{"run": "LLM.generate (before)", **before}, {"run": "service end-to-end", **service},
+            {"run": "LLM.generate (after)", **after}]
+    ratio = service["tokens_per_s"] / reference
+    report(f"generation throughput, {args.requests} requests x {args.max_tokens} tokens, top-{args.top_logprobs}"
+           f" — ratio {ratio:.3f}", rows, "pipeline.json", {"ratio": ratio, "args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmarks: a scratch database, the runtime, the app, results output."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.table import Table
+
+from service.db import normalize_url
+from service.migrate import upgrade
+from service.runtime import Runtime
+from service.settings import PROJECT_ROOT, ServiceSettings
+
+RESULTS = PROJECT_ROOT / "bench" / "results"
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _admin(url: str, statement: str) -> None:
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with engine.connect() as connection:
+        connection.execute(sa.text(statement))
+
+
+@contextmanager
+def scratch_runtime(state_dir: Path, **settings):
+    """A Runtime on a fresh, migrated database (dropped afterwards) and a fresh shard folder."""
+    admin = normalize_url(os.environ.get("TEACHERCACHE_DATABASE_URL", DEFAULT_ADMIN_URL))
+    name = f"tc_bench_{uuid.uuid4().hex[:8]}"
+    _admin(admin, f'CREATE DATABASE "{name}"')
+    url = sa.make_url(admin).set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(url)
+        rt = Runtime(ServiceSettings(database_url=url, state_dir=state_dir, models_dir=PROJECT_ROOT / "models",
+                                     finalizer_poll_s=0.05, **settings), url)
+        yield rt
+        rt.engine.dispose()
+    finally:
+        _admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def report(title: str, rows: list[dict], filename: str, extra: dict | None = None) -> None:
+    """Print a table and write the figures as JSON under bench/results/."""
+    table = Table(title=title)
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+    Console().print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / filename).write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2) + "\n")
