@@ -132,3 +132,18 @@ def test_a_request_that_kills_the_engine_fails_alone_and_its_neighbours_succeed(
     assert job["counts"]["completed"] == 3 and job["counts"]["failed"] == 1
     [error] = api.get(f"/v1/jobs/{job['id']}/errors").json()["errors"]
     assert error["custom_id"] == "killer"
+
+
+def test_claims_are_bounded_by_tokens_as_well_as_requests(rt):
+    from service.queue.repository import ClaimedTask
+    from workers.loop import WorkerLoop
+    from workers.settings import WorkerSettings
+
+    settings = WorkerSettings(**{**rt.settings.model_dump(), "max_inflight": 100, "max_inflight_tokens": 1000})
+    loop = WorkerLoop(rt, ScriptedEngine(), settings, TEACHER)
+    assert loop._room() == 100
+    long_score = dict(mode="score", sampling={}, top_logprobs=5, attempts=1, max_attempts=3, lease_token=1)
+    loop.held.add([ClaimedTask(key=f"k{i}", prompt_token_ids=[1] * 100, response_token_ids=[2] * 200, **long_score)
+                   for i in range(3)])
+    assert loop.held.token_count() == 900
+    assert loop._room() == 0  # 100 tokens left: not enough for another 300-token request

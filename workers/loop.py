@@ -68,6 +68,14 @@ class Holdings:
         with self.lock:
             return len(self.tasks)
 
+    def token_count(self) -> int:
+        with self.lock:
+            return sum(task_tokens(t) for t in self.tasks.values())
+
+
+def task_tokens(task: ClaimedTask) -> int:
+    return len(task.prompt_token_ids) + len(task.response_token_ids or ())
+
 
 def default_worker_id(teacher: str) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{teacher}-{uuid.uuid4().hex[:6]}"
@@ -165,12 +173,20 @@ class WorkerLoop:
         while not self.stopping.is_set() and not self.done.is_set():
             if not len(self.held) and self._run_one_suspect():
                 continue
-            room = self.settings.max_inflight - len(self.held)
-            claimed = self._claim(room) if len(self.held) <= low_water or room >= low_water else []
+            room = self._room()
+            claimed = self._claim(room) if room and (len(self.held) <= low_water or room >= low_water) else []
             for task in claimed:
                 self.incoming.put(task)
             if not claimed:
                 time.sleep(self.settings.claim_poll_s)
+
+    def _room(self) -> int:
+        """How many more tasks to claim: bounded by count and, estimated from what is held, by tokens."""
+        held, tokens = len(self.held), self.held.token_count()
+        room = self.settings.max_inflight - held
+        if held and tokens:
+            room = min(room, (self.settings.max_inflight_tokens - tokens) * held // tokens)
+        return max(room, 0) if held else max(room, 1)
 
     def _run_one_suspect(self) -> bool:
         """A task that was in a dying engine runs alone: nothing else is claimed until it ends."""

@@ -14,6 +14,9 @@ class WorkerSettings(ServiceSettings):
     claim_poll_s: float = 0.2
     # Tasks held at once (claimed, in the engine, or waiting to be indexed): keeps the engine fed.
     max_inflight: int = 256
+    # ...and at most this many prompt + response tokens: score requests ask for logprobs over
+    # their whole sequence, whose memory grows with tokens, not with requests.
+    max_inflight_tokens: int = 262_144
     # A result shard is written when this many rows are waiting, or the oldest waited flush_s.
     result_shard_rows: int = 2048
     flush_s: float = 1.0

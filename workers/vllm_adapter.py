@@ -6,6 +6,10 @@ worker loop adds requests whenever it has capacity and collects finished ones fr
 computed from the logits before temperature, penalties, top-k/top-p, which is what a
 student is distilled on, whatever the sampling parameters were.
 
+A prompt that does not fit the context (it needs room for one token) is rejected; a
+generate request whose prompt + max_tokens exceeds the context is not: vLLM stops it at
+the context limit with finish_reason "length".
+
 Logprobs are requested in vLLM's flat layout (`flat_logprobs=True`): per position the
 first entry is the sampled (or, for prompt logprobs, the actual) token and the next
 `k` entries are the top-k in rank order. Reading that layout positionally is exact even
@@ -123,6 +127,7 @@ class VllmEngine:
         self._inflight[request.key] = request
 
     def step(self) -> list[EngineResult]:
+        """One vLLM step; returns rejected requests and those whose n samples all ended."""
         results, self._rejected = self._rejected, []
         # Stepping an idle multiprocess engine would block waiting for output.
         if not self._engine.has_unfinished_requests():
@@ -145,6 +150,9 @@ class VllmEngine:
             self._engine.abort_request(live)
 
     def stats(self) -> dict[str, int]:
+        """Finished requests only; prompt tokens once per request whatever n (vLLM shares
+        the prefill), prompt + response for score requests; completion tokens are the
+        generated ones of every sample (score requests generate none that are kept)."""
         return dict(self._stats)
 
     def close(self) -> None:
@@ -266,7 +274,6 @@ def _score_params(top_logprobs: int) -> SamplingParams:
         detokenize=False,
         **_COMMON_PARAMS,
     )
-
 
 
 def _check_score_request(request: EngineRequest) -> None:
