@@ -1,12 +1,17 @@
 """The cache key: a hash of everything that determines a request's output.
 
-Version 1 hashes, as canonical JSON: the key version; the teacher's identity (revision,
+Version 2 hashes, as canonical JSON: the key version; the teacher's identity (model, revision,
 tokenizer hash, dtype); the mode; the exact prompt token ids after the chat template (so a
 text prompt and the same tokens given as ids share one entry); the response token ids in
 score mode; `top_logprobs`; and the normalised sampling parameters. Normalising removes what
 cannot change the output (top_p/top_k/min_p/seed under greedy decoding, the order of stop
-strings, all sampling in score mode), so such differences do not split the cache.
-Changing anything here must bump `CACHE_KEY_VERSION`, so old entries are never served.
+strings, top_k 0 versus -1 (both mean "off"), all sampling in score mode), so such
+differences do not split the cache. The seed defaults to `DEFAULT_SEED`, so the same batch
+submitted twice is one computation. Changing anything here must bump `CACHE_KEY_VERSION`: the
+version is both hashed and the key's prefix, so old entries are never served.
+
+History: v1 lacked the model, so two unversioned teachers sharing a tokenizer (8B and 70B of
+one family) could answer each other's requests.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import hashlib
 import json
 from typing import Any
 
-CACHE_KEY_VERSION = 1
+CACHE_KEY_VERSION = 2
 DEFAULT_SEED = 0
 
 SAMPLING_DEFAULTS: dict[str, Any] = {
@@ -43,14 +48,18 @@ def normalize_sampling(mode: str, sampling: dict[str, Any]) -> dict[str, Any]:
     full = {**SAMPLING_DEFAULTS, **sampling}
     full["stop"] = sorted(set(full["stop"]))
     full["stop_token_ids"] = sorted(set(full["stop_token_ids"]))
+    if full["top_k"] == 0:
+        full["top_k"] = SAMPLING_DEFAULTS["top_k"]  # vLLM reads 0 and -1 alike: no top-k cut
     if full["temperature"] == 0:
         for name in GREEDY_IRRELEVANT:
             full[name] = SAMPLING_DEFAULTS[name]
     return full
 
 
-def teacher_identity(revision: str, tokenizer_hash: str, dtype: str) -> dict[str, str]:
-    return {"revision": revision, "tokenizer_hash": tokenizer_hash, "dtype": dtype}
+def teacher_identity(model: str, revision: str, tokenizer_hash: str, dtype: str) -> dict[str, str]:
+    """`model` names the weights (registry `model`, else the teacher's name): an operator's
+    teachers often have no revision, and models of one family share a tokenizer."""
+    return {"model": model, "revision": revision, "tokenizer_hash": tokenizer_hash, "dtype": dtype}
 
 
 def cache_key(

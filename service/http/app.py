@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.http import errors, routes_jobs, routes_misc
+from service.http import errors, routes_cache, routes_jobs, routes_misc
 from service.jobs.finalizer import Finalizer
 from service.runtime import Runtime
 from service.settings import ServiceSettings
@@ -32,4 +32,5 @@ def create_app(rt: Runtime | None = None, run_finalizer: bool = True) -> FastAPI
     errors.install(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_misc.router)
+    app.include_router(routes_cache.router)
     return app

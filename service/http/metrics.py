@@ -25,9 +25,12 @@ class DatabaseCollector:
         stats = self.jobs.cache_stats()
         yield GaugeMetricFamily("teachercache_cache_entries", "cached results", value=stats["entries"])
         yield CounterMetricFamily("teachercache_cache_hits", "requests answered from the cache", value=stats["hits"])
-        yield CounterMetricFamily("teachercache_cache_completion_tokens_saved",
-                                  "completion tokens served from the cache instead of the teacher",
-                                  value=stats["completion_tokens_saved"])
+        yield CounterMetricFamily("teachercache_cache_misses", "requests that looked in the cache and were not in it",
+                                  value=stats["misses"])
+        for kind in ("prompt", "completion"):
+            yield CounterMetricFamily(f"teachercache_cache_{kind}_tokens_saved",
+                                      f"{kind} tokens served from the cache instead of the teacher",
+                                      value=stats[f"{kind}_tokens_saved"])
 
     def _engine(self):
         totals = self.jobs.engine_totals()

@@ -110,10 +110,10 @@ class JobRepository:
         if not rows:
             return
         columns = list(rows[0])  # every row has the same keys: the service's request_row()
-        cursor = self.session.connection().connection.cursor()
-        with cursor.copy(COPY_REQUESTS_SQL.format(columns=", ".join(columns))) as copy:
-            for row in rows:
-                copy.write_row([row[column] for column in columns])
+        with self.session.connection().connection.cursor() as cursor:
+            with cursor.copy(COPY_REQUESTS_SQL.format(columns=", ".join(columns))) as copy:
+                for row in rows:
+                    copy.write_row([row[column] for column in columns])
 
     def get(self, job_id: str, lock: bool = False) -> Job | None:
         return self.session.get(Job, job_id, with_for_update=lock)

@@ -51,6 +51,9 @@ class JobService:
         """The job a retried submission (same Idempotency-Key) already created."""
         if idempotency_key is None:
             return None
+        if not self.jobs.lock_idempotency_key(idempotency_key):
+            raise Conflict("a submission with this Idempotency-Key is still being written; retry shortly",
+                           field="Idempotency-Key")
         job = self.jobs.by_idempotency_key(idempotency_key)
         if job is not None and job.body_sha256 != body_sha256(body):
             raise ValidationFailed("Idempotency-Key was already used with a different body",
@@ -61,7 +64,8 @@ class JobService:
         check_parameters(body, teacher)
         prepared = prepare_requests(body, teacher)
         sampling = normalize_sampling(body.mode, body.sampling.model_dump())
-        identity = teacher_identity(teacher.revision, teacher.tokenizer_hash, teacher.spec.dtype)
+        identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision, teacher.tokenizer_hash,
+                                    teacher.spec.dtype)
         keys = [cache_key(identity, body.mode, r.prompt_token_ids, r.response_token_ids, sampling, body.top_logprobs)
                 for r in prepared]
         job = self._add_job(body, teacher, idempotency_key, len(prepared))
@@ -69,7 +73,6 @@ class JobService:
             keys = [f"bypass-{job.id}-{i}" for i in range(len(keys))]  # never shared, never found
         hits = self.jobs.results_for(keys) if body.cache == "use" else set()
         self.jobs.add_requests([request_row(job.id, r, k, k in hits) for r, k in zip(prepared, keys)])
-        self.jobs.count_hits(sorted(hits))
         self._enqueue_misses(body, teacher, prepared, keys, hits, sampling)
         self.jobs.advance_jobs({job.id})  # a job answered wholly from the cache is ready at once
         return job
