@@ -24,7 +24,9 @@ BASE_URL = "http://teachercache.test"
 API_KEY = "sk-test"
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
@@ -54,8 +56,13 @@ class ContractDouble:
 
     def publish_shard(self, name: str, data: bytes) -> dict[str, Any]:
         (self.shard_dir / name).write_bytes(data)
-        entry = {"index": len(self.manifest), "url": f"/v1/shards/{name}", "rows": 10, "bytes": len(data),
-                 "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+        entry = {
+            "index": len(self.manifest),
+            "url": f"/v1/shards/{name}",
+            "rows": 10,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
         self.manifest.append(entry)
         return entry
 
@@ -163,13 +170,18 @@ class ContractDouble:
     def _new_job(self, body: dict[str, Any]) -> dict[str, Any]:
         total = len(body["requests"])
         job = {
-            "id": f"job_{uuid.uuid4().hex[:12]}", "status": "queued",
+            "id": f"job_{uuid.uuid4().hex[:12]}",
+            "status": "queued",
             "counts": {"total": total, "completed": 0, "cached": 0, "failed": 0, "pending": total},
-            "teacher": body.get("teacher", "smollm2-135m-instruct"), "mode": body.get("mode", "generate"),
-            "top_logprobs": body.get("top_logprobs", 20), "sampling": body.get("sampling", {}),
-            "metadata": body.get("metadata", {}), "created_at": "2025-01-01T00:00:00Z",
-            "started_at": None, "finished_at": None,
-        }  # fmt: skip
+            "teacher": body.get("teacher", "smollm2-135m-instruct"),
+            "mode": body.get("mode", "generate"),
+            "top_logprobs": body.get("top_logprobs", 20),
+            "sampling": body.get("sampling", {}),
+            "metadata": body.get("metadata", {}),
+            "created_at": "2025-01-01T00:00:00Z",
+            "started_at": None,
+            "finished_at": None,
+        }
         self.jobs[job["id"]] = job
         return job
 
@@ -231,31 +243,59 @@ def test_teachers_are_listed(client: tc.Client) -> None:
     assert client.teachers()[0]["name"] == "smollm2-135m-instruct"
 
 
-def test_submit_inline_sends_the_envelope_with_auth_and_an_idempotency_key(client: tc.Client, double: ContractDouble) -> None:
-    job = client.submit([{"custom_id": "a", "prompt": "hi"}], teacher="t", top_logprobs=5, sampling={"max_tokens": 8, "seed": None})
+def test_submit_inline_sends_the_envelope_with_auth_and_an_idempotency_key(
+    client: tc.Client, double: ContractDouble
+) -> None:
+    job = client.submit(
+        [{"custom_id": "a", "prompt": "hi"}],
+        teacher="t",
+        top_logprobs=5,
+        sampling={"max_tokens": 8, "seed": None},
+    )
     sent = double.submissions[0]
     assert job["status"] == "queued" and job["counts"]["total"] == 1
-    assert sent["body"] == {"teacher": "t", "mode": "generate", "top_logprobs": 5, "sampling": {"max_tokens": 8},
-                            "requests": [{"custom_id": "a", "prompt": "hi"}]}  # fmt: skip
+    assert sent["body"] == {
+        "teacher": "t",
+        "mode": "generate",
+        "top_logprobs": 5,
+        "sampling": {"max_tokens": 8},
+        "requests": [{"custom_id": "a", "prompt": "hi"}],
+    }
     assert sent["headers"]["authorization"] == f"Bearer {API_KEY}"
     assert sent["headers"]["idempotency-key"]
 
 
-def test_submit_jsonl_streams_the_file_as_the_requests_list(client: tc.Client, double: ContractDouble, tmp_path: Path) -> None:
+def test_submit_jsonl_streams_the_file_as_the_requests_list(
+    client: tc.Client, double: ContractDouble, tmp_path: Path
+) -> None:
     requests = [{"custom_id": f"q{i}", "prompt": "x" * 200} for i in range(3000)]
-    path = write_jsonl(tmp_path / "batch.jsonl", [json.dumps(r) for r in requests[:1500]] + [""] + [json.dumps(r) for r in requests[1500:]])
+    path = write_jsonl(
+        tmp_path / "batch.jsonl",
+        [json.dumps(r) for r in requests[:1500]] + [""] + [json.dumps(r) for r in requests[1500:]],
+    )
     job = client.submit(jsonl_path=path, teacher="t", metadata={"dataset": "demo"})
     sent = double.submissions[0]
-    assert sent["body"] == {"teacher": "t", "mode": "generate", "metadata": {"dataset": "demo"}, "requests": requests}
+    assert sent["body"] == {
+        "teacher": "t",
+        "mode": "generate",
+        "metadata": {"dataset": "demo"},
+        "requests": requests,
+    }
     assert sent["chunks"] > 1 and "content-length" not in sent["headers"]  # streamed, not buffered
     assert job["counts"]["total"] == 3000
 
 
 @pytest.mark.parametrize(
     ("bad_line", "problem"),
-    [('{"prompt": "unterminated', "not valid JSON"), ('["a", "list"]', "not an object"), ("42", "not an object")],
+    [
+        ('{"prompt": "unterminated', "not valid JSON"),
+        ('["a", "list"]', "not an object"),
+        ("42", "not an object"),
+    ],
 )
-def test_submit_jsonl_bad_line_is_named_and_nothing_is_sent(client: tc.Client, double: ContractDouble, tmp_path: Path, bad_line: str, problem: str) -> None:
+def test_submit_jsonl_bad_line_is_named_and_nothing_is_sent(
+    client: tc.Client, double: ContractDouble, tmp_path: Path, bad_line: str, problem: str
+) -> None:
     path = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "a"}', "", bad_line, '{"prompt": "b"}'])
     with pytest.raises(tc.ValidationError, match=f"line 3 .*{problem}") as raised:
         client.submit(jsonl_path=path)
@@ -287,7 +327,9 @@ def test_wait_polls_until_the_job_finishes(client: tc.Client, double: ContractDo
 
 
 def test_wait_with_a_progress_bar(client: tc.Client) -> None:
-    assert client.wait(client.submit([{"prompt": "a"}]), poll_interval=0, progress=True)["status"] == "succeeded"
+    assert (
+        client.wait(client.submit([{"prompt": "a"}]), poll_interval=0, progress=True)["status"] == "succeeded"
+    )
 
 
 def test_wait_raises_for_a_failed_job_only_when_asked(client: tc.Client) -> None:
@@ -334,8 +376,12 @@ def test_error_responses_map_to_the_exception_tree(client: tc.Client, double: Co
         client.cancel(client.cancel(client.submit([{"prompt": "a"}])))
 
 
-@pytest.mark.parametrize(("status", "error_class"), [(400, tc.ValidationError), (401, tc.APIError), (500, tc.ServerError)])
-def test_non_transient_errors_are_raised_at_once(client: tc.Client, double: ContractDouble, status: int, error_class: type) -> None:
+@pytest.mark.parametrize(
+    ("status", "error_class"), [(400, tc.ValidationError), (401, tc.APIError), (500, tc.ServerError)]
+)
+def test_non_transient_errors_are_raised_at_once(
+    client: tc.Client, double: ContractDouble, status: int, error_class: type
+) -> None:
     double.faults.append((status, {}))
     with pytest.raises(error_class) as raised:
         client.teachers()
@@ -343,13 +389,17 @@ def test_non_transient_errors_are_raised_at_once(client: tc.Client, double: Cont
     assert len(double.seen) == 1
 
 
-def test_503_is_retried_honouring_retry_after(client: tc.Client, double: ContractDouble, sleeps: list[float]) -> None:
+def test_503_is_retried_honouring_retry_after(
+    client: tc.Client, double: ContractDouble, sleeps: list[float]
+) -> None:
     double.faults += [(503, {"Retry-After": "7"}), (429, {"Retry-After": "2"})]
     assert client.teachers()[0]["name"] == "smollm2-135m-instruct"
     assert sleeps == [7.0, 2.0] and len(double.seen) == 3
 
 
-def test_retries_give_up_after_max_attempts(client: tc.Client, double: ContractDouble, sleeps: list[float]) -> None:
+def test_retries_give_up_after_max_attempts(
+    client: tc.Client, double: ContractDouble, sleeps: list[float]
+) -> None:
     double.faults += [(503, {})] * 10
     with pytest.raises(tc.ServerError) as raised:
         client.teachers()
@@ -370,7 +420,9 @@ class DropsFirstConnections(httpx.BaseTransport):
         return self.inner.handle_request(request)
 
 
-def test_connect_errors_are_retried_then_raised_as_transport_errors(double: ContractDouble, sleeps: list[float]) -> None:
+def test_connect_errors_are_retried_then_raised_as_transport_errors(
+    double: ContractDouble, sleeps: list[float]
+) -> None:
     transport = DropsFirstConnections(SyncASGITransport(double.app), failures=2)
     retry = tc.RetryPolicy(max_attempts=3, sleep=sleeps.append)
     with tc.Client(BASE_URL, transport=transport, retry=retry) as client:
@@ -380,7 +432,9 @@ def test_connect_errors_are_retried_then_raised_as_transport_errors(double: Cont
             client.teachers()
 
 
-def test_a_jsonl_body_is_resent_whole_on_retry(client: tc.Client, double: ContractDouble, tmp_path: Path) -> None:
+def test_a_jsonl_body_is_resent_whole_on_retry(
+    client: tc.Client, double: ContractDouble, tmp_path: Path
+) -> None:
     double.faults.append((502, {}))
     path = write_jsonl(tmp_path / "batch.jsonl", ['{"prompt": "a"}', '{"prompt": "b"}'])
     assert client.submit(jsonl_path=path)["counts"]["total"] == 2
@@ -400,7 +454,9 @@ def test_download_writes_verified_shards(client: tc.Client, double: ContractDoub
     assert not list((tmp_path / "out").glob("*.part"))
 
 
-def test_download_resumes_a_dropped_connection_with_range(client: tc.Client, double: ContractDouble, tmp_path: Path) -> None:
+def test_download_resumes_a_dropped_connection_with_range(
+    client: tc.Client, double: ContractDouble, tmp_path: Path
+) -> None:
     data = shard_bytes(100_000)
     entry = double.publish_shard("part-0.parquet", data)
     double.shard_faults.append("truncate")
@@ -411,7 +467,9 @@ def test_download_resumes_a_dropped_connection_with_range(client: tc.Client, dou
     assert resumed["range"] == f"bytes={len(data) // 2}-" and resumed["if-range"] == f'"{entry["sha256"]}"'
 
 
-def test_download_resumes_a_part_file_left_by_an_earlier_run(client: tc.Client, double: ContractDouble, tmp_path: Path) -> None:
+def test_download_resumes_a_part_file_left_by_an_earlier_run(
+    client: tc.Client, double: ContractDouble, tmp_path: Path
+) -> None:
     data = shard_bytes(10_000)
     double.publish_shard("part-0.parquet", data)
     (tmp_path / "out").mkdir()
@@ -421,7 +479,9 @@ def test_download_resumes_a_part_file_left_by_an_earlier_run(client: tc.Client, 
     assert [headers["range"] for headers in double.shard_requests()] == ["bytes=4096-"]
 
 
-def test_download_restarts_when_the_server_ignores_range(client: tc.Client, double: ContractDouble, tmp_path: Path) -> None:
+def test_download_restarts_when_the_server_ignores_range(
+    client: tc.Client, double: ContractDouble, tmp_path: Path
+) -> None:
     data = shard_bytes(10_000)
     double.publish_shard("part-0.parquet", data)
     (tmp_path / "out").mkdir()
@@ -431,7 +491,9 @@ def test_download_restarts_when_the_server_ignores_range(client: tc.Client, doub
     assert path.read_bytes() == data and len(double.shard_requests()) == 1
 
 
-def test_download_of_a_corrupted_shard_raises_and_keeps_nothing(client: tc.Client, double: ContractDouble, tmp_path: Path) -> None:
+def test_download_of_a_corrupted_shard_raises_and_keeps_nothing(
+    client: tc.Client, double: ContractDouble, tmp_path: Path
+) -> None:
     entry = double.publish_shard("part-0.parquet", shard_bytes(10_000))
     double.shard_faults.append("corrupt")
     with pytest.raises(tc.IntegrityError) as raised:
@@ -440,7 +502,9 @@ def test_download_of_a_corrupted_shard_raises_and_keeps_nothing(client: tc.Clien
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_download_again_skips_verified_files(client: tc.Client, double: ContractDouble, tmp_path: Path) -> None:
+def test_download_again_skips_verified_files(
+    client: tc.Client, double: ContractDouble, tmp_path: Path
+) -> None:
     double.publish_shard("part-0.parquet", shard_bytes(10_000))
     job = double.finished_job()
     client.download(job, tmp_path / "out")
@@ -448,7 +512,9 @@ def test_download_again_skips_verified_files(client: tc.Client, double: Contract
     assert len(double.shard_requests()) == 1
 
 
-def test_absolute_shard_urls_on_another_host_get_no_api_key(client: tc.Client, double: ContractDouble, tmp_path: Path) -> None:
+def test_absolute_shard_urls_on_another_host_get_no_api_key(
+    client: tc.Client, double: ContractDouble, tmp_path: Path
+) -> None:
     data = shard_bytes(3000)
     double.publish_shard("part-0.parquet", data)
     double.publish_shard("part-1.parquet", data)
@@ -470,7 +536,9 @@ def async_client(double: ContractDouble, sleeps: list[float]) -> tc.AsyncClient:
 
 
 @pytest.mark.anyio
-async def test_async_submit_jsonl_wait_and_list(async_client: tc.AsyncClient, double: ContractDouble, tmp_path: Path) -> None:
+async def test_async_submit_jsonl_wait_and_list(
+    async_client: tc.AsyncClient, double: ContractDouble, tmp_path: Path
+) -> None:
     path = write_jsonl(tmp_path / "batch.jsonl", ['{"prompt": "a"}', '{"prompt": "b"}'])
     async with async_client as client:
         job = await client.submit(jsonl_path=path, sampling={"n": 2})
@@ -482,7 +550,9 @@ async def test_async_submit_jsonl_wait_and_list(async_client: tc.AsyncClient, do
 
 
 @pytest.mark.anyio
-async def test_async_retries_and_maps_errors(async_client: tc.AsyncClient, double: ContractDouble, sleeps: list[float]) -> None:
+async def test_async_retries_and_maps_errors(
+    async_client: tc.AsyncClient, double: ContractDouble, sleeps: list[float]
+) -> None:
     double.faults.append((503, {"Retry-After": "3"}))
     async with async_client as client:
         assert await client.errors("any")
@@ -492,7 +562,9 @@ async def test_async_retries_and_maps_errors(async_client: tc.AsyncClient, doubl
 
 
 @pytest.mark.anyio
-async def test_async_download_resumes_a_truncated_body(async_client: tc.AsyncClient, double: ContractDouble, tmp_path: Path) -> None:
+async def test_async_download_resumes_a_truncated_body(
+    async_client: tc.AsyncClient, double: ContractDouble, tmp_path: Path
+) -> None:
     data = shard_bytes(50_000)
     double.publish_shard("part-0.parquet", data)
     double.shard_faults.append("truncate")
@@ -508,7 +580,12 @@ async def test_async_download_resumes_a_truncated_body(async_client: tc.AsyncCli
 @pytest.fixture
 def cli_runner(double: ContractDouble, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     def client_over_the_double(url: str, api_key: str | None = None) -> tc.Client:
-        return tc.Client(url, api_key=api_key, transport=SyncASGITransport(double.app), retry=tc.RetryPolicy(sleep=lambda s: None))
+        return tc.Client(
+            url,
+            api_key=api_key,
+            transport=SyncASGITransport(double.app),
+            retry=tc.RetryPolicy(sleep=lambda s: None),
+        )
 
     monkeypatch.setattr(cli, "Client", client_over_the_double)
     return CliRunner()
@@ -517,7 +594,19 @@ def cli_runner(double: ContractDouble, monkeypatch: pytest.MonkeyPatch) -> CliRu
 def test_cli_submit_wait_and_download(cli_runner: CliRunner, double: ContractDouble, tmp_path: Path) -> None:
     double.publish_shard("part-0.parquet", shard_bytes(2000))
     path = write_jsonl(tmp_path / "batch.jsonl", ['{"prompt": "a"}'])
-    args = ["submit", str(path), "--max-tokens", "16", "--seed", "3", "--out", str(tmp_path / "out"), "--json", "--url", BASE_URL]
+    args = [
+        "submit",
+        str(path),
+        "--max-tokens",
+        "16",
+        "--seed",
+        "3",
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+        "--url",
+        BASE_URL,
+    ]
     result = cli_runner.invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
@@ -536,8 +625,13 @@ def test_cli_status_list_cancel_errors_as_json(cli_runner: CliRunner, double: Co
     job = double.queued_job()
     assert json.loads(cli_runner.invoke(cli.app, ["status", job["id"], "--json"]).stdout)["id"] == job["id"]
     assert json.loads(cli_runner.invoke(cli.app, ["list", "--json"]).stdout)["data"][0]["id"] == job["id"]
-    assert json.loads(cli_runner.invoke(cli.app, ["cancel", job["id"], "--json"]).stdout)["status"] == "cancelled"
-    assert json.loads(cli_runner.invoke(cli.app, ["errors", job["id"], "--json"]).stdout)[0]["custom_id"] == "b"
+    assert (
+        json.loads(cli_runner.invoke(cli.app, ["cancel", job["id"], "--json"]).stdout)["status"]
+        == "cancelled"
+    )
+    assert (
+        json.loads(cli_runner.invoke(cli.app, ["errors", job["id"], "--json"]).stdout)[0]["custom_id"] == "b"
+    )
     assert cli_runner.invoke(cli.app, ["list"]).exit_code == 0
 
 
@@ -553,8 +647,13 @@ class FakeEntryPoint:
 
 def test_main_adds_plugin_commands_and_skips_uninstalled_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     registered: list[Any] = []
-    plugins = [FakeEntryPoint(ModuleNotFoundError("No module named 'service'")), FakeEntryPoint(registered.append)]
-    monkeypatch.setattr(cli.importlib.metadata, "entry_points", lambda group: plugins if group == "teachercache.cli" else [])
+    plugins = [
+        FakeEntryPoint(ModuleNotFoundError("No module named 'service'")),
+        FakeEntryPoint(registered.append),
+    ]
+    monkeypatch.setattr(
+        cli.importlib.metadata, "entry_points", lambda group: plugins if group == "teachercache.cli" else []
+    )
     monkeypatch.setattr(cli, "app", lambda: registered.append("ran"))
     cli.main()
     assert registered == [cli.app, "ran"]  # the plugin registered on the app, then the app ran

@@ -7,7 +7,6 @@ penalties other than 1 (the recorded distribution is the raw one), and in score 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -26,29 +25,8 @@ K = 20
 MAX_TOKENS = 16
 
 
-# --- engine fixtures: these two move to tests/conftest.py unchanged -------------------
-
-
-@pytest.fixture(scope="session")
-def teacher_model_dir() -> Path:
-    path = Path(os.environ.get("TEACHERCACHE_TEST_MODEL_DIR", "/tmp/venvtest/model"))
-    if not (path / "config.json").is_file():
-        pytest.skip(f"no prepared teacher model at {path}")
-    return path
-
-
-@pytest.fixture(scope="session")
-def vllm_engine(teacher_model_dir: Path):
-    from workers.vllm_adapter import VllmEngine
-
-    # CPU build only; a GPU build ignores it. Small so a laptop can run the tests.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    engine = VllmEngine.load(str(teacher_model_dir), max_model_len=512, max_top_logprobs=K)
-    yield engine
-    engine.close()
-
-
-# --- end of the fixtures to move ------------------------------------------------------
+# `teacher_model_dir` (a Path) and `vllm_engine` (one session-scoped VllmEngine) come from
+# tests/conftest.py, shared with the pipeline tests so a session loads vLLM only once.
 
 
 _MAX_DIFF = {"value": 0.0}  # the largest |vLLM - transformers| seen, printed at the end
@@ -163,7 +141,9 @@ def assert_sample_matches(model, prompt: list[int], sample: Sample, k: int = K) 
 
 @pytest.fixture(scope="module")
 def sampled(vllm_engine, prompts) -> dict[str, EngineResult]:
-    requests = [generate(f"gen-{i}", p, n=2, temperature=1.0, seed=7) for i, p in enumerate(prompts)]
+    requests = [
+        generate(f"gen-{i}", p, n=2, temperature=1.0, seed=7) for i, p in enumerate(prompts)
+    ]
     return run(vllm_engine, requests)
 
 
@@ -199,10 +179,11 @@ def test_n_samples_are_distinct_and_reproducible(vllm_engine, sampled, prompts):
     ids=["temperature-0.5", "penalties"],
 )
 def test_logprobs_are_raw_distribution(vllm_engine, prompts, hf_model, sampling):
-    results = run(vllm_engine, [generate(f"raw-{sampling}-{i}", p, seed=3, **sampling) for i, p in enumerate(prompts)])
+    keys = [f"raw-{sorted(sampling.items())}-{i}" for i in range(len(prompts))]
+    results = run(vllm_engine, [generate(k, p, seed=3, **sampling) for k, p in zip(keys, prompts)])
     tempered_gaps = []
     for i, prompt in enumerate(prompts):
-        sample = results[f"raw-{sampling}-{i}"].samples[0]
+        sample = results[keys[i]].samples[0]
         assert_sample_matches(hf_model, prompt, sample)
         rows = hf_logprobs(hf_model, prompt + sample.completion_token_ids)
         tempered = torch.log_softmax(rows / sampling["temperature"], dim=-1)
@@ -214,7 +195,8 @@ def test_logprobs_are_raw_distribution(vllm_engine, prompts, hf_model, sampling)
 
 
 def test_greedy_equals_transformers_greedy(vllm_engine, prompts, hf_model):
-    results = run(vllm_engine, [generate(f"greedy-{i}", p, temperature=0.0) for i, p in enumerate(prompts)])
+    requests = [generate(f"greedy-{i}", p, temperature=0.0) for i, p in enumerate(prompts)]
+    results = run(vllm_engine, requests)
     for i, prompt in enumerate(prompts):
         got = results[f"greedy-{i}"].samples[0].completion_token_ids
         with torch.no_grad():
@@ -228,7 +210,10 @@ def test_greedy_equals_transformers_greedy(vllm_engine, prompts, hf_model):
 def test_mixed_top_k_in_one_batch(vllm_engine, prompts):
     results = run(
         vllm_engine,
-        [generate("k20", prompts[0], k=20, temperature=0.0), generate("k3", prompts[0], k=3, temperature=0.0)],
+        [
+            generate("k20", prompts[0], k=20, temperature=0.0),
+            generate("k3", prompts[0], k=3, temperature=0.0),
+        ],
     )
     wide, narrow = results["k20"].samples[0], results["k3"].samples[0]
     assert narrow.completion_token_ids == wide.completion_token_ids
@@ -251,10 +236,12 @@ def test_stop_string_ends_generation_and_stays_in_text(vllm_engine, prompts, hf_
     got = run(vllm_engine, [generate("stop", prompts[0], temperature=0.0, stop=(stop,))])["stop"]
     sample = got.samples[0]
     assert sample.finish_reason == "stop"
-    assert sample.completion_token_ids == greedy.samples[0].completion_token_ids[: len(sample.completion_token_ids)]
-    assert len(sample.completion_token_ids) < len(greedy.samples[0].completion_token_ids)
+    reference = greedy.samples[0].completion_token_ids
+    assert len(sample.completion_token_ids) < len(reference)
+    assert sample.completion_token_ids == reference[: len(sample.completion_token_ids)]
     assert stop in sample.completion_text
-    assert sample.completion_text == hf_tokenizer.decode(sample.completion_token_ids, skip_special_tokens=True)
+    decoded = hf_tokenizer.decode(sample.completion_token_ids, skip_special_tokens=True)
+    assert sample.completion_text == decoded
 
 
 # --- score mode -----------------------------------------------------------------------
@@ -292,7 +279,8 @@ def test_score_alignment_first_token_conditions_on_whole_prompt(
     scored = run(vllm_engine, [score("align", prompt, response)])["align"].samples[0]
     rows = hf_logprobs(hf_model, prompt + response)
     # Response token 0 is predicted by the last prompt position, nothing earlier or later.
-    assert scored.token_logprobs[0] == pytest.approx(rows[len(prompt) - 1, response[0]].item(), abs=ATOL)
+    first = rows[len(prompt) - 1, response[0]].item()
+    assert scored.token_logprobs[0] == pytest.approx(first, abs=ATOL)
     assert scored.top_token_ids[0][:5] == rows[len(prompt) - 1].topk(5).indices.tolist()
     for off_by_one in (len(prompt) - 2, len(prompt)):
         assert abs(scored.token_logprobs[0] - rows[off_by_one, response[0]].item()) > 0.01
@@ -347,7 +335,9 @@ def test_stats_count_exactly_what_ran(vllm_engine, prompts):
     )
     after = vllm_engine.stats()
     assert after["requests"] - before["requests"] == 2
-    assert after["prompt_tokens"] - before["prompt_tokens"] == len(prompts[0]) + len(prompts[1]) + len(response)
+    # n=2 shares one prefill; the score request prefills prompt + response.
+    expected_prompt = len(prompts[0]) + len(prompts[1]) + len(response)
+    assert after["prompt_tokens"] - before["prompt_tokens"] == expected_prompt
     assert after["completion_tokens"] - before["completion_tokens"] == 2 * 5
 
 

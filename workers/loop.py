@@ -226,7 +226,8 @@ class WorkerLoop:
             kept = TaskRepository(db).renew(held, self.settings.lease_s)
             db.execute(sa.update(Worker).where(Worker.id == self.worker_id)
                        .values(heartbeat_at=sa.func.now(), stats=self.engine.stats()))
-        lost = set(held) - kept
+        # Tasks the writer indexed (and dropped) since the snapshot are done, not lost.
+        lost = (set(held) - kept) & set(self.held.tokens())
         if lost:
             log.warning("worker %s: lost %d leases to other workers", self.worker_id, len(lost))
             self.held.drop(lost)
