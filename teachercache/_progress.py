@@ -1,0 +1,63 @@
+"""The progress bar wait() draws on stderr: finished requests (completed+cached+failed) of total."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+FAILED_STATUSES = frozenset({"failed", "cancelled"})
+
+
+def finished_requests(job: dict[str, Any]) -> int:
+    counts = job.get("counts") or {}
+    return sum(int(counts.get(key) or 0) for key in ("completed", "cached", "failed"))
+
+
+def wants_progress(progress: bool | None) -> bool:
+    """None means: draw a bar only for a person watching a terminal."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
+class WaitProgress:
+    """A rich bar updated from job objects; a no-op when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._progress: Progress | None = None
+        self._task: Any = None
+        if enabled:
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+
+    def __enter__(self) -> WaitProgress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, job: dict[str, Any]) -> None:
+        if self._progress is None:
+            return
+        counts = job.get("counts") or {}
+        fields = {"description": f"{job.get('id')} {job.get('status')}", "detail": _detail(counts)}
+        total = int(counts.get("total") or 0) or None
+        if self._task is None:
+            self._task = self._progress.add_task(total=total, **fields)
+        self._progress.update(self._task, completed=finished_requests(job), total=total, **fields)
+
+
+def _detail(counts: dict[str, Any]) -> str:
+    return f"cached {counts.get('cached', 0)}  failed {counts.get('failed', 0)}"
