@@ -19,6 +19,7 @@ collapse, and it creates no per-token Python objects.
 
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,11 @@ class VllmEngine:
         self._inflight: dict[str, EngineRequest] = {}
         self._rejected: list[EngineResult] = []
         self._stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        # multiprocessing's exit hook joins the engine core child, which only exits when
+        # told to; a process still holding the engine at exit (a pytest session fixture)
+        # would hang there. atexit runs hooks last-in first-out, so this one runs first.
+        self._shutdown = self._engine.engine_core.shutdown
+        atexit.register(self._shutdown)
 
     @classmethod
     def load(
@@ -157,8 +163,9 @@ class VllmEngine:
 
     def close(self) -> None:
         """Stop vLLM's engine core process now rather than at interpreter exit."""
+        atexit.unregister(self._shutdown)
         self._inflight.clear()
-        self._engine.engine_core.shutdown()
+        self._shutdown()
 
     # -- request conversion ---------------------------------------------------------
 
