@@ -8,10 +8,7 @@ that the cache outlives the processes. Plus the cache key on its own (no databas
 
 from __future__ import annotations
 
-import io
-import time
 
-import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
@@ -21,10 +18,10 @@ from service.http.app import create_app
 from service.jobs.finalizer import reconcile
 from service.models import Result
 from service.runtime import Runtime
+from tests.jobs import download_rows, wait_for
 from workers.scripted_engine import ScriptedEngine
 
 TEACHER = "smollm2-135m-instruct"
-TERMINAL = ("succeeded", "failed", "cancelled")
 # What the teacher computed; `cached` and the job's own labels are allowed to differ.
 COMPUTED = ("prompt_token_ids", "completion_token_ids", "completion_text", "token_logprobs", "top_token_ids",
             "top_logprobs", "finish_reason", "error")
@@ -43,25 +40,6 @@ def submit(api, body: dict) -> dict:
     response = api.post("/v1/jobs", json=body)
     assert response.status_code == 201, response.text
     return response.json()
-
-
-def wait_for(api, job_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = api.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in TERMINAL and job["finished_at"]:
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
-
-
-def download_rows(api, job: dict) -> list[dict]:
-    rows = []
-    for shard in job["shards"]:
-        response = api.get(shard["url"])
-        assert response.status_code == 200
-        rows.extend(pq.read_table(io.BytesIO(response.content)).to_pylist())
-    return rows
 
 
 def computed(row: dict) -> tuple:

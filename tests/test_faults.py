@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from service.models import Job, Request, Result, Task, Worker
 from service.settings import PROJECT_ROOT
-from tests.test_pipeline_scripted import download_rows, wait_for
+from tests.jobs import download_rows, wait_for
 
 TEACHER = "smollm2-135m-instruct"
 

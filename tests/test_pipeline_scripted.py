@@ -6,37 +6,13 @@ The real engine runs the same path in test_pipeline_vllm.py.
 
 from __future__ import annotations
 
-import io
-import time
 
-import pyarrow.parquet as pq
 import pytest
 
-from service.shards import JOB_SCHEMA
+from tests.jobs import download_rows, wait_for
 from workers.scripted_engine import ScriptedEngine
 
 TEACHER = "smollm2-135m-instruct"
-
-
-def wait_for(api, job_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = api.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled") and job["finished_at"]:
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
-
-
-def download_rows(api, job: dict) -> list[dict]:
-    rows = []
-    for shard in job["shards"]:
-        response = api.get(shard["url"])
-        assert response.status_code == 200
-        table = pq.read_table(io.BytesIO(response.content))
-        assert table.schema.remove_metadata().equals(JOB_SCHEMA)
-        rows.extend(table.to_pylist())
-    return rows
 
 
 def batch(n: int = 6, **extra) -> dict:

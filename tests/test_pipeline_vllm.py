@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.oracle import assert_row_matches
-from tests.test_pipeline_scripted import download_rows, wait_for
+from tests.jobs import download_rows, wait_for
 
 pytestmark = pytest.mark.engine
 TEACHER = "smollm2-135m-instruct"

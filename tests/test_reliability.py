@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from service.db import transaction
 from service.models import Job, Task
 from service.queue.repository import TaskRepository
-from tests.test_pipeline_scripted import batch, download_rows, wait_for
+from tests.jobs import download_rows, wait_for
+from tests.test_pipeline_scripted import batch
 from workers.scripted_engine import ScriptedEngine
 
 TEACHER = "smollm2-135m-instruct"
@@ -87,8 +88,7 @@ def test_cancel_stops_handing_out_work_and_keeps_what_was_done(api, start_worker
     assert len({r["request_index"] for r in rows}) == 6  # every request present, cancelled ones as errors
     done = [r for r in rows if r["error"] is None]
     assert len(done) >= 4 and all(r["cached"] for r in done[:4])
-    with rt.sessions() as db:  # nothing of the cancelled job is claimable
-        assert claim(rt, "late-worker") == []
+    assert claim(rt, "late-worker") == []  # nothing of the cancelled job is claimable
 
 
 def test_a_corrupted_shard_is_refused_not_served(api, start_worker, rt):

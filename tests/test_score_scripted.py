@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_pipeline_scripted import download_rows, wait_for
+from tests.jobs import download_rows, wait_for
 from workers.scripted_engine import ScriptedEngine
 
 TEACHER = "smollm2-135m-instruct"

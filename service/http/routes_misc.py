@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import orm
 
@@ -28,7 +28,9 @@ def list_teachers(rt: Rt, db: Db) -> dict:
     return {"data": [{**t.describe(), "workers": online.get(t.name, 0)} for t in rt.teachers.available()]}
 
 
-@router.get("/v1/shards/{shard_id}", tags=["shards"], response_class=FileResponse)
+# HEAD too: fsspec's HTTP filesystem (HF datasets, pandas, polars) asks HEAD for the size and
+# ETag, and on a 405 falls back to a GET that starts sending the whole file.
+@router.api_route("/v1/shards/{shard_id}", methods=["GET", "HEAD"], tags=["shards"], response_class=FileResponse)
 def download_shard(shard_id: str, rt: Rt, db: Db) -> FileResponse:
     shard = JobRepository(db).shard(shard_id)
     if shard is None or shard.kind != "job":

@@ -1,0 +1,36 @@
+"""Helpers for tests that drive jobs through the API: wait for the end, read the shards."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pyarrow.parquet as pq
+
+from service.shards import JOB_SCHEMA
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def wait_for(api, job_id: str, timeout: float = 60) -> dict:
+    """Poll until the job has ended and its shards are assembled."""
+    deadline = time.monotonic() + timeout
+    job = None
+    while time.monotonic() < deadline:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in TERMINAL and job["finished_at"]:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def download_rows(api, job: dict) -> list[dict]:
+    """Every row of the job's shards, downloaded through the API, checked against the contract schema."""
+    rows = []
+    for shard in job["shards"]:
+        response = api.get(shard["url"])
+        assert response.status_code == 200
+        table = pq.read_table(io.BytesIO(response.content))
+        assert table.schema.remove_metadata().equals(JOB_SCHEMA)
+        rows.extend(table.to_pylist())
+    return rows
