@@ -39,13 +39,20 @@ def engine_requests(token_prompts, args):
             for i, p in enumerate(token_prompts)]
 
 
+def plain_params(request):
+    """What a user of plain vLLM would write for the same request (vLLM's defaults otherwise)."""
+    from vllm import SamplingParams
+
+    spec = request.sampling
+    return SamplingParams(n=spec.n, seed=spec.seed, temperature=spec.temperature, top_p=spec.top_p,
+                          max_tokens=spec.max_tokens, ignore_eos=spec.ignore_eos, logprobs=request.top_logprobs)
+
+
 def run_baseline(engine, requests) -> dict:
     """Plain LLM.generate over the same prompts and parameters."""
-    from workers.vllm_adapter import sampling_params_for
-
     started = time.perf_counter()
     outputs = engine.llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in requests],
-                                  [sampling_params_for(r) for r in requests], use_tqdm=False)
+                                  [plain_params(r) for r in requests], use_tqdm=False)
     elapsed = time.perf_counter() - started
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}

@@ -100,7 +100,9 @@ def vllm_engine(teacher_model_dir):
     """One real vLLM engine (CPU build, float32) for the whole test session."""
     from workers.vllm_adapter import VllmEngine
 
-    return VllmEngine.load(str(teacher_model_dir), max_model_len=2048, max_top_logprobs=20, dtype="float32")
+    engine = VllmEngine.load(str(teacher_model_dir), max_model_len=2048, max_top_logprobs=20, dtype="float32")
+    yield engine
+    engine.close()
 
 
 class RunningWorker:

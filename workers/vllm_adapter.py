@@ -107,6 +107,11 @@ class VllmEngine:
     # -- what the worker and the teacher registry may want to know -----------------
 
     @property
+    def llm(self) -> Any:
+        """The underlying `vllm.LLM` (benchmarks compare against its plain `generate`)."""
+        return self._llm
+
+    @property
     def tokenizer(self) -> Any:
         return self._tokenizer
 
