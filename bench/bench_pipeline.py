@@ -115,6 +115,7 @@ def main() -> None:
     ratio = service["tokens_per_s"] / reference
     report(f"generation throughput, {args.requests} requests x {args.max_tokens} tokens, top-{args.top_logprobs}"
            f" — ratio {ratio:.3f}", rows, "pipeline.json", {"ratio": ratio, "args": vars(args)})
+    engine.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""Score mode: scored tokens/s of the service end to end against plain vLLM prompt-logprob
+scoring on the same data, same run.
+
+    .venv/bin/python -m bench.bench_score [--requests 64] [--response-tokens 64] [--top-logprobs 20]
+
+Responses are generated once by the teacher (untimed). The baseline is `LLM.generate` over
+prompt + response with `SamplingParams(max_tokens=1, prompt_logprobs=k)`, as a plain vLLM user
+would score; the service side is a score job (POST, worker loop on the same engine, shards
+assembled and downloaded). Baseline before and after; their mean is the reference.
+Writes bench/results/score.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+
+def make_data(engine, teacher, args) -> list[tuple[list[int], list[int]]]:
+    from vllm import SamplingParams
+
+    from bench.bench_pipeline import prompts
+
+    token_prompts = prompts(teacher, args.requests)
+    params = SamplingParams(max_tokens=args.response_tokens, temperature=1.0, seed=0, ignore_eos=True)
+    outputs = engine.llm.generate([{"prompt_token_ids": p} for p in token_prompts], params, use_tqdm=False)
+    return [(p, list(o.outputs[0].token_ids)) for p, o in zip(token_prompts, outputs)]
+
+
+def run_baseline(engine, data, k: int) -> dict:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=k)
+    started = time.perf_counter()
+    outputs = engine.llm.generate([{"prompt_token_ids": p + r} for p, r in data], params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    assert all(len(o.prompt_logprobs) == len(p) + len(r) for o, (p, r) in zip(outputs, data))
+    tokens = sum(len(r) for _, r in data)
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def run_service(engine, data, k: int, rt) -> dict:
+    import pyarrow.parquet as pq
+    from fastapi.testclient import TestClient
+
+    from service.http.app import create_app
+    from workers.loop import WorkerLoop
+    from workers.settings import WorkerSettings
+
+    body = {"mode": "score", "top_logprobs": k, "cache": "bypass",
+            "requests": [{"prompt_token_ids": p, "response_token_ids": r} for p, r in data]}
+    worker = WorkerLoop(rt, engine, WorkerSettings(**{**rt.settings.model_dump(), "flush_s": 0.5}), "smollm2-135m-instruct")
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    with TestClient(create_app(rt)) as api:
+        started = time.perf_counter()
+        job = api.post("/v1/jobs", json=body).json()
+        while (job := api.get(f"/v1/jobs/{job['id']}").json())["status"] != "succeeded":
+            time.sleep(0.05)
+        tables = [pq.read_table(io.BytesIO(api.get(s["url"]).content)) for s in job["shards"]]
+        elapsed = time.perf_counter() - started
+    worker.request_stop()
+    thread.join(60)
+    tokens = sum(len(x) for t in tables for x in t.column("completion_token_ids").to_pylist())
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--response-tokens", type=int, default=64)
+    parser.add_argument("--top-logprobs", type=int, default=20)
+    args = parser.parse_args()
+
+    from bench.common import report, scratch_runtime
+    from service.settings import ServiceSettings
+    from service.teachers.catalog import TeacherCatalog
+    from workers.vllm_adapter import VllmEngine
+
+    teacher = TeacherCatalog.from_settings(ServiceSettings()).get(None)
+    engine = VllmEngine.load(str(teacher.folder), max_model_len=teacher.spec.max_model_len,
+                             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype)
+    data = make_data(engine, teacher, args)
+    run_baseline(engine, data[:8], args.top_logprobs)  # warm-up
+    before = run_baseline(engine, data, args.top_logprobs)
+    with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
+        service = run_service(engine, data, args.top_logprobs, rt)
+    after = run_baseline(engine, data, args.top_logprobs)
+    ratio = service["tokens_per_s"] / ((before["tokens_per_s"] + after["tokens_per_s"]) / 2)
+    rows = [{"run": "LLM.generate prompt_logprobs (before)", **before}, {"run": "service score job", **service},
+            {"run": "LLM.generate prompt_logprobs (after)", **after}]
+    report(f"scoring throughput, {args.requests} x {args.response_tokens} response tokens, top-{args.top_logprobs}"
+           f" — ratio {ratio:.3f}", rows, "score.json", {"ratio": ratio, "args": vars(args)})
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
