@@ -1,6 +1,6 @@
 """Service end-to-end generation throughput against plain `vllm.LLM.generate`, same run.
 
-    .venv/bin/python -m bench.bench_pipeline [--requests 64] [--max-tokens 64] [--top-logprobs 20]
+    .venv/bin/python -m bench.bench_pipeline [--requests 128] [--max-tokens 64] [--top-logprobs 20]
 
 One engine is loaded once and used by both sides. The baseline is `LLM.generate` on the same
 token-id prompts with the same SamplingParams (built by the adapter for the same requests).
@@ -70,14 +70,15 @@ def run_service(engine, token_prompts, args, rt) -> dict:
     body = {"top_logprobs": args.top_logprobs, "cache": "bypass",
             "sampling": {"max_tokens": args.max_tokens, "temperature": 1.0, "seed": 0, "ignore_eos": args.ignore_eos},
             "requests": [{"custom_id": str(i), "prompt_token_ids": p} for i, p in enumerate(token_prompts)]}
-    worker = WorkerLoop(rt, engine, WorkerSettings(**{**rt.settings.model_dump(), "flush_s": 0.5}), "smollm2-135m-instruct")
+    worker = WorkerLoop(rt, engine, WorkerSettings(**{**rt.settings.model_dump(), "flush_s": args.flush_s}),
+                        "smollm2-135m-instruct")
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     with TestClient(create_app(rt)) as api:
         started = time.perf_counter()
         job = api.post("/v1/jobs", json=body).json()
         while (job := api.get(f"/v1/jobs/{job['id']}").json())["status"] != "succeeded":
-            time.sleep(0.05)
+            time.sleep(args.poll_s)  # a training job polling its job: it shares this process's CPU
         tables = [pq.read_table(io.BytesIO(api.get(s["url"]).content)) for s in job["shards"]]
         elapsed = time.perf_counter() - started
     worker.request_stop()
@@ -88,10 +89,12 @@ def run_service(engine, token_prompts, args, rt) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--top-logprobs", type=int, default=20)
     parser.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens per request")
+    parser.add_argument("--flush-s", type=float, default=1.0, help="the worker's result-shard flush interval")
+    parser.add_argument("--poll-s", type=float, default=0.2, help="how often the waiting client polls the job")
     args = parser.parse_args()
 
     from bench.common import report, scratch_runtime

@@ -1,7 +1,7 @@
 """Score mode: scored tokens/s of the service end to end against plain vLLM prompt-logprob
 scoring on the same data, same run.
 
-    .venv/bin/python -m bench.bench_score [--requests 64] [--response-tokens 64] [--top-logprobs 20]
+    .venv/bin/python -m bench.bench_score [--requests 128] [--response-tokens 64] [--top-logprobs 20]
 
 Responses are generated once by the teacher (untimed). The baseline is `LLM.generate` over
 prompt + response with `SamplingParams(max_tokens=1, prompt_logprobs=k)`, as a plain vLLM user
@@ -74,7 +74,7 @@ def run_service(engine, data, k: int, rt) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--response-tokens", type=int, default=64)
     parser.add_argument("--top-logprobs", type=int, default=20)
     args = parser.parse_args()
