@@ -48,6 +48,17 @@ def wait_healthy(stack: subprocess.Popen, timeout: float = 300) -> None:
     raise SystemExit("the API did not come up")
 
 
+def wait_worker_online(client: tc.Client, timeout: float = 600) -> None:
+    """The worker registers once its engine is loaded; timing starts after that."""
+    console.print("Waiting for the worker to load the teacher into vLLM...")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(t.get("workers", 0) > 0 for t in client.teachers()):
+            return
+        time.sleep(1)
+    raise SystemExit("no worker came online")
+
+
 def stop_stack(stack: subprocess.Popen) -> None:
     if stack.poll() is None:
         os.killpg(stack.pid, signal.SIGINT)
@@ -64,7 +75,7 @@ def run_job(client: tc.Client, out_dir: Path) -> tuple[dict, list[Path], float]:
                         sampling={"max_tokens": 64, "temperature": 0.7, "seed": 0}, metadata={"dataset": "demo"})
     console.print(f"Submitted job [bold]{job['id']}[/] ({job['counts']['total']} requests, "
                   f"{job['counts']['cached']} already cached)")
-    job = client.wait(job, poll_interval=0.5, progress=True, raise_on_failure=True)
+    job = client.wait(job, poll_interval=0.5, timeout=1800, progress=True, raise_on_failure=True)
     elapsed = time.monotonic() - started
     return job, client.download(job, out_dir / job["id"]), elapsed
 
@@ -73,7 +84,7 @@ def summarize(job: dict, paths: list[Path], elapsed: float) -> None:
     table = pq.read_table(paths).to_pylist() if paths else []
     completion = sum(len(r["completion_token_ids"]) for r in table)
     counts = job["counts"]
-    summary = Table(title=f"job {job['id']}: {job['status']}")
+    summary = Table("", "", title=f"job {job['id']}: {job['status']}", show_header=False)
     for name, value in [
         ("requests", f"{counts['total']} ({counts['completed']} computed, {counts['cached']} cached, {counts['failed']} failed)"),
         ("rows", str(len(table))),
@@ -84,7 +95,7 @@ def summarize(job: dict, paths: list[Path], elapsed: float) -> None:
     ]:
         summary.add_row(name, value)
     console.print(summary)
-    files = Table(title="shards")
+    files = Table("file", "size", "rows", title="shards")
     for path in paths:
         files.add_row(str(path.relative_to(ROOT)), f"{path.stat().st_size:,} bytes", f"{pq.ParquetFile(path).metadata.num_rows} rows")
     console.print(files)
@@ -115,6 +126,7 @@ def main() -> None:
     try:
         wait_healthy(stack)
         with tc.Client(URL, timeout=60) as client:
+            wait_worker_online(client)
             job, paths, elapsed = run_job(client, ROOT / ".state" / "demo-output")
         summarize(job, paths, elapsed)
     finally:

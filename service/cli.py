@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -77,13 +80,45 @@ def up(teacher: Annotated[Optional[str], typer.Option(help="teacher for the work
     settings = ServiceSettings()
     teacher_prepare(None)
     url = resolve_database_url(settings, own_embedded=True)  # embedded unless configured; stopped at exit
-    env = {**os.environ, "TEACHERCACHE_DATABASE_URL": url}
-    worker = subprocess.Popen([sys.executable, "-m", "workers", *(["--teacher", teacher] if teacher else [])], env=env)
+    # One machine runs everything: bound the CPU engine's KV cache (vLLM would reserve ~90% of RAM).
+    env = {"VLLM_CPU_KVCACHE_SPACE": "4", **os.environ, "TEACHERCACHE_DATABASE_URL": url}
+    command = [sys.executable, "-m", "workers", *(["--teacher", teacher] if teacher else [])]
+    supervisor = WorkerSupervisor(command, env)
     port = port or settings.port
-    typer.echo(f"teachercache is up: http://{settings.host}:{port}  (worker pid {worker.pid}; Ctrl-C stops)")
+    typer.echo(f"teachercache is up: http://{settings.host}:{port}  (one worker; Ctrl-C stops)")
     os.environ["TEACHERCACHE_DATABASE_URL"] = url
     try:
         serve(None, port)
     finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+        supervisor.stop()
+
+
+class WorkerSupervisor:
+    """Runs the worker process; restarts it when it exits non-zero (its engine died), a few times."""
+
+    def __init__(self, command: list[str], env: dict[str, str], max_restarts: int = 3) -> None:
+        self.command, self.env, self.max_restarts = command, env, max_restarts
+        self.stopping = threading.Event()
+        self.process = subprocess.Popen(command, env=env)
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        for restart in range(self.max_restarts + 1):
+            code = self.process.wait()
+            if self.stopping.is_set() or code == 0:
+                return
+            if restart == self.max_restarts:
+                break
+            logging.warning("worker exited with %s; restarting it", code)
+            time.sleep(2 ** restart)
+            self.process = subprocess.Popen(self.command, env=self.env)
+        logging.error("the worker keeps failing; stopping the stack")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()

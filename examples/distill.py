@@ -1,0 +1,216 @@
+"""Distil the teacher into a tiny student on CPU, from a finished job's top-k soft labels.
+
+    python examples/distill.py --job JOB_ID --url http://127.0.0.1:8080 --steps 300
+    python examples/distill.py --shards out/          # downloaded shards: a folder or .parquet files
+
+The student is a randomly initialised 2-layer LlamaForCausalLM (hidden size 64) built from
+the teacher's own config, so it shares the teacher's tokenizer and vocabulary: the token ids
+in the shards are the student's ids. With ``--job`` the shards are streamed from the service
+(ShardDataset, range requests); with ``--shards`` they are read from local disk. Either way
+collate_topk lays each batch out so that position ``t`` holds the teacher's top-k for the
+token at ``t``, which the student predicts from position ``t - 1``.
+
+The loss, per completion position (README: "Students: client, streaming, distillation"):
+
+    p = softmax(teacher top-k logprobs)                         the teacher, renormalised over its k
+    log q = s - logsumexp(s),  s = student log-probs at the k ids   the student, renormalised over the same k
+    KL(p || q) = sum_k p (log p - log q)
+
+averaged over the completion positions of the batch, plus ``alpha`` times the cross-entropy
+of the completion tokens themselves. It prints the loss every ``--log-every`` steps and the
+first and last averages; ``main()`` returns the per-step losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import teachercache as tc
+
+ROOT = Path(__file__).resolve().parent.parent
+TEACHER_DIR = ROOT / "models" / "smollm2-135m-instruct"
+# What collate_topk reads: the rest of a shard's columns need not cross the network.
+COLUMNS = [
+    "custom_id",
+    "prompt_token_ids",
+    "completion_token_ids",
+    "token_logprobs",
+    "top_token_ids",
+    "top_logprobs",
+    "finish_reason",
+]
+# Stands in for -inf on masked top-k entries: exp() of it is exactly 0, and unlike -inf it
+# never turns into NaN in (log p - log q) or in the gradients.
+MASKED = -1e4
+AVERAGE_OVER = 10  # steps averaged for the "first" and "last" loss
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--job", help="a finished job's id (streams its shards from --url)")
+    source.add_argument("--shards", nargs="+", type=Path, help="local shards: a folder or .parquet files")
+    parser.add_argument("--url", help="the service's base URL (default: $TEACHERCACHE_URL)")
+    parser.add_argument("--teacher-dir", type=Path, default=TEACHER_DIR, help="the teacher's model folder")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--alpha", type=float, default=0.0, help="weight of the cross-entropy on the tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--log-every", type=int, default=20)
+    return parser.parse_args(argv)
+
+
+# -- the student ----------------------------------------------------------------------
+
+
+def build_student(teacher_dir: Path, layers: int, hidden: int, seed: int) -> LlamaForCausalLM:
+    """A small, randomly initialised Llama with the teacher's vocabulary and special tokens."""
+    heads = max(1, hidden // 16)
+    config = LlamaConfig.from_pretrained(teacher_dir)
+    config.update(
+        {
+            "num_hidden_layers": layers,
+            "hidden_size": hidden,
+            "intermediate_size": 4 * hidden,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "head_dim": hidden // heads,
+        }
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+# -- the loss -------------------------------------------------------------------------
+
+
+def topk_forward_kl(
+    teacher_logprobs: torch.Tensor, student_logits: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """KL(p || q) per position over the teacher's top-k entries, both sides renormalised over them.
+
+    ``teacher_logprobs`` [N,k]: the teacher's top-k logprobs; ``student_logits`` [N,k]: the
+    student's logits (or log-probs: renormalising over the k cancels the full-vocabulary
+    normaliser, so both give the same q) at the same token ids; ``valid`` [N,k]: False on
+    padding entries.
+    """
+    log_p = teacher_logprobs.masked_fill(~valid, MASKED).log_softmax(-1)
+    student = student_logits.masked_fill(~valid, MASKED)
+    log_q = student - student.logsumexp(-1, keepdim=True)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def logits_at(student: LlamaForCausalLM, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """The student's logits [N,k] at ``token_ids`` [N,k] only, from final hidden states [N,H].
+
+    Llama's LM head is a bias-free linear layer, so logit(i) = hidden . W[i]: the k rows of W
+    instead of the whole vocabulary (49152 for SmolLM2), which is most of a step's cost otherwise.
+    """
+    weight = student.get_output_embeddings().weight
+    return torch.einsum("nh,nkh->nk", hidden, weight[token_ids])
+
+
+def distillation_loss(
+    student: LlamaForCausalLM, batch: dict[str, Any], alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, kl): the mean top-k KL over the batch's completion positions, plus alpha x CE."""
+    hidden = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # The hidden state at t predicts the token at t + 1, where collate_topk put the teacher's top-k.
+    predicts = batch["labels_mask"][:, 1:]
+    hidden = hidden[:, :-1][predicts]
+    top_ids = batch["top_token_ids"][:, 1:][predicts]
+    top_logprobs = batch["top_logprobs"][:, 1:][predicts]
+    kl = topk_forward_kl(top_logprobs, logits_at(student, hidden, top_ids), torch.isfinite(top_logprobs)).mean()
+    if alpha == 0:
+        return kl, kl
+    # The cross-entropy does need the whole vocabulary, at the completion positions only.
+    tokens = batch["input_ids"][:, 1:][predicts]
+    cross_entropy = torch.nn.functional.cross_entropy(student.lm_head(hidden), tokens)
+    return kl + alpha * cross_entropy, kl
+
+
+# -- the data -------------------------------------------------------------------------
+
+
+def local_shard_files(paths: list[Path]) -> list[Path]:
+    files = [file for path in paths for file in (sorted(path.glob("*.parquet")) if path.is_dir() else [path])]
+    if not files:
+        raise SystemExit(f"no .parquet files in {', '.join(map(str, paths))}")
+    return files
+
+
+def local_loader(paths: list[Path], batch_size: int, seed: int) -> DataLoader:
+    rows = [row for file in local_shard_files(paths) for row in pq.read_table(file, columns=COLUMNS).to_pylist()]
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=tc.collate_topk)
+
+
+def streaming_loader(job: str, url: str | None, batch_size: int, seed: int) -> tuple[DataLoader, tc.ShardDataset]:
+    dataset = tc.ShardDataset(job=job, base_url=url, columns=COLUMNS, seed=seed, shuffle_buffer=256)
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=tc.collate_topk), dataset
+
+
+def batches(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """Collated batches, epoch after epoch, without end; batches of only failed rows are skipped."""
+    if args.job:
+        loader, dataset = streaming_loader(args.job, args.url, args.batch_size, args.seed)
+    else:
+        loader, dataset = local_loader(args.shards, args.batch_size, args.seed), None
+    epoch = 0
+    while True:
+        if dataset is not None:
+            dataset.set_epoch(epoch)  # a new shard order each epoch, as with DistributedSampler
+        seen = 0
+        for batch in loader:
+            if batch["labels_mask"].any():
+                seen += 1
+                yield batch
+        if seen == 0:
+            raise SystemExit("the shards hold no completion tokens to distil on")
+        epoch += 1
+
+
+# -- training -------------------------------------------------------------------------
+
+
+def train(student: LlamaForCausalLM, data: Iterator[dict[str, Any]], args: argparse.Namespace) -> list[float]:
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    student.train()
+    losses = []
+    for step, batch in zip(range(1, args.steps + 1), data, strict=False):
+        loss, kl = distillation_loss(student, batch, args.alpha)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step == 1 or step % args.log_every == 0:
+            print(f"step {step:5d}  loss {loss.item():.4f}  top-k KL {kl.item():.4f}", flush=True)
+    return losses
+
+
+def main(argv: list[str] | None = None) -> list[float]:
+    args = parse_args(argv)
+    student = build_student(args.teacher_dir, args.layers, args.hidden, args.seed)
+    millions = sum(p.numel() for p in student.parameters()) / 1e6
+    print(f"student: {args.layers} layers, hidden {args.hidden}, {millions:.1f}M parameters", flush=True)
+    losses = train(student, batches(args), args)
+    window = min(AVERAGE_OVER, max(1, len(losses) // 2))
+    first, last = statistics.fmean(losses[:window]), statistics.fmean(losses[-window:])
+    print(f"loss: first {window} steps {first:.4f} -> last {window} steps {last:.4f}")
+    return losses
+
+
+if __name__ == "__main__":
+    main()
