@@ -19,7 +19,7 @@ class WorkerSettings(ServiceSettings):
     max_inflight_tokens: int = 262_144
     # A result shard is written when this many rows are waiting, or the oldest waited flush_s.
     result_shard_rows: int = 2048
-    flush_s: float = 1.0
+    flush_s: float = 3.0  # less often while the engine is busy: each write takes CPU from it
     # On SIGTERM: stop claiming, let running requests finish for this long, release the rest.
     drain_s: float = 30.0
     # Engine options (vLLM adapter).
