@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--top-logprobs", type=int, default=20)
     parser.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens per request")
-    X
+    parser.add_argument("--flush-s", type=float, default=3.0, help="the worker's result-shard flush interval")
     parser.add_argument("--poll-s", type=float, default=0.2, help="how often the waiting client polls the job")
     args = parser.parse_args()
 
