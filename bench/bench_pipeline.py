@@ -13,11 +13,9 @@ Writes bench/results/pipeline.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -60,31 +58,12 @@ def run_baseline(engine, requests) -> dict:
 
 def run_service(engine, token_prompts, args, rt) -> dict:
     """POST -> worker loop on the same engine -> shards assembled -> downloaded."""
-    import pyarrow.parquet as pq
-    from fastapi.testclient import TestClient
-
-    from service.http.app import create_app
-    from workers.loop import WorkerLoop
-    from workers.settings import WorkerSettings
+    from bench.common import timed_service_job
 
     body = {"top_logprobs": args.top_logprobs, "cache": "bypass",
             "sampling": {"max_tokens": args.max_tokens, "temperature": 1.0, "seed": 0, "ignore_eos": args.ignore_eos},
             "requests": [{"custom_id": str(i), "prompt_token_ids": p} for i, p in enumerate(token_prompts)]}
-    worker = WorkerLoop(rt, engine, WorkerSettings(**{**rt.settings.model_dump(), "flush_s": args.flush_s}),
-                        "smollm2-135m-instruct")
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    with TestClient(create_app(rt)) as api:
-        started = time.perf_counter()
-        job = api.post("/v1/jobs", json=body).json()
-        while (job := api.get(f"/v1/jobs/{job['id']}").json())["status"] != "succeeded":
-            time.sleep(args.poll_s)  # a training job polling its job: it shares this process's CPU
-        tables = [pq.read_table(io.BytesIO(api.get(s["url"]).content)) for s in job["shards"]]
-        elapsed = time.perf_counter() - started
-    worker.request_stop()
-    thread.join(60)
-    tokens = sum(len(x) for t in tables for x in t.column("completion_token_ids").to_pylist())
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+    return timed_service_job(rt, engine, body, args.flush_s, args.poll_s)
 
 
 def main() -> None:

@@ -13,10 +13,8 @@ Writes bench/results/score.json.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -48,29 +46,12 @@ def run_baseline(engine, data, k: int) -> dict:
 
 
 def run_service(engine, data, k: int, rt) -> dict:
-    import pyarrow.parquet as pq
-    from fastapi.testclient import TestClient
-
-    from service.http.app import create_app
-    from workers.loop import WorkerLoop
-    from workers.settings import WorkerSettings
+    """A score job: POST -> worker loop on the same engine -> shards assembled -> downloaded."""
+    from bench.common import timed_service_job
 
     body = {"mode": "score", "top_logprobs": k, "cache": "bypass",
             "requests": [{"prompt_token_ids": p, "response_token_ids": r} for p, r in data]}
-    worker = WorkerLoop(rt, engine, WorkerSettings(**{**rt.settings.model_dump(), "flush_s": 0.5}), "smollm2-135m-instruct")
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    with TestClient(create_app(rt)) as api:
-        started = time.perf_counter()
-        job = api.post("/v1/jobs", json=body).json()
-        while (job := api.get(f"/v1/jobs/{job['id']}").json())["status"] != "succeeded":
-            time.sleep(0.05)
-        tables = [pq.read_table(io.BytesIO(api.get(s["url"]).content)) for s in job["shards"]]
-        elapsed = time.perf_counter() - started
-    worker.request_stop()
-    thread.join(60)
-    tokens = sum(len(x) for t in tables for x in t.column("completion_token_ids").to_pylist())
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+    return timed_service_job(rt, engine, body)
 
 
 def main() -> None:

@@ -54,3 +54,36 @@ def report(title: str, rows: list[dict], filename: str, extra: dict | None = Non
     Console().print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / filename).write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2) + "\n")
+
+
+def timed_service_job(rt, engine, body: dict, flush_s: float = 3.0, poll_s: float = 0.2) -> dict:
+    """POST `body` -> a worker loop on `engine` -> shards assembled -> downloaded; tokens/s of it.
+
+    The client polls every `poll_s` from this process, like a training job sharing the machine.
+    """
+    import io
+    import threading
+    import time
+
+    import pyarrow.parquet as pq
+    from fastapi.testclient import TestClient
+
+    from service.http.app import create_app
+    from workers.loop import WorkerLoop
+    from workers.settings import WorkerSettings
+
+    worker = WorkerLoop(rt, engine, WorkerSettings(**{**rt.settings.model_dump(), "flush_s": flush_s}),
+                        rt.teachers.get(body.get("teacher")).name)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    with TestClient(create_app(rt)) as api:
+        started = time.perf_counter()
+        job = api.post("/v1/jobs", json=body).json()
+        while (job := api.get(f"/v1/jobs/{job['id']}").json())["status"] != "succeeded":
+            time.sleep(poll_s)
+        tables = [pq.read_table(io.BytesIO(api.get(s["url"]).content)) for s in job["shards"]]
+        elapsed = time.perf_counter() - started
+    worker.request_stop()
+    thread.join(60)
+    tokens = sum(len(x) for t in tables for x in t.column("completion_token_ids").to_pylist())
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
