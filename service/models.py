@@ -119,7 +119,6 @@ class Result(Base):
     row_count: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     prompt_tokens: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     completion_tokens: orm.Mapped[int] = orm.mapped_column(sa.Integer)
-    hits: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
     created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
 
 

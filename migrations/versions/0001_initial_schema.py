@@ -113,7 +113,6 @@ def upgrade() -> None:
     sa.Column('row_count', sa.Integer(), nullable=False),
     sa.Column('prompt_tokens', sa.Integer(), nullable=False),
     sa.Column('completion_tokens', sa.Integer(), nullable=False),
-    sa.Column('hits', sa.BigInteger(), server_default='0', nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.ForeignKeyConstraint(['shard_id'], ['shards.id'], name=op.f('fk_results_shard_id_shards')),
     sa.PrimaryKeyConstraint('cache_key', name=op.f('pk_results'))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -152,7 +151,3 @@ def shard_out(shard, shard_url: ShardUrl) -> ShardOut:
 
 def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -16,7 +16,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from service.models import Task
 
 CLAIM_SQL = sa.text(
     """
@@ -218,7 +217,3 @@ class TaskRepository:
             return
         rerun = ["failed", "done"] if recompute_done else ["failed"]
         self.session.execute(ENQUEUE_SQL, {**task_columns(tasks), "rerun_states": rerun})
-
-    def errors_of(self, keys: list[str]) -> dict[str, list[Any]]:
-        rows = self.session.execute(sa.select(Task.key, Task.errors).where(Task.key.in_(keys)))
-        return {key: errors for key, errors in rows}
