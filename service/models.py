@@ -152,3 +152,7 @@ class Worker(Base):
     started_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
     heartbeat_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
     stopped_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+
+
+# Last, once Base is complete: the OpenAI-compatible tables (files, batches) join the same metadata.
+from service.openai_batch import models as _openai_models  # noqa: F401

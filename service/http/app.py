@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.http import errors, routes_cache, routes_jobs, routes_misc
+from service.http import errors, routes_cache, routes_jobs, routes_misc, routes_openai
 from service.jobs.finalizer import Finalizer
 from service.runtime import Runtime
 from service.settings import ServiceSettings
@@ -33,4 +33,5 @@ def create_app(rt: Runtime | None = None, run_finalizer: bool = True) -> FastAPI
     app.include_router(routes_jobs.router)
     app.include_router(routes_misc.router)
     app.include_router(routes_cache.router)
+    app.include_router(routes_openai.router)
     return app

@@ -1,0 +1,1 @@
+"""OpenAI Batch API compatibility: files and batches on top of native jobs."""

@@ -1,0 +1,55 @@
+"""Tables for the OpenAI-compatible layer: uploaded/produced JSONL files and batches.
+
+A batch owns at most one native job (NULL while validation fails); everything about the
+teacher work lives in that job, so a batch only records what OpenAI's object needs on top.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+from sqlalchemy.dialects.postgresql import JSONB
+
+from service.models import NOW, TIMESTAMP, Base
+
+
+class OpenAIFile(Base):
+    """A JSONL file in storage under `files/`: an uploaded batch input, or a batch's output/error file."""
+
+    __tablename__ = "files"
+
+    id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
+    purpose: orm.Mapped[str] = orm.mapped_column(sa.String(32))
+    filename: orm.Mapped[str] = orm.mapped_column(sa.String(500))
+    bytes: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
+    path: orm.Mapped[str] = orm.mapped_column(sa.String(500))  # relative to the storage root
+    created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
+
+
+class OpenAIBatch(Base):
+    __tablename__ = "batches"
+
+    id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
+    input_file_id: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("files.id"))
+    endpoint: orm.Mapped[str] = orm.mapped_column(sa.String(64))
+    completion_window: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    # validating -> in_progress -> finalizing -> completed | failed | cancelling -> cancelled
+    status: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    job_id: orm.Mapped[str | None] = orm.mapped_column(sa.ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    errors: orm.Mapped[list[Any] | None] = orm.mapped_column(JSONB)
+    output_file_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(40))
+    error_file_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(40))
+    metadata_: orm.Mapped[dict[str, Any]] = orm.mapped_column("metadata", JSONB)
+    request_total: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    request_completed: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    request_failed: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW, index=True)
+    in_progress_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+    finalizing_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+    completed_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+    failed_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+    cancelling_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+    cancelled_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)

@@ -1,0 +1,104 @@
+"""Rendering a finished job's Parquet rows as OpenAI batch output / error lines.
+
+Logprobs are the teacher's raw distribution (see DESIGN.md), rendered in OpenAI's format:
+chat `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`, completions
+`{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}` with offsets
+counted from the start of the completion text.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterable
+from itertools import groupby
+from typing import Any
+
+Decode = Callable[[int], str]
+CHAT = "/v1/chat/completions"
+
+
+def request_groups(rows: Iterable[dict[str, Any]]) -> Iterable[tuple[int, list[dict[str, Any]]]]:
+    """Rows of a job (request order, samples in order) grouped per request."""
+    ordered = sorted(rows, key=lambda r: (r["request_index"], r["sample_index"]))
+    for index, group in groupby(ordered, key=lambda r: r["request_index"]):
+        yield index, list(group)
+
+
+def request_error(samples: list[dict[str, Any]]) -> str | None:
+    errors = [s["error"] or "failed" for s in samples if s["finish_reason"] == "error"]
+    return errors[0] if errors else None
+
+
+def success_line(samples: list[dict[str, Any]], endpoint: str, model: str, created: int, wants_logprobs: bool,
+                 decode: Decode) -> str:
+    request_id = f"req_{uuid.uuid4().hex}"
+    body = response_body(samples, endpoint, model, created, wants_logprobs, decode, request_id)
+    line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": samples[0]["custom_id"],
+            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+    return json.dumps(line)
+
+
+def error_line(custom_id: str, message: str) -> str:
+    code = "cancelled" if message == "cancelled" else "request_failed"
+    line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None,
+            "error": {"code": code, "message": message}}
+    return json.dumps(line)
+
+
+def response_body(samples, endpoint, model, created, wants_logprobs, decode, request_id) -> dict[str, Any]:
+    chat = endpoint == CHAT
+    choices = [chat_choice(s, wants_logprobs, decode) if chat else text_choice(s, wants_logprobs, decode)
+               for s in samples]
+    prompt_tokens = len(samples[0]["prompt_token_ids"])
+    completion_tokens = sum(len(s["completion_token_ids"]) for s in samples)
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", "object": "chat.completion" if chat else "text_completion",
+        "created": created, "model": model, "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def chat_choice(sample, wants_logprobs: bool, decode: Decode) -> dict[str, Any]:
+    return {"index": sample["sample_index"], "message": {"role": "assistant", "content": sample["completion_text"]},
+            "logprobs": chat_logprobs(sample, decode) if wants_logprobs else None,
+            "finish_reason": sample["finish_reason"]}
+
+
+def text_choice(sample, wants_logprobs: bool, decode: Decode) -> dict[str, Any]:
+    return {"index": sample["sample_index"], "text": sample["completion_text"],
+            "logprobs": completion_logprobs(sample, decode) if wants_logprobs else None,
+            "finish_reason": sample["finish_reason"]}
+
+
+def token_entry(token_id: int, logprob: float, decode: Decode) -> dict[str, Any]:
+    token = decode(token_id)
+    return {"token": token, "logprob": float(logprob), "bytes": list(token.encode("utf-8"))}
+
+
+def chat_logprobs(sample, decode: Decode) -> dict[str, Any]:
+    content = []
+    for position, (token_id, logprob) in enumerate(zip(sample["completion_token_ids"], sample["token_logprobs"])):
+        entry = token_entry(token_id, logprob, decode)
+        entry["top_logprobs"] = [token_entry(t, lp, decode) for t, lp in top_pairs(sample, position)]
+        content.append(entry)
+    return {"content": content}
+
+
+def completion_logprobs(sample, decode: Decode) -> dict[str, Any]:
+    tokens = [decode(t) for t in sample["completion_token_ids"]]
+    offsets, offset = [], 0
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    # Two alternatives that decode to the same text collapse into one key (as in OpenAI's format).
+    top = [{decode(t): float(lp) for t, lp in top_pairs(sample, i)} for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [float(lp) for lp in sample["token_logprobs"]],
+            "top_logprobs": top, "text_offset": offsets}
+
+
+def top_pairs(sample, position: int) -> list[tuple[int, float]]:
+    ids = sample["top_token_ids"][position] if position < len(sample["top_token_ids"]) else []
+    logprobs = sample["top_logprobs"][position] if position < len(sample["top_logprobs"]) else []
+    return list(zip(ids, logprobs))
