@@ -150,6 +150,29 @@ def test_cancel_before_any_worker_ends_cancelled(oai, api):
     assert [e["error"]["code"] for e in errors] == ["cancelled"] * 3
 
 
+def test_a_batch_past_its_completion_window_expires_keeping_what_was_done(oai, api, start_worker, rt):
+    import sqlalchemy as sa
+
+    from service.openai_batch.models import OpenAIBatch
+
+    done = oai.batches.create(input_file_id=upload(oai, [chat_line(0)]), endpoint=CHAT, completion_window="24h")
+    worker = start_worker(ScriptedEngine())
+    assert wait_for_batch(oai, done.id).status == "completed"  # c0 is in the cache now
+    worker.stop()  # nothing runs the rest: the window runs out first
+    batch = oai.batches.create(input_file_id=upload(oai, [chat_line(i) for i in range(3)]), endpoint=CHAT,
+                               completion_window="24h")
+    assert batch.expires_at == batch.created_at + 24 * 3600 and batch.status == "in_progress"
+    with rt.sessions() as db, db.begin():
+        db.execute(sa.update(OpenAIBatch).where(OpenAIBatch.id == batch.id)
+                   .values(created_at=sa.func.now() - sa.text("interval '25 hours'")))
+    batch = wait_for_batch(oai, batch.id)
+    assert batch.status == "expired" and batch.expired_at is not None
+    assert [line["custom_id"] for line in read_jsonl(oai, batch.output_file_id)] == ["c0"]
+    errors = read_jsonl(oai, batch.error_file_id)
+    assert {e["custom_id"] for e in errors} == {"c1", "c2"}
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+
+
 def test_list_pages_newest_first_and_unknown_ids_are_404(oai):
     file_id = upload(oai, [chat_line(0)])
     ids = [oai.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h").id for _ in range(3)]

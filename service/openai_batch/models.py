@@ -36,7 +36,7 @@ class OpenAIBatch(Base):
     input_file_id: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("files.id"))
     endpoint: orm.Mapped[str] = orm.mapped_column(sa.String(64))
     completion_window: orm.Mapped[str] = orm.mapped_column(sa.String(16))
-    # validating -> in_progress -> finalizing -> completed | failed | cancelling -> cancelled
+    # validating -> in_progress -> finalizing -> completed | failed | cancelling -> cancelled | expired
     status: orm.Mapped[str] = orm.mapped_column(sa.String(16))
     job_id: orm.Mapped[str | None] = orm.mapped_column(sa.ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
     errors: orm.Mapped[list[Any] | None] = orm.mapped_column(JSONB)
@@ -53,3 +53,5 @@ class OpenAIBatch(Base):
     failed_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     cancelling_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     cancelled_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+    # Set when the completion window ran out: its job is cancelled and the batch ends `expired`.
+    expired_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)

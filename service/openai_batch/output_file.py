@@ -39,8 +39,10 @@ def success_line(samples: list[dict[str, Any]], endpoint: str, model: str, creat
     return json.dumps(line)
 
 
-def error_line(custom_id: str, message: str) -> str:
-    code = "cancelled" if message == "cancelled" else "request_failed"
+def error_line(custom_id: str, message: str, expired: bool = False) -> str:
+    """A failed request's line; requests left undone when the window ran out are `batch_expired`."""
+    code = "batch_expired" if expired else "cancelled" if message == "cancelled" else "request_failed"
+    message = "the batch's completion window ran out before this request was run" if expired else message
     line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None,
             "error": {"code": code, "message": message}}
     return json.dumps(line)

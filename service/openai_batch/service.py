@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import orm
 
@@ -34,6 +34,11 @@ from service.runtime import Runtime
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 FINAL = ("completed", "failed", "cancelled", "expired")
 JOB_FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def completion_window(window: str) -> timedelta:
+    """OpenAI's completion windows are whole hours ("24h")."""
+    return timedelta(hours=int(window.removesuffix("h")))
 
 
 def now() -> datetime:
@@ -131,6 +136,9 @@ class OpenAIBatchService:
         if batch.status in FINAL or batch.job_id is None:
             return batch
         job = JobService(self.session).get(batch.job_id)
+        if self._window_ran_out(batch, job):
+            JobService(self.session).cancel(job.id)  # what is done stays; the rest is reported expired
+            batch.expired_at = now()
         counts = JobRepository(self.session).counts(job.id)
         batch.request_completed = counts["completed"] + counts["cached"]
         batch.request_failed = counts["failed"]
@@ -140,13 +148,22 @@ class OpenAIBatchService:
             batch.status, batch.finalizing_at = "finalizing", batch.finalizing_at or now()
         return batch
 
+    @staticmethod
+    def _window_ran_out(batch: OpenAIBatch, job: Job) -> bool:
+        """Past its completion window with work still pending (a finalizing job is done working)."""
+        if batch.expired_at is not None or job.status not in ("queued", "running"):
+            return False
+        return now() > batch.created_at + completion_window(batch.completion_window)
+
     def _finish(self, batch: OpenAIBatch, job: Job) -> None:
         if job.status == "failed":
             self._fail(batch, [BatchError(code="job_failed", message=job.error or "the job failed")])
             return
         self._write_results(batch, job)
         batch.finalizing_at = batch.finalizing_at or now()
-        if job.status == "cancelled":
+        if job.status == "cancelled" and batch.expired_at is not None:
+            batch.status = "expired"
+        elif job.status == "cancelled":
             batch.status, batch.cancelled_at = "cancelled", now()
         else:
             batch.status, batch.completed_at = "completed", now()
@@ -177,7 +194,8 @@ class OpenAIBatchService:
                 outputs.append(output_file.success_line(samples, batch.endpoint, job.teacher, created,
                                                         wants_logprobs, decode))
             else:
-                errors.append(output_file.error_line(samples[0]["custom_id"], problem))
+                expired = batch.expired_at is not None and problem == "cancelled"
+                errors.append(output_file.error_line(samples[0]["custom_id"], problem, expired))
         return outputs, errors
 
     def _job_rows(self, job_id: str) -> list[dict]:
@@ -222,6 +240,8 @@ def describe_batch(batch: OpenAIBatch) -> BatchObject:
         in_progress_at=unix(batch.in_progress_at), finalizing_at=unix(batch.finalizing_at),
         completed_at=unix(batch.completed_at), failed_at=unix(batch.failed_at),
         cancelling_at=unix(batch.cancelling_at), cancelled_at=unix(batch.cancelled_at),
+        expires_at=unix(batch.created_at + completion_window(batch.completion_window)),
+        expired_at=unix(batch.expired_at),
         request_counts=RequestCounts(total=batch.request_total, completed=batch.request_completed,
                                      failed=batch.request_failed),
         metadata=metadata,
