@@ -52,8 +52,11 @@ class Holdings:
             self.tasks.update({t.key: t for t in claimed})
 
     def tokens(self, keys=None) -> dict[str, int]:
+        """Fencing tokens of the held tasks (of `keys` only, when given)."""
         with self.lock:
-            return {k: t.lease_token for k, t in self.tasks.items() if keys is None or k in keys}
+            if keys is None:
+                return {k: t.lease_token for k, t in self.tasks.items()}
+            return {k: self.tasks[k].lease_token for k in keys if k in self.tasks}
 
     def drop(self, keys) -> None:
         with self.lock:
@@ -258,7 +261,8 @@ class WorkerLoop:
 
     def _flush(self, results: list[EngineResult]) -> None:
         failures = [r for r in results if r.error is not None]
-        successes = [r for r in results if r.error is None and r.key in self.held.tokens([r.key])]
+        held = self.held.tokens([r.key for r in results])  # results of leases lost meanwhile are dropped
+        successes = [r for r in results if r.error is None and r.key in held]
         try:
             if successes:
                 self._db(self._index)(successes)
