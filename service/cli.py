@@ -17,11 +17,13 @@ from service.settings import ServiceSettings
 
 teacher_app = typer.Typer(help="Teachers: prepare model folders, list the registry.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys: create (shown once), list, revoke.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(teacher_app, name="teacher")
     app.add_typer(db_app, name="db")
+    app.add_typer(keys_app, name="keys")
     app.command("serve", help="Run the HTTP API.")(serve)
     app.command("up", help="Run the whole stack on this machine: database, API and one worker.")(up)
 
@@ -58,7 +60,56 @@ def db_upgrade() -> None:
     typer.echo("database is at the latest schema")
 
 
+@keys_app.command("create")
+def keys_create(tenant: Annotated[str, typer.Option(help="the tenant the key acts for (created if new)")],
+                label: Annotated[Optional[str], typer.Option(help="a note: who or what uses the key")] = None) -> None:
+    """Create a key and print it; it is stored only as a hash and cannot be shown again."""
+    from service.tenants.service import TenantService
+
+    rt = admin_runtime()
+    with rt.sessions() as db, db.begin():
+        row, key = TenantService(db).create_key(tenant, label)
+    typer.echo(f"created key {row.id} for tenant {tenant!r}; it is shown once:", err=True)
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[Optional[str], typer.Option()] = None) -> None:
+    """Key ids, tenants, labels and state (never the keys)."""
+    from service.tenants.repository import TenantRepository
+
+    with admin_runtime().sessions() as db:
+        for row in TenantRepository(db).keys(tenant):
+            state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+            typer.echo(f"{row.id}\t{row.tenant}\t{state}\t{row.created_at:%Y-%m-%d %H:%M}\t{row.label or ''}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="the id shown by `keys list` (tck_<id>_...)")]) -> None:
+    """Revoke a key: the next request that presents it gets 401."""
+    from service.tenants.service import TenantService
+
+    with admin_runtime().sessions() as db, db.begin():
+        TenantService(db).revoke(key_id)
+    typer.echo(f"revoked key {key_id}")
+
+
+def admin_runtime():
+    """The configured database (or the embedded server), migrated."""
+    from service.migrate import upgrade as run_upgrade
+    from service.runtime import Runtime
+
+    rt = Runtime.from_settings(ServiceSettings())
+    run_upgrade(rt.database_url)
+    return rt
+
+
 def serve(host: Annotated[Optional[str], typer.Option()] = None, port: Annotated[Optional[int], typer.Option()] = None) -> None:
+    settings = ServiceSettings()
+    run_api(settings, host, port, embedded=settings.database_url is None)
+
+
+def run_api(settings: ServiceSettings, host: str | None, port: int | None, embedded: bool) -> None:
     import uvicorn
 
     from service.http.app import create_app
@@ -66,10 +117,20 @@ def serve(host: Annotated[Optional[str], typer.Option()] = None, port: Annotated
     from service.runtime import Runtime
 
     logging.basicConfig(level=logging.INFO)
-    settings = ServiceSettings()
     rt = Runtime.from_settings(settings)
     run_upgrade(rt.database_url)
+    if embedded:
+        announce_local_key(rt)
     uvicorn.run(create_app(rt), host=host or settings.host, port=port or settings.port, log_level="warning")
+
+
+def announce_local_key(rt) -> None:
+    """The embedded stack needs no set-up: a key for tenant `local` waits in the state folder."""
+    from service.tenants.local_key import ensure_local_key
+
+    path, created = ensure_local_key(rt)
+    typer.echo(f"API key for tenant 'local' {'created' if created else 'is'} in {path}  "
+               f"(export TEACHERCACHE_API_KEY=$(cat {path}))")
 
 
 def up(teacher: Annotated[Optional[str], typer.Option(help="teacher for the worker")] = None,
@@ -86,9 +147,9 @@ def up(teacher: Annotated[Optional[str], typer.Option(help="teacher for the work
     supervisor = WorkerSupervisor(command, env)
     port = port or settings.port
     typer.echo(f"teachercache is up: http://{settings.host}:{port}  (one worker; Ctrl-C stops)")
-    os.environ["TEACHERCACHE_DATABASE_URL"] = url
     try:
-        serve(None, port)
+        run_api(settings.model_copy(update={"database_url": url}), None, port,
+                embedded=settings.database_url is None)
     finally:
         supervisor.stop()
 

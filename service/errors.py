@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -16,6 +17,11 @@ class TeachercacheError(Exception):
         self.message = message
         self.details = details
 
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """HTTP headers that go with the error (Retry-After, WWW-Authenticate)."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, **self.details}}
 
@@ -25,9 +31,47 @@ class ValidationFailed(TeachercacheError):
     code = "invalid_request"
 
 
+class Unauthenticated(TeachercacheError):
+    """No API key, or one that is unknown or revoked. The message never echoes the key."""
+
+    status_code = 401
+    code = "unauthenticated"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="teachercache"'}
+
+
+class LimitExceeded(ValidationFailed):
+    """A configured limit refused the request; `limit` names the setting, `max` its value.
+
+    422 for what a job asks (requests, tokens, top_logprobs, max_tokens), 413 for the body,
+    429 (with Retry-After) for what the tenant has in flight or submits too often.
+    """
+
+    code = "limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, maximum: float, status_code: int = 422,
+                 retry_after_s: float | None = None, **details: Any) -> None:
+        super().__init__(message, limit=limit, max=maximum, **details)
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        if self.retry_after_s is None:
+            return None
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
 class NotFound(TeachercacheError):
     status_code = 404
     code = "not_found"
+
+
+class MethodNotAllowed(TeachercacheError):
+    status_code = 405
+    code = "method_not_allowed"
 
 
 class Conflict(TeachercacheError):
@@ -38,6 +82,10 @@ class Conflict(TeachercacheError):
 class Unavailable(TeachercacheError):
     status_code = 503
     code = "unavailable"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "2"}
 
 
 class ShardDamaged(TeachercacheError):

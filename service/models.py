@@ -35,8 +35,15 @@ NOW = sa.text("now()")
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (
+        # A retried submission is recognised within its tenant: two tenants may pick the same key.
+        sa.UniqueConstraint("tenant", "idempotency_key"),
+        sa.Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+    )
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
+    # Whose job: every read of it, its requests and its shards is filtered by this.
+    tenant: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("tenants.name"))
     status: orm.Mapped[str] = orm.mapped_column(sa.String(16), index=True)
     teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200))
     mode: orm.Mapped[str] = orm.mapped_column(sa.String(16))
@@ -45,7 +52,7 @@ class Job(Base):
     cache_policy: orm.Mapped[str] = orm.mapped_column(sa.String(16))
     metadata_: orm.Mapped[dict[str, Any]] = orm.mapped_column("metadata", JSONB)
     total: orm.Mapped[int] = orm.mapped_column(sa.Integer)
-    idempotency_key: orm.Mapped[str | None] = orm.mapped_column(sa.String(200), unique=True)
+    idempotency_key: orm.Mapped[str | None] = orm.mapped_column(sa.String(200))
     body_sha256: orm.Mapped[str] = orm.mapped_column(sa.String(64))
     error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
     created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW, index=True)
@@ -154,5 +161,7 @@ class Worker(Base):
     stopped_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
 
 
-# Last, once Base is complete: the OpenAI-compatible tables (files, batches) join the same metadata.
-from service.openai_batch import models as _openai_models  # noqa: F401
+# Last, once Base is complete: tenants and the OpenAI-compatible tables (files, batches) join the
+# same metadata.
+from service.openai_batch import models as _openai_models  # noqa: E402,F401
+from service.tenants import models as _tenant_models  # noqa: E402,F401

@@ -30,7 +30,17 @@ class ServiceSettings(BaseSettings):
     port: int = 8080
     # Public base URL used to build shard URLs; defaults to the request's own base URL.
     public_url: str | None = None
+    # Limits, each refused with an error naming it (413 body, 422 job, 429 tenant).
+    max_body_bytes: int = 256 * 1024 * 1024  # OpenAI batch input files may be 200 MB
     max_requests_per_job: int = 200_000
+    # Prompt tokens + max_tokens x n per request (generate) or + response tokens (score), summed.
+    max_tokens_per_job: int = 200_000_000
+    max_top_logprobs: int = 20
+    max_completion_tokens: int = 8192
+    max_pending_requests_per_tenant: int = 2_000_000
+    # Per-tenant submissions (jobs and batches): a token bucket shared by every API replica.
+    submissions_per_minute: float = 120.0
+    submission_burst: int = 30
     shard_rows: int = 10_000
     finalizer_poll_s: float = 0.5
     db_retry_attempts: int = 8

@@ -15,6 +15,7 @@ from service.db import embedded_database_url, normalize_url
 from service.migrate import upgrade
 from service.runtime import Runtime
 from service.settings import PROJECT_ROOT, ServiceSettings
+from tests.jobs import bearer, create_api_key
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
@@ -75,14 +76,35 @@ def rt(settings) -> Runtime:
 
 
 @pytest.fixture
-def api(rt):
-    """The ASGI app in-process (with its finalizer thread), through FastAPI's TestClient."""
-    from fastapi.testclient import TestClient
+def api_key(rt) -> str:
+    return create_api_key(rt, "alpha")
 
+
+@pytest.fixture
+def app(rt):
     from service.http.app import create_app
 
-    with TestClient(create_app(rt)) as client:
+    return create_app(rt)
+
+
+@pytest.fixture
+def api(app, api_key):
+    """The ASGI app in-process (with its finalizer thread), through FastAPI's TestClient,
+    sending the key of tenant `alpha`."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, headers=bearer(api_key)) as client:
         yield client
+
+
+@pytest.fixture
+def other_api(app, rt, api):
+    """The same app as another tenant (`beta`); `api`'s client runs the app's lifespan."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(app, headers=bearer(create_api_key(rt, "beta")))
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")

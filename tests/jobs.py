@@ -34,3 +34,15 @@ def download_rows(api, job: dict) -> list[dict]:
         assert table.schema.remove_metadata().equals(JOB_SCHEMA)
         rows.extend(table.to_pylist())
     return rows
+
+
+def create_api_key(rt, tenant: str) -> str:
+    """A key for `tenant`, as `teachercache keys create --tenant` makes one."""
+    from service.tenants.service import TenantService
+
+    with rt.sessions() as db, db.begin():
+        return TenantService(db).create_key(tenant, label="tests")[1]
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

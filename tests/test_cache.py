@@ -18,7 +18,7 @@ from service.http.app import create_app
 from service.jobs.finalizer import reconcile
 from service.models import Result
 from service.runtime import Runtime
-from tests.jobs import download_rows, wait_for
+from tests.jobs import bearer, download_rows, wait_for
 from workers.scripted_engine import ScriptedEngine
 
 TEACHER = "smollm2-135m-instruct"
@@ -322,14 +322,14 @@ def test_bypass_duplicates_are_each_computed(api, start_worker):
 
 # -- durability ----------------------------------------------------------------------------
 
-def test_a_restarted_stack_still_hits(settings, rt, start_worker):
+def test_a_restarted_stack_still_hits(settings, rt, start_worker, api_key):
     body = prompts(range(4))
-    with TestClient(create_app(rt)) as api:
+    with TestClient(create_app(rt), headers=bearer(api_key)) as api:
         first_rows = by_custom_id(download_rows(api, run_to_end(api, start_worker, body)))
     rt.engine.dispose()  # the old process's connections are gone
 
     restarted = Runtime.from_settings(settings)  # same database, same storage folder
-    with TestClient(create_app(restarted)) as api:
+    with TestClient(create_app(restarted), headers=bearer(api_key)) as api:
         job = submit(api, body)
         assert job["counts"]["cached"] == 4
         job = wait_for(api, job["id"], timeout=10)

@@ -19,9 +19,9 @@ COMPLETIONS = "/v1/completions"
 
 
 @pytest.fixture
-def oai(api) -> openai.OpenAI:
+def oai(api, api_key) -> openai.OpenAI:
     # FastAPI's TestClient is an httpx.Client: the openai client sends through it into the app.
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=api, max_retries=0)
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=api_key, http_client=api, max_retries=0)
 
 
 def chat_line(i: int, **body) -> dict:

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.http import errors, routes_cache, routes_jobs, routes_misc, routes_openai
+from service.http.body_limit import BodySizeLimit
 from service.jobs.finalizer import Finalizer
 from service.runtime import Runtime
 from service.settings import ServiceSettings
@@ -30,8 +31,10 @@ def create_app(rt: Runtime | None = None, run_finalizer: bool = True) -> FastAPI
     app.state.runtime = rt
     app.state.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
     errors.install(app)
+    app.add_middleware(BodySizeLimit, max_body_bytes=rt.settings.max_body_bytes)
     app.include_router(routes_jobs.router)
     app.include_router(routes_misc.router)
+    app.include_router(routes_misc.health_router)
     app.include_router(routes_cache.router)
     app.include_router(routes_openai.router)
     return app

@@ -1,13 +1,21 @@
-"""Request-scoped dependencies: the runtime, and a session whose transaction the handler owns."""
+"""Request-scoped dependencies: the runtime, the caller, and a session whose transaction the
+handler owns."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import orm
 
+from service.errors import Unauthenticated
+from service.jobs.limits import JobLimits
 from service.runtime import Runtime
+from service.tenants.service import Caller, TenantService
+
+bearer = HTTPBearer(auto_error=False, description="An API key (`teachercache keys create --tenant NAME`).")
 
 
 def runtime(request: Request) -> Runtime:
@@ -20,6 +28,39 @@ def session(request: Request) -> Iterator[orm.Session]:
         yield db
 
 
+def caller(request: Request,
+           credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+    """The tenant behind the request's API key, checked against the database on every request,
+    so a revoked key stops working at once."""
+    if credentials is None:
+        raise Unauthenticated("an API key is required: send 'Authorization: Bearer <key>'")
+    with runtime(request).sessions() as db:
+        found = TenantService(db).authenticate(credentials.credentials)
+    if found is None:
+        raise Unauthenticated("the API key is not valid (unknown, malformed or revoked)")
+    return found
+
+
+def spend_submission(rt: Runtime, tenant: str) -> None:
+    """The tenant's submission rate limit, spent in its own transaction before the work starts."""
+    with rt.sessions() as db, db.begin():
+        TenantService(db).spend_submission(tenant, rt.settings.submissions_per_minute, rt.settings.submission_burst)
+
+
+def submission_allowed(request: Request, who: Annotated[Caller, Depends(caller)]) -> None:
+    spend_submission(runtime(request), who.tenant)
+
+
+def job_limits(request: Request) -> JobLimits:
+    return JobLimits.from_settings(runtime(request).settings)
+
+
 def shard_url_builder(request: Request):
     base = runtime(request).settings.public_url or str(request.base_url).rstrip("/")
     return lambda shard_id: f"{base}/v1/shards/{shard_id}"
+
+
+Db = Annotated[orm.Session, Depends(session)]
+Rt = Annotated[Runtime, Depends(runtime)]
+Who = Annotated[Caller, Depends(caller)]
+Limits = Annotated[JobLimits, Depends(job_limits)]

@@ -8,10 +8,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.db import is_transient
-from service.errors import TeachercacheError, Unavailable, ValidationFailed
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-RETRY_AFTER_S = "2"
-
+from service.errors import MethodNotAllowed, NotFound, TeachercacheError, Unavailable, ValidationFailed
 
 def location(loc: tuple) -> str:
     """('body', 'requests', 3, 'prompt') -> 'requests[3].prompt'."""
@@ -33,14 +32,36 @@ def validation_failed(exc: RequestValidationError) -> ValidationFailed:
 
 
 def render(exc: TeachercacheError) -> JSONResponse:
-    headers = {"Retry-After": RETRY_AFTER_S} if exc.status_code == 503 else None
-    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
+
+
+# Starlette's own errors (unknown route, wrong method, a body over the limit) in the same shape.
+HTTP_CODES = {404: NotFound, 405: MethodNotAllowed}
+
+
+def from_http_exception(exc: StarletteHTTPException) -> TeachercacheError:
+    error = getattr(exc, "error", None)  # BodyTooLarge carries the LimitExceeded it stands for
+    if isinstance(error, TeachercacheError):
+        return error
+    kind = HTTP_CODES.get(exc.status_code)
+    if kind is not None:
+        return kind(str(exc.detail))
+    generic = TeachercacheError(str(exc.detail))
+    generic.status_code, generic.code = exc.status_code, "http_error"
+    return generic
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(TeachercacheError)
     async def known(_: Request, exc: TeachercacheError) -> JSONResponse:
         return render(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = from_http_exception(exc)
+        response = render(error)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

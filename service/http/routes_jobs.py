@@ -1,4 +1,4 @@
-"""Jobs: submit, list, get, cancel, shards manifest, errors."""
+"""Jobs: submit, list, get, cancel, shards manifest, errors. Every route is the caller's tenant's."""
 
 from __future__ import annotations
 
@@ -6,79 +6,76 @@ from typing import Annotated
 
 import sqlalchemy as sa
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
-from sqlalchemy import orm
 
-from service.http.deps import runtime, session, shard_url_builder
+from service.http.deps import Db, Limits, Rt, Who, caller, shard_url_builder, spend_submission
+from service.jobs.limits import JobLimits
 from service.jobs.schemas import ErrorList, JobCreate, JobList, JobOut, ShardList
 from service.jobs.service import JobService
 from service.runtime import Runtime
+from service.tenants.service import Caller
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-Db = Annotated[orm.Session, Depends(session)]
-Rt = Annotated[Runtime, Depends(runtime)]
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(caller)])
 
 
 @router.post("", status_code=201, response_model=JobOut)
 def submit_job(body: JobCreate, request: Request, response: Response, background: BackgroundTasks, rt: Rt,
+               who: Who, limits: Limits,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
-    job, created = submit_once(rt, body, idempotency_key)
+    job, created = submit_once(rt, who, limits, body, idempotency_key)
     if not created:
         response.status_code = 200
     background.add_task(request.app.state.finalizer.wake)
     with rt.sessions() as db:
-        return JobService(db).describe(job, shard_url_builder(request))
+        return JobService(db, who.tenant).describe(job, shard_url_builder(request))
 
 
-def submit_once(rt: Runtime, body: JobCreate, idempotency_key: str | None):
+def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, idempotency_key: str | None):
     """Write the whole job in one transaction; a concurrent retry with the same key gets that job."""
     teacher = rt.teachers.get(body.teacher)
     try:
         with rt.sessions() as db, db.begin():
-            service = JobService(db)
+            service = JobService(db, who.tenant, limits)
             existing = service.find_retry(idempotency_key, body)
             if existing is not None:
-                return existing, False
+                return existing, False  # a retry is answered, never rate-limited
+            spend_submission(rt, who.tenant)
             return service.submit(body, teacher, idempotency_key), True
     except sa.exc.IntegrityError:
         if idempotency_key is None:
             raise
         with rt.sessions() as db:  # the concurrent first submission committed: answer with it
-            return JobService(db).find_retry(idempotency_key, body), False
+            return JobService(db, who.tenant).find_retry(idempotency_key, body), False
 
 
 @router.get("", response_model=JobList)
-def list_jobs(request: Request, db: Db, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+def list_jobs(request: Request, db: Db, who: Who, limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(max_length=40)] = None) -> JobList:
-    service = JobService(db)
-    before = None
-    if after:
-        cursor = service.get(after)
-        before = (cursor.created_at, cursor.id)
-    jobs = service.jobs.list(limit + 1, before)
+    service = JobService(db, who.tenant)
+    jobs, has_more = service.page(limit, after)
     urls = shard_url_builder(request)
-    page = [service.describe(j, urls) for j in jobs[:limit]]
-    return JobList(data=page, has_more=len(jobs) > limit, next=page[-1].id if len(jobs) > limit else None)
+    page = [service.describe(j, urls) for j in jobs]
+    return JobList(data=page, has_more=has_more, next=page[-1].id if has_more else None)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, db: Db) -> JobOut:
-    service = JobService(db)
+def get_job(job_id: str, request: Request, db: Db, who: Who) -> JobOut:
+    service = JobService(db, who.tenant)
     return service.describe(service.get(job_id), shard_url_builder(request))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, request: Request, db: Db) -> JobOut:
-    service = JobService(db)
+def cancel_job(job_id: str, request: Request, db: Db, who: Who) -> JobOut:
+    service = JobService(db, who.tenant)
     job = service.cancel(job_id)
     request.app.state.finalizer.wake()
     return service.describe(job, shard_url_builder(request))
 
 
 @router.get("/{job_id}/shards", response_model=ShardList)
-def job_shards(job_id: str, request: Request, db: Db) -> ShardList:
-    return ShardList(shards=JobService(db).shards(job_id, shard_url_builder(request)))
+def job_shards(job_id: str, request: Request, db: Db, who: Who) -> ShardList:
+    return ShardList(shards=JobService(db, who.tenant).shards(job_id, shard_url_builder(request)))
 
 
 @router.get("/{job_id}/errors", response_model=ErrorList)
-def job_errors(job_id: str, db: Db) -> ErrorList:
-    return ErrorList(errors=JobService(db).errors(job_id))
+def job_errors(job_id: str, db: Db, who: Who) -> ErrorList:
+    return ErrorList(errors=JobService(db, who.tenant).errors(job_id))

@@ -1,24 +1,19 @@
-"""Teachers, shard downloads, health and metrics."""
+"""Teachers, shard downloads, health and metrics. Only /healthz answers without an API key."""
 
 from __future__ import annotations
-
-from typing import Annotated
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import FileResponse
-from sqlalchemy import orm
 
 from service.errors import NotFound, ShardDamaged, Unavailable
-from service.http.deps import runtime, session
+from service.http.deps import Db, Rt, Who, caller
 from service.http.metrics import render_metrics
 from service.jobs.repository import JobRepository
-from service.runtime import Runtime
 from service.storage import ShardCheckFailed
 
-router = APIRouter()
-Db = Annotated[orm.Session, Depends(session)]
-Rt = Annotated[Runtime, Depends(runtime)]
+router = APIRouter(dependencies=[Depends(caller)])
+health_router = APIRouter()
 PARQUET = "application/vnd.apache.parquet"
 
 
@@ -31,9 +26,9 @@ def list_teachers(rt: Rt, db: Db) -> dict:
 # HEAD too: fsspec's HTTP filesystem (HF datasets, pandas, polars) asks HEAD for the size and
 # ETag, and on a 405 falls back to a GET that starts sending the whole file.
 @router.api_route("/v1/shards/{shard_id}", methods=["GET", "HEAD"], tags=["shards"], response_class=FileResponse)
-def download_shard(shard_id: str, rt: Rt, db: Db) -> FileResponse:
-    shard = JobRepository(db).shard(shard_id)
-    if shard is None or shard.kind != "job":
+def download_shard(shard_id: str, rt: Rt, db: Db, who: Who) -> FileResponse:
+    shard = JobRepository(db).job_shard(shard_id, who.tenant)
+    if shard is None:
         raise NotFound(f"no shard {shard_id!r}", field="shard_id")
     try:
         path = rt.storage.verified_local_path(shard.path, shard.bytes, shard.sha256)
@@ -43,7 +38,7 @@ def download_shard(shard_id: str, rt: Rt, db: Db) -> FileResponse:
     return FileResponse(path, media_type=PARQUET, headers=headers, filename=f"{shard.job_id}-{shard.shard_index:05d}.parquet")
 
 
-@router.get("/healthz", tags=["health"])
+@health_router.get("/healthz", tags=["health"])
 def healthz(rt: Rt) -> dict:
     try:
         with rt.engine.connect() as connection:

@@ -1,66 +1,63 @@
-"""OpenAI-compatible Files and Batches endpoints (the subset the Batch API needs)."""
+"""OpenAI-compatible Files and Batches endpoints (the subset the Batch API needs), per tenant."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
-from sqlalchemy import orm
 
-from service.http.deps import runtime, session
+from service.http.deps import Db, Limits, Rt, Who, caller, submission_allowed
 from service.openai_batch.schemas import BatchCreate, BatchList, BatchObject, FileObject
 from service.openai_batch.service import (
     OpenAIBatchService,
     describe_batch,
     describe_file,
 )
-from service.runtime import Runtime
 
-router = APIRouter(prefix="/v1", tags=["openai"])
-Db = Annotated[orm.Session, Depends(session)]
-Rt = Annotated[Runtime, Depends(runtime)]
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(caller)])
 
 
 @router.post("/files", response_model=FileObject)
-def upload_file(db: Db, rt: Rt, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> FileObject:
+def upload_file(db: Db, rt: Rt, who: Who, file: Annotated[UploadFile, File()],
+                purpose: Annotated[str, Form()]) -> FileObject:
     data = file.file.read()
-    return describe_file(OpenAIBatchService(db, rt).upload(file.filename or "upload.jsonl", purpose, data))
+    return describe_file(OpenAIBatchService(db, rt, who.tenant).upload(file.filename or "upload.jsonl", purpose, data))
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
-def get_file(file_id: str, db: Db, rt: Rt) -> FileObject:
-    return describe_file(OpenAIBatchService(db, rt).file(file_id))
+def get_file(file_id: str, db: Db, rt: Rt, who: Who) -> FileObject:
+    return describe_file(OpenAIBatchService(db, rt, who.tenant).file(file_id))
 
 
 @router.get("/files/{file_id}/content")
-def file_content(file_id: str, db: Db, rt: Rt) -> Response:
-    return Response(OpenAIBatchService(db, rt).content(file_id), media_type="application/octet-stream")
+def file_content(file_id: str, db: Db, rt: Rt, who: Who) -> Response:
+    return Response(OpenAIBatchService(db, rt, who.tenant).content(file_id), media_type="application/octet-stream")
 
 
-@router.post("/batches", response_model=BatchObject)
-def create_batch(body: BatchCreate, request: Request, db: Db, rt: Rt) -> BatchObject:
-    batch = describe_batch(OpenAIBatchService(db, rt).create(body))
+@router.post("/batches", response_model=BatchObject, dependencies=[Depends(submission_allowed)])
+def create_batch(body: BatchCreate, request: Request, db: Db, rt: Rt, who: Who, limits: Limits) -> BatchObject:
+    batch = describe_batch(OpenAIBatchService(db, rt, who.tenant, limits).create(body))
     request.app.state.finalizer.wake()  # a batch answered wholly from the cache is ready at once
     return batch
 
 
 @router.get("/batches", response_model=BatchList)
-def list_batches(db: Db, rt: Rt, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+def list_batches(db: Db, rt: Rt, who: Who, limit: Annotated[int, Query(ge=1, le=100)] = 20,
                  after: Annotated[str | None, Query(max_length=40)] = None) -> BatchList:
-    batches, has_more = OpenAIBatchService(db, rt).list(limit, after)
+    batches, has_more = OpenAIBatchService(db, rt, who.tenant).list(limit, after)
     data = [describe_batch(b) for b in batches]
     return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                      has_more=has_more)
 
 
 @router.get("/batches/{batch_id}", response_model=BatchObject)
-def get_batch(batch_id: str, db: Db, rt: Rt) -> BatchObject:
-    service = OpenAIBatchService(db, rt)
+def get_batch(batch_id: str, db: Db, rt: Rt, who: Who) -> BatchObject:
+    service = OpenAIBatchService(db, rt, who.tenant)
     return describe_batch(service.sync(service.get(batch_id, lock=True)))
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject)
-def cancel_batch(batch_id: str, request: Request, db: Db, rt: Rt) -> BatchObject:
-    batch = describe_batch(OpenAIBatchService(db, rt).cancel(batch_id))
+def cancel_batch(batch_id: str, request: Request, db: Db, rt: Rt, who: Who) -> BatchObject:
+    batch = describe_batch(OpenAIBatchService(db, rt, who.tenant).cancel(batch_id))
     request.app.state.finalizer.wake()
     return batch

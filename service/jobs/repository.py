@@ -52,6 +52,7 @@ CACHE_LOOKUPS_SQL = sa.text(
       FROM requests r
       JOIN jobs j ON j.id = r.job_id
       LEFT JOIN results res ON res.cache_key = r.result_key
+     WHERE CAST(:tenant AS text) IS NULL OR j.tenant = :tenant
     """
 )
 COPY_REQUESTS_SQL = "COPY requests ({columns}) FROM STDIN"
@@ -118,16 +119,38 @@ class JobRepository:
     def get(self, job_id: str, lock: bool = False) -> Job | None:
         return self.session.get(Job, job_id, with_for_update=lock)
 
-    def lock_idempotency_key(self, key: str) -> bool:
+    def owned(self, job_id: str, tenant: str, lock: bool = False) -> Job | None:
+        """The job if it is the tenant's: another tenant's job and a missing one look the same."""
+        query = sa.select(Job).where(Job.id == job_id, Job.tenant == tenant)
+        return self.session.scalar(query.with_for_update() if lock else query)
+
+    def lock_idempotency_key(self, tenant: str, key: str) -> bool:
         """Hold the key for this transaction; False while another submission is writing it."""
         statement = sa.text("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))")
-        return bool(self.session.execute(statement, {"key": f"idempotency:{key}"}).scalar())
+        return bool(self.session.execute(statement, {"key": f"idempotency:{tenant}:{key}"}).scalar())
 
-    def by_idempotency_key(self, key: str) -> Job | None:
-        return self.session.scalar(sa.select(Job).where(Job.idempotency_key == key))
+    def by_idempotency_key(self, tenant: str, key: str) -> Job | None:
+        return self.session.scalar(sa.select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
 
-    def list(self, limit: int, before: tuple[Any, str] | None) -> list[Job]:
-        query = sa.select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    def lock_tenant_submissions(self, tenant: str) -> None:
+        """Until this transaction ends, the tenant's other submissions wait here."""
+        statement = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+        self.session.execute(statement, {"key": f"submissions:{tenant}"})
+
+    def pending_requests(self, tenant: str) -> int:
+        """Requests of the tenant's unfinished jobs still waiting for the teacher."""
+        query = (
+            sa.select(sa.func.count())
+            .select_from(Request)
+            .join(Job, Job.id == Request.job_id)
+            .where(Job.tenant == tenant, Job.status.in_(ACTIVE), Request.state == "pending")
+        )
+        return int(self.session.scalar(query))
+
+    def list(self, tenant: str, limit: int, before: tuple[Any, str] | None) -> list[Job]:
+        query = (
+            sa.select(Job).where(Job.tenant == tenant).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+        )
         if before is not None:
             query = query.where(sa.tuple_(Job.created_at, Job.id) < sa.tuple_(*before))
         return list(self.session.scalars(query))
@@ -203,8 +226,14 @@ class JobRepository:
         query = sa.select(Shard).where(Shard.job_id == job_id, Shard.kind == "job").order_by(Shard.shard_index)
         return list(self.session.scalars(query))
 
-    def shard(self, shard_id: str) -> Shard | None:
-        return self.session.get(Shard, shard_id)
+    def job_shard(self, shard_id: str, tenant: str) -> Shard | None:
+        """One of the tenant's job output shards; result shards and other tenants' are never served."""
+        query = (
+            sa.select(Shard)
+            .join(Job, Job.id == Shard.job_id)
+            .where(Shard.id == shard_id, Shard.kind == "job", Job.tenant == tenant)
+        )
+        return self.session.scalar(query)
 
     def failed_requests(self, job_id: str) -> list[Request]:
         query = (
@@ -225,9 +254,10 @@ class JobRepository:
         rows = self.session.execute(sa.select(Task.key, Task.prompt_token_ids).where(Task.key == any_key(keys)))
         return dict(rows.all())
 
-    def cache_stats(self) -> dict[str, int]:
+    def cache_stats(self, tenant: str | None = None) -> dict[str, int]:
+        """Entries of the shared cache; hits and misses of one tenant's requests (all when None)."""
         entries = self.session.execute(CACHE_ENTRIES_SQL).scalar_one()
-        lookups = self.session.execute(CACHE_LOOKUPS_SQL).mappings().one()
+        lookups = self.session.execute(CACHE_LOOKUPS_SQL, {"tenant": tenant}).mappings().one()
         return {"entries": entries, **{name: int(value) for name, value in lookups.items()}}
 
     def online_workers(self, within_s: int = 60) -> dict[str, int]:

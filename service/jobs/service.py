@@ -13,6 +13,7 @@ from sqlalchemy import orm
 
 from service.cachekey import cache_key, normalize_sampling, teacher_identity
 from service.errors import Conflict, NotFound, ValidationFailed
+from service.jobs.limits import JobLimits, check_pending, check_shape, check_tokens
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
 from service.jobs.tokenize import PreparedRequest, prepare_requests
@@ -32,7 +33,8 @@ def body_sha256(body: JobCreate) -> str:
     return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
 
 
-def check_parameters(body: JobCreate, teacher: Teacher) -> None:
+def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> None:
+    check_shape(body, limits)
     limit = teacher.spec.max_top_logprobs
     if body.top_logprobs > limit:
         raise ValidationFailed(f"top_logprobs: {body.top_logprobs} is above this teacher's maximum of {limit}",
@@ -42,26 +44,31 @@ def check_parameters(body: JobCreate, teacher: Teacher) -> None:
 
 
 class JobService:
-    def __init__(self, session: orm.Session) -> None:
+    """A tenant's jobs: every lookup is scoped to `tenant`; another tenant's job is not found."""
+
+    def __init__(self, session: orm.Session, tenant: str, limits: JobLimits | None = None) -> None:
         self.jobs = JobRepository(session)
         self.tasks = TaskRepository(session)
+        self.tenant = tenant
+        self.limits = limits or JobLimits()
 
     def find_retry(self, idempotency_key: str | None, body: JobCreate) -> Job | None:
         """The job a retried submission (same Idempotency-Key) already created."""
         if idempotency_key is None:
             return None
-        if not self.jobs.lock_idempotency_key(idempotency_key):
+        if not self.jobs.lock_idempotency_key(self.tenant, idempotency_key):
             raise Conflict("a submission with this Idempotency-Key is still being written; retry shortly",
                            field="Idempotency-Key")
-        job = self.jobs.by_idempotency_key(idempotency_key)
+        job = self.jobs.by_idempotency_key(self.tenant, idempotency_key)
         if job is not None and job.body_sha256 != body_sha256(body):
             raise ValidationFailed("Idempotency-Key was already used with a different body",
                                    field="Idempotency-Key")
         return job
 
     def submit(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None = None) -> Job:
-        check_parameters(body, teacher)
+        check_parameters(body, teacher, self.limits)
         prepared = prepare_requests(body, teacher)
+        check_tokens(body, prepared, self.limits)
         sampling = normalize_sampling(body.mode, body.sampling.model_dump())
         identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision, teacher.tokenizer_hash,
                                     teacher.spec.dtype)
@@ -71,14 +78,20 @@ class JobService:
         if body.cache == "bypass":
             keys = [f"bypass-{job.id}-{i}" for i in range(len(keys))]  # never shared, never found
         hits = self.jobs.results_for(keys) if body.cache == "use" else set()
+        self._check_pending(sum(k not in hits for k in keys))
         self.jobs.add_requests([request_row(job.id, r, k, k in hits) for r, k in zip(prepared, keys)])
         self._enqueue_misses(body, teacher, prepared, keys, hits, sampling)
         self.jobs.advance_jobs({job.id})  # a job answered wholly from the cache is ready at once
         return job
 
+    def _check_pending(self, new: int) -> None:
+        # Serialise the tenant's submissions for this transaction, so two cannot both pass.
+        self.jobs.lock_tenant_submissions(self.tenant)
+        check_pending(self.tenant, self.jobs.pending_requests(self.tenant), new, self.limits)
+
     def _add_job(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None, total: int) -> Job:
         job = Job(
-            id=new_id("job"), status="queued", teacher=teacher.name, mode=body.mode,
+            id=new_id("job"), tenant=self.tenant, status="queued", teacher=teacher.name, mode=body.mode,
             top_logprobs=body.top_logprobs, sampling=body.sampling.model_dump(), cache_policy=body.cache,
             metadata_=body.metadata, total=total, idempotency_key=idempotency_key, body_sha256=body_sha256(body),
         )
@@ -97,10 +110,19 @@ class JobService:
         self.tasks.enqueue(list(tasks.values()), recompute_done=body.cache == "refresh")
 
     def get(self, job_id: str, lock: bool = False) -> Job:
-        job = self.jobs.get(job_id, lock=lock)
+        job = self.jobs.owned(job_id, self.tenant, lock=lock)
         if job is None:
             raise NotFound(f"no job {job_id!r}", field="job_id")
         return job
+
+    def page(self, limit: int, after: str | None) -> tuple[list[Job], bool]:
+        """Newest first; `after` is the last job id of the previous page."""
+        before = None
+        if after:
+            cursor = self.get(after)
+            before = (cursor.created_at, cursor.id)
+        jobs = self.jobs.list(self.tenant, limit + 1, before)
+        return jobs[:limit], len(jobs) > limit
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id, lock=True)

@@ -22,6 +22,7 @@ class OpenAIFile(Base):
     __tablename__ = "files"
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
+    tenant: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("tenants.name"), index=True)
     purpose: orm.Mapped[str] = orm.mapped_column(sa.String(32))
     filename: orm.Mapped[str] = orm.mapped_column(sa.String(500))
     bytes: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
@@ -31,8 +32,10 @@ class OpenAIFile(Base):
 
 class OpenAIBatch(Base):
     __tablename__ = "batches"
+    __table_args__ = (sa.Index("ix_batches_tenant_created_at", "tenant", "created_at"),)
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
+    tenant: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("tenants.name"))
     input_file_id: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("files.id"))
     endpoint: orm.Mapped[str] = orm.mapped_column(sa.String(64))
     completion_window: orm.Mapped[str] = orm.mapped_column(sa.String(16))

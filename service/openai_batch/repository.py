@@ -18,18 +18,25 @@ class OpenAIBatchRepository:
         self.session.add(row)
         self.session.flush()
 
-    def file(self, file_id: str) -> OpenAIFile | None:
-        return self.session.get(OpenAIFile, file_id)
+    def file(self, file_id: str, tenant: str) -> OpenAIFile | None:
+        query = sa.select(OpenAIFile).where(OpenAIFile.id == file_id, OpenAIFile.tenant == tenant)
+        return self.session.scalar(query)
 
-    def batch(self, batch_id: str, lock: bool = False) -> OpenAIBatch | None:
-        return self.session.get(OpenAIBatch, batch_id, with_for_update=lock)
+    def batch(self, batch_id: str, tenant: str, lock: bool = False) -> OpenAIBatch | None:
+        query = sa.select(OpenAIBatch).where(OpenAIBatch.id == batch_id, OpenAIBatch.tenant == tenant)
+        return self.session.scalar(query.with_for_update() if lock else query)
 
     def refresh(self, batch: OpenAIBatch) -> None:
         """Reload server-set columns (created_at) after an insert."""
         self.session.refresh(batch)
 
-    def list_batches(self, limit: int, before: tuple[Any, str] | None) -> list[OpenAIBatch]:
-        query = sa.select(OpenAIBatch).order_by(OpenAIBatch.created_at.desc(), OpenAIBatch.id.desc()).limit(limit)
+    def list_batches(self, tenant: str, limit: int, before: tuple[Any, str] | None) -> list[OpenAIBatch]:
+        query = (
+            sa.select(OpenAIBatch)
+            .where(OpenAIBatch.tenant == tenant)
+            .order_by(OpenAIBatch.created_at.desc(), OpenAIBatch.id.desc())
+            .limit(limit)
+        )
         if before is not None:
             query = query.where(sa.tuple_(OpenAIBatch.created_at, OpenAIBatch.id) < sa.tuple_(*before))
         return list(self.session.scalars(query))

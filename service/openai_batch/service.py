@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import orm
 
 from service.errors import NotFound, ValidationFailed
+from service.jobs.limits import JobLimits
 from service.jobs.repository import JobRepository
 from service.jobs.service import JobService
 from service.models import Job
@@ -50,10 +51,14 @@ def unix(value: datetime | None) -> int | None:
 
 
 class OpenAIBatchService:
-    def __init__(self, session: orm.Session, rt: Runtime) -> None:
+    """A tenant's files and batches: another tenant's are not found."""
+
+    def __init__(self, session: orm.Session, rt: Runtime, tenant: str, limits: JobLimits | None = None) -> None:
         self.session = session
         self.rt = rt
+        self.tenant = tenant
         self.repo = OpenAIBatchRepository(session)
+        self.jobs = JobService(session, tenant, limits)
 
     # files
 
@@ -69,13 +74,13 @@ class OpenAIBatchService:
         file_id = f"file-{uuid.uuid4().hex}"
         path = f"files/{file_id}.jsonl"
         write_bytes(self.rt, path, data)
-        row = OpenAIFile(id=file_id, purpose=purpose, filename=filename[:500], bytes=len(data), path=path,
+        row = OpenAIFile(id=file_id, tenant=self.tenant, purpose=purpose, filename=filename[:500], bytes=len(data), path=path,
                          created_at=now())
         self.repo.add(row)
         return row
 
     def file(self, file_id: str) -> OpenAIFile:
-        row = self.repo.file(file_id)
+        row = self.repo.file(file_id, self.tenant)
         if row is None:
             raise NotFound(f"no file {file_id!r}", field="file_id")
         return row
@@ -89,7 +94,7 @@ class OpenAIBatchService:
         source = self.file(body.input_file_id)
         if source.purpose != "batch":
             raise ValidationFailed("input_file_id: the file's purpose is not 'batch'", field="input_file_id")
-        batch = OpenAIBatch(id=f"batch_{uuid.uuid4().hex}", input_file_id=source.id, endpoint=body.endpoint,
+        batch = OpenAIBatch(id=f"batch_{uuid.uuid4().hex}", tenant=self.tenant, input_file_id=source.id, endpoint=body.endpoint,
                             completion_window=body.completion_window, status="validating",
                             metadata_=body.metadata or {}, created_at=now())
         self.repo.add(batch)
@@ -105,8 +110,10 @@ class OpenAIBatchService:
                                "openai_logprobs": parsed.wants_logprobs}
         try:
             with self.session.begin_nested():  # a rejected submission leaves no partial job behind
-                job = JobService(self.session).submit(parsed.job, self.rt.teachers.get(parsed.teacher))
+                job = self.jobs.submit(parsed.job, self.rt.teachers.get(parsed.teacher))
         except ValidationFailed as exc:
+            if exc.status_code == 429:  # the tenant has too much in flight: refuse the batch, keep nothing
+                raise
             self._fail(batch, [error_from_submission(exc, parsed.line_numbers)])
             return
         batch.job_id = job.id
@@ -118,7 +125,7 @@ class OpenAIBatchService:
         batch.errors = [e.model_dump() for e in errors]
 
     def get(self, batch_id: str, lock: bool = False) -> OpenAIBatch:
-        batch = self.repo.batch(batch_id, lock=lock)
+        batch = self.repo.batch(batch_id, self.tenant, lock=lock)
         if batch is None:
             raise NotFound(f"no batch {batch_id!r}", field="batch_id")
         return batch
@@ -127,7 +134,7 @@ class OpenAIBatchService:
         batch = self.sync(self.get(batch_id, lock=True))
         if batch.status in FINAL or batch.job_id is None:
             return batch
-        JobService(self.session).cancel(batch.job_id)
+        self.jobs.cancel(batch.job_id)
         batch.status, batch.cancelling_at = "cancelling", batch.cancelling_at or now()
         return self.sync(batch)
 
@@ -135,9 +142,9 @@ class OpenAIBatchService:
         """Bring the batch up to date with its job (the caller holds its row lock)."""
         if batch.status in FINAL or batch.job_id is None:
             return batch
-        job = JobService(self.session).get(batch.job_id)
+        job = self.jobs.get(batch.job_id)
         if self._window_ran_out(batch, job):
-            JobService(self.session).cancel(job.id)  # what is done stays; the rest is reported expired
+            self.jobs.cancel(job.id)  # what is done stays; the rest is reported expired
             batch.expired_at = now()
         counts = JobRepository(self.session).counts(job.id)
         batch.request_completed = counts["completed"] + counts["cached"]
@@ -209,7 +216,7 @@ class OpenAIBatchService:
         if after:
             cursor = self.get(after)
             before = (cursor.created_at, cursor.id)
-        batches = self.repo.list_batches(limit + 1, before)
+        batches = self.repo.list_batches(self.tenant, limit + 1, before)
         # Row-locked like a single GET, so two readers never both build a batch's output files.
         page = [b if b.status in FINAL else self.sync(self.get(b.id, lock=True)) for b in batches[:limit]]
         return page, len(batches) > limit

@@ -1,0 +1,68 @@
+"""What one submission may ask for. Each limit is a setting; a refusal names it and its value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.errors import LimitExceeded
+from service.jobs.schemas import JobCreate
+from service.jobs.tokenize import PreparedRequest
+from service.settings import ServiceSettings
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    max_requests_per_job: int = 200_000
+    max_tokens_per_job: int = 200_000_000
+    max_top_logprobs: int = 20
+    max_completion_tokens: int = 8192
+    max_pending_requests_per_tenant: int = 2_000_000
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> JobLimits:
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+
+def over(limit: str, maximum: int, message: str, field: str) -> LimitExceeded:
+    return LimitExceeded(f"{field}: {message} (limit {limit} = {maximum})", limit=limit, maximum=maximum, field=field)
+
+
+def check_shape(body: JobCreate, limits: JobLimits) -> None:
+    """Before any tokenization: the batch size and the per-request parameters."""
+    if len(body.requests) > limits.max_requests_per_job:
+        raise over("max_requests_per_job", limits.max_requests_per_job,
+                   f"{len(body.requests)} requests in one job", "requests")
+    if body.top_logprobs > limits.max_top_logprobs:
+        raise over("max_top_logprobs", limits.max_top_logprobs, f"{body.top_logprobs} is above the maximum",
+                   "top_logprobs")
+    if body.sampling.max_tokens > limits.max_completion_tokens:
+        raise over("max_completion_tokens", limits.max_completion_tokens,
+                   f"{body.sampling.max_tokens} is above the maximum", "sampling.max_tokens")
+
+
+def job_tokens(body: JobCreate, prepared: list[PreparedRequest]) -> int:
+    """The most teacher tokens the job can cost: prompts plus the responses to score or generate."""
+    prompts = sum(len(r.prompt_token_ids) for r in prepared)
+    if body.mode == "score":
+        return prompts + sum(len(r.response_token_ids or ()) for r in prepared)
+    return prompts + len(prepared) * body.sampling.max_tokens * body.sampling.n
+
+
+def check_tokens(body: JobCreate, prepared: list[PreparedRequest], limits: JobLimits) -> None:
+    tokens = job_tokens(body, prepared)
+    if tokens > limits.max_tokens_per_job:
+        raise over("max_tokens_per_job", limits.max_tokens_per_job,
+                   f"the job may cost {tokens} teacher tokens (prompts + max_tokens x n, or + responses)",
+                   "requests")
+
+
+def check_pending(tenant: str, pending: int, new: int, limits: JobLimits) -> None:
+    """Concurrent pending requests of one tenant: refused with 429 until some finish."""
+    if pending + new > limits.max_pending_requests_per_tenant:
+        raise LimitExceeded(
+            f"tenant {tenant!r} would have {pending + new} requests pending "
+            f"(limit max_pending_requests_per_tenant = {limits.max_pending_requests_per_tenant}); "
+            "retry when some have finished",
+            limit="max_pending_requests_per_tenant", maximum=limits.max_pending_requests_per_tenant,
+            status_code=429, retry_after_s=30, field="requests", pending=pending,
+        )

@@ -1,0 +1,1 @@
+"""Tenants and their API keys: who may read and spend what."""

@@ -1,0 +1,63 @@
+"""Every SQL statement about tenants and API keys. Nothing here commits."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+from service.tenants.models import ApiKey, Tenant
+
+# The submission rate limit: a token bucket per tenant, refilled at `rate` per second up to
+# `burst`, read and spent in one statement under the row lock so API replicas share it.
+# Returns the tokens there were before this submission; below 1 means it was refused.
+TAKE_SUBMISSION_TOKEN_SQL = sa.text(
+    """
+    WITH bucket AS (
+        SELECT name,
+               LEAST(CAST(:burst AS float8), COALESCE(rate_tokens, :burst)
+                     + EXTRACT(EPOCH FROM clock_timestamp() - COALESCE(rate_updated_at, clock_timestamp()))
+                     * CAST(:rate AS float8)) AS tokens
+          FROM tenants WHERE name = :tenant FOR UPDATE
+    )
+    UPDATE tenants t
+       SET rate_tokens = CASE WHEN b.tokens >= 1 THEN b.tokens - 1 ELSE b.tokens END,
+           rate_updated_at = clock_timestamp()
+      FROM bucket b
+     WHERE t.name = b.name
+    RETURNING b.tokens
+    """
+)
+
+
+class TenantRepository:
+    def __init__(self, session: orm.Session) -> None:
+        self.session = session
+
+    def tenant(self, name: str) -> Tenant | None:
+        return self.session.get(Tenant, name)
+
+    def add(self, row: Tenant | ApiKey) -> None:
+        self.session.add(row)
+        self.session.flush()
+
+    def key(self, key_id: str) -> ApiKey | None:
+        return self.session.get(ApiKey, key_id)
+
+    def keys(self, tenant: str | None = None) -> list[ApiKey]:
+        query = sa.select(ApiKey).order_by(ApiKey.tenant, ApiKey.created_at)
+        if tenant is not None:
+            query = query.where(ApiKey.tenant == tenant)
+        return list(self.session.scalars(query))
+
+    def tenants(self) -> list[Tenant]:
+        return list(self.session.scalars(sa.select(Tenant).order_by(Tenant.name)))
+
+    def revoke(self, key_id: str) -> bool:
+        statement = (
+            sa.update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=sa.func.now())
+        )
+        return self.session.execute(statement).rowcount == 1
+
+    def take_submission_token(self, tenant: str, rate_per_s: float, burst: float) -> float:
+        params = {"tenant": tenant, "rate": rate_per_s, "burst": burst}
+        return float(self.session.execute(TAKE_SUBMISSION_TOKEN_SQL, params).scalar_one())
