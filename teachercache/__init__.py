@@ -22,10 +22,12 @@ from teachercache._version import __version__
 from teachercache.client import AsyncClient, Client
 from teachercache.errors import (
     APIError,
+    AuthenticationError,
     ConflictError,
     IntegrityError,
     JobFailedError,
     NotFoundError,
+    PayloadTooLargeError,
     RateLimitError,
     ServerError,
     TeachercacheError,
@@ -43,12 +45,14 @@ _TORCH_NAMES = {"ShardDataset", "collate_topk"}
 __all__ = [
     "APIError",
     "AsyncClient",
+    "AuthenticationError",
     "Client",
     "ConflictError",
     "HTTPRangeFile",
     "IntegrityError",
     "JobFailedError",
     "NotFoundError",
+    "PayloadTooLargeError",
     "RateLimitError",
     "RetryPolicy",
     "ServerError",

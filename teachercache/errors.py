@@ -6,8 +6,11 @@ catches anything this package raises on purpose::
     TeachercacheError
     ├── APIError               the service answered with an error status
     │   ├── ValidationError    400 / 422: the request was rejected (also raised locally
-    │   │                      for a malformed JSONL file, before anything is sent)
-    │   ├── NotFoundError      404
+    │   │                      for a malformed JSONL file, before anything is sent);
+    │   │                      a configured limit has code "limit_exceeded" and ``limit``
+    │   ├── AuthenticationError 401: no API key, or an unknown or revoked one
+    │   ├── NotFoundError      404 (also another tenant's job, shard, file or batch)
+    │   ├── PayloadTooLargeError 413: the body is over the service's max_body_bytes
     │   ├── ConflictError      409 (e.g. an Idempotency-Key reused with another body)
     │   ├── RateLimitError     429 (retried automatically before it reaches you)
     │   └── ServerError        5xx (502/503/504 are retried automatically)
@@ -58,6 +61,14 @@ class ValidationError(APIError):
     line_number: int | None = None
 
 
+class AuthenticationError(APIError):
+    """The API key is missing, unknown or revoked (401). Set ``api_key=`` or TEACHERCACHE_API_KEY."""
+
+
+class PayloadTooLargeError(APIError):
+    """The request body is larger than the service accepts (413); split the batch."""
+
+
 class NotFoundError(APIError):
     """The job, shard or route does not exist (404)."""
 
@@ -106,7 +117,9 @@ class WaitTimeoutError(TeachercacheError, TimeoutError):
 
 _ERROR_BY_STATUS: dict[int, type[APIError]] = {
     400: ValidationError,
+    401: AuthenticationError,
     404: NotFoundError,
+    413: PayloadTooLargeError,
     409: ConflictError,
     422: ValidationError,
     429: RateLimitError,

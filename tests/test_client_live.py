@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import threading
 import time
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import os
 
 import httpx
 import pyarrow as pa
@@ -59,9 +62,11 @@ def settings(settings):
 
 
 @pytest.fixture
-def live_url(rt) -> Iterator[str]:
+def live_url(rt, api_key, monkeypatch) -> Iterator[str]:
+    """The app on a loopback port; clients find tenant alpha's key in TEACHERCACHE_API_KEY."""
     from service.http.app import create_app
 
+    monkeypatch.setenv("TEACHERCACHE_API_KEY", api_key)
     with serve_on_loopback(create_app(rt)) as url:
         yield url
 
@@ -244,14 +249,17 @@ def test_hf_datasets_streams_the_shard_urls(
 
     job = finished_job(client, 12)
     urls = [shard["url"] for shard in job["shards"]]
-    streamed = load_dataset("parquet", data_files=urls, split="train", streaming=True)
+    # Shard URLs need the key too: fsspec's HTTP filesystem sends these headers with every request.
+    auth = {"headers": {"Authorization": f"Bearer {os.environ['TEACHERCACHE_API_KEY']}"}}
+    streamed = load_dataset("parquet", data_files=urls, split="train", streaming=True, storage_options=auth)
     assert list(streamed) == read_rows(client.download(job, tmp_path / "out"))
 
 
 def test_shard_url_answers_head_with_size_and_etag(client: tc.Client, scripted_worker) -> None:
     # What fsspec (under datasets, pandas, polars) asks first; without it, a GET of the whole file.
     shard = finished_job(client, 3)["shards"][0]
-    response = httpx.head(shard["url"])
+    response = httpx.head(shard["url"], headers={"Authorization": f"Bearer {os.environ['TEACHERCACHE_API_KEY']}"})
+    assert httpx.head(shard["url"]).status_code == 401
     assert response.status_code == 200 and response.content == b""
     assert int(response.headers["content-length"]) == shard["bytes"]
     assert response.headers["etag"] == f'"{shard["sha256"]}"'

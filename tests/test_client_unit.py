@@ -377,7 +377,9 @@ def test_error_responses_map_to_the_exception_tree(client: tc.Client, double: Co
 
 
 @pytest.mark.parametrize(
-    ("status", "error_class"), [(400, tc.ValidationError), (401, tc.APIError), (500, tc.ServerError)]
+    ("status", "error_class"),
+    [(400, tc.ValidationError), (401, tc.AuthenticationError), (413, tc.PayloadTooLargeError), (418, tc.APIError),
+     (500, tc.ServerError)],
 )
 def test_non_transient_errors_are_raised_at_once(
     client: tc.Client, double: ContractDouble, status: int, error_class: type

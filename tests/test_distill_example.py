@@ -46,9 +46,10 @@ def first_and_last(losses: list[float], window: int = 10) -> tuple[float, float]
 
 
 @pytest.fixture
-def live_url(rt):
+def live_url(rt, api_key, monkeypatch):
     from service.http.app import create_app
 
+    monkeypatch.setenv("TEACHERCACHE_API_KEY", api_key)
     with serve_on_loopback(create_app(rt)) as url:
         yield url
 

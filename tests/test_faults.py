@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from service.models import Job, Request, Result, Task, Worker
 from service.settings import PROJECT_ROOT
-from tests.jobs import download_rows, wait_for
+from tests.jobs import bearer, create_api_key, download_rows, wait_for
 
 TEACHER = "smollm2-135m-instruct"
 
@@ -175,7 +175,7 @@ def test_a_job_completes_across_a_postgres_restart(tmp_path, workers):
 
     from service.http.app import create_app
 
-    with TestClient(create_app(rt)) as api:
+    with TestClient(create_app(rt), headers=bearer(create_api_key(rt, "alpha"))) as api:
         job = api.post("/v1/jobs", json=slow(20, max_tokens=8)).json()
         worker = WorkerProcess(settings, tmp_path / "worker.log", TEACHERCACHE_SCRIPTED_STEP_DELAY_S="0.1",
                                TEACHERCACHE_MAX_INFLIGHT="2")
@@ -214,7 +214,7 @@ def test_killing_the_api_mid_submission_leaves_all_or_nothing(settings, rt, tmp_
     try:
         wait_until(lambda: _healthy(port), timeout=60, interval=0.2)
         body = slow(30_000)
-        thread = threading.Thread(target=_post_quietly, args=(port, body), daemon=True)
+        thread = threading.Thread(target=_post_quietly, args=(port, body, create_api_key(rt, "alpha")), daemon=True)
         thread.start()
         wait_until(lambda: _submission_started(rt), timeout=30, interval=0.01)
         api.kill()
@@ -235,9 +235,9 @@ def _healthy(port: int) -> bool:
         return False
 
 
-def _post_quietly(port: int, body: dict) -> None:
+def _post_quietly(port: int, body: dict, key: str) -> None:
     try:
-        httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json=body, timeout=60)
+        httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json=body, headers=bearer(key), timeout=60)
     except httpx.HTTPError:
         pass
 
