@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from bench.common import report, scratch_runtime  # noqa: E402
+from bench.common import bench_auth, report, scratch_runtime  # noqa: E402
 from service.http.app import create_app  # noqa: E402
 from workers.loop import WorkerLoop  # noqa: E402
 from workers.engine import EngineRequest, Sample  # noqa: E402
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows, first = [], 0
     with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
-        with TestClient(create_app(rt)) as api:
+        with TestClient(create_app(rt), headers=bench_auth(rt)) as api:
             for n in args.sizes:
                 rows.append(run_size(rt, api, n, first, args))
                 first += n

@@ -225,6 +225,10 @@ def parse_args() -> argparse.Namespace:
 
 def run(args: argparse.Namespace, state: Path, rt: Any) -> tuple[dict[str, Any], list[Path], list[dict[str, Any]]]:
     """Produce the job behind a served API, stop the worker, then measure: (job, files, rows)."""
+    from bench.common import bench_key
+
+    # The loader's worker processes build their own clients: they find the key in the environment.
+    os.environ["TEACHERCACHE_API_KEY"] = bench_key(rt)
     with api_process(rt, free_port()) as url, tc.Client(url) as client:
         with scripted_worker(rt, args.max_tokens):
             started = time.perf_counter()

@@ -59,6 +59,14 @@ def wait_worker_online(client: tc.Client, timeout: float = 600) -> None:
     raise SystemExit("no worker came online")
 
 
+def local_api_key() -> str:
+    """The embedded stack writes a key for tenant `local` to its state folder on first start."""
+    state = Path(os.environ.get("TEACHERCACHE_STATE_DIR", ROOT / ".state"))
+    key = (state / "api-key").read_text().strip()
+    console.print(f"Using the embedded stack's API key from {state / 'api-key'}")
+    return key
+
+
 def stop_stack(stack: subprocess.Popen) -> None:
     if stack.poll() is None:
         os.killpg(stack.pid, signal.SIGINT)
@@ -125,7 +133,7 @@ def main() -> None:
     stack = start_stack()
     try:
         wait_healthy(stack)
-        with tc.Client(URL, timeout=60) as client:
+        with tc.Client(URL, api_key=local_api_key(), timeout=60) as client:
             wait_worker_online(client)
             job, paths, elapsed = run_job(client, ROOT / ".state" / "demo-output")
         summarize(job, paths, elapsed)
