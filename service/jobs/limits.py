@@ -12,15 +12,21 @@ from service.settings import ServiceSettings
 
 @dataclass(frozen=True)
 class JobLimits:
-    max_requests_per_job: int = 200_000
-    max_tokens_per_job: int = 200_000_000
-    max_top_logprobs: int = 20
-    max_completion_tokens: int = 8192
-    max_pending_requests_per_tenant: int = 2_000_000
+    """The submission limits of ServiceSettings (documented there, with their defaults)."""
+
+    max_requests_per_job: int
+    max_tokens_per_job: int
+    max_top_logprobs: int
+    max_completion_tokens: int
+    max_pending_requests_per_tenant: int
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> JobLimits:
         return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+    @classmethod
+    def defaults(cls) -> JobLimits:
+        return cls.from_settings(ServiceSettings.model_construct())  # the defaults, not the environment
 
 
 def over(limit: str, maximum: int, message: str, field: str) -> LimitExceeded:

@@ -50,7 +50,7 @@ class JobService:
         self.jobs = JobRepository(session)
         self.tasks = TaskRepository(session)
         self.tenant = tenant
-        self.limits = limits or JobLimits()
+        self.limits = limits or JobLimits.defaults()
 
     def find_retry(self, idempotency_key: str | None, body: JobCreate) -> Job | None:
         """The job a retried submission (same Idempotency-Key) already created."""
