@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.db import is_transient
-from service.errors import TeachercacheError, Unavailable, ValidationFailed
+from service.errors import MethodNotAllowed, NotFound, TeachercacheError, Unavailable, ValidationFailed
 
-RETRY_AFTER_S = "2"
+log = logging.getLogger(__name__)
 
 
 def location(loc: tuple) -> str:
@@ -21,7 +24,11 @@ def location(loc: tuple) -> str:
     return text.lstrip(".") or "body"
 
 
-def validation_failed(exc: RequestValidationError) -> ValidationFailed:
+def validation_failed(exc: RequestValidationError) -> TeachercacheError:
+    malformed_ids = [e for e in exc.errors() if tuple(e.get("loc", ()))[:1] == ("path",)]
+    if malformed_ids:  # names nothing that exists: the same 404 as an unknown id, without echoing it
+        field = location(tuple(malformed_ids[0]["loc"]))
+        return NotFound(f"{field}: no such id", field=field)
     first = exc.errors()[0]
     where = location(tuple(first.get("loc", ())))
     details = {"field": where, "errors": [{"field": location(tuple(e.get("loc", ()))), "message": e.get("msg")}
@@ -33,14 +40,37 @@ def validation_failed(exc: RequestValidationError) -> ValidationFailed:
 
 
 def render(exc: TeachercacheError) -> JSONResponse:
-    headers = {"Retry-After": RETRY_AFTER_S} if exc.status_code == 503 else None
-    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
+
+
+# Starlette's own errors (no such route, wrong method) in the same shape.
+HTTP_CODES = {404: NotFound, 405: MethodNotAllowed}
+
+
+def from_http_exception(exc: StarletteHTTPException) -> TeachercacheError:
+    kind = HTTP_CODES.get(exc.status_code)
+    if kind is not None:
+        return kind(str(exc.detail))
+    generic = TeachercacheError(str(exc.detail))
+    generic.status_code, generic.code = exc.status_code, "http_error"
+    return generic
+
+
+def internal_error() -> TeachercacheError:
+    """What a caller sees of a bug: nothing of the exception (it may name storage paths)."""
+    return TeachercacheError("internal error; the server log has the details")
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(TeachercacheError)
     async def known(_: Request, exc: TeachercacheError) -> JSONResponse:
         return render(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = render(from_http_exception(exc))
+        response.headers.update(exc.headers or {})  # Allow, on a 405
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -51,3 +81,7 @@ def install(app: FastAPI) -> None:
         if is_transient(exc):
             return render(Unavailable("the database is unavailable; retry shortly"))
         raise exc
+
+    @app.exception_handler(Exception)  # Starlette logs it and re-raises after this answer
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return render(internal_error())

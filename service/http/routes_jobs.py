@@ -9,6 +9,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request,
 from sqlalchemy import orm
 
 from service.http.deps import runtime, session, shard_url_builder
+from service.http.params import JobCursor, JobId
 from service.jobs.schemas import ErrorList, JobCreate, JobList, JobOut, ShardList
 from service.jobs.service import JobService
 from service.runtime import Runtime
@@ -48,7 +49,7 @@ def submit_once(rt: Runtime, body: JobCreate, idempotency_key: str | None):
 
 @router.get("", response_model=JobList)
 def list_jobs(request: Request, db: Db, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(max_length=40)] = None) -> JobList:
+              after: JobCursor = None) -> JobList:
     service = JobService(db)
     before = None
     if after:
@@ -61,13 +62,13 @@ def list_jobs(request: Request, db: Db, limit: Annotated[int, Query(ge=1, le=100
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, db: Db) -> JobOut:
+def get_job(job_id: JobId, request: Request, db: Db) -> JobOut:
     service = JobService(db)
     return service.describe(service.get(job_id), shard_url_builder(request))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, request: Request, db: Db) -> JobOut:
+def cancel_job(job_id: JobId, request: Request, db: Db) -> JobOut:
     service = JobService(db)
     job = service.cancel(job_id)
     request.app.state.finalizer.wake()
@@ -75,10 +76,10 @@ def cancel_job(job_id: str, request: Request, db: Db) -> JobOut:
 
 
 @router.get("/{job_id}/shards", response_model=ShardList)
-def job_shards(job_id: str, request: Request, db: Db) -> ShardList:
+def job_shards(job_id: JobId, request: Request, db: Db) -> ShardList:
     return ShardList(shards=JobService(db).shards(job_id, shard_url_builder(request)))
 
 
 @router.get("/{job_id}/errors", response_model=ErrorList)
-def job_errors(job_id: str, db: Db) -> ErrorList:
+def job_errors(job_id: JobId, db: Db) -> ErrorList:
     return ErrorList(errors=JobService(db).errors(job_id))

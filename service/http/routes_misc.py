@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Response
-from fastapi.responses import FileResponse
 from sqlalchemy import orm
 
 from service.errors import NotFound, ShardDamaged, Unavailable
 from service.http.deps import runtime, session
 from service.http.metrics import render_metrics
+from service.http.params import ShardId
+from service.http.ranges import RangeFileResponse
 from service.jobs.repository import JobRepository
 from service.runtime import Runtime
 from service.storage import ShardCheckFailed
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 Db = Annotated[orm.Session, Depends(session)]
 Rt = Annotated[Runtime, Depends(runtime)]
@@ -29,18 +32,19 @@ def list_teachers(rt: Rt, db: Db) -> dict:
 
 
 # HEAD too: fsspec's HTTP filesystem (HF datasets, pandas, polars) asks HEAD for the size and
-# ETag, and on a 405 falls back to a GET that starts sending the whole file.
-@router.api_route("/v1/shards/{shard_id}", methods=["GET", "HEAD"], tags=["shards"], response_class=FileResponse)
-def download_shard(shard_id: str, rt: Rt, db: Db) -> FileResponse:
+# ETag, and on a 405 falls back to a GET that starts sending the whole file. Ranges: ranges.py.
+@router.api_route("/v1/shards/{shard_id}", methods=["GET", "HEAD"], tags=["shards"], response_class=RangeFileResponse)
+def download_shard(shard_id: ShardId, rt: Rt, db: Db) -> RangeFileResponse:
     shard = JobRepository(db).shard(shard_id)
     if shard is None or shard.kind != "job":
         raise NotFound(f"no shard {shard_id!r}", field="shard_id")
     try:
         path = rt.storage.verified_local_path(shard.path, shard.bytes, shard.sha256)
-    except ShardCheckFailed as exc:  # never serve a damaged file as good
-        raise ShardDamaged(f"shard {shard_id} failed its integrity check: {exc}", field="shard_id") from exc
+    except ShardCheckFailed as exc:  # never serve a damaged file as good; its storage path stays in the log
+        log.error("shard %s failed its integrity check: %s", shard_id, exc)
+        raise ShardDamaged(f"shard {shard_id} failed its integrity check", field="shard_id") from exc
     headers = {"ETag": f'"{shard.sha256}"', "X-Content-SHA256": shard.sha256, "Cache-Control": "private, max-age=86400"}
-    return FileResponse(path, media_type=PARQUET, headers=headers, filename=f"{shard.job_id}-{shard.shard_index:05d}.parquet")
+    return RangeFileResponse(path, media_type=PARQUET, headers=headers, filename=f"{shard.job_id}-{shard.shard_index:05d}.parquet")
 
 
 @router.get("/healthz", tags=["health"])

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, Up
 from sqlalchemy import orm
 
 from service.http.deps import runtime, session
+from service.http.params import BatchCursor, BatchId, FileId
+from service.http.ranges import RangeFileResponse
 from service.openai_batch.schemas import BatchCreate, BatchList, BatchObject, FileObject
 from service.openai_batch.service import (
     OpenAIBatchService,
@@ -19,6 +21,7 @@ from service.runtime import Runtime
 router = APIRouter(prefix="/v1", tags=["openai"])
 Db = Annotated[orm.Session, Depends(session)]
 Rt = Annotated[Runtime, Depends(runtime)]
+OCTET_STREAM = "application/octet-stream"
 
 
 @router.post("/files", response_model=FileObject)
@@ -28,13 +31,17 @@ def upload_file(db: Db, rt: Rt, file: Annotated[UploadFile, File()], purpose: An
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
-def get_file(file_id: str, db: Db, rt: Rt) -> FileObject:
+def get_file(file_id: FileId, db: Db, rt: Rt) -> FileObject:
     return describe_file(OpenAIBatchService(db, rt).file(file_id))
 
 
-@router.get("/files/{file_id}/content")
-def file_content(file_id: str, db: Db, rt: Rt) -> Response:
-    return Response(OpenAIBatchService(db, rt).content(file_id), media_type="application/octet-stream")
+@router.get("/files/{file_id}/content", response_class=RangeFileResponse)
+def file_content(file_id: FileId, db: Db, rt: Rt) -> Response:
+    service = OpenAIBatchService(db, rt)
+    path = service.local_content_path(file_id)
+    if path is None:  # an object store: the bytes through pyarrow's filesystem, without ranges
+        return Response(service.content(file_id), media_type=OCTET_STREAM)
+    return RangeFileResponse(path, media_type=OCTET_STREAM)
 
 
 @router.post("/batches", response_model=BatchObject)
@@ -46,7 +53,7 @@ def create_batch(body: BatchCreate, request: Request, db: Db, rt: Rt) -> BatchOb
 
 @router.get("/batches", response_model=BatchList)
 def list_batches(db: Db, rt: Rt, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                 after: Annotated[str | None, Query(max_length=40)] = None) -> BatchList:
+                 after: BatchCursor = None) -> BatchList:
     batches, has_more = OpenAIBatchService(db, rt).list(limit, after)
     data = [describe_batch(b) for b in batches]
     return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
@@ -54,13 +61,13 @@ def list_batches(db: Db, rt: Rt, limit: Annotated[int, Query(ge=1, le=100)] = 20
 
 
 @router.get("/batches/{batch_id}", response_model=BatchObject)
-def get_batch(batch_id: str, db: Db, rt: Rt) -> BatchObject:
+def get_batch(batch_id: BatchId, db: Db, rt: Rt) -> BatchObject:
     service = OpenAIBatchService(db, rt)
     return describe_batch(service.sync(service.get(batch_id, lock=True)))
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject)
-def cancel_batch(batch_id: str, request: Request, db: Db, rt: Rt) -> BatchObject:
+def cancel_batch(batch_id: BatchId, request: Request, db: Db, rt: Rt) -> BatchObject:
     batch = describe_batch(OpenAIBatchService(db, rt).cancel(batch_id))
     request.app.state.finalizer.wake()
     return batch

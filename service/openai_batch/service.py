@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import orm
 
@@ -82,6 +83,10 @@ class OpenAIBatchService:
 
     def content(self, file_id: str) -> bytes:
         return read_bytes(self.rt, self.file(file_id).path)
+
+    def local_content_path(self, file_id: str) -> Path | None:
+        """The file on local storage (from its row, never from the caller); None on an object store."""
+        return self.rt.storage.local_path(self.file(file_id).path)
 
     # batches
 
