@@ -17,6 +17,7 @@ from service.models import Shard
 class IndexedShard:
     id: str
     url: str  # the path part: /v1/shards/<id>
+    path: str  # where it is, relative to the storage root (what a caller must never see)
     content: bytes
     sha256: str
 
@@ -35,4 +36,4 @@ def add_job_shard(api, rt, payload_bytes: int = 20_000) -> IndexedShard:
                                           rows=stored.rows, bytes=stored.bytes, sha256=stored.sha256))
     with rt.storage.open(stored.path) as f:
         content = f.read()
-    return IndexedShard(id=shard_id, url=f"/v1/shards/{shard_id}", content=content, sha256=stored.sha256)
+    return IndexedShard(id=shard_id, url=f"/v1/shards/{shard_id}", path=stored.path, content=content, sha256=stored.sha256)

@@ -26,7 +26,9 @@ def create_app(rt: Runtime | None = None, run_finalizer: bool = True) -> FastAPI
         if run_finalizer:
             app.state.finalizer.stop()
 
-    app = FastAPI(title="teachercache", version="1", lifespan=lifespan)
+    # No trailing-slash redirects: a path names a route or is a 404 (a redirect would turn
+    # `/v1/jobs/%2e%2e/` into a Location the client resolves elsewhere).
+    app = FastAPI(title="teachercache", version="1", lifespan=lifespan, redirect_slashes=False)
     app.state.runtime = rt
     app.state.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
     errors.install(app)
