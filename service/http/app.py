@@ -32,8 +32,8 @@ def create_app(rt: Runtime | None = None, run_finalizer: bool = True) -> FastAPI
     app.state.runtime = rt
     app.state.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
     errors.install(app)
-    app.include_router(routes_jobs.router)
-    app.include_router(routes_misc.router)
-    app.include_router(routes_cache.router)
-    app.include_router(routes_openai.router)
+    app.include_router(routes_jobs.router, responses=errors.RESPONSES)
+    app.include_router(routes_misc.router, responses=errors.RESPONSES)
+    app.include_router(routes_cache.router, responses=errors.RESPONSES)
+    app.include_router(routes_openai.router, responses=errors.RESPONSES)
     return app

@@ -8,12 +8,34 @@ import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.db import is_transient
 from service.errors import MethodNotAllowed, NotFound, TeachercacheError, Unavailable, ValidationFailed
 
 log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # request_index, errors, limit, ... where they apply
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """What every 4xx and 5xx carries."""
+
+    error: ErrorDetail
+
+
+# Documented on every operation, so the OpenAPI schema says what the app does.
+RESPONSES: dict[int | str, dict] = {
+    "4XX": {"model": ErrorBody, "description": "The request was refused; `error.field` names what was wrong"},
+    "5XX": {"model": ErrorBody, "description": "The server could not answer (503: retry after Retry-After)"},
+}
 
 
 def location(loc: tuple) -> str:

@@ -102,3 +102,14 @@ class RangeFileResponse(FileResponse):
     def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
         # An empty list makes FileResponse send the whole file with 200.
         return list(parse_range_header(http_range, file_size) or [])
+
+
+def file_responses(media_type: str) -> dict[int | str, dict]:
+    """The OpenAPI description of a route answered by RangeFileResponse."""
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        200: {"description": "the whole file", "content": {media_type: binary}},
+        206: {"description": "the requested range; several ranges as multipart/byteranges",
+              "content": {media_type: binary, "multipart/byteranges": binary}},
+        416: {"description": "no requested range overlaps the file (Content-Range: bytes */<size>)"},
+    }

@@ -19,7 +19,8 @@ Db = Annotated[orm.Session, Depends(session)]
 Rt = Annotated[Runtime, Depends(runtime)]
 
 
-@router.post("", status_code=201, response_model=JobOut)
+@router.post("", status_code=201, response_model=JobOut,
+             responses={200: {"model": JobOut, "description": "a retry (same Idempotency-Key): the job it created"}})
 def submit_job(body: JobCreate, request: Request, response: Response, background: BackgroundTasks, rt: Rt,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     job, created = submit_once(rt, body, idempotency_key)

@@ -7,13 +7,14 @@ from typing import Annotated
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Response
+from fastapi.responses import PlainTextResponse
 from sqlalchemy import orm
 
 from service.errors import NotFound, ShardDamaged, Unavailable
 from service.http.deps import runtime, session
 from service.http.metrics import render_metrics
 from service.http.params import ShardId
-from service.http.ranges import RangeFileResponse
+from service.http.ranges import RangeFileResponse, file_responses
 from service.jobs.repository import JobRepository
 from service.runtime import Runtime
 from service.storage import ShardCheckFailed
@@ -33,7 +34,8 @@ def list_teachers(rt: Rt, db: Db) -> dict:
 
 # HEAD too: fsspec's HTTP filesystem (HF datasets, pandas, polars) asks HEAD for the size and
 # ETag, and on a 405 falls back to a GET that starts sending the whole file. Ranges: ranges.py.
-@router.api_route("/v1/shards/{shard_id}", methods=["GET", "HEAD"], tags=["shards"], response_class=RangeFileResponse)
+@router.get("/v1/shards/{shard_id}", tags=["shards"], response_class=RangeFileResponse, responses=file_responses(PARQUET))
+@router.head("/v1/shards/{shard_id}", tags=["shards"], response_class=RangeFileResponse, responses=file_responses(PARQUET))
 def download_shard(shard_id: ShardId, rt: Rt, db: Db) -> RangeFileResponse:
     shard = JobRepository(db).shard(shard_id)
     if shard is None or shard.kind != "job":
@@ -57,6 +59,6 @@ def healthz(rt: Rt) -> dict:
     return {"status": "ok"}
 
 
-@router.get("/metrics", tags=["health"])
+@router.get("/metrics", tags=["health"], response_class=PlainTextResponse)
 def metrics(db: Db) -> Response:
     return Response(render_metrics(JobRepository(db)), media_type="text/plain; version=0.0.4")

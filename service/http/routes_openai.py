@@ -9,7 +9,7 @@ from sqlalchemy import orm
 
 from service.http.deps import runtime, session
 from service.http.params import BatchCursor, BatchId, FileId
-from service.http.ranges import RangeFileResponse
+from service.http.ranges import RangeFileResponse, file_responses
 from service.openai_batch.schemas import BatchCreate, BatchList, BatchObject, FileObject
 from service.openai_batch.service import (
     OpenAIBatchService,
@@ -35,7 +35,7 @@ def get_file(file_id: FileId, db: Db, rt: Rt) -> FileObject:
     return describe_file(OpenAIBatchService(db, rt).file(file_id))
 
 
-@router.get("/files/{file_id}/content", response_class=RangeFileResponse)
+@router.get("/files/{file_id}/content", response_class=RangeFileResponse, responses=file_responses(OCTET_STREAM))
 def file_content(file_id: FileId, db: Db, rt: Rt) -> Response:
     service = OpenAIBatchService(db, rt)
     path = service.local_content_path(file_id)

@@ -31,6 +31,7 @@ from service.openai_batch.schemas import (
     RequestCounts,
 )
 from service.runtime import Runtime
+from service.text import storable_text
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 FINAL = ("completed", "failed", "cancelled", "expired")
@@ -63,6 +64,10 @@ class OpenAIBatchService:
             raise ValidationFailed("purpose: only 'batch' files are accepted", field="purpose")
         if len(data) > MAX_FILE_BYTES:
             raise ValidationFailed(f"file: larger than {MAX_FILE_BYTES} bytes", field="file")
+        try:
+            storable_text(filename)
+        except ValueError as exc:
+            raise ValidationFailed(f"file: the file name {exc}", field="file") from None
         return self._store_file(filename, purpose, data)
 
     def _store_file(self, filename: str, purpose: str, data: bytes) -> OpenAIFile:
