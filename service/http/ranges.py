@@ -104,6 +104,15 @@ class RangeFileResponse(FileResponse):
         return list(parse_range_header(http_range, file_size) or [])
 
 
+# Read by RangeFileResponse from the request itself; declared so the OpenAPI schema shows them.
+RANGE_HEADERS = {"parameters": [
+    {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"},
+     "description": "bytes=first-last, first-, -suffix; up to 100 ranges (more: the whole file)"},
+    {"name": "If-Range", "in": "header", "required": False, "schema": {"type": "string"},
+     "description": "the ETag; the Range is honoured only if it still matches"},
+]}
+
+
 def file_responses(media_type: str) -> dict[int | str, dict]:
     """The OpenAPI description of a route answered by RangeFileResponse."""
     binary = {"schema": {"type": "string", "format": "binary"}}

@@ -14,7 +14,7 @@ from service.errors import NotFound, ShardDamaged, Unavailable
 from service.http.deps import runtime, session
 from service.http.metrics import render_metrics
 from service.http.params import ShardId
-from service.http.ranges import RangeFileResponse, file_responses
+from service.http.ranges import RANGE_HEADERS, RangeFileResponse, file_responses
 from service.jobs.repository import JobRepository
 from service.runtime import Runtime
 from service.storage import ShardCheckFailed
@@ -34,8 +34,10 @@ def list_teachers(rt: Rt, db: Db) -> dict:
 
 # HEAD too: fsspec's HTTP filesystem (HF datasets, pandas, polars) asks HEAD for the size and
 # ETag, and on a 405 falls back to a GET that starts sending the whole file. Ranges: ranges.py.
-@router.get("/v1/shards/{shard_id}", tags=["shards"], response_class=RangeFileResponse, responses=file_responses(PARQUET))
-@router.head("/v1/shards/{shard_id}", tags=["shards"], response_class=RangeFileResponse, responses=file_responses(PARQUET))
+@router.get("/v1/shards/{shard_id}", tags=["shards"], response_class=RangeFileResponse, responses=file_responses(PARQUET),
+             openapi_extra=RANGE_HEADERS)
+@router.head("/v1/shards/{shard_id}", tags=["shards"], response_class=RangeFileResponse, responses=file_responses(PARQUET),
+             openapi_extra=RANGE_HEADERS)
 def download_shard(shard_id: ShardId, rt: Rt, db: Db) -> RangeFileResponse:
     shard = JobRepository(db).shard(shard_id)
     if shard is None or shard.kind != "job":

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from sqlalchemy import orm
 
 from service.http.deps import runtime, session
 from service.http.params import BatchCursor, BatchId, FileId
-from service.http.ranges import RangeFileResponse, file_responses
+from service.http.ranges import RANGE_HEADERS, RangeFileResponse, file_responses
 from service.openai_batch.schemas import BatchCreate, BatchList, BatchObject, FileObject
 from service.openai_batch.service import (
     OpenAIBatchService,
@@ -25,7 +25,7 @@ OCTET_STREAM = "application/octet-stream"
 
 
 @router.post("/files", response_model=FileObject)
-def upload_file(db: Db, rt: Rt, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> FileObject:
+def upload_file(db: Db, rt: Rt, file: Annotated[UploadFile, File()], purpose: Annotated[Literal["batch"], Form()]) -> FileObject:
     data = file.file.read()
     return describe_file(OpenAIBatchService(db, rt).upload(file.filename or "upload.jsonl", purpose, data))
 
@@ -35,7 +35,8 @@ def get_file(file_id: FileId, db: Db, rt: Rt) -> FileObject:
     return describe_file(OpenAIBatchService(db, rt).file(file_id))
 
 
-@router.get("/files/{file_id}/content", response_class=RangeFileResponse, responses=file_responses(OCTET_STREAM))
+@router.get("/files/{file_id}/content", response_class=RangeFileResponse, responses=file_responses(OCTET_STREAM),
+             openapi_extra=RANGE_HEADERS)
 def file_content(file_id: FileId, db: Db, rt: Rt) -> Response:
     service = OpenAIBatchService(db, rt)
     path = service.local_content_path(file_id)
