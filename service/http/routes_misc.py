@@ -32,12 +32,15 @@ def list_teachers(rt: Rt, db: Db) -> dict:
     return {"data": [{**t.describe(), "workers": online.get(t.name, 0)} for t in rt.teachers.available()]}
 
 
-# HEAD too: fsspec's HTTP filesystem (HF datasets, pandas, polars) asks HEAD for the size and
-# ETag, and on a 405 falls back to a GET that starts sending the whole file. Ranges: ranges.py.
-@router.get("/v1/shards/{shard_id}", tags=["shards"], response_class=RangeFileResponse, responses=file_responses(PARQUET),
-             openapi_extra=RANGE_HEADERS)
-@router.head("/v1/shards/{shard_id}", tags=["shards"], response_class=RangeFileResponse, responses=file_responses(PARQUET),
-             openapi_extra=RANGE_HEADERS)
+SHARD_DOWNLOAD = {"tags": ["shards"], "response_class": RangeFileResponse, "responses": file_responses(PARQUET),
+                  "openapi_extra": RANGE_HEADERS}
+
+
+# HEAD too (its own operation in the schema): fsspec's HTTP filesystem (HF datasets, pandas,
+# polars) asks HEAD for the size and ETag, and on a 405 falls back to a GET that starts sending
+# the whole file. Ranges: ranges.py.
+@router.get("/v1/shards/{shard_id}", **SHARD_DOWNLOAD)
+@router.head("/v1/shards/{shard_id}", **SHARD_DOWNLOAD)
 def download_shard(shard_id: ShardId, rt: Rt, db: Db) -> RangeFileResponse:
     shard = JobRepository(db).shard(shard_id)
     if shard is None or shard.kind != "job":
