@@ -19,7 +19,7 @@ class TeachercacheError(Exception):
 
     @property
     def headers(self) -> dict[str, str] | None:
-        """HTTP headers that go with the error (Retry-After, WWW-Authenticate)."""
+        """HTTP headers that go with the error (Retry-After, WWW-Authenticate, Content-Range)."""
         return None
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +79,11 @@ class Conflict(TeachercacheError):
     code = "conflict"
 
 
+class MethodNotAllowed(TeachercacheError):
+    status_code = 405
+    code = "method_not_allowed"
+
+
 class Unavailable(TeachercacheError):
     status_code = 503
     code = "unavailable"
@@ -86,6 +91,21 @@ class Unavailable(TeachercacheError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "2"}
+
+
+class RangeNotSatisfiable(TeachercacheError):
+    """No range of a Range header overlaps the file (RFC 9110 §15.5.17): 416 with `bytes */size`."""
+
+    status_code = 416
+    code = "range_not_satisfiable"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"no requested range overlaps the {size} bytes of this file", field="Range")
+        self.size = size
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"}
 
 
 class ShardDamaged(TeachercacheError):

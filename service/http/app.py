@@ -27,14 +27,16 @@ def create_app(rt: Runtime | None = None, run_finalizer: bool = True) -> FastAPI
         if run_finalizer:
             app.state.finalizer.stop()
 
-    app = FastAPI(title="teachercache", version="1", lifespan=lifespan)
+    # No trailing-slash redirects: a path names a route or is a 404 (a redirect would turn
+    # `/v1/jobs/%2e%2e/` into a Location the client resolves elsewhere).
+    app = FastAPI(title="teachercache", version="1", lifespan=lifespan, redirect_slashes=False)
     app.state.runtime = rt
     app.state.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=rt.settings.max_body_bytes)
-    app.include_router(routes_jobs.router)
-    app.include_router(routes_misc.router)
-    app.include_router(routes_misc.health_router)
-    app.include_router(routes_cache.router)
-    app.include_router(routes_openai.router)
+    app.include_router(routes_jobs.router, responses=errors.RESPONSES)
+    app.include_router(routes_misc.router, responses=errors.RESPONSES)
+    app.include_router(routes_misc.health_router, responses=errors.RESPONSES)
+    app.include_router(routes_cache.router, responses=errors.RESPONSES)
+    app.include_router(routes_openai.router, responses=errors.RESPONSES)
     return app

@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
+import logging
+
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-
-from service.db import is_transient
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.db import is_transient
 from service.errors import MethodNotAllowed, NotFound, TeachercacheError, Unavailable, ValidationFailed
+
+log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # request_index, errors, limit, ... where they apply
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """What every 4xx and 5xx carries."""
+
+    error: ErrorDetail
+
+
+# Documented on every operation, so the OpenAPI schema says what the app does.
+RESPONSES: dict[int | str, dict] = {
+    "4XX": {"model": ErrorBody, "description": "The request was refused; `error.field` names what was wrong"},
+    "5XX": {"model": ErrorBody, "description": "The server could not answer (503: retry after Retry-After)"},
+}
+
 
 def location(loc: tuple) -> str:
     """('body', 'requests', 3, 'prompt') -> 'requests[3].prompt'."""
@@ -20,7 +46,11 @@ def location(loc: tuple) -> str:
     return text.lstrip(".") or "body"
 
 
-def validation_failed(exc: RequestValidationError) -> ValidationFailed:
+def validation_failed(exc: RequestValidationError) -> TeachercacheError:
+    malformed_ids = [e for e in exc.errors() if tuple(e.get("loc", ()))[:1] == ("path",)]
+    if malformed_ids:  # names nothing that exists: the same 404 as an unknown id, without echoing it
+        field = location(tuple(malformed_ids[0]["loc"]))
+        return NotFound(f"{field}: no such id", field=field)
     first = exc.errors()[0]
     where = location(tuple(first.get("loc", ())))
     details = {"field": where, "errors": [{"field": location(tuple(e.get("loc", ()))), "message": e.get("msg")}
@@ -35,7 +65,7 @@ def render(exc: TeachercacheError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
 
 
-# Starlette's own errors (unknown route, wrong method, a body over the limit) in the same shape.
+# Starlette's own errors (no such route, wrong method, a body over the limit) in the same shape.
 HTTP_CODES = {404: NotFound, 405: MethodNotAllowed}
 
 
@@ -51,6 +81,11 @@ def from_http_exception(exc: StarletteHTTPException) -> TeachercacheError:
     return generic
 
 
+def internal_error() -> TeachercacheError:
+    """What a caller sees of a bug: nothing of the exception (it may name storage paths)."""
+    return TeachercacheError("internal error; the server log has the details")
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(TeachercacheError)
     async def known(_: Request, exc: TeachercacheError) -> JSONResponse:
@@ -58,9 +93,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = from_http_exception(exc)
-        response = render(error)
-        response.headers.update(exc.headers or {})
+        response = render(from_http_exception(exc))
+        response.headers.update(exc.headers or {})  # Allow, on a 405
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -72,3 +106,7 @@ def install(app: FastAPI) -> None:
         if is_transient(exc):
             return render(Unavailable("the database is unavailable; retry shortly"))
         raise exc
+
+    @app.exception_handler(Exception)  # Starlette logs it and re-raises after this answer
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return render(internal_error())

@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
 
 from service.http.deps import Db, Limits, Rt, Who, caller, shard_url_builder, spend_submission
+from service.http.params import JobCursor, JobId
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import ErrorList, JobCreate, JobList, JobOut, ShardList
 from service.jobs.service import JobService
@@ -17,7 +18,8 @@ from service.tenants.service import Caller
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(caller)])
 
 
-@router.post("", status_code=201, response_model=JobOut)
+@router.post("", status_code=201, response_model=JobOut,
+             responses={200: {"model": JobOut, "description": "a retry (same Idempotency-Key): the job it created"}})
 def submit_job(body: JobCreate, request: Request, response: Response, background: BackgroundTasks, rt: Rt,
                who: Who, limits: Limits,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
@@ -49,7 +51,7 @@ def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, id
 
 @router.get("", response_model=JobList)
 def list_jobs(request: Request, db: Db, who: Who, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(max_length=40)] = None) -> JobList:
+              after: JobCursor = None) -> JobList:
     service = JobService(db, who.tenant)
     jobs, has_more = service.page(limit, after)
     urls = shard_url_builder(request)
@@ -58,13 +60,13 @@ def list_jobs(request: Request, db: Db, who: Who, limit: Annotated[int, Query(ge
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, db: Db, who: Who) -> JobOut:
+def get_job(job_id: JobId, request: Request, db: Db, who: Who) -> JobOut:
     service = JobService(db, who.tenant)
     return service.describe(service.get(job_id), shard_url_builder(request))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, request: Request, db: Db, who: Who) -> JobOut:
+def cancel_job(job_id: JobId, request: Request, db: Db, who: Who) -> JobOut:
     service = JobService(db, who.tenant)
     job = service.cancel(job_id)
     request.app.state.finalizer.wake()
@@ -72,10 +74,10 @@ def cancel_job(job_id: str, request: Request, db: Db, who: Who) -> JobOut:
 
 
 @router.get("/{job_id}/shards", response_model=ShardList)
-def job_shards(job_id: str, request: Request, db: Db, who: Who) -> ShardList:
+def job_shards(job_id: JobId, request: Request, db: Db, who: Who) -> ShardList:
     return ShardList(shards=JobService(db, who.tenant).shards(job_id, shard_url_builder(request)))
 
 
 @router.get("/{job_id}/errors", response_model=ErrorList)
-def job_errors(job_id: str, db: Db, who: Who) -> ErrorList:
+def job_errors(job_id: JobId, db: Db, who: Who) -> ErrorList:
     return ErrorList(errors=JobService(db, who.tenant).errors(job_id))

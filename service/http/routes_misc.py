@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Response
-from fastapi.responses import FileResponse
 
 from service.errors import NotFound, ShardDamaged, Unavailable
 from service.http.deps import Db, Rt, Who, caller
 from service.http.metrics import render_metrics
+from service.http.params import ShardId
+from service.http.ranges import RANGE_HEADERS, RangeFileResponse, file_responses
 from service.jobs.repository import JobRepository
 from service.storage import ShardCheckFailed
 
+log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(caller)])
 health_router = APIRouter()
 PARQUET = "application/vnd.apache.parquet"
@@ -23,19 +27,27 @@ def list_teachers(rt: Rt, db: Db) -> dict:
     return {"data": [{**t.describe(), "workers": online.get(t.name, 0)} for t in rt.teachers.available()]}
 
 
-# HEAD too: fsspec's HTTP filesystem (HF datasets, pandas, polars) asks HEAD for the size and
-# ETag, and on a 405 falls back to a GET that starts sending the whole file.
-@router.api_route("/v1/shards/{shard_id}", methods=["GET", "HEAD"], tags=["shards"], response_class=FileResponse)
-def download_shard(shard_id: str, rt: Rt, db: Db, who: Who) -> FileResponse:
+SHARD_DOWNLOAD = {"tags": ["shards"], "response_class": RangeFileResponse, "responses": file_responses(PARQUET),
+                  "openapi_extra": RANGE_HEADERS}
+
+
+# HEAD too (its own operation in the schema): fsspec's HTTP filesystem (HF datasets, pandas,
+# polars) asks HEAD for the size and ETag, and on a 405 falls back to a GET that starts sending
+# the whole file. Ranges: ranges.py.
+@router.get("/v1/shards/{shard_id}", **SHARD_DOWNLOAD)
+@router.head("/v1/shards/{shard_id}", **SHARD_DOWNLOAD)
+def download_shard(shard_id: ShardId, rt: Rt, db: Db, who: Who) -> RangeFileResponse:
     shard = JobRepository(db).job_shard(shard_id, who.tenant)
     if shard is None:
         raise NotFound(f"no shard {shard_id!r}", field="shard_id")
     try:
         path = rt.storage.verified_local_path(shard.path, shard.bytes, shard.sha256)
-    except ShardCheckFailed as exc:  # never serve a damaged file as good
-        raise ShardDamaged(f"shard {shard_id} failed its integrity check: {exc}", field="shard_id") from exc
+    except ShardCheckFailed as exc:  # never serve a damaged file as good; its storage path stays in the log
+        log.error("shard %s failed its integrity check: %s", shard_id, exc)
+        raise ShardDamaged(f"shard {shard_id} failed its integrity check", field="shard_id") from exc
     headers = {"ETag": f'"{shard.sha256}"', "X-Content-SHA256": shard.sha256, "Cache-Control": "private, max-age=86400"}
-    return FileResponse(path, media_type=PARQUET, headers=headers, filename=f"{shard.job_id}-{shard.shard_index:05d}.parquet")
+    return RangeFileResponse(path, media_type=PARQUET, headers=headers,
+                             filename=f"{shard.job_id}-{shard.shard_index:05d}.parquet")
 
 
 @health_router.get("/healthz", tags=["health"])
@@ -48,6 +60,8 @@ def healthz(rt: Rt) -> dict:
     return {"status": "ok"}
 
 
-@router.get("/metrics", tags=["health"])
+# The default response class keeps the error responses documented as JSON; 200 is text.
+@router.get("/metrics", tags=["health"],
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}})
 def metrics(db: Db) -> Response:
     return Response(render_metrics(JobRepository(db)), media_type="text/plain; version=0.0.4")

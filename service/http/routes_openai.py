@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 
 from service.http.deps import Db, Limits, Rt, Who, caller, submission_allowed
+from service.http.params import BatchCursor, BatchId, FileId
+from service.http.ranges import RANGE_HEADERS, RangeFileResponse, file_responses
 from service.openai_batch.schemas import BatchCreate, BatchList, BatchObject, FileObject
 from service.openai_batch.service import (
     OpenAIBatchService,
@@ -15,23 +17,29 @@ from service.openai_batch.service import (
 )
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(caller)])
+OCTET_STREAM = "application/octet-stream"
 
 
 @router.post("/files", response_model=FileObject)
 def upload_file(db: Db, rt: Rt, who: Who, file: Annotated[UploadFile, File()],
-                purpose: Annotated[str, Form()]) -> FileObject:
+                purpose: Annotated[Literal["batch"], Form()]) -> FileObject:
     data = file.file.read()
     return describe_file(OpenAIBatchService(db, rt, who.tenant).upload(file.filename or "upload.jsonl", purpose, data))
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
-def get_file(file_id: str, db: Db, rt: Rt, who: Who) -> FileObject:
+def get_file(file_id: FileId, db: Db, rt: Rt, who: Who) -> FileObject:
     return describe_file(OpenAIBatchService(db, rt, who.tenant).file(file_id))
 
 
-@router.get("/files/{file_id}/content")
-def file_content(file_id: str, db: Db, rt: Rt, who: Who) -> Response:
-    return Response(OpenAIBatchService(db, rt, who.tenant).content(file_id), media_type="application/octet-stream")
+@router.get("/files/{file_id}/content", response_class=RangeFileResponse, responses=file_responses(OCTET_STREAM),
+             openapi_extra=RANGE_HEADERS)
+def file_content(file_id: FileId, db: Db, rt: Rt, who: Who) -> Response:
+    service = OpenAIBatchService(db, rt, who.tenant)
+    path = service.local_content_path(file_id)
+    if path is None:  # an object store: the bytes through pyarrow's filesystem, without ranges
+        return Response(service.content(file_id), media_type=OCTET_STREAM)
+    return RangeFileResponse(path, media_type=OCTET_STREAM)
 
 
 @router.post("/batches", response_model=BatchObject, dependencies=[Depends(submission_allowed)])
@@ -43,7 +51,7 @@ def create_batch(body: BatchCreate, request: Request, db: Db, rt: Rt, who: Who, 
 
 @router.get("/batches", response_model=BatchList)
 def list_batches(db: Db, rt: Rt, who: Who, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                 after: Annotated[str | None, Query(max_length=40)] = None) -> BatchList:
+                 after: BatchCursor = None) -> BatchList:
     batches, has_more = OpenAIBatchService(db, rt, who.tenant).list(limit, after)
     data = [describe_batch(b) for b in batches]
     return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
@@ -51,13 +59,13 @@ def list_batches(db: Db, rt: Rt, who: Who, limit: Annotated[int, Query(ge=1, le=
 
 
 @router.get("/batches/{batch_id}", response_model=BatchObject)
-def get_batch(batch_id: str, db: Db, rt: Rt, who: Who) -> BatchObject:
+def get_batch(batch_id: BatchId, db: Db, rt: Rt, who: Who) -> BatchObject:
     service = OpenAIBatchService(db, rt, who.tenant)
     return describe_batch(service.sync(service.get(batch_id, lock=True)))
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject)
-def cancel_batch(batch_id: str, request: Request, db: Db, rt: Rt, who: Who) -> BatchObject:
+def cancel_batch(batch_id: BatchId, request: Request, db: Db, rt: Rt, who: Who) -> BatchObject:
     batch = describe_batch(OpenAIBatchService(db, rt, who.tenant).cancel(batch_id))
     request.app.state.finalizer.wake()
     return batch

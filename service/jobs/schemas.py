@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.text import StorableJson, StorableText, UnicodeText
+
+INT32_MAX = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # checked against the teacher's vocabulary later
 
 
 class Strict(BaseModel):
@@ -13,7 +18,7 @@ class Strict(BaseModel):
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: UnicodeText
 
 
 class RequestIn(Strict):
@@ -23,11 +28,11 @@ class RequestIn(Strict):
     conversation ending with the assistant's turn (that turn is then the response).
     """
 
-    custom_id: str | None = Field(default=None, max_length=512)
-    prompt: str | None = None
+    custom_id: StorableText | None = Field(default=None, max_length=512)
+    prompt: UnicodeText | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     prompt_token_ids: list[int] | None = Field(default=None, min_length=1)
-    response: str | None = None
+    response: UnicodeText | None = None
     response_token_ids: list[int] | None = Field(default=None, min_length=1)
 
 
@@ -35,12 +40,12 @@ class Sampling(Strict):
     max_tokens: int = Field(default=128, ge=1, le=32768)
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1)
+    top_k: int = Field(default=-1, ge=-1, le=INT32_MAX)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=64)
-    stop: list[str] = Field(default_factory=list, max_length=16)
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    stop: list[StorableText] = Field(default_factory=list, max_length=16)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
@@ -59,7 +64,7 @@ class JobCreate(Strict):
     sampling: Sampling = Field(default_factory=Sampling)
     cache: Literal["use", "refresh", "bypass"] = "use"
     requests: list[RequestIn] = Field(min_length=1)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: StorableJson = Field(default_factory=dict)
 
 
 class Counts(BaseModel):

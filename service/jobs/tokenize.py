@@ -36,6 +36,8 @@ def prepare_requests(job: JobCreate, teacher: Teacher) -> list[PreparedRequest]:
 
 def prepare_one(index: int, request: RequestIn, job: JobCreate, teacher: Teacher) -> PreparedRequest:
     prompt, response = split_prompt(index, request, job.mode, teacher)
+    if not prompt:  # an empty text prompt tokenizes to nothing, and an engine cannot start from nothing
+        raise invalid(index, "prompt", "the prompt is empty")
     check_token_ids(index, "prompt_token_ids", prompt, teacher.vocab_size)
     if response is not None:
         check_token_ids(index, "response_token_ids", response, teacher.vocab_size)
@@ -70,7 +72,7 @@ def score_pair(index: int, request: RequestIn, teacher: Teacher) -> tuple[list[i
         raise invalid(index, "response", "give response or response_token_ids, not both")
     if not has_response:
         if request.messages and request.messages[-1].role == "assistant":
-            return transcript_pair(request, teacher)
+            return transcript_pair(index, request, teacher)
         raise invalid(index, "response", "score mode needs response, response_token_ids, or messages ending with the assistant")
     prompt = prompt_ids(request, teacher)
     if request.response_token_ids is not None:
@@ -80,13 +82,15 @@ def score_pair(index: int, request: RequestIn, teacher: Teacher) -> tuple[list[i
     return prompt, teacher.encode_continuation(request.response)
 
 
-def transcript_pair(request: RequestIn, teacher: Teacher) -> tuple[list[int], list[int]]:
+def transcript_pair(index: int, request: RequestIn, teacher: Teacher) -> tuple[list[int], list[int]]:
     """A whole conversation: the last (assistant) turn exactly as the chat template renders it."""
     messages = [m.model_dump() for m in request.messages]
+    if len(messages) < 2:  # the template renders no prompt from an empty conversation
+        raise invalid(index, "messages", "a conversation to score needs a turn before the assistant's")
     prompt = teacher.encode_chat(messages[:-1], add_generation_prompt=True)
     full = teacher.encode_chat(messages, add_generation_prompt=False)
     if full[: len(prompt)] != prompt:
-        raise ValueError("the chat template does not render the conversation as prompt + response")
+        raise invalid(index, "messages", "the chat template does not render this conversation as prompt + response")
     return prompt, full[len(prompt):]
 
 

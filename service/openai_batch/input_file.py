@@ -75,6 +75,8 @@ def parse_line(text: str, endpoint: str, known_models: set[str]) -> ParsedLine:
         line = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LineInvalid("invalid_json_line", f"this line is not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise LineInvalid("invalid_json_line", "this line is nested too deeply to read") from None
     if not isinstance(line, dict):
         raise LineInvalid("invalid_json_line", "each line must be a JSON object")
     custom_id = line.get("custom_id")

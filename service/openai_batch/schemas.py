@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.ids import id_pattern
+from service.text import StorableText
+
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
@@ -20,10 +23,10 @@ class FileObject(BaseModel):
 
 
 class BatchCreate(BaseModel):
-    input_file_id: str = Field(max_length=40)
+    input_file_id: str = Field(pattern=id_pattern("file"))
     endpoint: Literal["/v1/chat/completions", "/v1/completions"]
     completion_window: Literal["24h"] = "24h"
-    metadata: dict[str, str] | None = None
+    metadata: dict[StorableText, StorableText] | None = None
 
 
 class BatchError(BaseModel):

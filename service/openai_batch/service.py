@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import orm
 
@@ -31,6 +32,7 @@ from service.openai_batch.schemas import (
     RequestCounts,
 )
 from service.runtime import Runtime
+from service.text import storable_text
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 FINAL = ("completed", "failed", "cancelled", "expired")
@@ -67,6 +69,10 @@ class OpenAIBatchService:
             raise ValidationFailed("purpose: only 'batch' files are accepted", field="purpose")
         if len(data) > MAX_FILE_BYTES:
             raise ValidationFailed(f"file: larger than {MAX_FILE_BYTES} bytes", field="file")
+        try:
+            storable_text(filename)
+        except ValueError as exc:
+            raise ValidationFailed(f"file: the file name {exc}", field="file") from None
         return self._store_file(filename, purpose, data)
 
     def _store_file(self, filename: str, purpose: str, data: bytes) -> OpenAIFile:
@@ -87,6 +93,10 @@ class OpenAIBatchService:
 
     def content(self, file_id: str) -> bytes:
         return read_bytes(self.rt, self.file(file_id).path)
+
+    def local_content_path(self, file_id: str) -> Path | None:
+        """The file on local storage (from its row, never from the caller); None on an object store."""
+        return self.rt.storage.local_path(self.file(file_id).path)
 
     # batches
 
