@@ -26,7 +26,7 @@ def submit_job(body: JobCreate, request: Request, response: Response, background
         response.status_code = 200
     background.add_task(request.app.state.finalizer.wake)
     with rt.sessions() as db:
-        return JobService(db).describe(job, shard_url_builder(request))
+        return JobService(db, rt.teachers.prices).describe(job, shard_url_builder(request))
 
 
 def submit_once(rt: Runtime, body: JobCreate, idempotency_key: str | None):
@@ -47,9 +47,9 @@ def submit_once(rt: Runtime, body: JobCreate, idempotency_key: str | None):
 
 
 @router.get("", response_model=JobList)
-def list_jobs(request: Request, db: Db, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+def list_jobs(request: Request, db: Db, rt: Rt, limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(max_length=40)] = None) -> JobList:
-    service = JobService(db)
+    service = JobService(db, rt.teachers.prices)
     before = None
     if after:
         cursor = service.get(after)
@@ -61,14 +61,14 @@ def list_jobs(request: Request, db: Db, limit: Annotated[int, Query(ge=1, le=100
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, db: Db) -> JobOut:
-    service = JobService(db)
+def get_job(job_id: str, request: Request, db: Db, rt: Rt) -> JobOut:
+    service = JobService(db, rt.teachers.prices)
     return service.describe(service.get(job_id), shard_url_builder(request))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, request: Request, db: Db) -> JobOut:
-    service = JobService(db)
+def cancel_job(job_id: str, request: Request, db: Db, rt: Rt) -> JobOut:
+    service = JobService(db, rt.teachers.prices)
     job = service.cancel(job_id)
     request.app.state.finalizer.wake()
     return service.describe(job, shard_url_builder(request))

@@ -54,5 +54,5 @@ def healthz(rt: Rt) -> dict:
 
 
 @router.get("/metrics", tags=["health"])
-def metrics(db: Db) -> Response:
-    return Response(render_metrics(JobRepository(db)), media_type="text/plain; version=0.0.4")
+def metrics(db: Db, rt: Rt) -> Response:
+    return Response(render_metrics(JobRepository(db), rt.teachers.prices), media_type="text/plain; version=0.0.4")

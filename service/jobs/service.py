@@ -15,6 +15,7 @@ from service.cachekey import cache_key, normalize_sampling, teacher_identity
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
+from service.jobs.spend import NO_PRICES, Prices, job_spend
 from service.jobs.tokenize import PreparedRequest, prepare_requests
 from service.models import Job
 from service.queue.repository import NewTask, TaskRepository
@@ -42,9 +43,10 @@ def check_parameters(body: JobCreate, teacher: Teacher) -> None:
 
 
 class JobService:
-    def __init__(self, session: orm.Session) -> None:
+    def __init__(self, session: orm.Session, prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> None:
         self.jobs = JobRepository(session)
         self.tasks = TaskRepository(session)
+        self.prices = prices  # a teacher's prices, for the money side of a job's spend
 
     def find_retry(self, idempotency_key: str | None, body: JobCreate) -> Job | None:
         """The job a retried submission (same Idempotency-Key) already created."""
@@ -130,7 +132,9 @@ class JobService:
         return JobOut(
             id=job.id, status=job.status, teacher=job.teacher, mode=job.mode, top_logprobs=job.top_logprobs,
             sampling=job.sampling, cache=job.cache_policy, metadata=job.metadata_,
-            counts=Counts(**self.jobs.counts(job.id)), created_at=iso(job.created_at),
+            counts=Counts(**self.jobs.counts(job.id)),
+            spend=job_spend(job.mode, self.jobs.spend_tokens(job.id), self.prices(job.teacher)),
+            created_at=iso(job.created_at),
             started_at=iso(job.started_at), finished_at=iso(job.finished_at), error=job.error,
             shards=[shard_out(s, shard_url) for s in self.jobs.job_shards(job.id)] if finished else None,
         )
