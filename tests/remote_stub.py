@@ -39,7 +39,7 @@ class StubTeacher:
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 with stub.lock:
-                    stub.seen.append(Seen(time.monotonic(), self.path, dict(self.headers), body))
+                    stub.seen.append(Seen(time.monotonic(), self.path, {k.lower(): v for k, v in self.headers.items()}, body))
                     scripted = stub.script.pop(0) if stub.script else None
                 if scripted is None:
                     status, headers, text = 200, {"content-type": "application/json"}, json.dumps(fake_completion(body))
