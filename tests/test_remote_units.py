@@ -258,3 +258,17 @@ def test_a_remote_teacher_must_declare_its_revision_and_tokenizer(missing):
     del entry[missing]
     with pytest.raises(ValueError, match=missing):
         TeacherSpec(**entry)
+
+
+def test_closing_the_client_cuts_a_long_backoff_short():
+    """A stopping worker must not wait out a server's Retry-After of a minute first."""
+    import threading
+    import time
+
+    client = RemoteClient(source(), None, transport=scripted_transport(
+        [httpx.Response(429, headers={"Retry-After": "60"}, text="later")], []))
+    threading.Timer(0.3, client.close).start()
+    started = time.monotonic()
+    with pytest.raises(RemoteRequestFailed, match="closed"):
+        client.complete({}, tokens=1)
+    assert time.monotonic() - started < 5

@@ -110,13 +110,14 @@ class RemoteClient:
     """POSTs to the endpoint: pooled connections, timeouts, the budget, the retry policy."""
 
     def __init__(self, source: RemoteSource, api_key: str | None, *, budget: Budget | None = None,
-                 counters: Counters | None = None, sleep: Callable[[float], None] = time.sleep,
+                 counters: Counters | None = None, sleep: Callable[[float], None] | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.source = source
         self._secret = api_key
-        self.budget = budget or Budget(source.requests_per_minute, source.tokens_per_minute, sleep=sleep)
+        self.closed = threading.Event()
+        self.sleep = sleep or self._sleep_unless_closed
+        self.budget = budget or Budget(source.requests_per_minute, source.tokens_per_minute, sleep=self.sleep)
         self.counters = counters or Counters()
-        self.sleep = sleep
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(
             base_url=source.base_url.rstrip("/"), headers=headers, transport=transport,
@@ -171,7 +172,13 @@ class RemoteClient:
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
 
+    def _sleep_unless_closed(self, seconds: float) -> None:
+        # A worker that is stopping must not wait out a minute of backoff or budget first.
+        if self.closed.wait(seconds):
+            raise RemoteRequestFailed("remote teacher client closed (the worker is stopping)")
+
     def close(self) -> None:
+        self.closed.set()
         self.http.close()
 
 
