@@ -28,6 +28,7 @@ class StubTeacher:
     script: list[tuple[int, dict[str, str], str]] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     echo_authorization: bool = False  # a careless server that puts the key in its error bodies
+    tokenizer: Any = None  # for the chat endpoint, which answers token strings and bytes, never ids
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -42,7 +43,9 @@ class StubTeacher:
                     stub.seen.append(Seen(time.monotonic(), self.path, {k.lower(): v for k, v in self.headers.items()}, body))
                     scripted = stub.script.pop(0) if stub.script else None
                 if scripted is None:
-                    status, headers, text = 200, {"content-type": "application/json"}, json.dumps(fake_completion(body))
+                    answer = fake_chat(body, stub.tokenizer) if self.path.endswith("/chat/completions") \
+                        else fake_completion(body)
+                    status, headers, text = 200, {"content-type": "application/json"}, json.dumps(answer)
                 else:
                     status, headers, text = scripted
                     if stub.echo_authorization:
@@ -69,6 +72,29 @@ class StubTeacher:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# Token ids the chat stub answers with: plain words, one non-ASCII word, and the three byte
+# fragments of a CJK character (each decodes to U+FFFD alone; only its bytes identify it).
+CHAT_ANSWER = [88, 2756, 31394, 241, 115, 40993, 267, 29989, 400]
+
+
+def fake_chat(body: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """OpenAI's chat shape as a hosted API sends it: token strings and their true bytes."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        return {"token": tokenizer.decode([token_id]), "logprob": logprob, "bytes": [byte_of[c] for c in piece]}
+
+    k, ids = body.get("top_logprobs") or 0, CHAT_ANSWER[: body["max_tokens"]]
+    content = [{**entry(t, -0.25), "top_logprobs": [entry(t + j, -0.25 - j) for j in range(k)]} for t in ids]
+    choice = {"index": 0, "finish_reason": "length", "logprobs": {"content": content},
+              "message": {"role": "assistant", "content": tokenizer.decode(ids)}}
+    return {"object": "chat.completion", "model": body["model"], "choices": [choice],
+            "usage": {"prompt_tokens": 10, "completion_tokens": len(ids)}}
 
 
 def fake_completion(body: dict[str, Any]) -> dict[str, Any]:

@@ -17,10 +17,11 @@ import yaml
 
 from service.settings import PROJECT_ROOT, ServiceSettings
 from tests.jobs import download_rows, wait_for
-from tests.remote_stub import StubTeacher
+from tests.remote_stub import CHAT_ANSWER, StubTeacher
 from workers.main import build_remote_engine
 
 TEACHER = "stub-teacher"
+CHAT_TEACHER = "stub-chat"  # a hosted chat API: messages in, token strings and bytes out
 KEY_ENV = "STUB_TEACHER_KEY"
 SECRET = "sk-stub-0123456789abcdef"
 RPM = 120  # 2 requests/s, bucket of 2
@@ -41,7 +42,10 @@ def teachers_file(tmp_path, stub):
              "source": {"kind": "remote", "base_url": stub.base_url, "model": "stub", "api_key_env": KEY_ENV,
                         "max_concurrency": 4, "requests_per_minute": RPM, "max_retries": 2,
                         "backoff_initial_s": 0.2, "backoff_max_s": 0.5, **PRICES}}
-    path.write_text(yaml.safe_dump({"teachers": [entry]}))
+    chat = {"name": CHAT_TEACHER, "revision": "stub-chat-1", "tokenizer": "smollm2-135m-instruct",
+            "source": {"kind": "remote", "api": "chat", "vllm_extensions": False, "base_url": stub.base_url,
+                       "model": "stub-chat"}}
+    path.write_text(yaml.safe_dump({"teachers": [entry, chat]}))
     return path
 
 
@@ -166,3 +170,28 @@ def test_a_remote_worker_without_its_key_refuses_to_start(rt, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(SystemExit, match=KEY_ENV):
         build_remote_engine(rt.teachers.get(TEACHER))
+
+
+def test_a_chat_endpoint_is_sent_the_messages_and_its_token_strings_map_back_exactly(api, rt, stub, start_worker):
+    from transformers import AutoTokenizer
+
+    tokenizer = stub.tokenizer = AutoTokenizer.from_pretrained(rt.teachers.get(CHAT_TEACHER).folder)
+    plain = api.post("/v1/jobs", json={"teacher": CHAT_TEACHER, "requests": [{"prompt": "plain text"}]})
+    assert plain.status_code == 422 and "chat endpoint" in plain.text
+    messages = [{"role": "user", "content": "Say something."}]
+    job = api.post("/v1/jobs", json={"teacher": CHAT_TEACHER, "top_logprobs": 2, "sampling": {"max_tokens": 9},
+                                     "requests": [{"custom_id": "c", "messages": messages}]}).json()
+    engine = build_remote_engine(rt.teachers.get(CHAT_TEACHER))
+    start_worker(engine, teacher=CHAT_TEACHER)
+    job = wait_for(api, job["id"], timeout=60)
+    engine.close()
+    [seen] = stub.seen
+    assert seen.path == "/v1/chat/completions" and seen.body["messages"] == messages and "prompt" not in seen.body
+    assert seen.body["logprobs"] is True and seen.body["top_logprobs"] == 2 and "top_k" not in seen.body
+    [row] = download_rows(api, job)
+    # The bytes identify even the three fragments of one CJK character, which all read U+FFFD.
+    assert row["completion_token_ids"] == CHAT_ANSWER
+    assert row["top_token_ids"][3] == [241, 242] and row["top_logprobs"][3] == [-0.25, -1.25]
+    assert row["completion_text"] == tokenizer.decode(CHAT_ANSWER, skip_special_tokens=True)
+    assert row["prompt_token_ids"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                    return_dict=True)["input_ids"]

@@ -1,4 +1,5 @@
-"""The remote engine adapter: a teacher behind an OpenAI-compatible `/v1/completions` endpoint.
+"""The remote engine adapter: a teacher behind an OpenAI-compatible endpoint (`/v1/completions`,
+or `/v1/chat/completions`).
 
 `RemoteEngine` implements `workers.engine.Engine` without vLLM: `add()` hands the request to
 a thread pool of `max_concurrency` HTTP threads, `step()` returns what finished. Each request
@@ -118,6 +119,7 @@ class RemoteClient:
         self.sleep = sleep or self._sleep_unless_closed
         self.budget = budget or Budget(source.requests_per_minute, source.tokens_per_minute, sleep=self.sleep)
         self.counters = counters or Counters()
+        self.path = "/chat/completions" if source.api == "chat" else "/completions"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(
             base_url=source.base_url.rstrip("/"), headers=headers, transport=transport,
@@ -127,7 +129,7 @@ class RemoteClient:
         )
 
     def complete(self, body: dict[str, Any], tokens: int) -> dict[str, Any]:
-        """POST /completions until it succeeds, fails for good, or the retries run out."""
+        """POST to the endpoint until it succeeds, fails for good, or the retries run out."""
         retrying = Retrying(
             retry=retry_if_exception(is_retryable),
             wait=RetryAfterOrBackoff(self.source.backoff_initial_s, self.source.backoff_max_s),
@@ -135,17 +137,17 @@ class RemoteClient:
             sleep=self.sleep, reraise=True, before_sleep=self._count_retry,
         )
         try:
-            return retrying(self._post_once, body, tokens)
+            return retrying(self._post_once, self.path, body, tokens)
         except RetryableHTTPError as exc:
             raise RemoteRequestFailed(str(exc)) from None
         except httpx.TransportError as exc:
             raise RemoteRequestFailed(self._scrub(f"remote teacher connection error: {type(exc).__name__}: {exc}")) \
                 from None
 
-    def _post_once(self, body: dict[str, Any], tokens: int) -> dict[str, Any]:
+    def _post_once(self, path: str, body: dict[str, Any], tokens: int) -> dict[str, Any]:
         self.budget.acquire(tokens)
         self.counters.add(http_requests=1)
-        response = self.http.post("/completions", json=body)
+        response = self.http.post(path, json=body)
         if response.status_code == 429 or response.status_code >= 500:
             retry_after = retry_after_seconds(response.headers.get("retry-after"))
             if response.status_code == 429:
@@ -249,9 +251,11 @@ class RemoteEngine:
         return EngineResult(key=request.key, samples=samples)
 
     def _body(self, request: EngineRequest) -> tuple[dict[str, Any], int]:
-        """The /completions body, and the tokens it may spend (what the budget charges)."""
+        """The request body, and the tokens it may spend (what the budget charges)."""
         if not 0 <= request.top_logprobs <= self.max_top_logprobs:
             raise ValueError(f"top_logprobs must be between 0 and {self.max_top_logprobs}")
+        if self.source.api == "chat":
+            return self._chat_body(request)
         if request.mode == "generate":
             return self._generate_body(request)
         if request.mode == "score":
@@ -261,27 +265,48 @@ class RemoteEngine:
     def _generate_body(self, request: EngineRequest) -> tuple[dict[str, Any], int]:
         spec: SamplingSpec = request.sampling
         prompt = list(request.prompt_token_ids)
-        room = self.max_model_len - len(prompt)
-        if room < 1:
-            raise ValueError(f"the prompt ({len(prompt)} tokens) leaves no room in the maximum model length "
-                             f"of {self.max_model_len}")
-        # The local engine stops at the context limit ("length"); a server rejects the request instead.
-        max_tokens = min(spec.max_tokens, room)
-        body: dict[str, Any] = {
-            "model": self.source.model, "prompt": prompt, "max_tokens": max_tokens, "n": spec.n, "seed": spec.seed,
-            "temperature": spec.temperature, "top_p": spec.top_p, "presence_penalty": spec.presence_penalty,
-            "frequency_penalty": spec.frequency_penalty, "stop": list(spec.stop) or None,
-            "logprobs": request.top_logprobs,
-        }
-        if self.source.vllm_extensions:
-            body |= {
-                "top_k": spec.top_k, "min_p": spec.min_p, "repetition_penalty": spec.repetition_penalty,
-                "stop_token_ids": list(spec.stop_token_ids) or None, "ignore_eos": spec.ignore_eos,
-                "include_stop_str_in_output": True, "return_tokens_as_token_ids": True, "return_token_ids": True,
-            }
-        else:
-            _check_plain_openai(spec)
+        max_tokens = self._max_tokens(request)
+        body = {"model": self.source.model, "prompt": prompt, **self._sampling(spec, max_tokens),
+                "logprobs": request.top_logprobs}
         return body, len(prompt) + max_tokens * spec.n
+
+    def _chat_body(self, request: EngineRequest) -> tuple[dict[str, Any], int]:
+        """A chat endpoint gets the messages and applies its own chat template (the prompt's
+        token ids here are the local template's rendering: the cache key and the rows' prompt)."""
+        if request.mode != "generate" or not request.messages:
+            raise ValueError("a teacher behind a chat endpoint takes generate requests given as messages")
+        spec: SamplingSpec = request.sampling
+        max_tokens = self._max_tokens(request)
+        # vLLM's chat answer lists the sampled token among the first `top_logprobs` entries, so
+        # the k-th best goes missing when the sampled token is not among them: ask for one more.
+        asked = request.top_logprobs + 1 if self.source.vllm_extensions else request.top_logprobs
+        body = {"model": self.source.model, "messages": request.messages, **self._sampling(spec, max_tokens),
+                "logprobs": True, "top_logprobs": asked}
+        return body, len(request.prompt_token_ids) + max_tokens * spec.n
+
+    def _max_tokens(self, request: EngineRequest) -> int:
+        room = self.max_model_len - len(request.prompt_token_ids)
+        if room < 1:
+            raise ValueError(f"the prompt ({len(request.prompt_token_ids)} tokens) leaves no room in the maximum "
+                             f"model length of {self.max_model_len}")
+        # The local engine stops at the context limit ("length"); a server rejects the request instead.
+        return min(request.sampling.max_tokens, room)
+
+    def _sampling(self, spec: SamplingSpec, max_tokens: int) -> dict[str, Any]:
+        """The sampling fields, as the local adapter builds vLLM's SamplingParams."""
+        fields: dict[str, Any] = {
+            "max_tokens": max_tokens, "n": spec.n, "seed": spec.seed, "temperature": spec.temperature,
+            "top_p": spec.top_p, "presence_penalty": spec.presence_penalty,
+            "frequency_penalty": spec.frequency_penalty, "stop": list(spec.stop) or None,
+        }
+        if not self.source.vllm_extensions:
+            _check_plain_openai(spec)
+            return fields
+        return fields | {
+            "top_k": spec.top_k, "min_p": spec.min_p, "repetition_penalty": spec.repetition_penalty,
+            "stop_token_ids": list(spec.stop_token_ids) or None, "ignore_eos": spec.ignore_eos,
+            "include_stop_str_in_output": True, "return_tokens_as_token_ids": True, "return_token_ids": True,
+        }
 
     def _score_body(self, request: EngineRequest) -> tuple[dict[str, Any], int]:
         if not self.source.vllm_extensions:
@@ -309,6 +334,8 @@ class RemoteEngine:
             return [self._scored_sample(request, choices[0])]
         if len(choices) != request.sampling.n:
             raise RemoteRequestFailed(f"remote teacher answered {len(choices)} choices, expected {request.sampling.n}")
+        if self.source.api == "chat":
+            return [self._chat_sample(request, choice) for choice in choices]
         return [self._generated_sample(request, choice) for choice in choices]
 
     def _generated_sample(self, request: EngineRequest, choice: dict[str, Any]) -> Sample:
@@ -326,6 +353,28 @@ class RemoteEngine:
             completion_token_ids=list(ids), completion_text=self._text(ids, choice.get("text", "")),
             token_logprobs=[_from_wire(lp) for lp in token_logprobs],
             top_token_ids=[[i for i, _ in p] for p in positions], top_logprobs=[[lp for _, lp in p] for p in positions],
+            finish_reason="length" if reason == "length" else "stop",
+        )
+
+    def _chat_sample(self, request: EngineRequest, choice: dict[str, Any]) -> Sample:
+        """OpenAI's chat shape: per token {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}."""
+        reason = choice.get("finish_reason")
+        if reason not in ("stop", "length", "repetition"):
+            raise RemoteRequestFailed(f"remote teacher finished the request: {reason}")
+        content = (choice.get("logprobs") or {}).get("content") or []
+        ids = choice.get("token_ids") or [self._token_id(c["token"], c.get("bytes")) for c in content]
+        if len(ids) != len(content):
+            raise RemoteRequestFailed(f"remote teacher answered {len(ids)} tokens but {len(content)} logprobs")
+        tops = []
+        for position in content:
+            entries = [(self._token_id(e["token"], e.get("bytes")), _from_wire(e["logprob"]))
+                       for e in position.get("top_logprobs") or []]
+            tops.append(sorted(entries, key=lambda e: -e[1])[:request.top_logprobs])  # stable: ties keep rank order
+        text = (choice.get("message") or {}).get("content") or ""
+        return Sample(
+            completion_token_ids=list(ids), completion_text=self._text(ids, text),
+            token_logprobs=[_from_wire(c["logprob"]) for c in content],
+            top_token_ids=[[i for i, _ in p] for p in tops], top_logprobs=[[lp for _, lp in p] for p in tops],
             finish_reason="length" if reason == "length" else "stop",
         )
 
@@ -359,9 +408,9 @@ class RemoteEngine:
                       token_logprobs=token_logprobs, top_token_ids=top_ids, top_logprobs=top_logprobs,
                       finish_reason="scored")
 
-    def _token_id(self, token: str) -> int:
+    def _token_id(self, token: str, token_bytes: list[int] | None = None) -> int:
         parsed = parse_token_id(token)
-        return parsed if parsed is not None else self._token_mapper().to_id(token)
+        return parsed if parsed is not None else self._token_mapper().to_id(token, token_bytes)
 
     def _token_mapper(self) -> TokenMapper:
         with self._mapper_lock:  # built on first need: only servers without token ids need it

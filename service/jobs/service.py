@@ -94,7 +94,7 @@ class JobService:
                 tasks[key] = NewTask(
                     key=key, teacher=teacher.name, mode=body.mode, prompt_token_ids=request.prompt_token_ids,
                     response_token_ids=request.response_token_ids, sampling=sampling,
-                    top_logprobs=body.top_logprobs, max_attempts=MAX_ATTEMPTS,
+                    top_logprobs=body.top_logprobs, max_attempts=MAX_ATTEMPTS, messages=request.messages,
                 )
         self.tasks.enqueue(list(tasks.values()), recompute_done=body.cache == "refresh")
 

@@ -24,7 +24,9 @@ class RemoteSource:
     base_url: str  # up to and including /v1, e.g. http://10.0.0.5:8000/v1
     model: str  # the name the server knows the model by
     api_key_env: str | None = None
-    api: Literal["completions"] = "completions"
+    # completions: the prompt's token ids are sent as they are. chat: the request's messages are
+    # sent and the server applies its chat template (requests must come as messages).
+    api: Literal["completions", "chat"] = "completions"
     # vLLM's extra request fields (token ids, prompt logprobs, top_k, min_p, ...); off for a
     # plain OpenAI-compatible server, which rejects unknown fields.
     vllm_extensions: bool = True
@@ -40,9 +42,8 @@ class RemoteSource:
     kind: str = "remote"
 
     def __post_init__(self) -> None:
-        if self.api != "completions":
-            # The queue holds token ids only; a chat endpoint needs the messages (see docs/remote-teachers.md).
-            raise ValueError(f"remote teacher api {self.api!r} is not supported; use 'completions'")
+        if self.api not in ("completions", "chat"):
+            raise ValueError(f"remote teacher api {self.api!r}: use 'completions' or 'chat'")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
 
@@ -81,6 +82,11 @@ class TeacherSpec:
     @property
     def remote(self) -> RemoteSource:
         return RemoteSource(**self.source)
+
+    @property
+    def takes_messages_only(self) -> bool:
+        """A chat endpoint: it is sent messages, never token ids."""
+        return self.is_remote and self.remote.api == "chat"
 
     def model_dir(self, models_dir: Path) -> Path:
         """The local folder: the weights, or for a remote teacher the tokenizer's folder."""
