@@ -26,7 +26,7 @@ from workers.main import build_remote_engine
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.engine
 
-LOCAL, REMOTE = "smollm2-135m-instruct", "smollm2-remote"
+LOCAL, REMOTE, REMOTE_CHAT = "smollm2-135m-instruct", "smollm2-remote", "smollm2-remote-chat"
 ATOL = 1e-4  # nats: one model, one engine build, but the server runs its own batches and threads
 TIE = 1e-5
 SERVER_START_S = 400
@@ -51,11 +51,12 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def vllm_server(teacher_model_dir: Path, tmp_path_factory):
     """`vllm serve` with the flags the local adapter uses: raw logprobs, no chunked prefill on CPU,
-    float32, seed 0, and no generation config (so only what a request says is applied)."""
+    float32, seed 0, and no generation config (so only what a request says is applied). Max
+    logprobs 21: through the chat API the adapter asks for top-k + 1 (docs/remote-teachers.md)."""
     port, log = free_port(), tmp_path_factory.mktemp("vllm-serve") / "server.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher_model_dir),
                "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--max-model-len", "2048", "--max-logprobs", "20", "--logprobs-mode", "raw_logprobs",
+               "--max-model-len", "2048", "--max-logprobs", "21", "--logprobs-mode", "raw_logprobs",
                "--no-enable-chunked-prefill", "--seed", "0", "--generation-config", "vllm", "--disable-log-stats"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -98,8 +99,10 @@ def settings(tmp_path, database_url, vllm_server) -> ServiceSettings:
     entry = {"name": REMOTE, "revision": "vllm-serve-smollm2", "tokenizer": LOCAL, "max_model_len": 2048,
              "dtype": "float32", "source": {"kind": "remote", "base_url": vllm_server, "model": "smollm2",
                                             "max_concurrency": 4}}
+    chat = {**entry, "name": REMOTE_CHAT, "revision": "vllm-serve-smollm2-chat",
+            "source": {**entry["source"], "api": "chat"}}
     teachers = tmp_path / "teachers.yaml"
-    teachers.write_text(yaml.safe_dump({"teachers": [entry]}))
+    teachers.write_text(yaml.safe_dump({"teachers": [entry, chat]}))
     return ServiceSettings(database_url=database_url, state_dir=tmp_path / "state", models_dir=PROJECT_ROOT / "models",
                            finalizer_poll_s=0.1, teachers_file=teachers)
 
@@ -113,11 +116,11 @@ def run_job(api, body: dict, start) -> tuple[dict, list[dict]]:
     return job, download_rows(api, job)
 
 
-def both_paths(api, rt, start_worker, vllm_engine, body: dict):
+def both_paths(api, rt, start_worker, vllm_engine, body: dict, remote_teacher: str = REMOTE):
     local_job, local = run_job(api, {**body, "teacher": LOCAL}, lambda: start_worker(vllm_engine, teacher=LOCAL))
-    remote_engine = build_remote_engine(rt.teachers.get(REMOTE))
-    remote_job, remote = run_job(api, {**body, "teacher": REMOTE},
-                                 lambda: start_worker(remote_engine, teacher=REMOTE))
+    remote_engine = build_remote_engine(rt.teachers.get(remote_teacher))
+    remote_job, remote = run_job(api, {**body, "teacher": remote_teacher},
+                                 lambda: start_worker(remote_engine, teacher=remote_teacher))
     return (local_job, local), (remote_job, remote), remote_engine
 
 
@@ -189,4 +192,15 @@ def test_score_mode_agrees(api, rt, start_worker, vllm_engine):
     (_, local), (_, remote), engine = both_paths(api, rt, start_worker, vllm_engine, body)
     engine.close()
     assert all(r["finish_reason"] == "scored" for r in remote)
+    assert_rows_agree(local, remote)
+
+
+def test_the_chat_api_agrees_too(api, rt, start_worker, vllm_engine):
+    """Messages to /v1/chat/completions: the server applies the same chat template."""
+    body = {"top_logprobs": 20, "sampling": {"max_tokens": 12, "n": 2, "seed": 11}, "requests": [
+        {"custom_id": "color", "messages": [{"role": "user", "content": "Name a color."}]},
+        {"custom_id": "system", "messages": [{"role": "system", "content": "You answer in French."},
+                                             {"role": "user", "content": "What is the capital of Italy?"}]}]}
+    (_, local), (_, remote), engine = both_paths(api, rt, start_worker, vllm_engine, body, REMOTE_CHAT)
+    engine.close()
     assert_rows_agree(local, remote)
