@@ -40,7 +40,8 @@ class StubTeacher:
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 with stub.lock:
-                    stub.seen.append(Seen(time.monotonic(), self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                    received = {k.lower(): v for k, v in self.headers.items()}
+                    stub.seen.append(Seen(time.monotonic(), self.path, received, body))
                     scripted = stub.script.pop(0) if stub.script else None
                 if scripted is None:
                     answer = fake_chat(body, stub.tokenizer) if self.path.endswith("/chat/completions") \
