@@ -101,6 +101,8 @@ class Task(Base):
     response_token_ids: orm.Mapped[list[int] | None] = orm.mapped_column(ARRAY(sa.Integer))
     sampling: orm.Mapped[dict[str, Any]] = orm.mapped_column(JSONB)
     top_logprobs: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    # The submitted messages, kept only for a teacher behind a chat endpoint (it is sent them).
+    messages: orm.Mapped[list[Any] | None] = orm.mapped_column(JSONB)
     attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
     max_attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="3")
     errors: orm.Mapped[list[Any]] = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"))

@@ -39,6 +39,8 @@ class EngineRequest:
     top_logprobs: int
     mode: str = "generate"  # or "score"
     response_token_ids: list[int] | None = None
+    # The chat messages the prompt was rendered from; only a remote chat endpoint needs them.
+    messages: list[dict] | None = None
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 
 def build_engine(settings: WorkerSettings, rt: Runtime, teacher_name: str) -> Engine:
     teacher = rt.teachers.get(teacher_name)
+    if teacher.spec.is_remote and settings.engine != "scripted":
+        return build_remote_engine(teacher)
     if settings.engine == "scripted":
         from workers.scripted_engine import ScriptedEngine
 
@@ -28,6 +31,22 @@ def build_engine(settings: WorkerSettings, rt: Runtime, teacher_name: str) -> En
         dtype=teacher.spec.dtype, kv_cache_gb=settings.kv_cache_gb, max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
     )
+
+
+def build_remote_engine(teacher) -> Engine:
+    """A teacher behind an HTTP endpoint: no GPU, no vLLM import, the key from the environment."""
+    from transformers import AutoTokenizer
+
+    from workers.remote_adapter import RemoteClient, RemoteEngine
+
+    source = teacher.spec.remote
+    api_key = None
+    if source.api_key_env:
+        api_key = os.environ.get(source.api_key_env)
+        if not api_key:
+            raise SystemExit(f"teacher {teacher.name!r}: environment variable {source.api_key_env} is not set")
+    return RemoteEngine(RemoteClient(source, api_key), AutoTokenizer.from_pretrained(teacher.folder),
+                        max_model_len=teacher.spec.max_model_len, max_top_logprobs=teacher.spec.max_top_logprobs)
 
 
 def stop_on_signals() -> threading.Event:
@@ -44,6 +63,11 @@ def run_worker(settings: WorkerSettings) -> int:
     upgrade(rt.database_url)
     teacher_name = rt.teachers.get(settings.teacher).name
     engine = build_engine(settings, rt, teacher_name)
-    if stopping.is_set():
-        return 0
-    return WorkerLoop(rt, engine, settings, teacher_name, stopping).run()
+    try:
+        if stopping.is_set():
+            return 0
+        return WorkerLoop(rt, engine, settings, teacher_name, stopping).run()
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:  # a remote engine's threads may still wait on the network
+            close()

@@ -20,6 +20,7 @@ def engine_request(task: ClaimedTask) -> EngineRequest:
         key=task.key, prompt_token_ids=list(task.prompt_token_ids), sampling=SamplingSpec(**sampling),
         top_logprobs=task.top_logprobs, mode=task.mode,
         response_token_ids=list(task.response_token_ids) if task.response_token_ids is not None else None,
+        messages=task.messages,
     )
 
 

@@ -12,6 +12,7 @@ from sqlalchemy import orm
 
 from service.errors import Unauthenticated
 from service.jobs.limits import JobLimits
+from service.jobs.service import JobService
 from service.runtime import Runtime
 from service.tenants.service import Caller, TenantService
 
@@ -55,6 +56,12 @@ def job_limits(request: Request) -> JobLimits:
     return JobLimits.from_settings(runtime(request).settings)
 
 
+def job_service(request: Request, db: Annotated[orm.Session, Depends(session)],
+                who: Annotated[Caller, Depends(caller)]) -> JobService:
+    """The caller's jobs, in the request's transaction, with the teachers' prices for spend."""
+    return JobService(db, who.tenant, prices=runtime(request).teachers.prices)
+
+
 def shard_url_builder(request: Request):
     base = runtime(request).settings.public_url or str(request.base_url).rstrip("/")
     return lambda shard_id: f"{base}/v1/shards/{shard_id}"
@@ -64,3 +71,4 @@ Db = Annotated[orm.Session, Depends(session)]
 Rt = Annotated[Runtime, Depends(runtime)]
 Who = Annotated[Caller, Depends(caller)]
 Limits = Annotated[JobLimits, Depends(job_limits)]
+Jobs = Annotated[JobService, Depends(job_service)]

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service.jobs.repository import JobRepository
+from service.jobs.spend import NO_PRICES, Prices, cost_usd, teacher_tokens
+
+# What a remote engine's stats count beyond the local ones (workers/remote_adapter.py).
+REMOTE_COUNTERS = {
+    "http_requests": "HTTP requests sent to the remote teacher (retries included)",
+    "http_retries": "HTTP requests to the remote teacher that were retried",
+    "http_rate_limited": "429 answers from the remote teacher",
+    "budget_wait_ms": "milliseconds requests waited on the remote teacher's budget",
+}
 
 
 class DatabaseCollector:
-    def __init__(self, jobs: JobRepository) -> None:
+    def __init__(self, jobs: JobRepository, prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> None:
         self.jobs = jobs
+        self.prices = prices
 
     def collect(self):
         for table, counts in self.jobs.state_counts().items():
@@ -20,6 +32,8 @@ class DatabaseCollector:
             yield family
         yield from self._cache()
         yield from self._engine()
+        yield from self._spend()
+        yield from self._remote()
 
     def _cache(self):
         stats = self.jobs.cache_stats()
@@ -44,7 +58,41 @@ class DatabaseCollector:
         yield family
 
 
-def render_metrics(jobs: JobRepository) -> bytes:
+    def _spend(self):
+        """Per teacher, the sum of its jobs' spend (see service/jobs/spend.py)."""
+        tokens: dict[tuple[str, str, str], int] = {}
+        for teacher, mode, cached, prompt, completion in self.jobs.spend_tokens_by_teacher():
+            where = "cached" if cached else "sent"
+            for kind, n in zip(("prompt", "completion"), teacher_tokens(mode, prompt, completion)):
+                tokens[(teacher, where, kind)] = tokens.get((teacher, where, kind), 0) + n
+        for where, help_text in (("sent", "tokens sent to the teacher for jobs"),
+                                 ("cached", "tokens answered from the cache instead of the teacher")):
+            family = CounterMetricFamily(f"teachercache_teacher_tokens_{where}", help_text, labels=["teacher", "kind"])
+            for (teacher, w, kind), n in sorted(tokens.items()):
+                if w == where:
+                    family.add_metric([teacher, kind], n)
+            yield family
+        for where, name in (("sent", "spent"), ("cached", "saved")):
+            family = CounterMetricFamily(f"teachercache_teacher_{name}_usd",
+                                         f"USD {name} on priced teachers (registry prices)", labels=["teacher"])
+            for teacher in sorted({t for t, _, _ in tokens}):
+                usd = cost_usd(tokens.get((teacher, where, "prompt"), 0), tokens.get((teacher, where, "completion"), 0),
+                               self.prices(teacher))
+                if usd is not None:
+                    family.add_metric([teacher], usd)
+            yield family
+
+    def _remote(self):
+        totals = self.jobs.engine_totals_by_teacher()
+        for name, help_text in REMOTE_COUNTERS.items():
+            family = CounterMetricFamily(f"teachercache_remote_{name}", help_text, labels=["teacher"])
+            for teacher, stats in sorted(totals.items()):
+                if name in stats:
+                    family.add_metric([teacher], stats[name])
+            yield family
+
+
+def render_metrics(jobs: JobRepository, prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector(jobs))
+    registry.register(DatabaseCollector(jobs, prices))
     return generate_latest(registry)

@@ -7,7 +7,7 @@ from typing import Annotated
 import sqlalchemy as sa
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
 
-from service.http.deps import Db, Limits, Rt, Who, caller, shard_url_builder, spend_submission
+from service.http.deps import Jobs, Limits, Rt, Who, caller, shard_url_builder, spend_submission
 from service.http.params import JobCursor, JobId
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import ErrorList, JobCreate, JobList, JobOut, ShardList
@@ -28,7 +28,7 @@ def submit_job(body: JobCreate, request: Request, response: Response, background
         response.status_code = 200
     background.add_task(request.app.state.finalizer.wake)
     with rt.sessions() as db:
-        return JobService(db, who.tenant).describe(job, shard_url_builder(request))
+        return JobService(db, who.tenant, prices=rt.teachers.prices).describe(job, shard_url_builder(request))
 
 
 def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, idempotency_key: str | None):
@@ -50,34 +50,30 @@ def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, id
 
 
 @router.get("", response_model=JobList)
-def list_jobs(request: Request, db: Db, who: Who, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+def list_jobs(request: Request, jobs: Jobs, limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: JobCursor = None) -> JobList:
-    service = JobService(db, who.tenant)
-    jobs, has_more = service.page(limit, after)
-    urls = shard_url_builder(request)
-    page = [service.describe(j, urls) for j in jobs]
-    return JobList(data=page, has_more=has_more, next=page[-1].id if has_more else None)
+    page, has_more = jobs.page(limit, after)
+    data = [jobs.describe(j, shard_url_builder(request)) for j in page]
+    return JobList(data=data, has_more=has_more, next=data[-1].id if has_more else None)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: JobId, request: Request, db: Db, who: Who) -> JobOut:
-    service = JobService(db, who.tenant)
-    return service.describe(service.get(job_id), shard_url_builder(request))
+def get_job(job_id: JobId, request: Request, jobs: Jobs) -> JobOut:
+    return jobs.describe(jobs.get(job_id), shard_url_builder(request))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: JobId, request: Request, db: Db, who: Who) -> JobOut:
-    service = JobService(db, who.tenant)
-    job = service.cancel(job_id)
+def cancel_job(job_id: JobId, request: Request, jobs: Jobs) -> JobOut:
+    job = jobs.cancel(job_id)
     request.app.state.finalizer.wake()
-    return service.describe(job, shard_url_builder(request))
+    return jobs.describe(job, shard_url_builder(request))
 
 
 @router.get("/{job_id}/shards", response_model=ShardList)
-def job_shards(job_id: JobId, request: Request, db: Db, who: Who) -> ShardList:
-    return ShardList(shards=JobService(db, who.tenant).shards(job_id, shard_url_builder(request)))
+def job_shards(job_id: JobId, request: Request, jobs: Jobs) -> ShardList:
+    return ShardList(shards=jobs.shards(job_id, shard_url_builder(request)))
 
 
 @router.get("/{job_id}/errors", response_model=ErrorList)
-def job_errors(job_id: JobId, db: Db, who: Who) -> ErrorList:
-    return ErrorList(errors=JobService(db, who.tenant).errors(job_id))
+def job_errors(job_id: JobId, jobs: Jobs) -> ErrorList:
+    return ErrorList(errors=jobs.errors(job_id))

@@ -63,5 +63,5 @@ def healthz(rt: Rt) -> dict:
 # The default response class keeps the error responses documented as JSON; 200 is text.
 @router.get("/metrics", tags=["health"],
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}})
-def metrics(db: Db) -> Response:
-    return Response(render_metrics(JobRepository(db)), media_type="text/plain; version=0.0.4")
+def metrics(db: Db, rt: Rt) -> Response:
+    return Response(render_metrics(JobRepository(db), rt.teachers.prices), media_type="text/plain; version=0.0.4")

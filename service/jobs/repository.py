@@ -55,6 +55,30 @@ CACHE_LOOKUPS_SQL = sa.text(
      WHERE CAST(:tenant AS text) IS NULL OR j.tenant = :tenant
     """
 )
+# Spend: what a job's answered requests cost the teacher, from the results they point at. Each
+# distinct result counts once per job (duplicates within a job are one computation), as sent
+# when it was computed after submission, as cached when it was answered from the cache then.
+JOB_SPEND_SQL = sa.text(
+    """
+    SELECT a.cached, COALESCE(sum(res.prompt_tokens), 0) AS prompt_tokens,
+           COALESCE(sum(res.completion_tokens), 0) AS completion_tokens
+      FROM (SELECT DISTINCT result_key, cached FROM requests
+             WHERE job_id = :job_id AND state = 'done' AND result_key IS NOT NULL) a
+      JOIN results res ON res.cache_key = a.result_key
+     GROUP BY a.cached
+    """
+)
+TEACHER_SPEND_SQL = sa.text(
+    """
+    SELECT j.teacher, j.mode, a.cached, COALESCE(sum(res.prompt_tokens), 0) AS prompt_tokens,
+           COALESCE(sum(res.completion_tokens), 0) AS completion_tokens
+      FROM (SELECT DISTINCT job_id, result_key, cached FROM requests
+             WHERE state = 'done' AND result_key IS NOT NULL) a
+      JOIN jobs j ON j.id = a.job_id
+      JOIN results res ON res.cache_key = a.result_key
+     GROUP BY j.teacher, j.mode, a.cached
+    """
+)
 COPY_REQUESTS_SQL = "COPY requests ({columns}) FROM STDIN"
 # Jobs with nothing pending move on to finalizing (their output shards get assembled).
 READY_TO_FINALIZE_SQL = sa.text(
@@ -260,6 +284,15 @@ class JobRepository:
         lookups = self.session.execute(CACHE_LOOKUPS_SQL, {"tenant": tenant}).mappings().one()
         return {"entries": entries, **{name: int(value) for name, value in lookups.items()}}
 
+    def spend_tokens(self, job_id: str) -> dict[bool, tuple[int, int]]:
+        """{cached: (prompt tokens, completion tokens)} of the results that answered the job."""
+        rows = self.session.execute(JOB_SPEND_SQL, {"job_id": job_id})
+        return {cached: (int(prompt), int(completion)) for cached, prompt, completion in rows}
+
+    def spend_tokens_by_teacher(self) -> list[tuple[str, str, bool, int, int]]:
+        """(teacher, mode, cached, prompt tokens, completion tokens): the jobs' spend, summed."""
+        return [(t, m, c, int(p), int(n)) for t, m, c, p, n in self.session.execute(TEACHER_SPEND_SQL)]
+
     def online_workers(self, within_s: int = 60) -> dict[str, int]:
         query = (
             sa.select(Worker.teacher, sa.func.count())
@@ -275,6 +308,15 @@ class JobRepository:
         for stats in self.session.scalars(sa.select(Worker.stats)):
             for name, value in stats.items():
                 totals[name] = totals.get(name, 0) + int(value)
+        return totals
+
+    def engine_totals_by_teacher(self) -> dict[str, dict[str, int]]:
+        """The same, per teacher (a remote engine's stats also count its HTTP traffic)."""
+        totals: dict[str, dict[str, int]] = {}
+        for teacher, stats in self.session.execute(sa.select(Worker.teacher, Worker.stats)):
+            bucket = totals.setdefault(teacher, {})
+            for name, value in stats.items():
+                bucket[name] = bucket.get(name, 0) + int(value)
         return totals
 
     def state_counts(self) -> dict[str, dict[str, int]]:

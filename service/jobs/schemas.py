@@ -76,6 +76,18 @@ class Counts(BaseModel):
     cancelled: int = 0
 
 
+class Spend(BaseModel):
+    """What the job cost the teacher, and what the cache saved it (docs/remote-teachers.md)."""
+
+    prompt_tokens_sent: int = 0
+    completion_tokens_sent: int = 0
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
+    # Only where the registry gives the teacher's prices (USD per million tokens).
+    spent_usd: float | None = None
+    saved_usd: float | None = None
+
+
 class ShardOut(BaseModel):
     index: int
     url: str
@@ -95,6 +107,7 @@ class JobOut(BaseModel):
     cache: str
     metadata: dict[str, Any]
     counts: Counts
+    spend: Spend = Field(default_factory=Spend)
     created_at: str
     started_at: str | None
     finished_at: str | None

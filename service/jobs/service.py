@@ -16,6 +16,7 @@ from service.errors import Conflict, NotFound, ValidationFailed
 from service.jobs.limits import JobLimits, check_pending, check_shape, check_tokens
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
+from service.jobs.spend import NO_PRICES, Prices, job_spend
 from service.jobs.tokenize import PreparedRequest, prepare_requests
 from service.models import Job
 from service.queue.repository import NewTask, TaskRepository
@@ -46,11 +47,13 @@ def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> No
 class JobService:
     """A tenant's jobs: every lookup is scoped to `tenant`; another tenant's job is not found."""
 
-    def __init__(self, session: orm.Session, tenant: str, limits: JobLimits | None = None) -> None:
+    def __init__(self, session: orm.Session, tenant: str, limits: JobLimits | None = None,
+                 prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> None:
         self.jobs = JobRepository(session)
         self.tasks = TaskRepository(session)
         self.tenant = tenant
         self.limits = limits or JobLimits.defaults()
+        self.prices = prices  # a teacher's prices, for the money side of a job's spend
 
     def find_retry(self, idempotency_key: str | None, body: JobCreate) -> Job | None:
         """The job a retried submission (same Idempotency-Key) already created."""
@@ -105,7 +108,7 @@ class JobService:
                 tasks[key] = NewTask(
                     key=key, teacher=teacher.name, mode=body.mode, prompt_token_ids=request.prompt_token_ids,
                     response_token_ids=request.response_token_ids, sampling=sampling,
-                    top_logprobs=body.top_logprobs, max_attempts=MAX_ATTEMPTS,
+                    top_logprobs=body.top_logprobs, max_attempts=MAX_ATTEMPTS, messages=request.messages,
                 )
         self.tasks.enqueue(list(tasks.values()), recompute_done=body.cache == "refresh")
 
@@ -152,7 +155,9 @@ class JobService:
         return JobOut(
             id=job.id, status=job.status, teacher=job.teacher, mode=job.mode, top_logprobs=job.top_logprobs,
             sampling=job.sampling, cache=job.cache_policy, metadata=job.metadata_,
-            counts=Counts(**self.jobs.counts(job.id)), created_at=iso(job.created_at),
+            counts=Counts(**self.jobs.counts(job.id)),
+            spend=job_spend(job.mode, self.jobs.spend_tokens(job.id), self.prices(job.teacher)),
+            created_at=iso(job.created_at),
             started_at=iso(job.started_at), finished_at=iso(job.finished_at), error=job.error,
             shards=[shard_out(s, shard_url) for s in self.jobs.job_shards(job.id)] if finished else None,
         )

@@ -15,6 +15,7 @@ class PreparedRequest:
     custom_id: str
     prompt_token_ids: list[int]
     response_token_ids: list[int] | None
+    messages: list[dict] | None = None  # kept only for a chat-endpoint teacher, which is sent them
 
 
 def invalid(index: int, field: str, message: str) -> ValidationFailed:
@@ -43,7 +44,19 @@ def prepare_one(index: int, request: RequestIn, job: JobCreate, teacher: Teacher
         check_token_ids(index, "response_token_ids", response, teacher.vocab_size)
     check_length(index, job, prompt, response, teacher.spec.max_model_len)
     custom_id = request.custom_id if request.custom_id is not None else str(index)
+    if teacher.spec.takes_messages_only:
+        check_chat_request(index, request, job.mode)
+        return PreparedRequest(index, custom_id, prompt, response, [m.model_dump() for m in request.messages])
     return PreparedRequest(index, custom_id, prompt, response)
+
+
+def check_chat_request(index: int, request: RequestIn, mode: str) -> None:
+    """A teacher behind a chat endpoint is sent messages; token ids or plain text cannot reach it."""
+    if mode != "generate":
+        raise invalid(index, "mode", "this teacher is behind a chat endpoint, which cannot score responses")
+    if request.messages is None:
+        raise invalid(index, "messages", "this teacher is behind a chat endpoint: give messages, not prompt or "
+                                         "prompt_token_ids")
 
 
 def split_prompt(index: int, request: RequestIn, mode: str, teacher: Teacher) -> tuple[list[int], list[int] | None]:

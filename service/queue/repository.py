@@ -39,7 +39,7 @@ CLAIM_SQL = sa.text(
       FROM candidates c
      WHERE t.key = c.key
     RETURNING t.key, t.lease_token, t.mode, t.prompt_token_ids, t.response_token_ids,
-              t.sampling, t.top_logprobs, t.attempts, t.max_attempts
+              t.sampling, t.top_logprobs, t.attempts, t.max_attempts, t.messages
     """
 )
 
@@ -113,14 +113,15 @@ EXPIRE_EXHAUSTED_SQL = sa.text(
 ENQUEUE_SQL = sa.text(
     """
     INSERT INTO tasks (key, teacher, state, mode, prompt_token_ids, response_token_ids, sampling,
-                       top_logprobs, max_attempts)
+                       top_logprobs, max_attempts, messages)
     SELECT n.key, n.teacher, 'pending', n.mode, CAST(string_to_array(n.prompt, ':') AS integer[]),
            CAST(string_to_array(n.response, ':') AS integer[]),
-           CAST((CAST(:samplings AS text[]))[n.sampling] AS jsonb), n.top_logprobs, n.max_attempts
+           CAST((CAST(:samplings AS text[]))[n.sampling] AS jsonb), n.top_logprobs, n.max_attempts,
+           CAST(n.messages AS jsonb)
       FROM unnest(CAST(:keys AS text[]), CAST(:teachers AS text[]), CAST(:modes AS text[]),
                   CAST(:prompts AS text[]), CAST(:responses AS text[]), CAST(:sampling_of AS integer[]),
-                  CAST(:top_logprobs AS integer[]), CAST(:max_attempts AS integer[]))
-           AS n(key, teacher, mode, prompt, response, sampling, top_logprobs, max_attempts)
+                  CAST(:top_logprobs AS integer[]), CAST(:max_attempts AS integer[]), CAST(:messages AS text[]))
+           AS n(key, teacher, mode, prompt, response, sampling, top_logprobs, max_attempts, messages)
     ON CONFLICT (key) DO UPDATE
        SET state = 'pending', attempts = 0, errors = '[]'::jsonb, finished_at = NULL, created_at = now()
      WHERE tasks.state = ANY(CAST(:rerun_states AS text[]))
@@ -139,6 +140,7 @@ class ClaimedTask:
     top_logprobs: int
     attempts: int
     max_attempts: int
+    messages: list[dict[str, Any]] | None = None  # only for a teacher behind a chat endpoint
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class NewTask:
     sampling: dict[str, Any]
     top_logprobs: int
     max_attempts: int
+    messages: list[dict[str, Any]] | None = None
 
 
 def task_columns(tasks: list[NewTask]) -> dict[str, list[Any]]:
@@ -163,6 +166,8 @@ def task_columns(tasks: list[NewTask]) -> dict[str, list[Any]]:
         "responses": [None if t.response_token_ids is None else token_list(t.response_token_ids) for t in tasks],
         "samplings": list(samplings), "sampling_of": sampling_of,
         "top_logprobs": [t.top_logprobs for t in tasks], "max_attempts": [t.max_attempts for t in tasks],
+        # Null for every teacher but a chat endpoint's, so other jobs pay nothing for it.
+        "messages": [None if t.messages is None else json.dumps(t.messages) for t in tasks],
     }
 
 

@@ -27,6 +27,11 @@ class TeacherCatalog:
                 self._teachers[spec.name] = Teacher(spec, spec.model_dir(self.models_dir))
             return self._teachers[spec.name]
 
+    def prices(self, name: str) -> tuple[float | None, float | None]:
+        """USD per million prompt / completion tokens; (None, None) when unpriced or unknown."""
+        spec = self.registry.teachers.get(name)
+        return spec.prices() if spec is not None else (None, None)
+
     def available(self) -> list[Teacher]:
         """Teachers whose folder is prepared (tokenizer and identity readable)."""
         teachers = [self.get(name) for name in sorted(self.registry.teachers)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -14,11 +14,48 @@ BUILTIN_FILE = Path(__file__).with_name("builtin.yaml")
 
 
 @dataclass(frozen=True)
+class RemoteSource:
+    """A teacher behind an OpenAI-compatible endpoint (`source: {kind: remote, ...}`).
+
+    The API key is never part of the registry: `api_key_env` names the environment variable
+    a worker reads it from when it starts.
+    """
+
+    base_url: str  # up to and including /v1, e.g. http://10.0.0.5:8000/v1
+    model: str  # the name the server knows the model by
+    api_key_env: str | None = None
+    # completions: the prompt's token ids are sent as they are. chat: the request's messages are
+    # sent and the server applies its chat template (requests must come as messages).
+    api: Literal["completions", "chat"] = "completions"
+    # vLLM's extra request fields (token ids, prompt logprobs, top_k, min_p, ...); off for a
+    # plain OpenAI-compatible server, which rejects unknown fields.
+    vllm_extensions: bool = True
+    max_concurrency: int = 8
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    timeout_s: float = 600.0
+    max_retries: int = 6  # per engine attempt; the task's own attempts come on top
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    price_per_million_prompt_tokens: float | None = None
+    price_per_million_completion_tokens: float | None = None
+    kind: str = "remote"
+
+    def __post_init__(self) -> None:
+        if self.api not in ("completions", "chat"):
+            raise ValueError(f"remote teacher api {self.api!r}: use 'completions' or 'chat'")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+
+
+@dataclass(frozen=True)
 class TeacherSpec:
     """What the registry says about one teacher.
 
     `model` is a local folder or a name the GPU host's vLLM can load; when unset, the teacher
-    is prepared from `source` into `models_dir/<name>`.
+    is prepared from `source` into `models_dir/<name>`. A remote teacher (`source.kind:
+    remote`) runs elsewhere; `tokenizer` names the local folder (or a prepared teacher) whose
+    tokenizer and chat template the API uses to turn prompts into the ids it sends.
     """
 
     name: str
@@ -28,9 +65,42 @@ class TeacherSpec:
     max_top_logprobs: int = 20
     dtype: str = "auto"
     revision: str | None = None
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.is_remote:
+            self.remote  # validates the source's fields
+            if not self.revision:
+                raise ValueError(f"remote teacher {self.name!r} needs a `revision` (it is part of the cache key)")
+            if not self.tokenizer:
+                raise ValueError(f"remote teacher {self.name!r} needs a `tokenizer` (a folder or a prepared teacher)")
+
+    @property
+    def is_remote(self) -> bool:
+        return self.source.get("kind") == "remote"
+
+    @property
+    def remote(self) -> RemoteSource:
+        return RemoteSource(**self.source)
+
+    @property
+    def takes_messages_only(self) -> bool:
+        """A chat endpoint: it is sent messages, never token ids."""
+        return self.is_remote and self.remote.api == "chat"
 
     def model_dir(self, models_dir: Path) -> Path:
+        """The local folder: the weights, or for a remote teacher the tokenizer's folder."""
+        if self.is_remote:
+            path = Path(self.tokenizer)
+            return path if path.is_absolute() or len(path.parts) > 1 else models_dir / self.tokenizer
         return Path(self.model) if self.model else models_dir / self.name
+
+    def prices(self) -> tuple[float | None, float | None]:
+        """USD per million prompt and completion tokens, where the registry gives them."""
+        if not self.is_remote:
+            return None, None
+        remote = self.remote
+        return remote.price_per_million_prompt_tokens, remote.price_per_million_completion_tokens
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,8 @@ class Teacher:
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "model": self.spec.model or str(self.folder),
+            "model": self.spec.remote.model if self.spec.is_remote else self.spec.model or str(self.folder),
+            "remote": self.spec.is_remote,
             "revision": self.revision,
             "max_context_length": self.spec.max_model_len,
             "max_top_logprobs": self.spec.max_top_logprobs,
