@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -148,9 +149,10 @@ def error_from_response(response: httpx.Response) -> APIError:
     return error
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None if absent."""
-    if value is None:
+def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None if absent or
+    unreadable. (The workers' remote-teacher client uses it too.)"""
+    if not value:
         return None
     try:
         return max(0.0, float(value))
@@ -160,7 +162,7 @@ def parse_retry_after(value: str | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return max(0.0, when.timestamp() - now())
 
 
 def _decoded_body(response: httpx.Response) -> Any:

@@ -21,11 +21,9 @@ Authorization header; error excerpts are scrubbed of it in case a server echoes 
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -34,6 +32,7 @@ import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from service.teachers.registry import RemoteSource
+from teachercache.errors import parse_retry_after
 from workers.engine import EngineRequest, EngineResult, Sample, SamplingSpec
 from workers.remote_budget import Budget
 from workers.remote_tokens import UNMAPPED, TokenMapper, parse_token_id
@@ -60,20 +59,6 @@ class RetryableHTTPError(Exception):
 
 def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, (RetryableHTTPError, httpx.TransportError))
-
-
-def retry_after_seconds(value: str | None, now: Callable[[], float] = time.time) -> float | None:
-    """`Retry-After` as seconds: either a number of seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now())
-    except (TypeError, ValueError):
-        return None
 
 
 class RetryAfterOrBackoff:
@@ -149,7 +134,7 @@ class RemoteClient:
         self.counters.add(http_requests=1)
         response = self.http.post(path, json=body)
         if response.status_code == 429 or response.status_code >= 500:
-            retry_after = retry_after_seconds(response.headers.get("retry-after"))
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
             if response.status_code == 429:
                 self.counters.add(http_rate_limited=1)
                 # Every thread of this worker holds back, not just this one.
