@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
@@ -18,12 +20,14 @@ from service.settings import ServiceSettings
 teacher_app = typer.Typer(help="Teachers: prepare model folders, list the registry.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys: create (shown once), list, revoke.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants and their own limits.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(teacher_app, name="teacher")
     app.add_typer(db_app, name="db")
     app.add_typer(keys_app, name="keys")
+    app.add_typer(tenants_app, name="tenants")
     app.command("serve", help="Run the HTTP API.")(serve)
     app.command("up", help="Run the whole stack on this machine: database, API and one worker.")(up)
 
@@ -66,8 +70,7 @@ def keys_create(tenant: Annotated[str, typer.Option(help="the tenant the key act
     """Create a key and print it; it is stored only as a hash and cannot be shown again."""
     from service.tenants.service import TenantService
 
-    rt = admin_runtime()
-    with rt.sessions() as db, db.begin():
+    with refusals_reported(), admin_runtime().sessions() as db, db.begin():
         row, key = TenantService(db).create_key(tenant, label)
     typer.echo(f"created key {row.id} for tenant {tenant!r}; it is shown once:", err=True)
     typer.echo(key)
@@ -89,9 +92,46 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="the id shown by `key
     """Revoke a key: the next request that presents it gets 401."""
     from service.tenants.service import TenantService
 
-    with admin_runtime().sessions() as db, db.begin():
+    with refusals_reported(), admin_runtime().sessions() as db, db.begin():
         TenantService(db).revoke(key_id)
     typer.echo(f"revoked key {key_id}")
+
+
+@tenants_app.command("list")
+def tenants_list() -> None:
+    """Tenants and the limits they have of their own (the service's settings apply to the rest)."""
+    from service.tenants.service import TenantService
+
+    with admin_runtime().sessions() as db:
+        for tenant in TenantService(db).tenants():
+            own = ", ".join(f"{k}={v}" for k, v in sorted(tenant.limits.items())) or "service limits"
+            typer.echo(f"{tenant.name}\t{tenant.created_at:%Y-%m-%d %H:%M}\t{own}")
+
+
+@tenants_app.command("set-limit")
+def tenants_set_limit(
+    tenant: Annotated[str, typer.Argument()],
+    limit: Annotated[str, typer.Argument(help="e.g. max_pending_requests_per_tenant, submissions_per_minute")],
+    value: Annotated[Optional[float], typer.Argument(help="omit to go back to the service's setting")] = None,
+) -> None:
+    """Give a tenant its own value of a submission limit; it applies from its next request."""
+    from service.tenants.service import TenantService
+
+    with refusals_reported(), admin_runtime().sessions() as db, db.begin():
+        limits = TenantService(db).set_limit(tenant, limit, value)
+    typer.echo(f"{tenant}: {limits or 'service limits'}")
+
+
+@contextmanager
+def refusals_reported() -> Iterator[None]:
+    """An admin command the service refuses: its message on stderr and exit code 2, no traceback."""
+    from service.errors import TeachercacheError
+
+    try:
+        yield
+    except TeachercacheError as exc:
+        typer.echo(exc.message, err=True)
+        raise typer.Exit(2) from exc
 
 
 def admin_runtime():

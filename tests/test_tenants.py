@@ -117,9 +117,18 @@ def test_the_admin_cli_creates_lists_and_revokes_keys(api, settings, monkeypatch
 
     assert runner.invoke(cli_app, ["keys", "revoke", key_id]).exit_code == 0
     assert api.get("/v1/jobs", headers=bearer(key)).status_code == 401
-    assert runner.invoke(cli_app, ["keys", "revoke", key_id]).exit_code != 0  # already revoked: says so
+    again = runner.invoke(cli_app, ["keys", "revoke", key_id])
+    assert again.exit_code == 2 and "no active key" in again.stderr  # already revoked: says so
     bad = runner.invoke(cli_app, ["keys", "create", "--tenant", "Bad Name!"])
-    assert bad.exit_code != 0
+    assert bad.exit_code == 2 and "not a tenant name" in bad.stderr
+
+    assert runner.invoke(cli_app, ["tenants", "set-limit", "gamma", "max_pending_requests_per_tenant", "2"]).exit_code == 0
+    assert "max_pending_requests_per_tenant=2" in runner.invoke(cli_app, ["tenants", "list"]).stdout
+    unknown = runner.invoke(cli_app, ["tenants", "set-limit", "gamma", "max_everything", "2"])
+    assert unknown.exit_code == 2 and "not a per-tenant limit" in unknown.stderr
+    assert runner.invoke(cli_app, ["tenants", "set-limit", "gamma", "submission_burst", "0.5"]).exit_code == 2
+    assert runner.invoke(cli_app, ["tenants", "set-limit", "gamma", "max_pending_requests_per_tenant"]).exit_code == 0
+    assert "gamma\t" in runner.invoke(cli_app, ["tenants", "list"]).stdout
 
 
 def test_the_embedded_stack_makes_a_private_local_key_once(rt):
@@ -280,3 +289,29 @@ def test_submissions_are_rate_limited_per_tenant_with_retry_after(limited, rt):
     assert retried.status_code == 429  # a new submission, even with a key
     beta = limited(key=create_api_key(rt, "beta"), submissions_per_minute=6, submission_burst=2)
     assert beta.post("/v1/jobs", json=job_body("b")).status_code == 201
+
+
+def set_tenant_limit(rt, tenant: str, name: str, value: float | None) -> None:
+    with rt.sessions() as db, db.begin():
+        TenantService(db).set_limit(tenant, name, value)
+
+
+def test_a_tenant_s_own_limits_replace_the_service_s_at_its_next_request(api, other_api, rt):
+    set_tenant_limit(rt, "alpha", "max_pending_requests_per_tenant", 3)
+    set_tenant_limit(rt, "alpha", "max_requests_per_job", 10)
+    assert_limit(api.post("/v1/jobs", json=job_body("a", n=11)), 422, "max_requests_per_job")
+    assert api.post("/v1/jobs", json=job_body("a", n=3)).status_code == 201
+    assert_limit(api.post("/v1/jobs", json=job_body("b", n=1)), 429, "max_pending_requests_per_tenant")
+    assert other_api.post("/v1/jobs", json=job_body("b", n=11)).status_code == 201  # beta: the service's limits
+    set_tenant_limit(rt, "alpha", "max_pending_requests_per_tenant", None)
+    assert api.post("/v1/jobs", json=job_body("b", n=1)).status_code == 201
+
+
+def test_a_tenant_s_own_rate_limit(api, other_api, rt):
+    set_tenant_limit(rt, "beta", "submission_burst", 1)
+    set_tenant_limit(rt, "beta", "submissions_per_minute", 1)
+    assert other_api.post("/v1/jobs", json=job_body("b0")).status_code == 201
+    response = other_api.post("/v1/jobs", json=job_body("b1"))
+    assert_limit(response, 429, "submissions_per_minute")
+    assert int(response.headers["retry-after"]) > 30  # one a minute
+    assert [api.post("/v1/jobs", json=job_body(f"a{i}")).status_code for i in range(3)] == [201] * 3

@@ -42,18 +42,23 @@ def caller(request: Request,
     return found
 
 
-def spend_submission(rt: Runtime, tenant: str) -> None:
+def limits_of(rt: Runtime, who: Caller) -> JobLimits:
+    """The service's limits, with the tenant's own values in place."""
+    return JobLimits.from_settings(rt.settings).for_tenant(who.limits)
+
+
+def spend_submission(rt: Runtime, who: Caller) -> None:
     """The tenant's submission rate limit, spent in its own transaction before the work starts."""
     with rt.sessions() as db, db.begin():
-        TenantService(db).spend_submission(tenant, rt.settings.submissions_per_minute, rt.settings.submission_burst)
+        TenantService(db).spend_submission(who.tenant, limits_of(rt, who))
 
 
 def submission_allowed(request: Request, who: Annotated[Caller, Depends(caller)]) -> None:
-    spend_submission(runtime(request), who.tenant)
+    spend_submission(runtime(request), who)
 
 
-def job_limits(request: Request) -> JobLimits:
-    return JobLimits.from_settings(runtime(request).settings)
+def job_limits(request: Request, who: Annotated[Caller, Depends(caller)]) -> JobLimits:
+    return limits_of(runtime(request), who)
 
 
 def job_service(request: Request, db: Annotated[orm.Session, Depends(session)],

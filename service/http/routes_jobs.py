@@ -40,7 +40,7 @@ def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, id
             existing = service.find_retry(idempotency_key, body)
             if existing is not None:
                 return existing, False  # a retry is answered, never rate-limited
-            spend_submission(rt, who.tenant)
+            spend_submission(rt, who)
             return service.submit(body, teacher, idempotency_key), True
     except sa.exc.IntegrityError:
         if idempotency_key is None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-from service.errors import LimitExceeded
+from service.errors import LimitExceeded, ValidationFailed
 from service.jobs.schemas import JobCreate
 from service.jobs.tokenize import PreparedRequest
 from service.settings import ServiceSettings
@@ -12,13 +14,16 @@ from service.settings import ServiceSettings
 
 @dataclass(frozen=True)
 class JobLimits:
-    """The submission limits of ServiceSettings (documented there, with their defaults)."""
+    """The submission limits of ServiceSettings (documented there, with their defaults); a
+    tenant's own values (`teachercache tenants set-limit`) replace them for that tenant."""
 
     max_requests_per_job: int
     max_tokens_per_job: int
     max_top_logprobs: int
     max_completion_tokens: int
     max_pending_requests_per_tenant: int
+    submissions_per_minute: float
+    submission_burst: int
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> JobLimits:
@@ -27,6 +32,25 @@ class JobLimits:
     @classmethod
     def defaults(cls) -> JobLimits:
         return cls.from_settings(ServiceSettings.model_construct())  # the defaults, not the environment
+
+    def for_tenant(self, overrides: dict[str, Any]) -> JobLimits:
+        """These limits with the tenant's own values in place (unknown names are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if k in LIMIT_NAMES})
+
+
+LIMIT_NAMES = frozenset(field.name for field in dataclasses.fields(JobLimits))
+
+
+def check_limit_value(name: str, value: float) -> Any:
+    """A tenant override as the limit's own type; refused when unknown or not positive."""
+    if name not in LIMIT_NAMES:
+        raise ValidationFailed(f"limit: {name!r} is not a per-tenant limit (one of {sorted(LIMIT_NAMES)})",
+                               field="limit")
+    kind = {f.name: f.type for f in dataclasses.fields(JobLimits)}[name]
+    typed = float(value) if kind == "float" else int(value)
+    if typed <= 0 or typed != value:
+        raise ValidationFailed(f"{name}: {value!r} must be a positive {kind}", field=name)
+    return typed
 
 
 def over(limit: str, maximum: int, message: str, field: str) -> LimitExceeded:

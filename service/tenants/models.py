@@ -8,9 +8,11 @@ check to one indexed lookup plus one constant-time comparison.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
+from sqlalchemy.dialects.postgresql import JSONB
 
 from service.models import NOW, TIMESTAMP, Base
 
@@ -20,6 +22,8 @@ class Tenant(Base):
 
     name: orm.Mapped[str] = orm.mapped_column(sa.String(64), primary_key=True)
     created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
+    # The tenant's own values of the submission limits ({name: value}); the settings elsewhere.
+    limits: orm.Mapped[dict[str, Any]] = orm.mapped_column(JSONB, server_default=sa.text("'{}'::jsonb"))
     # The submission rate limit's token bucket, kept here so every API replica shares it.
     rate_tokens: orm.Mapped[float | None] = orm.mapped_column(sa.Float)
     rate_updated_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)

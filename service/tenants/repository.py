@@ -43,6 +43,12 @@ class TenantRepository:
     def key(self, key_id: str) -> ApiKey | None:
         return self.session.get(ApiKey, key_id)
 
+    def key_with_limits(self, key_id: str) -> tuple[ApiKey, dict] | None:
+        """The key and its tenant's own limits, in one query (every request asks)."""
+        query = sa.select(ApiKey, Tenant.limits).join(Tenant, Tenant.name == ApiKey.tenant).where(ApiKey.id == key_id)
+        row = self.session.execute(query).one_or_none()
+        return (row[0], row[1]) if row else None
+
     def keys(self, tenant: str | None = None) -> list[ApiKey]:
         query = sa.select(ApiKey).order_by(ApiKey.tenant, ApiKey.created_at)
         if tenant is not None:

@@ -10,11 +10,13 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import orm
 
 from service.errors import LimitExceeded, NotFound, ValidationFailed
+from service.jobs.limits import LIMIT_NAMES, JobLimits, check_limit_value
 from service.tenants.models import ApiKey, Tenant
 from service.tenants.repository import TenantRepository
 
@@ -26,10 +28,11 @@ UNKNOWN_KEY_DIGEST = hashlib.sha256(b"no such key").hexdigest()
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling: the tenant every query of the request is scoped to."""
+    """Who is calling: the tenant every query of the request is scoped to, and its own limits."""
 
     tenant: str
     key_id: str
+    limits: dict[str, Any] = field(default_factory=dict)
 
 
 def digest(secret: str) -> str:
@@ -67,8 +70,25 @@ class TenantService:
         if not self.repo.revoke(key_id):
             raise NotFound(f"no active key {key_id!r}", field="key_id")
 
-    def spend_submission(self, tenant: str, per_minute: float, burst: int) -> None:
+    def set_limit(self, tenant: str, name: str, value: float | None) -> dict[str, Any]:
+        """Give the tenant its own value of a limit (None: back to the service's); its limits now."""
+        row = self.repo.tenant(tenant)
+        if row is None:
+            raise NotFound(f"no tenant {tenant!r}", field="tenant")
+        limits = {k: v for k, v in row.limits.items() if k != name}
+        if value is not None:
+            limits[name] = check_limit_value(name, value)
+        elif name not in LIMIT_NAMES:
+            check_limit_value(name, 1)  # says which names there are
+        row.limits = limits
+        return limits
+
+    def tenants(self) -> list[Tenant]:
+        return self.repo.tenants()
+
+    def spend_submission(self, tenant: str, limits: JobLimits) -> None:
         """Take one submission from the tenant's bucket, or refuse with 429 and when to retry."""
+        per_minute, burst = limits.submissions_per_minute, limits.submission_burst
         rate = per_minute / 60.0
         tokens = self.repo.take_submission_token(tenant, rate, burst)
         if tokens < 1:
@@ -82,9 +102,10 @@ class TenantService:
         """The caller a presented key stands for, or None (unknown, malformed or revoked)."""
         match = KEY_PATTERN.match(token)
         key_id, secret = match.groups() if match else ("", "")
-        row = self.repo.key(key_id) if key_id else None
+        found = self.repo.key_with_limits(key_id) if key_id else None
+        row, limits = found if found else (None, {})
         expected = row.secret_sha256 if row is not None else UNKNOWN_KEY_DIGEST
         matches = hmac.compare_digest(digest(secret), expected)
         if row is None or not matches or row.revoked_at is not None:
             return None
-        return Caller(tenant=row.tenant, key_id=row.id)
+        return Caller(tenant=row.tenant, key_id=row.id, limits=limits)
