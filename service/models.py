@@ -58,6 +58,9 @@ class Job(Base):
     created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW, index=True)
     started_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     finished_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+    # The spend's token counts ({"sent"|"cached": [prompt, completion]}), fixed when the job
+    # finishes, so reading a finished job does not sum its results again.
+    spend_tokens: orm.Mapped[dict[str, Any] | None] = orm.mapped_column(JSONB)
     # Set by cancel: the job is assembled with what was done, then ends `cancelled`.
     cancel_requested_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
 

@@ -16,7 +16,8 @@ from service import cachekey
 from service.cachekey import cache_key, normalize_sampling, teacher_identity
 from service.http.app import create_app
 from service.jobs.finalizer import reconcile
-from service.models import Result
+from service.jobs.repository import JobRepository
+from service.models import Job, Result
 from service.runtime import Runtime
 from tests.jobs import bearer, download_rows, wait_for
 from workers.scripted_engine import ScriptedEngine
@@ -349,3 +350,20 @@ def test_a_large_job_is_one_task_per_distinct_prompt(api):
     second = submit(api, body)  # all in flight: joined, not queued again
     assert second["counts"]["pending"] == 9000 and second["counts"]["cached"] == 0
     assert metric(api, 'teachercache_tasks{state="pending"}') == 9000
+
+
+def test_a_finished_job_keeps_the_spend_it_had_when_it_ended(api, start_worker, rt):
+    """The spend is summed over the job's results while it runs and fixed when it ends, so
+    reading a finished job does not sum them again; both give the same figures."""
+    first = run_to_end(api, start_worker, prompts(range(3)))
+    second = submit(api, prompts(range(5)))  # 3 answered from the cache, 2 to compute
+    running = api.get(f"/v1/jobs/{second['id']}").json()["spend"]
+    assert running["cached_prompt_tokens"] == first["spend"]["prompt_tokens_sent"]
+    start_worker(ScriptedEngine())
+    second = wait_for(api, second["id"])
+    with rt.sessions() as db:
+        stored = db.get(Job, second["id"]).spend_tokens
+        live = JobRepository(db).spend_tokens(second["id"])
+    assert stored == {"sent": list(live[False]), "cached": list(live[True])}
+    assert second["spend"]["cached_completion_tokens"] == first["spend"]["completion_tokens_sent"]
+    assert second["spend"]["prompt_tokens_sent"] == 2 * first["spend"]["prompt_tokens_sent"] // 3

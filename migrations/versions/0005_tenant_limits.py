@@ -1,4 +1,5 @@
-"""tenants.limits: a tenant's own values of the submission limits
+"""tenants.limits: a tenant's own values of the submission limits; jobs.spend_tokens: a
+finished job's spend, fixed when it ends
 
 Revision ID: 0005
 Revises: 0004
@@ -17,7 +18,9 @@ depends_on = None
 def upgrade() -> None:
     op.add_column('tenants', sa.Column('limits', postgresql.JSONB(astext_type=sa.Text()),
                                        server_default=sa.text("'{}'::jsonb"), nullable=False))
+    op.add_column('jobs', sa.Column('spend_tokens', postgresql.JSONB(astext_type=sa.Text()), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column('jobs', 'spend_tokens')
     op.drop_column('tenants', 'limits')

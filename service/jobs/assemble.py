@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from service.jobs.repository import JobRepository, OutputRow
 from service.jobs.service import new_id
+from service.jobs.spend import stored_spend
 from service.models import Job, Shard
 from service.shards import JOB_SCHEMA, RESULT_FIELDS, error_row, shard_metadata
 from service.storage import Storage
@@ -34,6 +35,7 @@ def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict, shar
                              rows=stored.rows, bytes=stored.bytes, sha256=stored.sha256))
     job.status = "cancelled" if job.cancel_requested_at else "succeeded"
     job.finished_at = sa.func.now()
+    job.spend_tokens = stored_spend(jobs.spend_tokens(job.id))
     return job
 
 

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 
+from service.jobs.spend import SpendTokens
 from service.models import Job, Request, Result, Shard, Task, Worker
 
 ACTIVE = ("queued", "running")
@@ -284,7 +285,7 @@ class JobRepository:
         lookups = self.session.execute(CACHE_LOOKUPS_SQL, {"tenant": tenant}).mappings().one()
         return {"entries": entries, **{name: int(value) for name, value in lookups.items()}}
 
-    def spend_tokens(self, job_id: str) -> dict[bool, tuple[int, int]]:
+    def spend_tokens(self, job_id: str) -> SpendTokens:
         """{cached: (prompt tokens, completion tokens)} of the results that answered the job."""
         rows = self.session.execute(JOB_SPEND_SQL, {"job_id": job_id})
         return {cached: (int(prompt), int(completion)) for cached, prompt, completion in rows}

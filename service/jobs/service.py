@@ -16,7 +16,7 @@ from service.errors import Conflict, NotFound, ValidationFailed
 from service.jobs.limits import JobLimits, check_pending, check_shape, check_tokens
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
-from service.jobs.spend import NO_PRICES, Prices, job_spend
+from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded_spend
 from service.jobs.tokenize import PreparedRequest, prepare_requests
 from service.models import Job
 from service.queue.repository import NewTask, TaskRepository
@@ -150,13 +150,17 @@ class JobService:
         self.get(job_id)
         return [shard_out(s, shard_url) for s in self.jobs.job_shards(job_id)]
 
+    def spend_tokens(self, job: Job) -> SpendTokens:
+        # Summed over the job's results while it runs (a query that grows with the job); fixed once it ends.
+        return loaded_spend(job.spend_tokens) if job.spend_tokens is not None else self.jobs.spend_tokens(job.id)
+
     def describe(self, job: Job, shard_url: ShardUrl) -> JobOut:
         finished = job.finished_at is not None
         return JobOut(
             id=job.id, status=job.status, teacher=job.teacher, mode=job.mode, top_logprobs=job.top_logprobs,
             sampling=job.sampling, cache=job.cache_policy, metadata=job.metadata_,
             counts=Counts(**self.jobs.counts(job.id)),
-            spend=job_spend(job.mode, self.jobs.spend_tokens(job.id), self.prices(job.teacher)),
+            spend=job_spend(job.mode, self.spend_tokens(job), self.prices(job.teacher)),
             created_at=iso(job.created_at),
             started_at=iso(job.started_at), finished_at=iso(job.finished_at), error=job.error,
             shards=[shard_out(s, shard_url) for s in self.jobs.job_shards(job.id)] if finished else None,

@@ -13,6 +13,7 @@ from service.jobs.schemas import Spend
 
 Prices = tuple[float | None, float | None]  # USD per million prompt / completion tokens
 NO_PRICES: Prices = (None, None)
+SpendTokens = dict[bool, tuple[int, int]]  # {answered from the cache?: (prompt, completion) tokens}
 
 
 def teacher_tokens(mode: str, prompt_tokens: int, completion_tokens: int) -> tuple[int, int]:
@@ -29,10 +30,20 @@ def cost_usd(prompt_tokens: int, completion_tokens: int, prices: Prices) -> floa
     return (prompt_tokens * prompt_price + completion_tokens * completion_price) / 1_000_000
 
 
-def job_spend(mode: str, tokens: dict[bool, tuple[int, int]], prices: Prices) -> Spend:
+def job_spend(mode: str, tokens: SpendTokens, prices: Prices) -> Spend:
     """`tokens`: {answered from the cache?: (prompt, completion) tokens of the results}."""
     sent = teacher_tokens(mode, *tokens.get(False, (0, 0)))
     cached = teacher_tokens(mode, *tokens.get(True, (0, 0)))
     return Spend(prompt_tokens_sent=sent[0], completion_tokens_sent=sent[1], cached_prompt_tokens=cached[0],
                  cached_completion_tokens=cached[1], spent_usd=cost_usd(*sent, prices),
                  saved_usd=cost_usd(*cached, prices))
+
+
+
+def stored_spend(tokens: SpendTokens) -> dict[str, list[int]]:
+    """As kept on a finished job (JSON has no boolean keys)."""
+    return {"cached" if cached else "sent": list(counts) for cached, counts in tokens.items()}
+
+
+def loaded_spend(stored: dict[str, list[int]]) -> SpendTokens:
+    return {where == "cached": (int(p), int(c)) for where, (p, c) in stored.items()}
