@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import stat
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -182,6 +183,18 @@ def test_another_tenant_gets_404_for_everything_of_alpha(api, other_api, alpha_w
                                                "completion_window": "24h"}).status_code == 404
     assert api.get(f"/v1/jobs/{job['id']}").status_code == 200  # nothing of alpha's changed
     assert api.get(f"/v1/batches/{batch['id']}").json()["status"] != "cancelled"
+
+
+def test_a_batch_s_output_file_is_its_tenant_s_alone(api, other_api, alpha_world):
+    batch = alpha_world["batch"]
+    deadline = time.monotonic() + 60
+    while (batch := api.get(f"/v1/batches/{batch['id']}").json())["status"] != "completed":
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.1)
+    output = batch["output_file_id"]
+    assert "alpha-line" in api.get(f"/v1/files/{output}/content").text
+    assert other_api.get(f"/v1/files/{output}").status_code == 404
+    assert other_api.get(f"/v1/files/{output}/content").status_code == 404
 
 
 def test_the_cache_answers_beta_from_alpha_without_revealing_alpha(api, other_api, alpha_world):
