@@ -7,18 +7,12 @@ group at teardown. docs/remote-teachers.md lists where the two paths may differ.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
+from bench.vllm_serve import SERVED_NAME, ServerFailed, vllm_serve
 from service.settings import PROJECT_ROOT, ServiceSettings
 from tests.jobs import download_rows, wait_for
 from workers.main import build_remote_engine
@@ -42,62 +36,21 @@ def _report_agreement():
           f"{_MAX_DIFF['reordered_ties']} tied top-k entries in another order")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def vllm_server(teacher_model_dir: Path, tmp_path_factory):
-    """`vllm serve` with the flags the local adapter uses: raw logprobs, no chunked prefill on CPU,
-    float32, seed 0, and no generation config (so only what a request says is applied). Max
-    logprobs 21: through the chat API the adapter asks for top-k + 1 (docs/remote-teachers.md)."""
-    port, log = free_port(), tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher_model_dir),
-               "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--max-model-len", "2048", "--max-logprobs", "21", "--logprobs-mode", "raw_logprobs",
-               "--no-enable-chunked-prefill", "--seed", "0", "--generation-config", "vllm", "--disable-log-stats"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}/v1"
+    """`vllm serve` with the flags the local adapter uses (bench/vllm_serve.py)."""
+    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     try:
-        wait_until_serving(process, base_url, log)
-        yield base_url
-    finally:
-        stop_process_group(process)
-
-
-def wait_until_serving(process: subprocess.Popen, base_url: str, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base_url}/models", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"vllm serve did not come up within {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
+        with vllm_serve(teacher_model_dir, log, SERVER_START_S) as base_url:
+            yield base_url
+    except ServerFailed as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
 def settings(tmp_path, database_url, vllm_server) -> ServiceSettings:
     entry = {"name": REMOTE, "revision": "vllm-serve-smollm2", "tokenizer": LOCAL, "max_model_len": 2048,
-             "dtype": "float32", "source": {"kind": "remote", "base_url": vllm_server, "model": "smollm2",
+             "dtype": "float32", "source": {"kind": "remote", "base_url": vllm_server, "model": SERVED_NAME,
                                             "max_concurrency": 4}}
     chat = {**entry, "name": REMOTE_CHAT, "revision": "vllm-serve-smollm2-chat",
             "source": {**entry["source"], "api": "chat"}}
