@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--poll-s", type=float, default=0.2, help="how often the waiting client polls the job")
     args = parser.parse_args()
 
-    from bench.common import report, scratch_runtime
+    from bench.common import report_ratio, scratch_runtime
     from service.teachers.catalog import TeacherCatalog
     from service.settings import ServiceSettings
     from workers.vllm_adapter import VllmEngine
@@ -91,12 +91,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
         service = run_service(engine, token_prompts, args, rt)
     after = run_baseline(engine, requests)
-    reference = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
-    rows = [{"run": "LLM.generate (before)", **before}, {"run": "service end-to-end", **service},
-            {"run": "LLM.generate (after)", **after}]
-    ratio = service["tokens_per_s"] / reference
-    report(f"generation throughput, {args.requests} requests x {args.max_tokens} tokens, top-{args.top_logprobs}"
-           f" — ratio {ratio:.3f}", rows, "pipeline.json", {"ratio": ratio, "args": vars(args)})
+    report_ratio(f"generation throughput, {args.requests} requests x {args.max_tokens} tokens, top-{args.top_logprobs}",
+                 "LLM.generate", before, service, after, "pipeline.json", args)
     engine.close()
 
 

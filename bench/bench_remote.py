@@ -81,7 +81,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     from bench.bench_pipeline import prompts as chat_prompts
-    from bench.common import report, scratch_runtime
+    from bench.common import report_ratio, scratch_runtime
     from bench.vllm_serve import vllm_serve
     from service.settings import PROJECT_ROOT, ServiceSettings
     from service.teachers.catalog import TeacherCatalog
@@ -95,12 +95,8 @@ def main() -> None:
         with scratch_runtime(Path(tmp), teachers_file=teachers_file(Path(tmp), base_url, args.concurrency)) as rt:
             service = run_service(rt, prompts, args)
         after = run_direct(base_url, prompts, args)
-    reference = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
-    rows = [{"run": "plain client (before)", **before}, {"run": "service end-to-end", **service},
-            {"run": "plain client (after)", **after}]
-    ratio = service["tokens_per_s"] / reference
-    report(f"remote teacher (vllm serve on loopback), {args.requests} x {args.max_tokens} tokens, "
-           f"top-{args.top_logprobs} — ratio {ratio:.3f}", rows, "remote.json", {"ratio": ratio, "args": vars(args)})
+    report_ratio(f"remote teacher (vllm serve on loopback), {args.requests} x {args.max_tokens} tokens, "
+                 f"top-{args.top_logprobs}", "plain client", before, service, after, "remote.json", args)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--top-logprobs", type=int, default=20)
     args = parser.parse_args()
 
-    from bench.common import report, scratch_runtime
+    from bench.common import report_ratio, scratch_runtime
     from service.settings import ServiceSettings
     from service.teachers.catalog import TeacherCatalog
     from workers.vllm_adapter import VllmEngine
@@ -75,11 +75,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
         service = run_service(engine, data, args.top_logprobs, rt)
     after = run_baseline(engine, data, args.top_logprobs)
-    ratio = service["tokens_per_s"] / ((before["tokens_per_s"] + after["tokens_per_s"]) / 2)
-    rows = [{"run": "LLM.generate prompt_logprobs (before)", **before}, {"run": "service score job", **service},
-            {"run": "LLM.generate prompt_logprobs (after)", **after}]
-    report(f"scoring throughput, {args.requests} x {args.response_tokens} response tokens, top-{args.top_logprobs}"
-           f" — ratio {ratio:.3f}", rows, "score.json", {"ratio": ratio, "args": vars(args)})
+    report_ratio(f"scoring throughput, {args.requests} x {args.response_tokens} response tokens, top-{args.top_logprobs}",
+                 "LLM.generate prompt_logprobs", before, service, after, "score.json", args)
     engine.close()
 
 

@@ -7,6 +7,7 @@ import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from rich.console import Console
@@ -87,6 +88,16 @@ def timed_service_job(rt, engine, body: dict, flush_s: float = 3.0, poll_s: floa
     thread.join(60)
     tokens = sum(len(x) for t in tables for x in t.column("completion_token_ids").to_pylist())
     return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def report_ratio(title: str, baseline: str, before: dict, service: dict, after: dict, filename: str,
+                 args: Any) -> float:
+    """The service's tokens/s over the mean of a baseline run before and after it: print, write, return."""
+    ratio = service["tokens_per_s"] / ((before["tokens_per_s"] + after["tokens_per_s"]) / 2)
+    rows = [{"run": f"{baseline} (before)", **before}, {"run": "service end-to-end", **service},
+            {"run": f"{baseline} (after)", **after}]
+    report(f"{title} — ratio {ratio:.3f}", rows, filename, {"ratio": ratio, "args": vars(args)})
+    return ratio
 
 
 def bench_key(rt) -> str:
