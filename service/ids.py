@@ -1,13 +1,12 @@
 """The shapes of resource ids, so a caller's id is checked before anything is looked up.
 
-Ids are minted as a prefix and a uuid4's 32 hex digits (`new_id` in service/jobs/service.py,
-the files and batches in service/openai_batch/service.py). Anything else (a path, `..`, a NUL
+Ids are minted here, as a prefix and a uuid4's 32 hex digits. Anything else (a path, `..`, a NUL
 byte, ten kilobytes of text) cannot name a row and never reaches the database or storage.
 """
 
 from __future__ import annotations
 
-import re
+import uuid
 
 PREFIXES = {"job": "job_", "shard": "shd_", "file": "file-", "batch": "batch_"}
 
@@ -18,5 +17,6 @@ def id_pattern(kind: str) -> str:
     return f"^{PREFIXES[kind]}[0-9a-f]{{32}}$"
 
 
-def is_id(kind: str, value: str) -> bool:
-    return re.fullmatch(id_pattern(kind), value) is not None
+def new_id(kind: str) -> str:
+    """A fresh id of this kind (job, shard, file, batch): unguessable, and matching id_pattern."""
+    return f"{PREFIXES[kind]}{uuid.uuid4().hex}"

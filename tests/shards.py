@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from service.jobs.repository import JobRepository
-from service.jobs.service import new_id
+from service.ids import new_id
 from service.models import Shard
 
 
@@ -30,7 +30,7 @@ def add_job_shard(api, rt, payload_bytes: int = 20_000) -> IndexedShard:
     job = api.post("/v1/jobs", json={"requests": [{"prompt": "hello"}], "sampling": {"max_tokens": 1}}).json()
     table = pa.table({"payload": [os.urandom(payload_bytes)]})  # incompressible: the file is about this big
     stored = rt.storage.write_table(f"jobs/{job['id']}/part-00000.parquet", table, {})
-    shard_id = new_id("shd")
+    shard_id = new_id("shard")
     with rt.sessions() as db, db.begin():
         JobRepository(db).add_shard(Shard(id=shard_id, kind="job", job_id=job["id"], shard_index=0, path=stored.path,
                                           rows=stored.rows, bytes=stored.bytes, sha256=stored.sha256))

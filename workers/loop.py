@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from service.db import db_retry, transaction
+from service.ids import new_id
 from service.jobs.finalizer import Finalizer
 from service.jobs.repository import JobRepository
-from service.jobs.service import new_id
 from service.models import Shard, Worker
 from service.queue.repository import ClaimedTask, TaskRepository
 from service.runtime import Runtime
@@ -283,7 +283,7 @@ class WorkerLoop:
         with transaction(self.rt.sessions) as db:
             kept = TaskRepository(db).finish(self.held.tokens(prompts))
             jobs = JobRepository(db)
-            shard_id = new_id("shd")
+            shard_id = new_id("shard")
             jobs.add_shard(Shard(id=shard_id, kind="result", path=stored.path, rows=stored.rows,
                                  bytes=stored.bytes, sha256=stored.sha256))
             jobs.add_results([{**e, "teacher": self.teacher, "shard_id": shard_id} for e in entries if e["cache_key"] in kept])

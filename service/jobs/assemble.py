@@ -14,8 +14,8 @@ import pyarrow as pa
 import sqlalchemy as sa
 import pyarrow.compute as pc
 
+from service.ids import new_id
 from service.jobs.repository import JobRepository, OutputRow
-from service.jobs.service import new_id
 from service.jobs.spend import stored_spend
 from service.models import Job, Shard
 from service.shards import JOB_SCHEMA, RESULT_FIELDS, error_row, shard_metadata
@@ -31,7 +31,7 @@ def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict, shar
     metadata = shard_metadata({**teacher_meta.get(job.teacher, {"teacher": job.teacher}), **job_parameters(job)})
     for index, start in enumerate(range(0, max(table.num_rows, 1), shard_rows)):
         stored = storage.write_table(f"jobs/{job.id}/part-{index:05d}.parquet", table.slice(start, shard_rows), metadata)
-        jobs.add_shard(Shard(id=new_id("shd"), kind="job", job_id=job.id, shard_index=index, path=stored.path,
+        jobs.add_shard(Shard(id=new_id("shard"), kind="job", job_id=job.id, shard_index=index, path=stored.path,
                              rows=stored.rows, bytes=stored.bytes, sha256=stored.sha256))
     job.status = "cancelled" if job.cancel_requested_at else "succeeded"
     job.finished_at = sa.func.now()

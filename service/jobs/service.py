@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -13,6 +12,7 @@ from sqlalchemy import orm
 
 from service.cachekey import cache_key, normalize_sampling, teacher_identity
 from service.errors import Conflict, NotFound, ValidationFailed
+from service.ids import new_id
 from service.jobs.limits import JobLimits, check_pending, check_shape, check_tokens
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
@@ -24,10 +24,6 @@ from service.teachers.tokenizer import Teacher
 
 MAX_ATTEMPTS = 3
 ShardUrl = Callable[[str], str]
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def body_sha256(body: JobCreate) -> str:

@@ -8,13 +8,13 @@ are built lazily, the first time the batch is read after its job has finished.
 from __future__ import annotations
 
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import orm
 
 from service.errors import NotFound, ValidationFailed
+from service.ids import new_id
 from service.jobs.limits import JobLimits
 from service.jobs.repository import JobRepository
 from service.jobs.service import JobService
@@ -77,7 +77,7 @@ class OpenAIBatchService:
 
     def _store_file(self, filename: str, purpose: str, data: bytes) -> OpenAIFile:
         # Written before its row: a crash in between leaves an unreferenced file, never a dangling row.
-        file_id = f"file-{uuid.uuid4().hex}"
+        file_id = new_id("file")
         path = f"files/{file_id}.jsonl"
         write_bytes(self.rt, path, data)
         row = OpenAIFile(id=file_id, tenant=self.tenant, purpose=purpose, filename=filename[:500], bytes=len(data), path=path,
@@ -104,7 +104,7 @@ class OpenAIBatchService:
         source = self.file(body.input_file_id)
         if source.purpose != "batch":
             raise ValidationFailed("input_file_id: the file's purpose is not 'batch'", field="input_file_id")
-        batch = OpenAIBatch(id=f"batch_{uuid.uuid4().hex}", tenant=self.tenant, input_file_id=source.id, endpoint=body.endpoint,
+        batch = OpenAIBatch(id=new_id("batch"), tenant=self.tenant, input_file_id=source.id, endpoint=body.endpoint,
                             completion_window=body.completion_window, status="validating",
                             metadata_=body.metadata or {}, created_at=now())
         self.repo.add(batch)
