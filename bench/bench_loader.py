@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,13 +39,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 import teachercache as tc
+from bench.processes import free_port, wait_until_answering
 from teachercache.stream import DEFAULT_BATCH_SIZE
 
 TEACHER = "smollm2-135m-instruct"
@@ -54,12 +53,6 @@ MB = 1e6
 
 
 # -- the job --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -76,25 +69,11 @@ def api_process(rt: Any, port: int) -> Iterator[str]:
     server = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(server, url)
+        wait_until_answering(server, f"{url}/healthz", 60, "the API", interval=0.2)
         yield url
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-def wait_healthy(server: subprocess.Popen, url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the API exited with code {server.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the API did not come up")
 
 
 @contextmanager

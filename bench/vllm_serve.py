@@ -5,28 +5,15 @@ float32, seed 0, no generation config), max logprobs 21 (the chat path asks for 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from bench.processes import ServerFailed, free_port, stop_process_group, wait_until_answering
 
 SERVED_NAME = "smollm2"
-
-
-class ServerFailed(RuntimeError):
-    """vllm serve exited, or did not answer in time; the message ends with its log."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_command(model_dir: Path, port: int) -> list[str]:
@@ -45,32 +32,10 @@ def vllm_serve(model_dir: Path, log: Path, start_s: float = 400, kv_cache_gb: st
                                stderr=subprocess.STDOUT, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        wait_until_serving(process, base_url, log, start_s)
+        try:
+            wait_until_answering(process, f"{base_url}/models", start_s, "vllm serve", interval=1)
+        except ServerFailed as exc:
+            raise ServerFailed(f"{exc}:\n{log.read_text()[-3000:]}") from exc
         yield base_url
     finally:
         stop_process_group(process)
-
-
-def wait_until_serving(process: subprocess.Popen, base_url: str, log: Path, start_s: float) -> None:
-    deadline = time.monotonic() + start_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServerFailed(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base_url}/models", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise ServerFailed(f"vllm serve did not come up within {start_s} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.vllm_serve import SERVED_NAME, ServerFailed, vllm_serve
+from bench.processes import ServerFailed
+from bench.vllm_serve import SERVED_NAME, vllm_serve
 from service.settings import PROJECT_ROOT, ServiceSettings
 from tests.jobs import download_rows, wait_for
 from workers.main import build_remote_engine
