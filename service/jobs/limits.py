@@ -41,11 +41,15 @@ class JobLimits:
 LIMIT_NAMES = frozenset(field.name for field in dataclasses.fields(JobLimits))
 
 
-def check_limit_value(name: str, value: float) -> Any:
-    """A tenant override as the limit's own type; refused when unknown or not positive."""
+def check_limit_name(name: str) -> None:
     if name not in LIMIT_NAMES:
         raise ValidationFailed(f"limit: {name!r} is not a per-tenant limit (one of {sorted(LIMIT_NAMES)})",
                                field="limit")
+
+
+def check_limit_value(name: str, value: float) -> Any:
+    """A tenant override as the limit's own type; refused when unknown or not positive."""
+    check_limit_name(name)
     kind = {f.name: f.type for f in dataclasses.fields(JobLimits)}[name]
     typed = float(value) if kind == "float" else int(value)
     if typed <= 0 or typed != value:

@@ -40,9 +40,6 @@ class TenantRepository:
         self.session.add(row)
         self.session.flush()
 
-    def key(self, key_id: str) -> ApiKey | None:
-        return self.session.get(ApiKey, key_id)
-
     def key_with_limits(self, key_id: str) -> tuple[ApiKey, dict] | None:
         """The key and its tenant's own limits, in one query (every request asks)."""
         query = sa.select(ApiKey, Tenant.limits).join(Tenant, Tenant.name == ApiKey.tenant).where(ApiKey.id == key_id)

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import orm
 
 from service.errors import LimitExceeded, NotFound, ValidationFailed
-from service.jobs.limits import LIMIT_NAMES, JobLimits, check_limit_value
+from service.jobs.limits import JobLimits, check_limit_name, check_limit_value
 from service.tenants.models import ApiKey, Tenant
 from service.tenants.repository import TenantRepository
 
@@ -75,11 +75,10 @@ class TenantService:
         row = self.repo.tenant(tenant)
         if row is None:
             raise NotFound(f"no tenant {tenant!r}", field="tenant")
+        check_limit_name(name)
         limits = {k: v for k, v in row.limits.items() if k != name}
         if value is not None:
             limits[name] = check_limit_value(name, value)
-        elif name not in LIMIT_NAMES:
-            check_limit_value(name, 1)  # says which names there are
         row.limits = limits
         return limits
 
