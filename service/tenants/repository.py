@@ -12,16 +12,17 @@ from service.tenants.models import ApiKey, Tenant
 # Returns the tokens there were before this submission; below 1 means it was refused.
 TAKE_SUBMISSION_TOKEN_SQL = sa.text(
     """
-    WITH bucket AS (
-        SELECT name,
+    WITH clock AS (SELECT clock_timestamp() AS now),  -- read once: two reads would differ
+    bucket AS (
+        SELECT name, clock.now,
                LEAST(CAST(:burst AS float8), COALESCE(rate_tokens, :burst)
-                     + EXTRACT(EPOCH FROM clock_timestamp() - COALESCE(rate_updated_at, clock_timestamp()))
+                     + EXTRACT(EPOCH FROM clock.now - COALESCE(rate_updated_at, clock.now))
                      * CAST(:rate AS float8)) AS tokens
-          FROM tenants WHERE name = :tenant FOR UPDATE
+          FROM tenants, clock WHERE name = :tenant FOR UPDATE OF tenants
     )
     UPDATE tenants t
        SET rate_tokens = CASE WHEN b.tokens >= 1 THEN b.tokens - 1 ELSE b.tokens END,
-           rate_updated_at = clock_timestamp()
+           rate_updated_at = b.now
       FROM bucket b
      WHERE t.name = b.name
     RETURNING b.tokens
