@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 TC := $(VENV)/bin/teachercache
 STAMP := $(VENV)/.installed
 
-.PHONY: install teacher demo test bench up clean
+# The machine's own Postgres, for the second pass of the database tests (CI runs both).
+EXTERNAL_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
+
+.PHONY: install teacher demo test test-fast test-external bench up clean
 
 install: $(STAMP)
 
@@ -24,8 +27,17 @@ $(STAMP): pyproject.toml
 teacher: install
 	$(TC) teacher prepare
 
+# Everything, on the embedded PostgreSQL server unless TEACHERCACHE_DATABASE_URL is set.
 test: teacher
 	$(PY) -m pytest -q
+
+# The fast lane: tests/unit needs neither Postgres nor vLLM (well under a minute).
+test-fast: teacher
+	$(PY) -m pytest -q tests/unit
+
+# The database tests again, against an external server (not the engine tests: nothing differs there).
+test-external: teacher
+	TEACHERCACHE_DATABASE_URL=$(EXTERNAL_DATABASE_URL) $(PY) -m pytest -q -m "database and not engine" tests/integration
 
 demo: teacher
 	$(PY) examples/demo.py

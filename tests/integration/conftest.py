@@ -192,3 +192,14 @@ def start_worker(rt):
     yield start
     for running in started:
         running.stop()
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark what each test needs, from the fixtures it uses, so lanes can be picked with -m:
+    `database` (Postgres: the embedded server, or the one configured) and `engine` (real vLLM)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "postgres_admin_url" in fixtures:
+            item.add_marker(pytest.mark.database)
+        if fixtures & {"vllm_engine", "vllm_server"}:
+            item.add_marker(pytest.mark.engine)
