@@ -13,11 +13,17 @@ def worker(teacher: Annotated[Optional[str], typer.Option(help="default: the reg
            engine: Annotated[Optional[str], typer.Option(help="vllm (default) or scripted")] = None) -> None:
     """Claim and run pending requests for one teacher until SIGTERM."""
     from workers.main import run_worker
+    from workers.memory import EngineStartFailed
     from workers.settings import WorkerSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in {"teacher": teacher, "engine": engine}.items() if v is not None}
-    raise typer.Exit(run_worker(WorkerSettings(**overrides)))
+    try:
+        code = run_worker(WorkerSettings(**overrides))
+    except EngineStartFailed as exc:
+        typer.echo(f"teachercache worker: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:

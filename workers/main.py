@@ -9,7 +9,9 @@ import threading
 
 from service.migrate import upgrade
 from service.runtime import Runtime
+from workers import memory
 from workers.engine import Engine
+from workers.memory import EngineStartFailed
 from workers.loop import WorkerLoop
 from workers.settings import WorkerSettings
 
@@ -26,11 +28,25 @@ def build_engine(settings: WorkerSettings, rt: Runtime, teacher_name: str) -> En
         return ScriptedEngine(vocab_size=teacher.vocab_size, step_delay_s=settings.scripted_step_delay_s)
     from workers.vllm_adapter import VllmEngine  # the only path that imports vLLM
 
-    return VllmEngine.load(
-        str(teacher.folder), max_model_len=teacher.spec.max_model_len, max_top_logprobs=teacher.spec.max_top_logprobs,
-        dtype=teacher.spec.dtype, kv_cache_gb=settings.kv_cache_gb, max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-    )
+    try:
+        return VllmEngine.load(
+            str(teacher.folder), max_model_len=teacher.spec.max_model_len,
+            max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype,
+            kv_cache_gb=settings.kv_cache_gb, max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+        )
+    except EngineStartFailed:
+        raise
+    except Exception as exc:  # vLLM's own reasons (memory, devices, the model folder) come in many types
+        log.debug("engine start failed", exc_info=True)
+        raise EngineStartFailed(f"the vLLM engine for {teacher_name!r} did not start ({_first_line(exc)}); "
+                                f"its log above says why. Memory: set {memory.SETTING} (GiB); "
+                                "batch size: TEACHERCACHE_MAX_NUM_SEQS") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def build_remote_engine(teacher) -> Engine:

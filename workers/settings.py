@@ -23,6 +23,7 @@ class WorkerSettings(ServiceSettings):
     # On SIGTERM: stop claiming, let running requests finish for this long, release the rest.
     drain_s: float = 30.0
     # Engine options (vLLM adapter).
+    # KV cache of a CPU engine, GiB; default: a quarter of the free memory, at most 4 (workers/memory.py).
     kv_cache_gb: float | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None

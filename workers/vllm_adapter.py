@@ -20,6 +20,7 @@ collapse, and it creates no per-token Python objects.
 from __future__ import annotations
 
 import atexit
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from vllm.inputs import tokens_input
 from vllm.logprobs import FlatLogprobs
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+from workers import memory
 from workers.engine import EngineRequest, EngineResult, Sample, SamplingSpec
 
 _GIB = 1 << 30
@@ -87,6 +89,7 @@ class VllmEngine:
         **llm_kwargs: Any,
     ) -> VllmEngine:
         """Build the vLLM engine; extra keyword arguments go to `vllm.LLM` unchanged."""
+        kv_cache_gb = _kv_cache_gb(kv_cache_gb)
         optional = {
             "max_model_len": max_model_len,
             "max_num_seqs": max_num_seqs,
@@ -256,6 +259,21 @@ def _platform_defaults() -> dict[str, Any]:
     from vllm.platforms import current_platform
 
     return {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
+
+
+def _kv_cache_gb(configured: float | None) -> float | None:
+    """The KV cache to ask for: the setting, else vLLM's own VLLM_CPU_KVCACHE_SPACE (which it
+    applies itself), else on the CPU build a size that fits this machine (workers/memory.py).
+    On a GPU, None: vLLM sizes it from gpu_memory_utilization."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or (configured is None and os.environ.get("VLLM_CPU_KVCACHE_SPACE")):
+        return configured
+    available = memory.free_bytes()
+    if configured is None:
+        return memory.default_cpu_kv_cache_gb(available)
+    memory.check_fits(configured, available)
+    return configured
 
 
 def _describe(exc: BaseException) -> str:

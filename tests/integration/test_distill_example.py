@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 import teachercache as tc
-from tests.test_client_live import serve_on_loopback
+from tests.integration.test_client_live import serve_on_loopback
 from workers.scripted_engine import ScriptedEngine
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distill.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "distill.py"
 PROMPTS = [
     "The capital of France is",
     "Write a haiku about autumn leaves.",

@@ -26,7 +26,7 @@ MAX_TOKENS = 16
 
 
 # `teacher_model_dir` (a Path) and `vllm_engine` (one session-scoped VllmEngine) come from
-# tests/conftest.py, shared with the pipeline tests so a session loads vLLM only once.
+# tests/integration/conftest.py, shared with the pipeline tests so a session loads vLLM only once.
 
 
 _MAX_DIFF = {"value": 0.0}  # the largest |vLLM - transformers| seen, printed at the end

@@ -33,7 +33,7 @@ from tests.shards import add_job_shard
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # The suite runs a fixed (derandomized) set of examples; for a deeper, random search run e.g.
-# TEACHERCACHE_FUZZ_EXAMPLES=1000 pytest tests/test_openapi_fuzz.py
+# TEACHERCACHE_FUZZ_EXAMPLES=1000 pytest tests/integration/test_openapi_fuzz.py
 EXPLORE = os.environ.get("TEACHERCACHE_FUZZ_EXAMPLES")
 FUZZ_SETTINGS = settings(
     max_examples=int(EXPLORE or 40), deadline=None, derandomize=EXPLORE is None, database=None,

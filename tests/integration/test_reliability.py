@@ -12,7 +12,7 @@ from service.db import transaction
 from service.models import Job, Task
 from service.queue.repository import TaskRepository
 from tests.jobs import download_rows, wait_for
-from tests.test_pipeline_scripted import batch
+from tests.integration.test_pipeline_scripted import batch
 from workers.scripted_engine import ScriptedEngine
 
 TEACHER = "smollm2-135m-instruct"

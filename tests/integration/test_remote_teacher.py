@@ -1,6 +1,6 @@
 """A remote teacher end to end against a stub OpenAI-compatible server on loopback: the API,
 the queue, a worker whose engine is an HTTP client, the shards, the spend. The real-vLLM
-comparison is in tests/test_remote_vllm.py."""
+comparison is in tests/integration/test_remote_vllm.py."""
 
 from __future__ import annotations
 
