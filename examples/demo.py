@@ -23,6 +23,7 @@ import teachercache as tc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "examples" / "prompts.jsonl"
+LOGS = ROOT / ".state" / "logs"
 PORT = int(os.environ.get("TEACHERCACHE_DEMO_PORT", "8765"))
 URL = f"http://127.0.0.1:{PORT}"
 console = Console()
@@ -30,8 +31,11 @@ console = Console()
 
 def start_stack() -> subprocess.Popen:
     console.print(f"[bold]Starting the embedded stack[/] (Postgres, API on {URL}, one vLLM worker)...")
-    command = [sys.executable, "-m", "teachercache", "up", "--port", str(PORT)]
-    return subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    console.print(f"Its logs: {(LOGS / 'api.log').relative_to(ROOT)} and {(LOGS / 'worker.log').relative_to(ROOT)}")
+    command = [sys.executable, "-m", "teachercache", "up", "--port", str(PORT), "--log-dir", str(LOGS)]
+    LOGS.mkdir(parents=True, exist_ok=True)
+    with (LOGS / "api.log").open("a") as log:
+        return subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_healthy(stack: subprocess.Popen, timeout: float = 300) -> None:
@@ -57,14 +61,6 @@ def wait_worker_online(client: tc.Client, timeout: float = 600) -> None:
             return
         time.sleep(1)
     raise SystemExit("no worker came online")
-
-
-def local_api_key() -> str:
-    """The embedded stack writes a key for tenant `local` to its state folder on first start."""
-    state = Path(os.environ.get("TEACHERCACHE_STATE_DIR", ROOT / ".state"))
-    key = (state / "api-key").read_text().strip()
-    console.print(f"Using the embedded stack's API key from {state / 'api-key'}")
-    return key
 
 
 def stop_stack(stack: subprocess.Popen) -> None:
@@ -133,7 +129,9 @@ def main() -> None:
     stack = start_stack()
     try:
         wait_healthy(stack)
-        with tc.Client(URL, api_key=local_api_key(), timeout=60) as client:
+        # No key given: for a service on this machine the client reads the one the embedded
+        # stack wrote for tenant `local` to .state/api-key on its first start.
+        with tc.Client(URL, timeout=60) as client:
             wait_worker_online(client)
             job, paths, elapsed = run_job(client, ROOT / ".state" / "demo-output")
         summarize(job, paths, elapsed)

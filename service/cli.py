@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -174,17 +175,21 @@ def announce_local_key(rt) -> None:
 
 
 def up(teacher: Annotated[Optional[str], typer.Option(help="teacher for the worker")] = None,
-       port: Annotated[Optional[int], typer.Option()] = None) -> None:
+       port: Annotated[Optional[int], typer.Option()] = None,
+       log_dir: Annotated[Optional[Path], typer.Option(help="write the API's and the worker's logs to "
+                                                            "api.log and worker.log here, not the terminal")] = None,
+       ) -> None:
     """Embedded stack in the foreground: Postgres (embedded unless configured), API, one worker."""
     from service.db import resolve_database_url
 
     settings = ServiceSettings()
+    if log_dir is not None:
+        log_to_file(log_dir / "api.log")
     teacher_prepare(None)
     url = resolve_database_url(settings, own_embedded=True)  # embedded unless configured; stopped at exit
-    # One machine runs everything: bound the CPU engine's KV cache (vLLM would reserve ~90% of RAM).
-    env = {"VLLM_CPU_KVCACHE_SPACE": "4", **os.environ, "TEACHERCACHE_DATABASE_URL": url}
+    env = {**os.environ, "TEACHERCACHE_DATABASE_URL": url}
     command = [sys.executable, "-m", "workers", *(["--teacher", teacher] if teacher else [])]
-    supervisor = WorkerSupervisor(command, env)
+    supervisor = WorkerSupervisor(command, env, log_file=None if log_dir is None else log_dir / "worker.log")
     port = port or settings.port
     typer.echo(f"teachercache is up: http://{settings.host}:{port}  (one worker; Ctrl-C stops)")
     try:
@@ -194,13 +199,24 @@ def up(teacher: Annotated[Optional[str], typer.Option(help="teacher for the work
         supervisor.stop()
 
 
+def log_to_file(path: Path) -> None:
+    """Everything this process logs, and whatever its libraries print on stderr, into `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stream = path.open("a", buffering=1)
+    os.dup2(stream.fileno(), sys.stderr.fileno())
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 class WorkerSupervisor:
     """Runs the worker process; restarts it when it exits non-zero (its engine died), a few times."""
 
-    def __init__(self, command: list[str], env: dict[str, str], max_restarts: int = 3) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], max_restarts: int = 3,
+                 log_file: Path | None = None) -> None:
         self.command, self.env, self.max_restarts = command, env, max_restarts
+        self.log_file = log_file
         self.stopping = threading.Event()
-        self.process = subprocess.Popen(command, env=env)
+        self.process = self._start()
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _watch(self) -> None:
@@ -212,9 +228,16 @@ class WorkerSupervisor:
                 break
             logging.warning("worker exited with %s; restarting it", code)
             time.sleep(2 ** restart)
-            self.process = subprocess.Popen(self.command, env=self.env)
+            self.process = self._start()
         logging.error("the worker keeps failing; stopping the stack")
         os.kill(os.getpid(), signal.SIGINT)
+
+    def _start(self) -> subprocess.Popen:
+        if self.log_file is None:
+            return subprocess.Popen(self.command, env=self.env)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("a") as log:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         self.stopping.set()

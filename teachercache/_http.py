@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import uuid
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,8 +22,43 @@ def resolve_base_url(base_url: str | None) -> str:
     return base_url or os.environ.get(URL_ENV) or DEFAULT_URL
 
 
-def resolve_api_key(api_key: str | None) -> str | None:
-    return api_key or os.environ.get(API_KEY_ENV) or None
+STATE_DIR_ENV = "TEACHERCACHE_STATE_DIR"
+LOCAL_KEY_FILE = "api-key"  # what the embedded stack (`teachercache up` / `serve`) writes in its state folder
+
+
+def resolve_api_key(api_key: str | None, base_url: str = DEFAULT_URL) -> str | None:
+    """The key given, else $TEACHERCACHE_API_KEY, else, for a service on this machine only,
+    the embedded stack's own key from its state folder: the README's first steps need no export."""
+    return api_key or os.environ.get(API_KEY_ENV) or (local_stack_key() if is_loopback(base_url) else None)
+
+
+def is_loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def local_key_candidates() -> list[Path]:
+    """Where the embedded stack keeps its key: $TEACHERCACHE_STATE_DIR, else `.state` in the
+    current folder, else `.state` beside this package in a source checkout (the server's default)."""
+    if os.environ.get(STATE_DIR_ENV):
+        return [Path(os.environ[STATE_DIR_ENV]) / LOCAL_KEY_FILE]
+    return [Path.cwd() / ".state" / LOCAL_KEY_FILE, Path(__file__).resolve().parents[1] / ".state" / LOCAL_KEY_FILE]
+
+
+def local_stack_key() -> str | None:
+    for path in local_key_candidates():
+        try:
+            key = path.read_text().strip()
+        except OSError:
+            continue
+        if key:
+            return key
+    return None
 
 
 class BearerAuth(httpx.Auth):
@@ -49,7 +86,7 @@ def http_options(base_url: str, api_key: str | None, timeout: float | httpx.Time
     """Keyword arguments for httpx.Client / httpx.AsyncClient."""
     return {
         "base_url": base_url,
-        "auth": BearerAuth(resolve_api_key(api_key), base_url),
+        "auth": BearerAuth(resolve_api_key(api_key, base_url), base_url),
         "timeout": timeout,
         "headers": {"User-Agent": f"teachercache-python/{__version__}"},
         "follow_redirects": True,

@@ -1,4 +1,7 @@
-"""The progress bar wait() draws on stderr: finished requests (completed+cached+failed) of total."""
+"""The progress bar wait() draws on stderr: finished requests (completed+cached+failed) of total.
+
+One line that fits an 80-column terminal even at 10^7 requests: the job's status, a bar of
+fixed width, done/total, cached and failed, elapsed time. The job's id is said once, above it."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+BAR_WIDTH = 16
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 FAILED_STATUSES = frozenset({"failed", "cancelled"})
 
@@ -25,17 +29,17 @@ def wants_progress(progress: bool | None) -> bool:
 class WaitProgress:
     """A rich bar updated from job objects; a no-op when disabled."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, console: Console | None = None) -> None:
         self._progress: Progress | None = None
         self._task: Any = None
         if enabled:
             self._progress = Progress(
                 TextColumn("{task.description}"),
-                BarColumn(),
+                BarColumn(bar_width=BAR_WIDTH),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[detail]}"),
                 TimeElapsedColumn(),
-                console=Console(stderr=True),
+                console=console or Console(stderr=True),
                 transient=False,
             )
 
@@ -52,12 +56,13 @@ class WaitProgress:
         if self._progress is None:
             return
         counts = job.get("counts") or {}
-        fields = {"description": f"{job.get('id')} {job.get('status')}", "detail": _detail(counts)}
+        fields = {"description": f"{job.get('status', ''):<10}", "detail": _detail(counts)}
         total = int(counts.get("total") or 0) or None
         if self._task is None:
+            self._progress.console.print(f"job {job.get('id')}")
             self._task = self._progress.add_task(total=total, **fields)
         self._progress.update(self._task, completed=finished_requests(job), total=total, **fields)
 
 
 def _detail(counts: dict[str, Any]) -> str:
-    return f"cached {counts.get('cached', 0)}  failed {counts.get('failed', 0)}"
+    return f"cached {counts.get('cached', 0)} failed {counts.get('failed', 0)}"

@@ -1,5 +1,7 @@
-"""tenants.limits: a tenant's own values of the submission limits; jobs.spend_tokens: a
-finished job's spend, fixed when it ends
+"""tenants.limits and jobs.spend_tokens
+
+tenants.limits: a tenant's own values of the submission limits; jobs.spend_tokens: a
+finished job's spend, fixed when it ends.
 
 Revision ID: 0005
 Revises: 0004
