@@ -171,7 +171,7 @@ def announce_local_key(rt) -> None:
 
     path, created = ensure_local_key(rt)
     typer.echo(f"API key for tenant 'local' {'created' if created else 'is'} in {path}  "
-               f"(export TEACHERCACHE_API_KEY=$(cat {path}))")
+               "(clients on this machine read it from there)")
 
 
 def up(teacher: Annotated[Optional[str], typer.Option(help="teacher for the worker")] = None,
