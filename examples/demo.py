@@ -99,9 +99,10 @@ def summarize(job: dict, paths: list[Path], elapsed: float) -> None:
     ]:
         summary.add_row(name, value)
     console.print(summary)
-    files = Table("file", "size", "rows", title="shards")
+    folder = paths[0].parent.relative_to(ROOT) if paths else ""
+    files = Table("file", "size", "rows", title=f"shards in {folder}")
     for path in paths:
-        files.add_row(str(path.relative_to(ROOT)), f"{path.stat().st_size:,} bytes", f"{pq.ParquetFile(path).metadata.num_rows} rows")
+        files.add_row(path.name, f"{path.stat().st_size:,} bytes", f"{pq.ParquetFile(path).metadata.num_rows} rows")
     console.print(files)
     if table:
         show_example(next((r for r in table if r["custom_id"].startswith("chat")), table[0]))
