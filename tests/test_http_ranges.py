@@ -15,6 +15,7 @@ import pytest
 from service.errors import RangeNotSatisfiable
 from service.http.ranges import MAX_RANGES, ByteRange, parse_range_header
 from tests.shards import add_job_shard
+from tests.s3 import local_or_s3_uri
 
 SIZE = 1000
 
@@ -89,6 +90,18 @@ def test_a_hundred_ranges_are_served():
 
 
 # ---- against a real shard -----------------------------------------------------------------
+
+
+# Every download test runs on both adapters: a local file, and an S3 object proxied through
+# the API (ranges as ranged reads of the object).
+@pytest.fixture(params=["local", "s3"])
+def storage_uri(request) -> str | None:
+    return local_or_s3_uri(request)
+
+
+@pytest.fixture
+def storage_download() -> str:
+    return "proxy"
 
 
 @pytest.fixture

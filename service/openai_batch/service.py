@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import orm
 
@@ -79,7 +78,7 @@ class OpenAIBatchService:
         # Written before its row: a crash in between leaves an unreferenced file, never a dangling row.
         file_id = new_id("file")
         path = f"files/{file_id}.jsonl"
-        write_bytes(self.rt, path, data)
+        self.rt.storage.write_bytes(path, data)  # atomic, like a shard: a crash leaves no half file
         row = OpenAIFile(id=file_id, tenant=self.tenant, purpose=purpose, filename=filename[:500], bytes=len(data), path=path,
                          created_at=now())
         self.repo.add(row)
@@ -92,11 +91,7 @@ class OpenAIBatchService:
         return row
 
     def content(self, file_id: str) -> bytes:
-        return read_bytes(self.rt, self.file(file_id).path)
-
-    def local_content_path(self, file_id: str) -> Path | None:
-        """The file on local storage (from its row, never from the caller); None on an object store."""
-        return self.rt.storage.local_path(self.file(file_id).path)
+        return self.rt.storage.read_bytes(self.file(file_id).path)
 
     # batches
 
@@ -108,7 +103,7 @@ class OpenAIBatchService:
                             completion_window=body.completion_window, status="validating",
                             metadata_=body.metadata or {}, created_at=now())
         self.repo.add(batch)
-        parsed = parse_input(read_bytes(self.rt, source.path), body.endpoint, set(self.rt.teachers.registry.teachers))
+        parsed = parse_input(self.rt.storage.read_bytes(source.path), body.endpoint, set(self.rt.teachers.registry.teachers))
         if isinstance(parsed, list):
             self._fail(batch, parsed)
         else:
@@ -267,15 +262,3 @@ def describe_batch(batch: OpenAIBatch) -> BatchObject:
 
 def jsonl(lines: list[str]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
-
-
-def write_bytes(rt: Runtime, rel: str, data: bytes) -> None:
-    storage = rt.storage
-    storage.fs.create_dir(storage.full(rel).rsplit("/", 1)[0], recursive=True)
-    with storage.fs.open_output_stream(storage.full(rel)) as out:
-        out.write(data)
-
-
-def read_bytes(rt: Runtime, rel: str) -> bytes:
-    with rt.storage.open(rel) as f:
-        return f.read()
