@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import RedirectResponse
 
 from service.errors import NotFound, ShardDamaged, Unavailable
@@ -39,17 +39,20 @@ SHARD_DOWNLOAD = {"tags": ["shards"], "response_class": RangeFileResponse,
 # the whole file. Ranges: ranges.py.
 @router.get("/v1/shards/{shard_id}", **SHARD_DOWNLOAD)
 @router.head("/v1/shards/{shard_id}", **SHARD_DOWNLOAD)
-def download_shard(shard_id: ShardId, rt: Rt, db: Db, who: Who) -> Response:
+def download_shard(shard_id: ShardId, request: Request, rt: Rt, db: Db, who: Who) -> Response:
     shard = JobRepository(db).job_shard(shard_id, who.tenant)
     if shard is None:
         raise NotFound(f"no shard {shard_id!r}", field="shard_id")
     filename = f"{shard.job_id}-{shard.shard_index:05d}.parquet"
-    redirect = rt.settings.storage_download == "redirect"
+    # Only a GET is redirected: a presigned URL is signed for GET, and a HEAD (fsspec asks one
+    # for the size before its ranged GETs) is answered here from the index, without a body.
+    head = request.method == "HEAD"
+    redirect = rt.settings.storage_download == "redirect" and not head
     url = rt.storage.download_url(shard.path, filename, PARQUET, rt.settings.presign_expires_s) if redirect else None
     try:
         # Redirected, the client checks the manifest's sha256 itself: the API only checks the
-        # object is there with its size (a HEAD), never reads it. Served, it is hashed once.
-        rt.storage.verify(shard.path, shard.bytes, shard.sha256, full=url is None)
+        # object is there with its size (a HEAD on S3), never reads it. Served, it is hashed once.
+        rt.storage.verify(shard.path, shard.bytes, shard.sha256, full=url is None and not head)
     except ShardCheckFailed as exc:  # never serve a damaged file as good; its storage path stays in the log
         log.error("shard %s failed its integrity check: %s", shard_id, exc)
         raise ShardDamaged(f"shard {shard_id} failed its integrity check", field="shard_id") from exc

@@ -178,7 +178,10 @@ class Storage(ABC):
 
 
 def check_parquet(path: Path, rows: int) -> None:
-    read_back = pq.ParquetFile(path).metadata.num_rows  # parses the footer
+    try:
+        read_back = pq.ParquetFile(path).metadata.num_rows  # parses the footer
+    except pa.ArrowException as exc:
+        raise ShardCheckFailed(f"{path.name}: not a readable Parquet file ({exc})") from exc
     if read_back != rows:
         raise ShardCheckFailed(f"{path.name}: {read_back} rows read back, {rows} written")
 
