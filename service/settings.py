@@ -49,6 +49,13 @@ class ServiceSettings(BaseSettings):
     submission_burst: int = 30
     shard_rows: int = 10_000
     finalizer_poll_s: float = 0.5
+    # A job whose assembly fails is retried after finalize_backoff_s x 2^attempt (at most 5 min),
+    # and ends `failed` with the reason after finalize_max_attempts.
+    finalize_max_attempts: int = Field(default=5, ge=1)
+    finalize_backoff_s: float = Field(default=2.0, gt=0)
+    # Assembly reads and writes this many rows at a time, whatever the job's size: its memory is
+    # about this many rows' worth (plus one result-shard row group per shard it reads from).
+    assembly_batch_rows: int = Field(default=4096, ge=1)
     db_retry_attempts: int = 8
 
     @property

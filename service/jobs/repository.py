@@ -95,10 +95,23 @@ MARK_RUNNING_SQL = sa.text(
      WHERE id = ANY(CAST(:job_ids AS text[])) AND status = 'queued'
     """
 )
+# A job another finalizer holds is skipped, and so is one backing off after a failed assembly.
 CLAIM_FINALIZING_SQL = sa.text(
     """
     SELECT id FROM jobs WHERE status = 'finalizing'
+       AND (finalize_not_before IS NULL OR finalize_not_before <= now())
      ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
+    """
+)
+# One more failed attempt: back off exponentially (capped), or end the job failed with the reason.
+FINALIZE_FAILED_SQL = sa.text(
+    """
+    UPDATE jobs SET finalize_attempts = finalize_attempts + 1, error = :reason,
+           finalize_not_before = now() + make_interval(secs => LEAST(CAST(:backoff_s AS double precision) * 2 ^ finalize_attempts, 300)),
+           status = CASE WHEN finalize_attempts + 1 >= :max_attempts THEN 'failed' ELSE status END,
+           finished_at = CASE WHEN finalize_attempts + 1 >= :max_attempts THEN now() END
+     WHERE id = :job_id
+    RETURNING status
     """
 )
 
@@ -233,6 +246,11 @@ class JobRepository:
     def claim_job_to_finalize(self) -> Job | None:
         job_id = self.session.execute(CLAIM_FINALIZING_SQL).scalar_one_or_none()
         return self.session.get(Job, job_id) if job_id else None
+
+    def record_finalize_failure(self, job_id: str, reason: str, max_attempts: int, backoff_s: float) -> str:
+        """Count a failed assembly on the job; its status after (`failed` once out of attempts)."""
+        params = {"job_id": job_id, "reason": reason[:2000], "max_attempts": max_attempts, "backoff_s": backoff_s}
+        return self.session.execute(FINALIZE_FAILED_SQL, params).scalar_one()
 
     def output_rows(self, job_id: str) -> list[OutputRow]:
         query = (
