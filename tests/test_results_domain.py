@@ -74,3 +74,27 @@ def test_a_deleted_and_a_damaged_result_shard_are_recomputed_and_the_job_succeed
     assert not any(r["cached"] for r in rows)  # recomputed, not copied from the damaged shards
     # a and b once each, then all 8 again (both shards were dropped whole), and c: nothing else
     assert worker.loop.engine.counters["requests"] == 4 + 4 + 8 + 4
+
+
+@pytest.mark.parametrize("storage_uri, storage_download", [("local", "proxy"), ("s3", "proxy")], indirect=True)
+def test_deleting_a_job_removes_its_rows_and_shards_but_keeps_the_cache(api, rt, start_worker):
+    start_worker(ScriptedEngine())
+    job = wait_for(api, api.post("/v1/jobs", json=batch("d")).json()["id"])
+    url = job["shards"][0]["url"]
+    with rt.sessions() as db:
+        paths = list(db.scalars(sa.select(Shard.path).where(Shard.job_id == job["id"])))
+    response = api.delete(f"/v1/jobs/{job['id']}")
+    assert response.status_code == 200 and response.json()["deleted"] is True
+    assert api.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert api.get(url).status_code == 404
+    assert all(rt.storage.stat(path) is None for path in paths)
+    assert api.delete(f"/v1/jobs/{job['id']}").status_code == 404
+    again = api.post("/v1/jobs", json=batch("d")).json()
+    assert again["counts"]["cached"] == 4  # the cache outlives the job
+
+
+def test_a_job_still_running_cannot_be_deleted(api):
+    job = api.post("/v1/jobs", json=batch("r")).json()  # no worker: it stays queued
+    response = api.delete(f"/v1/jobs/{job['id']}")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "conflict"
+    assert api.get(f"/v1/jobs/{job['id']}").status_code == 200

@@ -265,6 +265,11 @@ class JobRepository:
         )
         return [OutputRow(*row) for row in self.session.execute(query)]
 
+    def delete_job(self, job_id: str) -> None:
+        """The job row; its requests and job shards go with it (ON DELETE CASCADE), a batch's link
+        is cleared (SET NULL)."""
+        self.session.execute(sa.delete(Job).where(Job.id == job_id))
+
     def job_shards(self, job_id: str) -> list[Shard]:
         query = sa.select(Shard).where(Shard.job_id == job_id, Shard.kind == "job").order_by(Shard.shard_index)
         return list(self.session.scalars(query))
