@@ -5,7 +5,6 @@ Callers own the transaction; nothing here commits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -119,21 +118,6 @@ FINALIZE_FAILED_SQL = sa.text(
 def any_key(keys: list[str]) -> sa.ColumnElement:
     """`= ANY(:keys)`: one array parameter however many keys (IN takes one per key, at most 65,535)."""
     return sa.any_(sa.bindparam("keys", keys, type_=ARRAY(sa.String)))
-
-
-@dataclass(frozen=True)
-class OutputRow:
-    """Where one request's rows come from when a job's shards are assembled."""
-
-    request_index: int
-    custom_id: str
-    state: str
-    cached: bool
-    cache_key: str
-    error: str | None
-    shard_path: str | None
-    row_start: int | None
-    row_count: int | None
 
 
 class JobRepository:
@@ -251,19 +235,6 @@ class JobRepository:
         """Count a failed assembly on the job; its status after (`failed` once out of attempts)."""
         params = {"job_id": job_id, "reason": reason[:2000], "max_attempts": max_attempts, "backoff_s": backoff_s}
         return self.session.execute(FINALIZE_FAILED_SQL, params).scalar_one()
-
-    def output_rows(self, job_id: str) -> list[OutputRow]:
-        query = (
-            sa.select(
-                Request.request_index, Request.custom_id, Request.state, Request.cached,
-                Request.cache_key, Request.error, Shard.path, Result.row_start, Result.row_count,
-            )
-            .outerjoin(Result, Result.cache_key == Request.result_key)
-            .outerjoin(Shard, Shard.id == Result.shard_id)
-            .where(Request.job_id == job_id)
-            .order_by(Request.request_index)
-        )
-        return [OutputRow(*row) for row in self.session.execute(query)]
 
     def delete_job(self, job_id: str) -> None:
         """The job row; its requests and job shards go with it (ON DELETE CASCADE), a batch's link
