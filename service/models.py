@@ -63,6 +63,10 @@ class Job(Base):
     spend_tokens: orm.Mapped[dict[str, Any] | None] = orm.mapped_column(JSONB)
     # Set by cancel: the job is assembled with what was done, then ends `cancelled`.
     cancel_requested_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+    # Assembly that failed: how often, and not again before this (a backoff), so one job that
+    # cannot be assembled never stops the finalizers; past the bound it ends `failed`.
+    finalize_attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    finalize_not_before: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
 
 
 class Request(Base):

@@ -10,7 +10,7 @@ from sqlalchemy import orm
 
 from service.db import make_engine, resolve_database_url, session_factory
 from service.settings import ServiceSettings
-from service.storage import Storage
+from service.storage import Storage, open_storage
 from service.teachers.catalog import TeacherCatalog
 
 
@@ -33,7 +33,7 @@ class Runtime:
 
     @cached_property
     def storage(self) -> Storage:
-        return Storage(self.settings.shards_uri)
+        return open_storage(self.settings.shards_uri, spool_dir=self.settings.state_dir / "spool")
 
     @cached_property
     def teachers(self) -> TeacherCatalog:

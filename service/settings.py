@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,8 +22,13 @@ class ServiceSettings(BaseSettings):
         default=None, validation_alias=AliasChoices("TEACHERCACHE_DATABASE_URL", "DATABASE_URL")
     )
     state_dir: Path = PROJECT_ROOT / ".state"
-    # Where shards live: a local folder by default, or any URI pyarrow.fs understands (s3://bucket/prefix).
+    # Where shards and files live: a local folder by default, or s3://bucket/prefix (with the
+    # standard AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
     storage_uri: str | None = None
+    # On an object store a shard URL answers 307 to a presigned URL ("redirect": students read
+    # straight from the store) or streams the object through the API ("proxy": Range, HEAD, ETag).
+    storage_download: Literal["redirect", "proxy"] = "redirect"
+    presign_expires_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
     models_dir: Path = PROJECT_ROOT / "models"
     # Operator-defined teachers (YAML); merged over the built-in registry.
     teachers_file: Path | None = None
@@ -43,6 +49,13 @@ class ServiceSettings(BaseSettings):
     submission_burst: int = 30
     shard_rows: int = 10_000
     finalizer_poll_s: float = 0.5
+    # A job whose assembly fails is retried after finalize_backoff_s x 2^attempt (at most 5 min),
+    # and ends `failed` with the reason after finalize_max_attempts.
+    finalize_max_attempts: int = Field(default=5, ge=1)
+    finalize_backoff_s: float = Field(default=2.0, gt=0)
+    # Assembly reads and writes this many rows at a time, whatever the job's size: its memory is
+    # about this many rows' worth (plus one result-shard row group per shard it reads from).
+    assembly_batch_rows: int = Field(default=4096, ge=1)
     db_retry_attempts: int = 8
 
     @property

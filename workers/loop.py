@@ -23,13 +23,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import sqlalchemy as sa
-
 from service.db import db_retry, transaction
-from service.ids import new_id
 from service.jobs.finalizer import Finalizer
 from service.jobs.repository import JobRepository
-from service.models import Shard, Worker
+from service.queue.workers import WorkerRepository
+from service.results.index import index_result_shard
 from service.queue.repository import ClaimedTask, TaskRepository
 from service.runtime import Runtime
 from service.shards import shard_metadata
@@ -227,8 +225,7 @@ class WorkerLoop:
         held = self.held.tokens()
         with transaction(self.rt.sessions) as db:
             kept = TaskRepository(db).renew(held, self.settings.lease_s)
-            db.execute(sa.update(Worker).where(Worker.id == self.worker_id)
-                       .values(heartbeat_at=sa.func.now(), stats=self.engine.stats()))
+            WorkerRepository(db).heartbeat(self.worker_id, self.engine.stats())
         # Tasks the writer indexed (and dropped) since the snapshot are done, not lost.
         lost = (set(held) - kept) & set(self.held.tokens())
         if lost:
@@ -281,13 +278,7 @@ class WorkerLoop:
         path = f"results/{self.teacher}/{time.strftime('%Y%m%d')}/{uuid.uuid4().hex}.parquet"
         stored = self.rt.storage.write_table(path, table, shard_metadata(self.rt.teacher_metadata().get(self.teacher, {})))
         with transaction(self.rt.sessions) as db:
-            kept = TaskRepository(db).finish(self.held.tokens(prompts))
-            jobs = JobRepository(db)
-            shard_id = new_id("shard")
-            jobs.add_shard(Shard(id=shard_id, kind="result", path=stored.path, rows=stored.rows,
-                                 bytes=stored.bytes, sha256=stored.sha256))
-            jobs.add_results([{**e, "teacher": self.teacher, "shard_id": shard_id} for e in entries if e["cache_key"] in kept])
-            jobs.advance_jobs(jobs.resolve_requests(sorted(kept)))
+            kept = index_result_shard(db, self.teacher, stored, entries, self.held.tokens(prompts))
         if len(kept) < len(results):
             log.warning("worker %s: %d results discarded (lease lost)", self.worker_id, len(results) - len(kept))
 
@@ -306,8 +297,7 @@ class WorkerLoop:
         @self._db
         def register() -> None:
             with transaction(self.rt.sessions) as db:
-                db.merge(Worker(id=self.worker_id, teacher=self.teacher, hostname=socket.gethostname(),
-                                pid=os.getpid(), stats={}))
+                WorkerRepository(db).register(self.worker_id, self.teacher)
         register()
         swept = self.rt.storage.sweep_temporary_files()
         log.info("worker %s serving %s (swept %d temporary files)", self.worker_id, self.teacher, swept)
@@ -328,7 +318,6 @@ class WorkerLoop:
     def _unregister(self) -> None:
         try:
             with transaction(self.rt.sessions) as db:
-                db.execute(sa.update(Worker).where(Worker.id == self.worker_id)
-                           .values(stopped_at=sa.func.now(), stats=self.engine.stats()))
+                WorkerRepository(db).stopped(self.worker_id, self.engine.stats())
         except Exception:
             log.exception("worker %s: could not record its stop", self.worker_id)

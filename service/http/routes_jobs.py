@@ -62,6 +62,19 @@ def get_job(job_id: JobId, request: Request, jobs: Jobs) -> JobOut:
     return jobs.describe(jobs.get(job_id), shard_url_builder(request))
 
 
+@router.delete("/{job_id}", responses={409: {"description": "the job has not ended yet"}})
+def delete_job(job_id: JobId, rt: Rt, jobs: Jobs, background: BackgroundTasks) -> dict:
+    """Remove a finished job, its requests and its shards; the cache it used is kept."""
+    paths = jobs.delete(job_id)
+    background.add_task(remove_objects, rt.storage, paths)  # after the commit: the index goes first
+    return {"id": job_id, "object": "job.deleted", "deleted": True}
+
+
+def remove_objects(storage, paths: list[str]) -> None:
+    for path in paths:
+        storage.delete(path)
+
+
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: JobId, request: Request, jobs: Jobs) -> JobOut:
     job = jobs.cancel(job_id)

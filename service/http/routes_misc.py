@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import RedirectResponse
 
 from service.errors import NotFound, ShardDamaged, Unavailable
 from service.http.deps import Db, Rt, Who, caller
 from service.http.metrics import render_metrics
 from service.http.params import ShardId
-from service.http.ranges import RANGE_HEADERS, RangeFileResponse, file_responses
+from service.http.ranges import RANGE_HEADERS, RangeFileResponse, StoredFileResponse, file_responses
 from service.jobs.repository import JobRepository
 from service.storage import ShardCheckFailed
 
@@ -27,7 +28,9 @@ def list_teachers(rt: Rt, db: Db) -> dict:
     return {"data": [{**t.describe(), "workers": online.get(t.name, 0)} for t in rt.teachers.available()]}
 
 
-SHARD_DOWNLOAD = {"tags": ["shards"], "response_class": RangeFileResponse, "responses": file_responses(PARQUET),
+SHARD_DOWNLOAD = {"tags": ["shards"], "response_class": RangeFileResponse,
+                  "responses": {**file_responses(PARQUET),
+                                307: {"description": "on an object store: a short-lived presigned URL of the file"}},
                   "openapi_extra": RANGE_HEADERS}
 
 
@@ -36,18 +39,32 @@ SHARD_DOWNLOAD = {"tags": ["shards"], "response_class": RangeFileResponse, "resp
 # the whole file. Ranges: ranges.py.
 @router.get("/v1/shards/{shard_id}", **SHARD_DOWNLOAD)
 @router.head("/v1/shards/{shard_id}", **SHARD_DOWNLOAD)
-def download_shard(shard_id: ShardId, rt: Rt, db: Db, who: Who) -> RangeFileResponse:
+def download_shard(shard_id: ShardId, request: Request, rt: Rt, db: Db, who: Who) -> Response:
     shard = JobRepository(db).job_shard(shard_id, who.tenant)
     if shard is None:
         raise NotFound(f"no shard {shard_id!r}", field="shard_id")
+    filename = f"{shard.job_id}-{shard.shard_index:05d}.parquet"
+    # Only a GET is redirected: a presigned URL is signed for GET, and a HEAD (fsspec asks one
+    # for the size before its ranged GETs) is answered here from the index, without a body.
+    head = request.method == "HEAD"
+    redirect = rt.settings.storage_download == "redirect" and not head
+    url = rt.storage.download_url(shard.path, filename, PARQUET, rt.settings.presign_expires_s) if redirect else None
     try:
-        path = rt.storage.verified_local_path(shard.path, shard.bytes, shard.sha256)
+        # Redirected, the client checks the manifest's sha256 itself: the API only checks the
+        # object is there with its size (a HEAD on S3), never reads it. Served, it is hashed once.
+        rt.storage.verify(shard.path, shard.bytes, shard.sha256, full=url is None and not head)
     except ShardCheckFailed as exc:  # never serve a damaged file as good; its storage path stays in the log
         log.error("shard %s failed its integrity check: %s", shard_id, exc)
         raise ShardDamaged(f"shard {shard_id} failed its integrity check", field="shard_id") from exc
-    headers = {"ETag": f'"{shard.sha256}"', "X-Content-SHA256": shard.sha256, "Cache-Control": "private, max-age=86400"}
-    return RangeFileResponse(path, media_type=PARQUET, headers=headers,
-                             filename=f"{shard.job_id}-{shard.shard_index:05d}.parquet")
+    headers = {"ETag": f'"{shard.sha256}"', "X-Content-SHA256": shard.sha256}
+    if url is not None:  # short-lived and per caller: never cached by a proxy
+        return RedirectResponse(url, status_code=307, headers={**headers, "Cache-Control": "private, no-store"})
+    headers["Cache-Control"] = "private, max-age=86400"
+    local = rt.storage.local_path(shard.path)
+    if local is not None:
+        return RangeFileResponse(local, media_type=PARQUET, headers=headers, filename=filename)
+    return StoredFileResponse(lambda: rt.storage.open(shard.path), shard.bytes, media_type=PARQUET,
+                              headers=headers, filename=filename)
 
 
 @health_router.get("/healthz", tags=["health"])

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, Up
 
 from service.http.deps import Db, Limits, Rt, Who, caller, submission_allowed
 from service.http.params import BatchCursor, BatchId, FileId
-from service.http.ranges import RANGE_HEADERS, RangeFileResponse, file_responses
+from service.http.ranges import RANGE_HEADERS, RangeFileResponse, StoredFileResponse, file_responses
 from service.openai_batch.schemas import BatchCreate, BatchList, BatchObject, FileObject
 from service.openai_batch.service import (
     OpenAIBatchService,
@@ -36,9 +36,10 @@ def get_file(file_id: FileId, db: Db, rt: Rt, who: Who) -> FileObject:
              openapi_extra=RANGE_HEADERS)
 def file_content(file_id: FileId, db: Db, rt: Rt, who: Who) -> Response:
     service = OpenAIBatchService(db, rt, who.tenant)
-    path = service.local_content_path(file_id)
-    if path is None:  # an object store: the bytes through pyarrow's filesystem, without ranges
-        return Response(service.content(file_id), media_type=OCTET_STREAM)
+    row = service.file(file_id)
+    path = rt.storage.local_path(row.path)
+    if path is None:  # an object store: streamed through the API, ranges as ranged reads
+        return StoredFileResponse(lambda: rt.storage.open(row.path), row.bytes, media_type=OCTET_STREAM)
     return RangeFileResponse(path, media_type=OCTET_STREAM)
 
 

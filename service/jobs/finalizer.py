@@ -12,9 +12,9 @@ import threading
 import time
 
 from service.db import db_retry, transaction
-from service.jobs.assemble import finalize_one
 from service.jobs.repository import JobRepository
 from service.queue.repository import TaskRepository
+from service.results.assemble import AssemblyLimits, finalize_one
 from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,11 @@ def finalize_ready(rt: Runtime) -> int:
     done = 0
     while True:
         with transaction(rt.sessions) as db:
-            job = finalize_one(JobRepository(db), rt.storage, rt.teacher_metadata(), rt.settings.shard_rows)
+            job = finalize_one(JobRepository(db), rt.storage, rt.teacher_metadata(),
+                               AssemblyLimits.from_settings(rt.settings))
         if job is None:
             return done
-        log.info("job %s finalized (%s)", job.id, job.status)
+        log.info("job %s finalized (%s)", job.id, job.status)  # or counted a failed attempt
         done += 1
 
 

@@ -5,7 +5,6 @@ Callers own the transaction; nothing here commits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -95,10 +94,23 @@ MARK_RUNNING_SQL = sa.text(
      WHERE id = ANY(CAST(:job_ids AS text[])) AND status = 'queued'
     """
 )
+# A job another finalizer holds is skipped, and so is one backing off after a failed assembly.
 CLAIM_FINALIZING_SQL = sa.text(
     """
     SELECT id FROM jobs WHERE status = 'finalizing'
+       AND (finalize_not_before IS NULL OR finalize_not_before <= now())
      ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
+    """
+)
+# One more failed attempt: back off exponentially (capped), or end the job failed with the reason.
+FINALIZE_FAILED_SQL = sa.text(
+    """
+    UPDATE jobs SET finalize_attempts = finalize_attempts + 1, error = :reason,
+           finalize_not_before = now() + make_interval(secs => LEAST(CAST(:backoff_s AS double precision) * 2 ^ finalize_attempts, 300)),
+           status = CASE WHEN finalize_attempts + 1 >= :max_attempts THEN 'failed' ELSE status END,
+           finished_at = CASE WHEN finalize_attempts + 1 >= :max_attempts THEN now() END
+     WHERE id = :job_id
+    RETURNING status
     """
 )
 
@@ -106,21 +118,6 @@ CLAIM_FINALIZING_SQL = sa.text(
 def any_key(keys: list[str]) -> sa.ColumnElement:
     """`= ANY(:keys)`: one array parameter however many keys (IN takes one per key, at most 65,535)."""
     return sa.any_(sa.bindparam("keys", keys, type_=ARRAY(sa.String)))
-
-
-@dataclass(frozen=True)
-class OutputRow:
-    """Where one request's rows come from when a job's shards are assembled."""
-
-    request_index: int
-    custom_id: str
-    state: str
-    cached: bool
-    cache_key: str
-    error: str | None
-    shard_path: str | None
-    row_start: int | None
-    row_count: int | None
 
 
 class JobRepository:
@@ -234,18 +231,15 @@ class JobRepository:
         job_id = self.session.execute(CLAIM_FINALIZING_SQL).scalar_one_or_none()
         return self.session.get(Job, job_id) if job_id else None
 
-    def output_rows(self, job_id: str) -> list[OutputRow]:
-        query = (
-            sa.select(
-                Request.request_index, Request.custom_id, Request.state, Request.cached,
-                Request.cache_key, Request.error, Shard.path, Result.row_start, Result.row_count,
-            )
-            .outerjoin(Result, Result.cache_key == Request.result_key)
-            .outerjoin(Shard, Shard.id == Result.shard_id)
-            .where(Request.job_id == job_id)
-            .order_by(Request.request_index)
-        )
-        return [OutputRow(*row) for row in self.session.execute(query)]
+    def record_finalize_failure(self, job_id: str, reason: str, max_attempts: int, backoff_s: float) -> str:
+        """Count a failed assembly on the job; its status after (`failed` once out of attempts)."""
+        params = {"job_id": job_id, "reason": reason[:2000], "max_attempts": max_attempts, "backoff_s": backoff_s}
+        return self.session.execute(FINALIZE_FAILED_SQL, params).scalar_one()
+
+    def delete_job(self, job_id: str) -> None:
+        """The job row; its requests and job shards go with it (ON DELETE CASCADE), a batch's link
+        is cleared (SET NULL)."""
+        self.session.execute(sa.delete(Job).where(Job.id == job_id))
 
     def job_shards(self, job_id: str) -> list[Shard]:
         query = sa.select(Shard).where(Shard.job_id == job_id, Shard.kind == "job").order_by(Shard.shard_index)

@@ -19,9 +19,9 @@ CHAT = "/v1/chat/completions"
 
 
 def request_groups(rows: Iterable[dict[str, Any]]) -> Iterable[tuple[int, list[dict[str, Any]]]]:
-    """Rows of a job (request order, samples in order) grouped per request."""
-    ordered = sorted(rows, key=lambda r: (r["request_index"], r["sample_index"]))
-    for index, group in groupby(ordered, key=lambda r: r["request_index"]):
+    """Rows of a job grouped per request. Job shards hold them in request order, samples in
+    order (the shard contract), so this streams: one request's rows in memory at a time."""
+    for index, group in groupby(rows, key=lambda r: r["request_index"]):
         yield index, list(group)
 
 

@@ -8,9 +8,11 @@ are built lazily, the first time the batch is read after its job has finished.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
+import pyarrow.parquet as pq
 from sqlalchemy import orm
 
 from service.errors import NotFound, ValidationFailed
@@ -52,6 +54,12 @@ def unix(value: datetime | None) -> int | None:
     return int(value.timestamp()) if value else None
 
 
+@dataclass(frozen=True)
+class StoredLines:
+    file: OpenAIFile
+    lines: int
+
+
 class OpenAIBatchService:
     """A tenant's files and batches: another tenant's are not found."""
 
@@ -79,7 +87,7 @@ class OpenAIBatchService:
         # Written before its row: a crash in between leaves an unreferenced file, never a dangling row.
         file_id = new_id("file")
         path = f"files/{file_id}.jsonl"
-        write_bytes(self.rt, path, data)
+        self.rt.storage.write_bytes(path, data)  # atomic, like a shard: a crash leaves no half file
         row = OpenAIFile(id=file_id, tenant=self.tenant, purpose=purpose, filename=filename[:500], bytes=len(data), path=path,
                          created_at=now())
         self.repo.add(row)
@@ -92,11 +100,7 @@ class OpenAIBatchService:
         return row
 
     def content(self, file_id: str) -> bytes:
-        return read_bytes(self.rt, self.file(file_id).path)
-
-    def local_content_path(self, file_id: str) -> Path | None:
-        """The file on local storage (from its row, never from the caller); None on an object store."""
-        return self.rt.storage.local_path(self.file(file_id).path)
+        return self.rt.storage.read_bytes(self.file(file_id).path)
 
     # batches
 
@@ -108,7 +112,7 @@ class OpenAIBatchService:
                             completion_window=body.completion_window, status="validating",
                             metadata_=body.metadata or {}, created_at=now())
         self.repo.add(batch)
-        parsed = parse_input(read_bytes(self.rt, source.path), body.endpoint, set(self.rt.teachers.registry.teachers))
+        parsed = parse_input(self.rt.storage.read_bytes(source.path), body.endpoint, set(self.rt.teachers.registry.teachers))
         if isinstance(parsed, list):
             self._fail(batch, parsed)
         else:
@@ -186,14 +190,37 @@ class OpenAIBatchService:
             batch.status, batch.completed_at = "completed", now()
 
     def _write_results(self, batch: OpenAIBatch, job: Job) -> None:
-        outputs, errors = self._result_lines(batch, job)
-        batch.request_completed, batch.request_failed = len(outputs), len(errors)
-        if outputs:
-            batch.output_file_id = self._store_file(f"{batch.id}_output.jsonl", "batch_output", jsonl(outputs)).id
-        if errors:
-            batch.error_file_id = self._store_file(f"{batch.id}_error.jsonl", "batch_output", jsonl(errors)).id
+        """The output and error files, streamed from the job's shards (one pass each), never the
+        whole job in memory: a batch of 50,000 requests is as cheap in memory as one of ten."""
+        output = self._store_lines(f"{batch.id}_output.jsonl", self._result_lines(batch, job, errors=False))
+        error = self._store_lines(f"{batch.id}_error.jsonl", self._result_lines(batch, job, errors=True))
+        batch.request_completed = output.lines if output else 0
+        batch.request_failed = error.lines if error else 0
+        batch.output_file_id = output.file.id if output else None
+        batch.error_file_id = error.file.id if error else None
 
-    def _result_lines(self, batch: OpenAIBatch, job: Job) -> tuple[list[str], list[str]]:
+    def _store_lines(self, filename: str, lines: Iterator[str]) -> StoredLines | None:
+        """A JSONL file of `lines` (none: no file), written and published like any stored object."""
+        file_id = new_id("file")
+        path = f"files/{file_id}.jsonl"
+        count = 0
+
+        def fill(f) -> None:
+            nonlocal count
+            for line in lines:
+                f.write(line.encode() + b"\n")
+                count += 1
+
+        stored = self.rt.storage.write(path, fill)
+        if count == 0:
+            self.rt.storage.delete(path)
+            return None
+        row = OpenAIFile(id=file_id, tenant=self.tenant, purpose="batch_output", filename=filename, bytes=stored.bytes,
+                         path=path, created_at=now())
+        self.repo.add(row)
+        return StoredLines(row, count)
+
+    def _result_lines(self, batch: OpenAIBatch, job: Job, errors: bool) -> Iterator[str]:
         teacher = self.rt.teachers.get(job.teacher)
         decoded: dict[int, str] = {}
 
@@ -204,22 +231,20 @@ class OpenAIBatchService:
 
         wants_logprobs = bool(job.metadata_.get("openai_logprobs"))
         created = unix(job.finished_at) or int(time.time())
-        outputs, errors = [], []
         for _, samples in output_file.request_groups(self._job_rows(job.id)):
             problem = output_file.request_error(samples)
-            if problem is None:
-                outputs.append(output_file.success_line(samples, batch.endpoint, job.teacher, created,
-                                                        wants_logprobs, decode))
-            else:
+            if problem is None and not errors:
+                yield output_file.success_line(samples, batch.endpoint, job.teacher, created, wants_logprobs, decode)
+            elif problem is not None and errors:
                 expired = batch.expired_at is not None and problem == "cancelled"
-                errors.append(output_file.error_line(samples[0]["custom_id"], problem, expired))
-        return outputs, errors
+                yield output_file.error_line(samples[0]["custom_id"], problem, expired)
 
-    def _job_rows(self, job_id: str) -> list[dict]:
-        rows: list[dict] = []
+    def _job_rows(self, job_id: str) -> Iterator[dict]:
+        """The job's rows in request order (as its shards hold them), a row group at a time."""
         for shard in JobRepository(self.session).job_shards(job_id):
-            rows.extend(self.rt.storage.read_table(shard.path).to_pylist())
-        return rows
+            with self.rt.storage.open(shard.path) as f:
+                for rows in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                    yield from rows.to_pylist()
 
     def list(self, limit: int, after: str | None) -> tuple[list[OpenAIBatch], bool]:
         before = None
@@ -263,19 +288,3 @@ def describe_batch(batch: OpenAIBatch) -> BatchObject:
                                      failed=batch.request_failed),
         metadata=metadata,
     )
-
-
-def jsonl(lines: list[str]) -> bytes:
-    return ("\n".join(lines) + "\n").encode()
-
-
-def write_bytes(rt: Runtime, rel: str, data: bytes) -> None:
-    storage = rt.storage
-    storage.fs.create_dir(storage.full(rel).rsplit("/", 1)[0], recursive=True)
-    with storage.fs.open_output_stream(storage.full(rel)) as out:
-        out.write(data)
-
-
-def read_bytes(rt: Runtime, rel: str) -> bytes:
-    with rt.storage.open(rel) as f:
-        return f.read()

@@ -92,10 +92,35 @@ def database_url(postgres_admin_url, template_database) -> str:
     run_admin(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """One S3 endpoint (moto) on loopback for the session; each test takes a fresh bucket."""
+    from tests.s3 import start_s3_server
+
+    server, stop = start_s3_server()
+    yield server
+    stop()
+
+
 @pytest.fixture
-def settings(tmp_path, database_url) -> ServiceSettings:
-    return ServiceSettings(database_url=database_url, state_dir=tmp_path / "state",
-                           models_dir=PROJECT_ROOT / "models", finalizer_poll_s=0.1)
+def storage_uri(request) -> str | None:
+    """Local storage under the test's state folder (None), or with `indirect` parametrization
+    ("local" / "s3") a fresh bucket on the loopback S3 server."""
+    from tests.s3 import local_or_s3_uri
+
+    return local_or_s3_uri(request) if hasattr(request, "param") else None
+
+
+@pytest.fixture
+def storage_download(request) -> str:
+    return getattr(request, "param", "redirect")
+
+
+@pytest.fixture
+def settings(tmp_path, database_url, storage_uri, storage_download) -> ServiceSettings:
+    return ServiceSettings(database_url=database_url, state_dir=tmp_path / "state", storage_uri=storage_uri,
+                           storage_download=storage_download, models_dir=PROJECT_ROOT / "models",
+                           finalizer_poll_s=0.1)
 
 
 @pytest.fixture

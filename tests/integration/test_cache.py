@@ -80,10 +80,10 @@ def result_entry(rt: Runtime, key: str) -> Result:
 
 
 def request_keys(rt: Runtime, job_id: str) -> list[str]:
-    from service.jobs.repository import JobRepository
+    from service.results.repository import ResultRepository
 
     with rt.sessions() as db:
-        return [row.cache_key for row in JobRepository(db).output_rows(job_id)]
+        return [row.cache_key for row in ResultRepository(db).assembly_rows(job_id, -1, 1_000_000)]
 
 
 # -- hits ----------------------------------------------------------------------------------

@@ -31,6 +31,11 @@ import teachercache as tc
 from teachercache import cli
 from workers.scripted_engine import ScriptedEngine
 
+# Local storage, and an S3 bucket (moto on loopback) with downloads by presigned redirect or
+# proxied through the API: the client, the loaders and HF datasets must work against each.
+ALL_STORAGES = pytest.mark.parametrize("storage_uri, storage_download",
+                                       [("local", "proxy"), ("s3", "redirect"), ("s3", "proxy")],
+                                       indirect=True, ids=["local", "s3-redirect", "s3-proxy"])
 SHARD_ROWS = 5  # small shards, so a job of a few dozen rows has enough for 4 readers
 NO_SLEEP = tc.RetryPolicy(sleep=lambda seconds: None)
 
@@ -108,6 +113,7 @@ def row_key(row: dict[str, Any]) -> tuple[int, int]:
 # -- Client: submit, wait, download, stream -----------------------------------------
 
 
+@ALL_STORAGES
 def test_submit_inline_wait_download_and_stream(
     client: tc.Client, scripted_worker, tmp_path: Path
 ) -> None:
@@ -182,6 +188,8 @@ class HalfThenDrop(httpx.SyncByteStream):
         raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
 
 
+@pytest.mark.parametrize("storage_uri, storage_download", [("local", "proxy"), ("s3", "proxy")], indirect=True,
+                         ids=["local", "s3-proxy"])  # redirected, the API's own body is an empty 307
 def test_download_cut_half_way_resumes_with_range_to_the_right_sha256(
     client: tc.Client, live_url: str, scripted_worker, tmp_path: Path
 ) -> None:
@@ -241,6 +249,7 @@ def test_cli_submit_wait_out_then_status_list_download(live_url: str, scripted_w
 # -- HF datasets reads the shard URLs as they are --------------------------------------
 
 
+@ALL_STORAGES
 def test_hf_datasets_streams_the_shard_urls(
     client: tc.Client, scripted_worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -255,6 +264,7 @@ def test_hf_datasets_streams_the_shard_urls(
     assert list(streamed) == read_rows(client.download(job, tmp_path / "out"))
 
 
+@ALL_STORAGES
 def test_shard_url_answers_head_with_size_and_etag(client: tc.Client, scripted_worker) -> None:
     # What fsspec (under datasets, pandas, polars) asks first; without it, a GET of the whole file.
     shard = finished_job(client, 3)["shards"][0]
@@ -269,6 +279,7 @@ def test_shard_url_answers_head_with_size_and_etag(client: tc.Client, scripted_w
 # -- ShardDataset over 2 ranks x 2 DataLoader workers ------------------------------------
 
 
+@ALL_STORAGES
 def test_two_ranks_with_two_workers_each_read_every_row_exactly_once(
     client: tc.Client, scripted_worker, tmp_path: Path
 ) -> None:

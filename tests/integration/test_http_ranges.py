@@ -13,6 +13,19 @@ import time
 import pytest
 
 from tests.shards import add_job_shard
+from tests.s3 import local_or_s3_uri
+
+
+# Every download test runs on both adapters: a local file, and an S3 object proxied through
+# the API (ranges as ranged reads of the object).
+@pytest.fixture(params=["local", "s3"])
+def storage_uri(request) -> str | None:
+    return local_or_s3_uri(request)
+
+
+@pytest.fixture
+def storage_download() -> str:
+    return "proxy"
 
 
 @pytest.fixture

@@ -1,0 +1,149 @@
+"""Assembly in bounded memory: seconds and peak RSS of assembling 10k / 100k / 1M-request jobs.
+
+The jobs are seeded directly (no engine): scripted result shards (64 tokens, top-20 per
+position) written through the storage port, indexed in Postgres, and a job of N requests
+answered from them, left `finalizing`. Each assembly runs in a fresh child process that reports
+its own RSS before and its peak RSS after (ru_maxrss), so the figure is the assembler's memory,
+not this process's. RSS should stay flat as N grows: it is bounded by `assembly_batch_rows`.
+
+    python -m bench.bench_assembly [--sizes 10000 100000 1000000] [--batch-rows 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+TEACHER = "smollm2-135m-instruct"
+SHARD_ROWS = 2048  # rows per result shard, as a worker writes them (result_shard_rows)
+
+
+def scripted_rows(count: int, tokens: int = 64, k: int = 20, seed: int = 0) -> pa.Table:
+    """`count` result rows in the result-shard schema, built column-wise (no Python row objects)."""
+    from service.shards import RESULT_SCHEMA
+
+    rng = np.random.default_rng(seed)
+
+    def lists(values: pa.Array, size: int, n: int) -> pa.Array:
+        return pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * size, size, dtype=np.int32)), values)
+
+    positions = count * tokens
+    ids = lists(pa.array(rng.integers(0, 49152, positions, dtype=np.int32)), tokens, count)
+    logprobs = lists(pa.array(-rng.random(positions, dtype=np.float32)), tokens, count)
+    top_ids = lists(lists(pa.array(rng.integers(0, 49152, positions * k, dtype=np.int32)), k, positions), tokens, count)
+    top_lp = lists(lists(pa.array(-rng.random(positions * k, dtype=np.float32)), k, positions), tokens, count)
+    prompt = lists(pa.array(np.tile(np.arange(16, dtype=np.int32), count)), 16, count)
+    columns = {"cache_key": pa.array([f"k{i}" for i in range(count)]), "sample_index": pa.array(np.zeros(count, np.int32)),
+               "prompt_token_ids": prompt, "completion_token_ids": ids, "completion_text": pa.array(["x" * 64] * count),
+               "token_logprobs": logprobs, "top_token_ids": top_ids, "top_logprobs": top_lp,
+               "finish_reason": pa.array(["length"] * count), "error": pa.nulls(count, pa.string())}
+    return pa.table(columns, schema=RESULT_SCHEMA)
+
+
+def copy_rows(connection, table: str, columns: list[str], rows) -> None:
+    with connection.cursor() as cursor, cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def seed_job(rt, requests: int, distinct: int = 8192) -> str:
+    """A `finalizing` job of `requests` requests, answered from `distinct` scripted result rows."""
+    from service.ids import new_id
+    from service.models import Job, Shard
+    from service.tenants.models import Tenant
+
+    distinct = min(distinct, requests)
+    shard_ids = []
+    with rt.sessions() as db, db.begin():
+        db.merge(Tenant(name="bench"))
+        db.flush()
+        for start in range(0, distinct, SHARD_ROWS):
+            rows = scripted_rows(min(SHARD_ROWS, distinct - start), seed=start)
+            stored = rt.storage.write_table(f"results/bench/{new_id('shard')}.parquet", rows, {})
+            shard_ids.append(new_id("shard"))
+            db.add(Shard(id=shard_ids[-1], kind="result", path=stored.path, rows=stored.rows, bytes=stored.bytes,
+                         sha256=stored.sha256))
+        job_id = new_id("job")
+        db.add(Job(id=job_id, tenant="bench", status="finalizing", teacher=TEACHER, mode="generate", top_logprobs=20,
+                   sampling={"max_tokens": 64}, cache_policy="use", metadata_={}, total=requests, body_sha256=""))
+        db.flush()
+        connection = db.connection().connection.driver_connection
+        copy_rows(connection, "results", ["cache_key", "teacher", "shard_id", "row_start", "row_count",
+                                          "prompt_tokens", "completion_tokens"],
+                  ((f"{job_id}-{i}", TEACHER, shard_ids[(i % distinct) // SHARD_ROWS], (i % distinct) % SHARD_ROWS,
+                    1, 16, 64) for i in range(requests)))
+        copy_rows(connection, "requests", ["job_id", "request_index", "custom_id", "cache_key", "state", "cached",
+                                           "result_key", "prompt_tokens"],
+                  ((job_id, i, f"q{i}", f"{job_id}-{i}", "done", True, f"{job_id}-{i}", 16) for i in range(requests)))
+    return job_id
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def assemble_here(database_url: str, state_dir: str, storage_uri: str | None, batch_rows: int) -> dict:
+    """Finalize the one ready job in this process; time and memory of it."""
+    from service.jobs.finalizer import finalize_ready
+    from service.runtime import Runtime
+    from service.settings import PROJECT_ROOT, ServiceSettings
+
+    rt = Runtime(ServiceSettings(database_url=database_url, state_dir=Path(state_dir), storage_uri=storage_uri,
+                                 models_dir=PROJECT_ROOT / "models", assembly_batch_rows=batch_rows), database_url)
+    rt.engine.connect().close()
+    rt.storage  # noqa: B018 - built before the baseline
+    before = rss_bytes()
+    started = time.perf_counter()
+    done = finalize_ready(rt)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"finalized": done, "seconds": seconds, "rss_before_mb": before / 2**20, "rss_peak_mb": peak / 2**20,
+            "rss_growth_mb": (peak - before) / 2**20}
+
+
+def assemble_in_child(rt, batch_rows: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.bench_assembly", "--child", rt.database_url, str(rt.settings.state_dir),
+         rt.settings.storage_uri or "", str(batch_rows)],
+        cwd=Path(__file__).resolve().parent.parent, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        url, state, uri, batch = sys.argv[2:6]
+        print(json.dumps(assemble_here(url, state, uri or None, int(batch))))
+        return
+    from bench.common import report, scratch_runtime
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--batch-rows", type=int, default=4096)
+    args = parser.parse_args()
+    rows = []
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
+            started = time.perf_counter()
+            seed_job(rt, size)
+            seeded = time.perf_counter() - started
+            result = assemble_in_child(rt, args.batch_rows)
+            job_bytes = sum(p.stat().st_size for p in (Path(state) / "shards" / "jobs").rglob("*.parquet"))
+            rows.append({"requests": size, "seed_s": seeded, **{k: v for k, v in result.items() if k != "finalized"},
+                         "job_shards_mb": job_bytes / 2**20, "rows_per_s": size / result["seconds"]})
+            print(rows[-1], flush=True)
+    report("assembly (scripted rows: 64 tokens, top-20)", rows, "assembly.json", {"args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()

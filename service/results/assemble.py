@@ -1,0 +1,219 @@
+"""Assemble a finished job's output shards: its rows only, in request order, every request.
+
+Rows computed by the teacher live in result shards shared through the cache; a job's shards
+copy its rows out of them (so each job is self-contained and downloadable on its own), add
+`custom_id`, `request_index` and `cached`, and record failed or cancelled requests with their
+error. It streams: requests are read a window of `batch_rows` at a time (in request order),
+their rows taken from just the row groups of the result shards that hold them, and written as
+one row group of the job shard being written, so memory is bounded by the window, never by the
+job. The result shards are first checked against their indexed size and sha256: a missing or
+damaged one is not copied; its cache entries are dropped and its requests recomputed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import sqlalchemy as sa
+
+from service.ids import new_id
+from service.jobs.repository import JobRepository
+from service.jobs.spend import stored_spend
+from service.models import Job, Shard
+from service.results.repository import AssemblyRow, ResultRepository
+from service.shards import JOB_SCHEMA, RESULT_FIELDS, error_row, shard_metadata
+from service.storage import ShardCheckFailed, Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AssemblyLimits:
+    shard_rows: int  # rows per job shard
+    batch_rows: int  # requests read and written at a time: the memory bound
+    max_attempts: int  # failed assemblies before the job ends failed
+    backoff_s: float
+
+    @classmethod
+    def from_settings(cls, settings) -> AssemblyLimits:
+        return cls(settings.shard_rows, settings.assembly_batch_rows, settings.finalize_max_attempts,
+                   settings.finalize_backoff_s)
+
+
+def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict, limits: AssemblyLimits) -> Job | None:
+    """Claim one job that is ready (all requests resolved, or cancelled) and assemble it.
+
+    An assembly that raises is rolled back to a savepoint and counted on the job (backoff, then
+    `failed` with the reason), so the same job is not claimed again at once and every other job
+    keeps being finalized.
+    """
+    job = jobs.claim_job_to_finalize()
+    if job is None:
+        return None
+    try:
+        with jobs.session.begin_nested():
+            assemble(jobs, ResultRepository(jobs.session), storage, job, teacher_meta, limits)
+    except Exception as exc:  # noqa: BLE001 - any failure of one job is that job's, never the loop's
+        log.exception("job %s: assembly failed", job.id)
+        status = jobs.record_finalize_failure(job.id, f"assembly failed: {type(exc).__name__}: {exc}",
+                                              limits.max_attempts, limits.backoff_s)
+        jobs.session.refresh(job)
+        log.warning("job %s: assembly attempt %d failed (%s)", job.id, job.finalize_attempts, status)
+    return job
+
+
+def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, job: Job, teacher_meta: dict,
+             limits: AssemblyLimits) -> None:
+    damaged = damaged_sources(results, storage, job.id)
+    if damaged:  # recompute them: the job moves back to running and is finalized when they resolve
+        requeued = results.drop_damaged_shards(damaged)
+        log.warning("job %s: %d result shards missing or damaged; requests of %d jobs requeued",
+                    job.id, len(damaged), len(requeued))
+        jobs.session.refresh(job)
+        return
+    metadata = shard_metadata({**teacher_meta.get(job.teacher, {"teacher": job.teacher}), **job_parameters(job)})
+    schema = JOB_SCHEMA.with_metadata(metadata)
+    batches = RowBuffer(job_batches(jobs, results, storage, job.id, limits.batch_rows))
+    index = 0
+    while index == 0 or not batches.exhausted():  # an empty job still gets one (empty) shard
+        stored = storage.write(f"jobs/{job.id}/part-{index:05d}.parquet",
+                               lambda f: write_part(f, schema, batches, limits.shard_rows))
+        jobs.add_shard(Shard(id=new_id("shard"), kind="job", job_id=job.id, shard_index=index, path=stored.path,
+                             rows=stored.rows, bytes=stored.bytes, sha256=stored.sha256))
+        index += 1
+    job.status = "cancelled" if job.cancel_requested_at else "succeeded"
+    job.error = None
+    job.finished_at = sa.func.now()
+    job.spend_tokens = stored_spend(jobs.spend_tokens(job.id))
+
+
+def job_parameters(job: Job) -> dict:
+    return {"job_id": job.id, "mode": job.mode, "top_logprobs": job.top_logprobs, "sampling": job.sampling}
+
+
+def damaged_sources(results: ResultRepository, storage: Storage, job_id: str) -> list[str]:
+    """The result shards this job reads that are missing or fail their size/sha256 check.
+
+    Hashing reads each shard once per version per process (Storage.verify remembers), so a shard
+    shared by many jobs is hashed once, not once per job.
+    """
+    damaged = []
+    for source in results.job_result_shards(job_id):
+        try:
+            storage.verify(source.path, source.bytes, source.sha256)
+        except ShardCheckFailed as exc:
+            log.error("result shard %s: %s", source.id, exc)
+            damaged.append(source.id)
+    return damaged
+
+
+def job_batches(jobs: JobRepository, results: ResultRepository, storage: Storage, job_id: str,
+                batch_rows: int) -> Iterator[pa.Table]:
+    """The job's rows in request order, a window of requests at a time."""
+    after = -1
+    while window := results.assembly_rows(job_id, after, batch_rows):
+        after = window[-1].request_index
+        yield window_table(jobs, storage, window)
+
+
+def window_table(jobs: JobRepository, storage: Storage, window: list[AssemblyRow]) -> pa.Table:
+    """Every request's rows (n samples each) of one window, failed ones as error rows."""
+    pieces = computed_pieces(storage, [r for r in window if r.shard_path is not None])
+    failed = [r for r in window if r.shard_path is None]
+    if failed:
+        pieces.append(error_pieces(jobs, failed))
+    table = pa.concat_tables([p.select(JOB_SCHEMA.names).cast(JOB_SCHEMA) for p in pieces])
+    order = pc.sort_indices(table, [("request_index", "ascending"), ("sample_index", "ascending")])
+    return table.take(order)
+
+
+def computed_pieces(storage: Storage, rows: list[AssemblyRow]) -> list[pa.Table]:
+    by_shard: dict[str, list[AssemblyRow]] = defaultdict(list)
+    for row in rows:
+        by_shard[row.shard_path].append(row)
+    return [rows_from_shard(storage, path, wanted) for path, wanted in by_shard.items()]
+
+
+def rows_from_shard(storage: Storage, path: str, wanted: list[AssemblyRow]) -> pa.Table:
+    """The wanted rows of one result shard, reading only the row groups that hold them."""
+    wanted = sorted(wanted, key=lambda r: r.row_start)
+    with storage.open(path) as f:
+        parquet = pq.ParquetFile(f)
+        starts = row_group_starts(parquet.metadata)
+        indices = [i for r in wanted for i in range(r.row_start, r.row_start + r.row_count)]
+        groups = sorted({bisect.bisect_right(starts, i) - 1 for i in indices})
+        columns = [name for name in parquet.schema_arrow.names if name != "cache_key"]
+        read = parquet.read_row_groups(groups, columns=columns)
+    # Positions within the row groups read: each group's rows follow the previous group's.
+    offset, base = {}, 0
+    for group in groups:
+        offset[group] = base - starts[group]
+        base += parquet.metadata.row_group(group).num_rows
+    local = [i + offset[bisect.bisect_right(starts, i) - 1] for i in indices]
+    return label(read.take(pa.array(local, pa.int64())), wanted, [r.row_count for r in wanted])
+
+
+def row_group_starts(metadata: pq.FileMetaData) -> list[int]:
+    starts, total = [], 0
+    for group in range(metadata.num_row_groups):
+        starts.append(total)
+        total += metadata.row_group(group).num_rows
+    return starts
+
+
+def label(table: pa.Table, wanted: list[AssemblyRow], repeat: list[int]) -> pa.Table:
+    """Add the job's own columns, each request's value repeated over its samples."""
+    def spread(values, type_):
+        return pa.array([v for v, n in zip(values, repeat) for _ in range(n)], type_)
+
+    table = table.append_column("custom_id", spread([r.custom_id for r in wanted], pa.string()))
+    table = table.append_column("request_index", spread([r.request_index for r in wanted], pa.int32()))
+    return table.append_column("cached", spread([r.cached for r in wanted], pa.bool_()))
+
+
+def error_pieces(jobs: JobRepository, failed: list[AssemblyRow]) -> pa.Table:
+    prompts = jobs.prompts_for([r.cache_key for r in failed])
+    rows = [error_row(0, prompts.get(r.cache_key, []), r.error or r.state) for r in failed]
+    table = pa.Table.from_pylist(rows, schema=pa.schema(RESULT_FIELDS))
+    return label(table, failed, [1] * len(failed))
+
+
+class RowBuffer:
+    """Tables from an iterator, handed out `n` rows at a time (job shards cut across windows)."""
+
+    def __init__(self, tables: Iterator[pa.Table]) -> None:
+        self.tables = tables
+        self.current: pa.Table | None = None
+
+    def exhausted(self) -> bool:
+        while self.current is None or self.current.num_rows == 0:
+            self.current = next(self.tables, None)
+            if self.current is None:
+                return True
+        return False
+
+    def take(self, n: int) -> pa.Table | None:
+        if self.exhausted():
+            return None
+        piece, self.current = self.current.slice(0, n), self.current.slice(n)
+        return piece
+
+
+def write_part(f: BinaryIO, schema: pa.Schema, batches: RowBuffer, shard_rows: int) -> int:
+    """One job shard: up to `shard_rows` rows, a row group per window slice."""
+    rows = 0
+    with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+        while rows < shard_rows and (piece := batches.take(shard_rows - rows)) is not None:
+            writer.write_table(piece.replace_schema_metadata(schema.metadata))
+            rows += piece.num_rows
+        if rows == 0:
+            writer.write_table(schema.empty_table())
+    return rows
