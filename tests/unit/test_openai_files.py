@@ -65,8 +65,8 @@ def decode(token_id: int) -> str:
     return {5: "a", 6: "b", 7: "x", 8: "y"}[token_id]
 
 
-def test_rows_are_grouped_per_request_in_order():
-    groups = list(request_groups([sample(1, 1), sample(0), sample(1, 0)]))
+def test_rows_in_shard_order_are_grouped_per_request():
+    groups = list(request_groups([sample(0), sample(1, 0), sample(1, 1)]))
     assert [(i, [s["sample_index"] for s in g]) for i, g in groups] == [(0, [0]), (1, [0, 1])]
 
 
