@@ -24,9 +24,16 @@ def runtime(request: Request) -> Runtime:
 
 
 def session(request: Request) -> Iterator[orm.Session]:
-    """One transaction per request: committed when the handler returns, rolled back on error."""
+    """One transaction per request: committed when the handler returns, rolled back on error.
+
+    Used with `scope="function"` (below): the commit runs before the response is sent, so a
+    client never holds a 200 for a write that did not commit (the default, request scope, runs
+    the exit after the response has gone)."""
     with runtime(request).sessions() as db, db.begin():
         yield db
+
+
+Db = Annotated[orm.Session, Depends(session, scope="function")]
 
 
 def caller(request: Request,
@@ -61,7 +68,7 @@ def job_limits(request: Request, who: Annotated[Caller, Depends(caller)]) -> Job
     return limits_of(runtime(request), who)
 
 
-def job_service(request: Request, db: Annotated[orm.Session, Depends(session)],
+def job_service(request: Request, db: Db,
                 who: Annotated[Caller, Depends(caller)]) -> JobService:
     """The caller's jobs, in the request's transaction, with the teachers' prices for spend."""
     return JobService(db, who.tenant, prices=runtime(request).teachers.prices)
@@ -72,7 +79,6 @@ def shard_url_builder(request: Request):
     return lambda shard_id: f"{base}/v1/shards/{shard_id}"
 
 
-Db = Annotated[orm.Session, Depends(session)]
 Rt = Annotated[Runtime, Depends(runtime)]
 Who = Annotated[Caller, Depends(caller)]
 Limits = Annotated[JobLimits, Depends(job_limits)]
