@@ -44,6 +44,8 @@ class ServiceSettings(BaseSettings):
     shard_rows: int = 10_000
     finalizer_poll_s: float = 0.5
     db_retry_attempts: int = 8
+    # How long a request waits for a pooled connection before it answers 503 (Retry-After).
+    db_pool_timeout_s: float = 5.0
 
     @property
     def shards_uri(self) -> str:

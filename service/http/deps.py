@@ -54,16 +54,6 @@ def limits_of(rt: Runtime, who: Caller) -> JobLimits:
     return JobLimits.from_settings(rt.settings).for_tenant(who.limits)
 
 
-def spend_submission(rt: Runtime, who: Caller) -> None:
-    """The tenant's submission rate limit, spent in its own transaction before the work starts."""
-    with rt.sessions() as db, db.begin():
-        TenantService(db).spend_submission(who.tenant, limits_of(rt, who))
-
-
-def submission_allowed(request: Request, who: Annotated[Caller, Depends(caller)]) -> None:
-    spend_submission(runtime(request), who)
-
-
 def job_limits(request: Request, who: Annotated[Caller, Depends(caller)]) -> JobLimits:
     return limits_of(runtime(request), who)
 

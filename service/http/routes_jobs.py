@@ -7,13 +7,13 @@ from typing import Annotated
 import sqlalchemy as sa
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
 
-from service.http.deps import Jobs, Limits, Rt, Who, caller, shard_url_builder, spend_submission
+from service.http.deps import Jobs, Limits, Rt, Who, caller, shard_url_builder
 from service.http.params import JobCursor, JobId
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import ErrorList, JobCreate, JobList, JobOut, ShardList
-from service.jobs.service import JobService
+from service.jobs.service import JobService, prepare_submission
 from service.runtime import Runtime
-from service.tenants.service import Caller
+from service.tenants.service import Caller, TenantService
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(caller)])
 
@@ -32,16 +32,18 @@ def submit_job(body: JobCreate, request: Request, response: Response, background
 
 
 def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, idempotency_key: str | None):
-    """Write the whole job in one transaction; a concurrent retry with the same key gets that job."""
+    """Write the whole job in one transaction on one connection (the Idempotency-Key's lock and the
+    rate-limit spend share it); a concurrent retry with the same key gets that job."""
     teacher = rt.teachers.get(body.teacher)
+    prepared = prepare_submission(body, teacher, limits)  # before a connection is taken
     try:
         with rt.sessions() as db, db.begin():
             service = JobService(db, who.tenant, limits)
             existing = service.find_retry(idempotency_key, body)
             if existing is not None:
                 return existing, False  # a retry is answered, never rate-limited
-            spend_submission(rt, who)
-            return service.submit(body, teacher, idempotency_key), True
+            spend = lambda: TenantService(db).spend_submission(who.tenant, limits)  # noqa: E731
+            return service.submit(body, teacher, idempotency_key, before_write=spend, prepared=prepared), True
     except sa.exc.IntegrityError:
         if idempotency_key is None:
             raise

@@ -40,6 +40,15 @@ def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> No
         raise ValidationFailed("sampling.n: score mode is teacher-forced and takes n = 1", field="sampling.n")
 
 
+def prepare_submission(body: JobCreate, teacher: Teacher, limits: JobLimits) -> list:
+    """Validate and tokenize a job; no database. The HTTP layer runs it before it takes a pooled
+    connection, so a connection is never held while a tokenizer works."""
+    check_parameters(body, teacher, limits)
+    prepared = prepare_requests(body, teacher)
+    check_tokens(body, prepared, limits)
+    return prepared
+
+
 class JobService:
     """A tenant's jobs: every lookup is scoped to `tenant`; another tenant's job is not found."""
 
@@ -64,10 +73,13 @@ class JobService:
                                    field="Idempotency-Key")
         return job
 
-    def submit(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None = None) -> Job:
-        check_parameters(body, teacher, self.limits)
-        prepared = prepare_requests(body, teacher)
-        check_tokens(body, prepared, self.limits)
+    def submit(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None = None,
+               before_write: Callable[[], None] = lambda: None, prepared: list | None = None) -> Job:
+        """Validate and tokenize (unless `prepared` already is), then (`before_write`: the rate-limit
+        spend, so an invalid body spends nothing) write the whole job."""
+        if prepared is None:
+            prepared = prepare_submission(body, teacher, self.limits)
+        before_write()
         sampling = normalize_sampling(body.mode, body.sampling.model_dump())
         identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision, teacher.tokenizer_hash,
                                     teacher.spec.dtype)
