@@ -31,7 +31,12 @@ class ServiceSettings(BaseSettings):
     # Public base URL used to build shard URLs; defaults to the request's own base URL.
     public_url: str | None = None
     # Limits, each refused with an error naming it (413 body, 422 job, 429 tenant).
-    max_body_bytes: int = 256 * 1024 * 1024  # OpenAI batch input files may be 200 MB
+    # Request bodies, per route (413, before the body is read when Content-Length says so).
+    max_body_bytes: int = 256 * 1024 * 1024  # POST /v1/jobs: the client streams a JSONL file as one body
+    max_request_body_bytes: int = 16 * 1024 * 1024  # every other route (a completion, a batch, ...)
+    max_upload_bytes: int = 256 * 1024 * 1024  # POST /v1/files: OpenAI batch input files may be 200 MB
+    # Longest text of one field (a prompt, a message, a response), checked before it is tokenized.
+    max_text_chars: int = 4 * 1024 * 1024
     max_requests_per_job: int = 200_000
     # Prompt tokens + max_tokens x n per request (generate) or + response tokens (score), summed.
     max_tokens_per_job: int = 200_000_000

@@ -10,11 +10,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import orm
 
-from service.errors import Unauthenticated
+from service.http.auth_first import authenticate
 from service.jobs.limits import JobLimits
 from service.jobs.service import JobService
 from service.runtime import Runtime
-from service.tenants.service import Caller, TenantService
+from service.tenants.service import Caller
 
 bearer = HTTPBearer(auto_error=False, description="An API key (`teachercache keys create --tenant NAME`).")
 
@@ -39,14 +39,12 @@ Db = Annotated[orm.Session, Depends(session, scope="function")]
 def caller(request: Request,
            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
     """The tenant behind the request's API key, checked against the database on every request,
-    so a revoked key stops working at once."""
-    if credentials is None:
-        raise Unauthenticated("an API key is required: send 'Authorization: Bearer <key>'")
-    with runtime(request).sessions() as db:
-        found = TenantService(db).authenticate(credentials.credentials)
-    if found is None:
-        raise Unauthenticated("the API key is not valid (unknown, malformed or revoked)")
-    return found
+    so a revoked key stops working at once (a request with a body was checked already, before
+    its body was read: auth_first.py)."""
+    found = getattr(request.state, "caller", None)
+    if found is not None:
+        return found
+    return authenticate(runtime(request), credentials.credentials if credentials else None)
 
 
 def limits_of(rt: Runtime, who: Caller) -> JobLimits:

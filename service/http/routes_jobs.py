@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
 
 from service.http.deps import Jobs, Limits, Rt, Who, caller, shard_url_builder
+from service.http.json_body import body_schema, json_body
 from service.http.params import JobCursor, JobId
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import ErrorList, JobCreate, JobList, JobOut, ShardList
@@ -18,9 +19,9 @@ from service.tenants.service import Caller, TenantService
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(caller)])
 
 
-@router.post("", status_code=201, response_model=JobOut,
+@router.post("", status_code=201, response_model=JobOut, openapi_extra=body_schema(JobCreate),
              responses={200: {"model": JobOut, "description": "a retry (same Idempotency-Key): the job it created"}})
-def submit_job(body: JobCreate, request: Request, response: Response, background: BackgroundTasks, rt: Rt,
+def submit_job(body: Annotated[JobCreate, Depends(json_body(JobCreate))], request: Request, response: Response, background: BackgroundTasks, rt: Rt,
                who: Who, limits: Limits,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     job, created = submit_once(rt, who, limits, body, idempotency_key)

@@ -13,7 +13,7 @@ from sqlalchemy import orm
 from service.cachekey import cache_key, normalize_sampling, teacher_identity
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.ids import new_id
-from service.jobs.limits import JobLimits, check_pending, check_shape, check_tokens
+from service.jobs.limits import JobLimits, check_pending, check_shape, check_text_lengths, check_tokens
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
 from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded_spend
@@ -44,6 +44,7 @@ def prepare_submission(body: JobCreate, teacher: Teacher, limits: JobLimits) -> 
     """Validate and tokenize a job; no database. The HTTP layer runs it before it takes a pooled
     connection, so a connection is never held while a tokenizer works."""
     check_parameters(body, teacher, limits)
+    check_text_lengths(body, limits)
     prepared = prepare_requests(body, teacher)
     check_tokens(body, prepared, limits)
     return prepared
