@@ -173,9 +173,17 @@ class WorkerLoop:
     # -- claimer ---------------------------------------------------------------------------
     def _claimer(self) -> None:
         low_water = max(1, self.settings.max_inflight // 2)
+        suspect_turn = True
         while not self.stopping.is_set() and not self.done.is_set():
-            if not len(self.held) and self._run_one_suspect():
+            if suspect_turn and self._suspect_waiting():
+                # Stop claiming and drain, then run one suspect alone: under steady load a worker
+                # never empties by itself, and suspects (and their jobs) would wait forever.
+                if len(self.held):
+                    time.sleep(self.settings.claim_poll_s)
+                    continue
+                suspect_turn = not self._run_one_suspect()  # then one turn of normal claiming
                 continue
+            suspect_turn = True
             room = self._room()
             claimed = self._claim(room) if room and (len(self.held) <= low_water or room >= low_water) else []
             for task in claimed:
@@ -199,6 +207,14 @@ class WorkerLoop:
         while claimed and len(self.held) and not self.stopping.is_set():
             time.sleep(self.settings.claim_poll_s)
         return bool(claimed)
+
+    def _suspect_waiting(self) -> bool:
+        try:
+            with transaction(self.rt.sessions) as db:
+                return TaskRepository(db).suspect_waiting(self.teacher)
+        except Exception:
+            log.exception("worker %s: could not look for suspect tasks", self.worker_id)
+            return False
 
     def _claim(self, limit: int, suspect: bool = False) -> list[ClaimedTask]:
         @self._db
