@@ -30,6 +30,11 @@ class ServiceSettings(BaseSettings):
     port: int = 8080
     # Public base URL used to build shard URLs; defaults to the request's own base URL.
     public_url: str | None = None
+    # In production a shard URL is never built from the Host header a client sent (it would let
+    # a caller point URLs the service hands out at a host of its choosing): set `public_url`, or
+    # name the hosts that may be trusted; other requests that need a URL answer 421.
+    production: bool = False
+    allowed_hosts: list[str] = []
     # Limits, each refused with an error naming it (413 body, 422 job, 429 tenant).
     # Request bodies, per route (413, before the body is read when Content-Length says so).
     max_body_bytes: int = 256 * 1024 * 1024  # POST /v1/jobs: the client streams a JSONL file as one body

@@ -10,10 +10,12 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import orm
 
+from service.errors import MisdirectedRequest
 from service.http.auth_first import authenticate
 from service.jobs.limits import JobLimits
 from service.jobs.service import JobService
 from service.runtime import Runtime
+from service.settings import ServiceSettings
 from service.tenants.service import Caller
 
 bearer = HTTPBearer(auto_error=False, description="An API key (`teachercache keys create --tenant NAME`).")
@@ -63,8 +65,19 @@ def job_service(request: Request, db: Db,
 
 
 def shard_url_builder(request: Request):
-    base = runtime(request).settings.public_url or str(request.base_url).rstrip("/")
+    base = public_base_url(runtime(request).settings, request)
     return lambda shard_id: f"{base}/v1/shards/{shard_id}"
+
+
+def public_base_url(settings: ServiceSettings, request: Request) -> str:
+    """`public_url`; else the request's own base URL, which in production only a trusted Host gives."""
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    host = (request.url.hostname or "").lower()
+    if settings.production and host not in {h.lower() for h in settings.allowed_hosts}:
+        raise MisdirectedRequest("this server builds no URLs from the Host header it was sent; its operator sets "
+                                 "TEACHERCACHE_PUBLIC_URL (or TEACHERCACHE_ALLOWED_HOSTS)", field="Host")
+    return str(request.base_url).rstrip("/")
 
 
 Rt = Annotated[Runtime, Depends(runtime)]

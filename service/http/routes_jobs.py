@@ -21,15 +21,16 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(calle
 
 @router.post("", status_code=201, response_model=JobOut, openapi_extra=body_schema(JobCreate),
              responses={200: {"model": JobOut, "description": "a retry (same Idempotency-Key): the job it created"}})
-def submit_job(body: Annotated[JobCreate, Depends(json_body(JobCreate))], request: Request, response: Response, background: BackgroundTasks, rt: Rt,
-               who: Who, limits: Limits,
+def submit_job(body: Annotated[JobCreate, Depends(json_body(JobCreate))], request: Request, response: Response,
+               background: BackgroundTasks, rt: Rt, who: Who, limits: Limits,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
+    urls = shard_url_builder(request)  # first: a refused Host must leave no job behind
     job, created = submit_once(rt, who, limits, body, idempotency_key)
     if not created:
         response.status_code = 200
     background.add_task(request.app.state.finalizer.wake)
     with rt.sessions() as db:
-        return JobService(db, who.tenant, prices=rt.teachers.prices).describe(job, shard_url_builder(request))
+        return JobService(db, who.tenant, prices=rt.teachers.prices).describe(job, urls)
 
 
 def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, idempotency_key: str | None):
@@ -78,5 +79,8 @@ def job_shards(job_id: JobId, request: Request, jobs: Jobs) -> ShardList:
 
 
 @router.get("/{job_id}/errors", response_model=ErrorList)
-def job_errors(job_id: JobId, jobs: Jobs) -> ErrorList:
-    return ErrorList(errors=jobs.errors(job_id))
+def job_errors(job_id: JobId, jobs: Jobs, limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+               after: Annotated[int, Query(ge=-1, le=2**31 - 1, description="the last request_index of the previous page")] = -1
+               ) -> ErrorList:
+    errors, has_more = jobs.errors(job_id, limit, after)
+    return ErrorList(errors=errors, has_more=has_more, next=errors[-1].request_index if has_more else None)

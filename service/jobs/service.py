@@ -150,10 +150,13 @@ class JobService:
         job.cancel_requested_at = sa.func.now()
         return job
 
-    def errors(self, job_id: str) -> list[RequestError]:
+    def errors(self, job_id: str, limit: int, after: int = -1) -> tuple[list[RequestError], bool]:
+        """A page of the failed requests, and whether more follow."""
         self.get(job_id)
-        return [RequestError(request_index=r.request_index, custom_id=r.custom_id, error=r.error or r.state)
-                for r in self.jobs.failed_requests(job_id)]
+        rows = self.jobs.failed_requests(job_id, limit + 1, after)
+        errors = [RequestError(request_index=r.request_index, custom_id=r.custom_id, error=r.error or r.state)
+                  for r in rows[:limit]]
+        return errors, len(rows) > limit
 
     def shards(self, job_id: str, shard_url: ShardUrl) -> list[ShardOut]:
         self.get(job_id)
