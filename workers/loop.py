@@ -23,9 +23,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import sqlalchemy as sa
 
-from service.db import db_retry, transaction
+from service.db import db_retry, is_transient, transaction
 from service.ids import new_id
 from service.jobs.finalizer import Finalizer
 from service.jobs.repository import JobRepository
@@ -74,6 +75,14 @@ class Holdings:
     def token_count(self) -> int:
         with self.lock:
             return sum(task_tokens(t) for t in self.tasks.values())
+
+
+def is_result_fault(exc: BaseException) -> bool:
+    """An error caused by one result's content, not by storage or an unreachable database."""
+    if isinstance(exc, OSError) or is_transient(exc):
+        return False
+    return isinstance(exc, (pa.ArrowException, sa.exc.DataError, sa.exc.StatementError, KeyError, ValueError,
+                            OverflowError, TypeError))
 
 
 def task_tokens(task: ClaimedTask) -> int:
@@ -281,7 +290,7 @@ class WorkerLoop:
         successes = [r for r in results if r.error is None and r.key in held]
         try:
             if successes:
-                self._db(self._index)(successes)
+                self._index_isolated(successes)
             for failure in failures:
                 self._db(self._record_failure)(failure)
         except Exception:
@@ -289,6 +298,36 @@ class WorkerLoop:
                           self.worker_id)
         self.held.drop(r.key for r in results)
         self.finalizer.wake()
+
+    def _index_isolated(self, results: list[EngineResult]) -> None:
+        """Index the batch as one shard; if that fails for something in the data (a token id past
+        int32, a lease dropped meanwhile), index each result alone, so a bad result fails only its
+        own task, with the reason. Storage and database outages are not the results' fault: they
+        propagate, and the tasks are retried."""
+        try:
+            self._db(self._index)(results)
+            return
+        except Exception as exc:
+            if not is_result_fault(exc):
+                raise
+            if len(results) == 1:
+                self._fail_unstorable(results[0], exc)
+                return
+            log.warning("worker %s: a batch of %d results could not be indexed (%s: %s); indexing each alone",
+                        self.worker_id, len(results), type(exc).__name__, exc)
+        for result in results:
+            try:
+                self._db(self._index)([result])
+            except Exception as exc:
+                if not is_result_fault(exc):
+                    raise
+                self._fail_unstorable(result, exc)
+
+    def _fail_unstorable(self, result: EngineResult, exc: Exception) -> None:
+        log.warning("worker %s: result %s could not be stored: %s: %s", self.worker_id, result.key,
+                    type(exc).__name__, exc)
+        reason = f"the teacher's result could not be stored: {type(exc).__name__}: {exc}"[:2000]
+        self._db(self._record_failure)(EngineResult(key=result.key, error=reason))
 
     def _index(self, results: list[EngineResult]) -> None:
         """Write one result shard, then index it in one fenced transaction."""

@@ -205,6 +205,12 @@ def task_columns(tasks: list[NewTask]) -> dict[str, list[Any]]:
     }
 
 
+def storable_error(text: str) -> str:
+    """An error text JSONB can hold: a remote teacher's excerpt may carry NUL, which Postgres
+    text refuses (and the insert would fail the whole write batch)."""
+    return text.replace("\x00", "\\u0000")
+
+
 def token_list(ids: list[int]) -> str:
     return ":".join(map(str, ids))
 
@@ -237,11 +243,11 @@ class TaskRepository:
         """Give leased tasks back. After a clean shutdown the attempt does not count; after an
         engine failure (`error`) it does, and the tasks become suspects (each is then run alone), so a
         request that kills engines runs out of attempts without taking its neighbours along."""
-        return set(self._fenced(RELEASE_SQL, held, error=error))
+        return set(self._fenced(RELEASE_SQL, held, error=None if error is None else storable_error(error)))
 
     def record_failure(self, key: str, token: int, error: str, final: bool = False) -> str | None:
         """Record a failed attempt; return the task's new state, or None if the lease was lost."""
-        params = {"key": key, "token": token, "error": error, "final": final}
+        params = {"key": key, "token": token, "error": storable_error(error), "final": final}
         return self.session.execute(RECORD_FAILURE_SQL, params).scalar_one_or_none()
 
     def expire_exhausted(self) -> list[str]:
