@@ -55,3 +55,16 @@ def test_a_bad_line_spends_no_submission_token_and_creates_no_job(oai, api, rt):
     assert api.get("/v1/jobs").json()["data"] == []
     with rt.sessions() as db:
         assert db.scalar(sa.select(Tenant.rate_tokens).where(Tenant.name == "alpha")) is None  # never spent
+
+
+@pytest.mark.parametrize("endpoint", [CHAT, COMPLETIONS])
+def test_batch_output_writes_minus_infinity_as_openai_does(endpoint):
+    from service.openai_batch.output_file import success_line
+
+    inf = float("-inf")
+    sample = {"custom_id": "c0", "completion_token_ids": [5, 6], "completion_text": "a b", "token_logprobs": [-0.5, inf],
+              "top_token_ids": [[5, 7], [6, 8]], "top_logprobs": [[-0.5, inf], [inf, float("nan")]],
+              "finish_reason": "length", "error": None, "sample_index": 0, "prompt_token_ids": [1, 2]}
+    line = success_line([sample], endpoint, "m", 0, True, lambda t: f"t{t}")
+    parsed = json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert "Infinity" not in line and "NaN" not in line and "-9999.0" in line and parsed["custom_id"] == "c0"
