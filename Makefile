@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TC := $(VENV)/bin/teachercache
 STAMP := $(VENV)/.installed
 
-.PHONY: install teacher demo test bench up clean
+.PHONY: install teacher demo test bench soak up clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: teacher
 
 bench: teacher
 	$(PY) -m bench.run
+
+# Not part of `make test`: minutes of worker kill -9s and API kills against an external Postgres
+# (TEACHERCACHE_DATABASE_URL; the run uses a database of its own). RELIABILITY.md has the figures.
+soak: install
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 up: teacher
 	$(TC) up
