@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The machine's own Postgres, for the second pass of the database tests (CI runs both).
 EXTERNAL_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install teacher demo test test-fast test-external bench up clean
+.PHONY: install teacher demo test test-fast test-external bench soak up clean
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ demo: teacher
 
 bench: teacher
 	$(PY) -m bench.run
+
+# Not part of `make test`: minutes of worker kill -9s and API kills against an external Postgres
+# (TEACHERCACHE_DATABASE_URL; the run uses a database of its own). RELIABILITY.md has the figures.
+soak: install
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 up: teacher
 	$(TC) up

@@ -50,8 +50,10 @@ def normalize_url(url: str) -> str:
 
 
 @lru_cache(maxsize=8)
-def make_engine(url: str) -> sa.Engine:
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+def make_engine(url: str, pool_timeout_s: float = 5.0) -> sa.Engine:
+    # A short pool timeout: a request that cannot get a connection answers 503 with Retry-After
+    # in seconds rather than holding its caller (and a threadpool thread) for SQLAlchemy's 30 s.
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=pool_timeout_s)
 
 
 def session_factory(engine: sa.Engine) -> orm.sessionmaker[orm.Session]:

@@ -84,6 +84,13 @@ class MethodNotAllowed(TeachercacheError):
     code = "method_not_allowed"
 
 
+class MisdirectedRequest(TeachercacheError):
+    """In production, a request whose Host header is not trusted to build URLs from."""
+
+    status_code = 421
+    code = "misdirected_request"
+
+
 class Unavailable(TeachercacheError):
     status_code = 503
     code = "unavailable"

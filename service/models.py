@@ -97,6 +97,8 @@ class Task(Base):
     __table_args__ = (
         sa.Index("ix_tasks_claimable", "teacher", "state", "created_at"),
         sa.Index("ix_tasks_lease_expiry", "lease_expires_at", postgresql_where=sa.text("state = 'leased'")),
+        sa.Index("ix_tasks_suspect", "teacher", "created_at",
+                 postgresql_where=sa.text("suspect AND state IN ('pending', 'leased')")),
     )
 
     key: orm.Mapped[str] = orm.mapped_column(sa.String(80), primary_key=True)

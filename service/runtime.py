@@ -25,7 +25,7 @@ class Runtime:
 
     @cached_property
     def engine(self) -> sa.Engine:
-        return make_engine(self.database_url)
+        return make_engine(self.database_url, self.settings.db_pool_timeout_s)
 
     @cached_property
     def sessions(self) -> orm.sessionmaker[orm.Session]:

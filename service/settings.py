@@ -36,8 +36,18 @@ class ServiceSettings(BaseSettings):
     port: int = 8080
     # Public base URL used to build shard URLs; defaults to the request's own base URL.
     public_url: str | None = None
+    # In production a shard URL is never built from the Host header a client sent (it would let
+    # a caller point URLs the service hands out at a host of its choosing): set `public_url`, or
+    # name the hosts that may be trusted; other requests that need a URL answer 421.
+    production: bool = False
+    allowed_hosts: list[str] = []
     # Limits, each refused with an error naming it (413 body, 422 job, 429 tenant).
-    max_body_bytes: int = 256 * 1024 * 1024  # OpenAI batch input files may be 200 MB
+    # Request bodies, per route (413, before the body is read when Content-Length says so).
+    max_body_bytes: int = 256 * 1024 * 1024  # POST /v1/jobs: the client streams a JSONL file as one body
+    max_request_body_bytes: int = 16 * 1024 * 1024  # every other route (a completion, a batch, ...)
+    max_upload_bytes: int = 256 * 1024 * 1024  # POST /v1/files: OpenAI batch input files may be 200 MB
+    # Longest text of one field (a prompt, a message, a response), checked before it is tokenized.
+    max_text_chars: int = 4 * 1024 * 1024
     max_requests_per_job: int = 200_000
     # Prompt tokens + max_tokens x n per request (generate) or + response tokens (score), summed.
     max_tokens_per_job: int = 200_000_000
@@ -57,6 +67,8 @@ class ServiceSettings(BaseSettings):
     # about this many rows' worth (plus one result-shard row group per shard it reads from).
     assembly_batch_rows: int = Field(default=4096, ge=1)
     db_retry_attempts: int = 8
+    # How long a request waits for a pooled connection before it answers 503 (Retry-After).
+    db_pool_timeout_s: float = 5.0
 
     @property
     def shards_uri(self) -> str:

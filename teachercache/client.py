@@ -185,8 +185,14 @@ class Client:
         return self._json("POST", _job_path(job, "/cancel"))
 
     def errors(self, job: JobRef) -> list[dict[str, Any]]:
-        """The failed requests: ``[{"request_index", "custom_id", "error"}]``."""
-        return _http.unwrap_list(self._json("GET", _job_path(job, "/errors")), "errors")
+        """The failed requests: ``[{"request_index", "custom_id", "error"}]``, every page."""
+        found, params = [], {}
+        while True:
+            page = self._json("GET", _job_path(job, "/errors"), params=params)
+            found += _http.unwrap_list(page, "errors")
+            if not page.get("has_more"):
+                return found
+            params = {"after": page["next"]}
 
     def shards(self, job: JobRef) -> list[dict[str, Any]]:
         """The shard manifest: ``[{"index", "url", "rows", "bytes", "sha256"}]``."""
@@ -375,7 +381,13 @@ class AsyncClient:
         return await self._json("POST", _job_path(job, "/cancel"))
 
     async def errors(self, job: JobRef) -> list[dict[str, Any]]:
-        return _http.unwrap_list(await self._json("GET", _job_path(job, "/errors")), "errors")
+        found, params = [], {}
+        while True:
+            page = await self._json("GET", _job_path(job, "/errors"), params=params)
+            found += _http.unwrap_list(page, "errors")
+            if not page.get("has_more"):
+                return found
+            params = {"after": page["next"]}
 
     async def shards(self, job: JobRef) -> list[dict[str, Any]]:
         return _http.unwrap_list(await self._json("GET", _job_path(job, "/shards")), "shards")

@@ -23,7 +23,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from service.db import db_retry, transaction
+import pyarrow as pa
+import sqlalchemy as sa
+
+from service.db import db_retry, is_transient, transaction
 from service.jobs.finalizer import Finalizer
 from service.jobs.repository import JobRepository
 from service.queue.workers import WorkerRepository
@@ -72,6 +75,14 @@ class Holdings:
     def token_count(self) -> int:
         with self.lock:
             return sum(task_tokens(t) for t in self.tasks.values())
+
+
+def is_result_fault(exc: BaseException) -> bool:
+    """An error caused by one result's content, not by storage or an unreachable database."""
+    if isinstance(exc, OSError) or is_transient(exc):
+        return False
+    return isinstance(exc, (pa.ArrowException, sa.exc.DataError, sa.exc.StatementError, KeyError, ValueError,
+                            OverflowError, TypeError))
 
 
 def task_tokens(task: ClaimedTask) -> int:
@@ -171,9 +182,17 @@ class WorkerLoop:
     # -- claimer ---------------------------------------------------------------------------
     def _claimer(self) -> None:
         low_water = max(1, self.settings.max_inflight // 2)
+        suspect_turn = True
         while not self.stopping.is_set() and not self.done.is_set():
-            if not len(self.held) and self._run_one_suspect():
+            if suspect_turn and self._suspect_waiting():
+                # Stop claiming and drain, then run one suspect alone: under steady load a worker
+                # never empties by itself, and suspects (and their jobs) would wait forever.
+                if len(self.held):
+                    time.sleep(self.settings.claim_poll_s)
+                    continue
+                suspect_turn = not self._run_one_suspect()  # then one turn of normal claiming
                 continue
+            suspect_turn = True
             room = self._room()
             claimed = self._claim(room) if room and (len(self.held) <= low_water or room >= low_water) else []
             for task in claimed:
@@ -197,6 +216,14 @@ class WorkerLoop:
         while claimed and len(self.held) and not self.stopping.is_set():
             time.sleep(self.settings.claim_poll_s)
         return bool(claimed)
+
+    def _suspect_waiting(self) -> bool:
+        try:
+            with transaction(self.rt.sessions) as db:
+                return TaskRepository(db).suspect_waiting(self.teacher)
+        except Exception:
+            log.exception("worker %s: could not look for suspect tasks", self.worker_id)
+            return False
 
     def _claim(self, limit: int, suspect: bool = False) -> list[ClaimedTask]:
         @self._db
@@ -262,7 +289,7 @@ class WorkerLoop:
         successes = [r for r in results if r.error is None and r.key in held]
         try:
             if successes:
-                self._db(self._index)(successes)
+                self._index_isolated(successes)
             for failure in failures:
                 self._db(self._record_failure)(failure)
         except Exception:
@@ -270,6 +297,36 @@ class WorkerLoop:
                           self.worker_id)
         self.held.drop(r.key for r in results)
         self.finalizer.wake()
+
+    def _index_isolated(self, results: list[EngineResult]) -> None:
+        """Index the batch as one shard; if that fails for something in the data (a token id past
+        int32, a lease dropped meanwhile), index each result alone, so a bad result fails only its
+        own task, with the reason. Storage and database outages are not the results' fault: they
+        propagate, and the tasks are retried."""
+        try:
+            self._db(self._index)(results)
+            return
+        except Exception as exc:
+            if not is_result_fault(exc):
+                raise
+            if len(results) == 1:
+                self._fail_unstorable(results[0], exc)
+                return
+            log.warning("worker %s: a batch of %d results could not be indexed (%s: %s); indexing each alone",
+                        self.worker_id, len(results), type(exc).__name__, exc)
+        for result in results:
+            try:
+                self._db(self._index)([result])
+            except Exception as exc:
+                if not is_result_fault(exc):
+                    raise
+                self._fail_unstorable(result, exc)
+
+    def _fail_unstorable(self, result: EngineResult, exc: Exception) -> None:
+        log.warning("worker %s: result %s could not be stored: %s: %s", self.worker_id, result.key,
+                    type(exc).__name__, exc)
+        reason = f"the teacher's result could not be stored: {type(exc).__name__}: {exc}"[:2000]
+        self._db(self._record_failure)(EngineResult(key=result.key, error=reason))
 
     def _index(self, results: list[EngineResult]) -> None:
         """Write one result shard, then index it in one fenced transaction."""

@@ -1,5 +1,7 @@
-"""jobs.finalize_attempts / finalize_not_before: a job whose assembly fails is retried with a
-backoff, then ends failed, instead of being claimed again at once by every finalizer
+"""jobs.finalize_attempts and finalize_not_before
+
+A job whose assembly fails is retried with a backoff, then ends failed, instead of being
+claimed again at once by every finalizer.
 
 Revision ID: 0006
 Revises: 0005

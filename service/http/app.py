@@ -8,7 +8,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.http import errors, routes_cache, routes_jobs, routes_misc, routes_openai
-from service.http.body_limit import BodySizeLimit
+from service.http.auth_first import AuthenticateFirst
+from service.http.body_limit import BodySizeLimit, body_limits
+from service.http.json_body import document_bodies
 from service.jobs.finalizer import Finalizer
 from service.runtime import Runtime
 from service.settings import ServiceSettings
@@ -33,7 +35,9 @@ def create_app(rt: Runtime | None = None, run_finalizer: bool = True) -> FastAPI
     app.state.runtime = rt
     app.state.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
     errors.install(app)
-    app.add_middleware(BodySizeLimit, max_body_bytes=rt.settings.max_body_bytes)
+    document_bodies(app)
+    app.add_middleware(BodySizeLimit, limits=body_limits(rt.settings))
+    app.add_middleware(AuthenticateFirst, runtime=rt)  # outermost: before any limit or body is read
     app.include_router(routes_jobs.router, responses=errors.RESPONSES)
     app.include_router(routes_misc.router, responses=errors.RESPONSES)
     app.include_router(routes_misc.health_router, responses=errors.RESPONSES)

@@ -10,11 +10,13 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import orm
 
-from service.errors import Unauthenticated
+from service.errors import MisdirectedRequest
+from service.http.auth_first import authenticate
 from service.jobs.limits import JobLimits
 from service.jobs.service import JobService
 from service.runtime import Runtime
-from service.tenants.service import Caller, TenantService
+from service.settings import ServiceSettings
+from service.tenants.service import Caller
 
 bearer = HTTPBearer(auto_error=False, description="An API key (`teachercache keys create --tenant NAME`).")
 
@@ -24,22 +26,27 @@ def runtime(request: Request) -> Runtime:
 
 
 def session(request: Request) -> Iterator[orm.Session]:
-    """One transaction per request: committed when the handler returns, rolled back on error."""
+    """One transaction per request: committed when the handler returns, rolled back on error.
+
+    Used with `scope="function"` (below): the commit runs before the response is sent, so a
+    client never holds a 200 for a write that did not commit (the default, request scope, runs
+    the exit after the response has gone)."""
     with runtime(request).sessions() as db, db.begin():
         yield db
+
+
+Db = Annotated[orm.Session, Depends(session, scope="function")]
 
 
 def caller(request: Request,
            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
     """The tenant behind the request's API key, checked against the database on every request,
-    so a revoked key stops working at once."""
-    if credentials is None:
-        raise Unauthenticated("an API key is required: send 'Authorization: Bearer <key>'")
-    with runtime(request).sessions() as db:
-        found = TenantService(db).authenticate(credentials.credentials)
-    if found is None:
-        raise Unauthenticated("the API key is not valid (unknown, malformed or revoked)")
-    return found
+    so a revoked key stops working at once (a request with a body was checked already, before
+    its body was read: auth_first.py)."""
+    found = getattr(request.state, "caller", None)
+    if found is not None:
+        return found
+    return authenticate(runtime(request), credentials.credentials if credentials else None)
 
 
 def limits_of(rt: Runtime, who: Caller) -> JobLimits:
@@ -47,32 +54,32 @@ def limits_of(rt: Runtime, who: Caller) -> JobLimits:
     return JobLimits.from_settings(rt.settings).for_tenant(who.limits)
 
 
-def spend_submission(rt: Runtime, who: Caller) -> None:
-    """The tenant's submission rate limit, spent in its own transaction before the work starts."""
-    with rt.sessions() as db, db.begin():
-        TenantService(db).spend_submission(who.tenant, limits_of(rt, who))
-
-
-def submission_allowed(request: Request, who: Annotated[Caller, Depends(caller)]) -> None:
-    spend_submission(runtime(request), who)
-
-
 def job_limits(request: Request, who: Annotated[Caller, Depends(caller)]) -> JobLimits:
     return limits_of(runtime(request), who)
 
 
-def job_service(request: Request, db: Annotated[orm.Session, Depends(session)],
+def job_service(request: Request, db: Db,
                 who: Annotated[Caller, Depends(caller)]) -> JobService:
     """The caller's jobs, in the request's transaction, with the teachers' prices for spend."""
     return JobService(db, who.tenant, prices=runtime(request).teachers.prices)
 
 
 def shard_url_builder(request: Request):
-    base = runtime(request).settings.public_url or str(request.base_url).rstrip("/")
+    base = public_base_url(runtime(request).settings, request)
     return lambda shard_id: f"{base}/v1/shards/{shard_id}"
 
 
-Db = Annotated[orm.Session, Depends(session)]
+def public_base_url(settings: ServiceSettings, request: Request) -> str:
+    """`public_url`; else the request's own base URL, which in production only a trusted Host gives."""
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    host = (request.url.hostname or "").lower()
+    if settings.production and host not in {h.lower() for h in settings.allowed_hosts}:
+        raise MisdirectedRequest("this server builds no URLs from the Host header it was sent; its operator sets "
+                                 "TEACHERCACHE_PUBLIC_URL (or TEACHERCACHE_ALLOWED_HOSTS)", field="Host")
+    return str(request.base_url).rstrip("/")
+
+
 Rt = Annotated[Runtime, Depends(runtime)]
 Who = Annotated[Caller, Depends(caller)]
 Limits = Annotated[JobLimits, Depends(job_limits)]

@@ -107,6 +107,11 @@ def install(app: FastAPI) -> None:
             return render(Unavailable("the database is unavailable; retry shortly"))
         raise exc
 
+    @app.exception_handler(sa.exc.TimeoutError)  # no pooled connection within db_pool_timeout_s
+    async def pool_exhausted(_: Request, exc: sa.exc.TimeoutError) -> JSONResponse:
+        log.warning("database connection pool exhausted: %s", exc)
+        return render(Unavailable("the server is busy (no database connection free); retry shortly"))
+
     @app.exception_handler(Exception)  # Starlette logs it and re-raises after this answer
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         return render(internal_error())

@@ -7,41 +7,45 @@ from typing import Annotated
 import sqlalchemy as sa
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
 
-from service.http.deps import Jobs, Limits, Rt, Who, caller, shard_url_builder, spend_submission
+from service.http.deps import Jobs, Limits, Rt, Who, caller, shard_url_builder
+from service.http.json_body import body_schema, json_body
 from service.http.params import JobCursor, JobId
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import ErrorList, JobCreate, JobList, JobOut, ShardList
-from service.jobs.service import JobService
+from service.jobs.service import JobService, prepare_submission
 from service.runtime import Runtime
-from service.tenants.service import Caller
+from service.tenants.service import Caller, TenantService
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(caller)])
 
 
-@router.post("", status_code=201, response_model=JobOut,
+@router.post("", status_code=201, response_model=JobOut, openapi_extra=body_schema(JobCreate),
              responses={200: {"model": JobOut, "description": "a retry (same Idempotency-Key): the job it created"}})
-def submit_job(body: JobCreate, request: Request, response: Response, background: BackgroundTasks, rt: Rt,
-               who: Who, limits: Limits,
+def submit_job(body: Annotated[JobCreate, Depends(json_body(JobCreate))], request: Request, response: Response,
+               background: BackgroundTasks, rt: Rt, who: Who, limits: Limits,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
+    urls = shard_url_builder(request)  # first: a refused Host must leave no job behind
     job, created = submit_once(rt, who, limits, body, idempotency_key)
     if not created:
         response.status_code = 200
     background.add_task(request.app.state.finalizer.wake)
     with rt.sessions() as db:
-        return JobService(db, who.tenant, prices=rt.teachers.prices).describe(job, shard_url_builder(request))
+        return JobService(db, who.tenant, prices=rt.teachers.prices).describe(job, urls)
 
 
 def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, idempotency_key: str | None):
-    """Write the whole job in one transaction; a concurrent retry with the same key gets that job."""
+    """Write the whole job in one transaction on one connection (the Idempotency-Key's lock and the
+    rate-limit spend share it); a concurrent retry with the same key gets that job."""
     teacher = rt.teachers.get(body.teacher)
+    prepared = prepare_submission(body, teacher, limits)  # before a connection is taken
     try:
         with rt.sessions() as db, db.begin():
             service = JobService(db, who.tenant, limits)
             existing = service.find_retry(idempotency_key, body)
             if existing is not None:
                 return existing, False  # a retry is answered, never rate-limited
-            spend_submission(rt, who)
-            return service.submit(body, teacher, idempotency_key), True
+            spend = lambda: TenantService(db).spend_submission(who.tenant, limits)  # noqa: E731
+            return service.submit(body, teacher, idempotency_key, before_write=spend, prepared=prepared), True
     except sa.exc.IntegrityError:
         if idempotency_key is None:
             raise
@@ -88,5 +92,8 @@ def job_shards(job_id: JobId, request: Request, jobs: Jobs) -> ShardList:
 
 
 @router.get("/{job_id}/errors", response_model=ErrorList)
-def job_errors(job_id: JobId, jobs: Jobs) -> ErrorList:
-    return ErrorList(errors=jobs.errors(job_id))
+def job_errors(job_id: JobId, jobs: Jobs, limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+               after: Annotated[int, Query(ge=-1, le=2**31 - 1, description="the last request_index of the previous page")] = -1
+               ) -> ErrorList:
+    errors, has_more = jobs.errors(job_id, limit, after)
+    return ErrorList(errors=errors, has_more=has_more, next=errors[-1].request_index if has_more else None)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import psycopg
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import RedirectResponse
@@ -68,13 +70,24 @@ def download_shard(shard_id: ShardId, request: Request, rt: Rt, db: Db, who: Who
 
 
 @health_router.get("/healthz", tags=["health"])
-def healthz(rt: Rt) -> dict:
-    try:
-        with rt.engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
-    except sa.exc.DBAPIError as exc:
-        raise Unavailable("database unreachable") from exc
+async def healthz(request: Request) -> dict:
+    # Async, on its own connection, with no sync dependency (those run in the threadpool): a
+    # probe must answer while the worker threadpool (or the connection pool) is saturated, and
+    # must never block the event loop on the database.
+    if not await database_answers(request.app.state.runtime.database_url):
+        raise Unavailable("database unreachable")
     return {"status": "ok"}
+
+
+async def database_answers(url: str, timeout_s: float = 2.0) -> bool:
+    conninfo = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with await psycopg.AsyncConnection.connect(conninfo, connect_timeout=max(1, int(timeout_s))) as db:
+                await db.execute("SELECT 1")
+    except (psycopg.Error, OSError, TimeoutError):
+        return False
+    return True
 
 
 # The default response class keeps the error responses documented as JSON; 200 is text.

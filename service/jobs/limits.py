@@ -24,6 +24,7 @@ class JobLimits:
     max_pending_requests_per_tenant: int
     submissions_per_minute: float
     submission_burst: int
+    max_text_chars: int
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> JobLimits:
@@ -72,6 +73,24 @@ def check_shape(body: JobCreate, limits: JobLimits) -> None:
     if body.sampling.max_tokens > limits.max_completion_tokens:
         raise over("max_completion_tokens", limits.max_completion_tokens,
                    f"{body.sampling.max_tokens} is above the maximum", "sampling.max_tokens")
+
+
+def texts(request) -> list[tuple[str, str]]:
+    """(field, text) of every free text of a request that the tokenizer would read."""
+    found = [(name, getattr(request, name)) for name in ("prompt", "response") if getattr(request, name)]
+    return found + [(f"messages[{i}].content", m.content) for i, m in enumerate(request.messages or ())]
+
+
+def check_text_lengths(body: JobCreate, limits: JobLimits) -> None:
+    """Before any tokenization: a 200 MB prompt would hold the teacher's tokenizer (and every
+    other submission to that teacher) for seconds before its token count could refuse it."""
+    for index, request in enumerate(body.requests):
+        for name, text in texts(request):
+            if len(text) > limits.max_text_chars:
+                error = over("max_text_chars", limits.max_text_chars, f"{len(text)} characters",
+                             f"requests[{index}].{name}")
+                error.details["request_index"] = index
+                raise error
 
 
 def job_tokens(body: JobCreate, prepared: list[PreparedRequest]) -> int:

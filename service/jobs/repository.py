@@ -254,11 +254,15 @@ class JobRepository:
         )
         return self.session.scalar(query)
 
-    def failed_requests(self, job_id: str) -> list[Request]:
+    def failed_requests(self, job_id: str, limit: int, after: int = -1) -> list[Request]:
+        """A page of the job's failed requests after request index `after` (the (job_id,
+        request_index) key keeps each page a bounded index range scan)."""
         query = (
             sa.select(Request)
-            .where(Request.job_id == job_id, Request.state.in_(("failed", "cancelled")))
+            .where(Request.job_id == job_id, Request.state.in_(("failed", "cancelled")),
+                   Request.request_index > after)
             .order_by(Request.request_index)
+            .limit(limit)
         )
         return list(self.session.scalars(query))
 

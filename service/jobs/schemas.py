@@ -133,3 +133,5 @@ class RequestError(BaseModel):
 
 class ErrorList(BaseModel):
     errors: list[RequestError]
+    has_more: bool = False
+    next: int | None = None  # pass as `after` for the next page

@@ -13,7 +13,7 @@ from sqlalchemy import orm
 from service.cachekey import cache_key, normalize_sampling, teacher_identity
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.ids import new_id
-from service.jobs.limits import JobLimits, check_pending, check_shape, check_tokens
+from service.jobs.limits import JobLimits, check_pending, check_shape, check_text_lengths, check_tokens
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
 from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded_spend
@@ -40,6 +40,16 @@ def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> No
         raise ValidationFailed("sampling.n: score mode is teacher-forced and takes n = 1", field="sampling.n")
 
 
+def prepare_submission(body: JobCreate, teacher: Teacher, limits: JobLimits) -> list:
+    """Validate and tokenize a job; no database. The HTTP layer runs it before it takes a pooled
+    connection, so a connection is never held while a tokenizer works."""
+    check_parameters(body, teacher, limits)
+    check_text_lengths(body, limits)
+    prepared = prepare_requests(body, teacher)
+    check_tokens(body, prepared, limits)
+    return prepared
+
+
 class JobService:
     """A tenant's jobs: every lookup is scoped to `tenant`; another tenant's job is not found."""
 
@@ -64,10 +74,13 @@ class JobService:
                                    field="Idempotency-Key")
         return job
 
-    def submit(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None = None) -> Job:
-        check_parameters(body, teacher, self.limits)
-        prepared = prepare_requests(body, teacher)
-        check_tokens(body, prepared, self.limits)
+    def submit(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None = None,
+               before_write: Callable[[], None] = lambda: None, prepared: list | None = None) -> Job:
+        """Validate and tokenize (unless `prepared` already is), then (`before_write`: the rate-limit
+        spend, so an invalid body spends nothing) write the whole job."""
+        if prepared is None:
+            prepared = prepare_submission(body, teacher, self.limits)
+        before_write()
         sampling = normalize_sampling(body.mode, body.sampling.model_dump())
         identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision, teacher.tokenizer_hash,
                                     teacher.spec.dtype)
@@ -149,10 +162,13 @@ class JobService:
         job.cancel_requested_at = sa.func.now()
         return job
 
-    def errors(self, job_id: str) -> list[RequestError]:
+    def errors(self, job_id: str, limit: int, after: int = -1) -> tuple[list[RequestError], bool]:
+        """A page of the failed requests, and whether more follow."""
         self.get(job_id)
-        return [RequestError(request_index=r.request_index, custom_id=r.custom_id, error=r.error or r.state)
-                for r in self.jobs.failed_requests(job_id)]
+        rows = self.jobs.failed_requests(job_id, limit + 1, after)
+        errors = [RequestError(request_index=r.request_index, custom_id=r.custom_id, error=r.error or r.state)
+                  for r in rows[:limit]]
+        return errors, len(rows) > limit
 
     def shards(self, job_id: str, shard_url: ShardUrl) -> list[ShardOut]:
         self.get(job_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
 from service.errors import ValidationFailed
 from service.jobs.schemas import JobCreate, RequestIn
 from service.teachers.tokenizer import Teacher
@@ -57,6 +59,9 @@ def check_chat_request(index: int, request: RequestIn, mode: str) -> None:
     if request.messages is None:
         raise invalid(index, "messages", "this teacher is behind a chat endpoint: give messages, not prompt or "
                                          "prompt_token_ids")
+    for position, message in enumerate(request.messages):  # the messages are kept in JSONB, which refuses NUL
+        if "\x00" in message.content:
+            raise invalid(index, f"messages[{position}].content", "contains a NUL character (\\u0000)")
 
 
 def split_prompt(index: int, request: RequestIn, mode: str, teacher: Teacher) -> tuple[list[int], list[int] | None]:
@@ -66,16 +71,25 @@ def split_prompt(index: int, request: RequestIn, mode: str, teacher: Teacher) ->
     if mode == "generate":
         if request.response is not None or request.response_token_ids is not None:
             raise invalid(index, "response", "only score mode takes a response")
-        return prompt_ids(request, teacher), None
+        return prompt_ids(index, request, teacher), None
     return score_pair(index, request, teacher)
 
 
-def prompt_ids(request: RequestIn, teacher: Teacher) -> list[int]:
+def prompt_ids(index: int, request: RequestIn, teacher: Teacher) -> list[int]:
     if request.prompt_token_ids is not None:
         return list(request.prompt_token_ids)
     if request.messages is not None:
-        return teacher.encode_chat([m.model_dump() for m in request.messages])
+        return chat_ids(index, teacher, [m.model_dump() for m in request.messages])
     return teacher.encode_text(request.prompt)
+
+
+def chat_ids(index: int, teacher: Teacher, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The chat template's tokens; a template that refuses the conversation (Llama's and Mistral's
+    raise on roles that do not alternate, or on a `tool` role) is the caller's 422, not a 500."""
+    try:
+        return teacher.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        raise invalid(index, "messages", f"the teacher's chat template refused this conversation: {exc}") from None
 
 
 def score_pair(index: int, request: RequestIn, teacher: Teacher) -> tuple[list[int], list[int]]:
@@ -87,7 +101,7 @@ def score_pair(index: int, request: RequestIn, teacher: Teacher) -> tuple[list[i
         if request.messages and request.messages[-1].role == "assistant":
             return transcript_pair(index, request, teacher)
         raise invalid(index, "response", "score mode needs response, response_token_ids, or messages ending with the assistant")
-    prompt = prompt_ids(request, teacher)
+    prompt = prompt_ids(index, request, teacher)
     if request.response_token_ids is not None:
         return prompt, list(request.response_token_ids)
     if not request.response:
@@ -100,10 +114,12 @@ def transcript_pair(index: int, request: RequestIn, teacher: Teacher) -> tuple[l
     messages = [m.model_dump() for m in request.messages]
     if len(messages) < 2:  # the template renders no prompt from an empty conversation
         raise invalid(index, "messages", "a conversation to score needs a turn before the assistant's")
-    prompt = teacher.encode_chat(messages[:-1], add_generation_prompt=True)
-    full = teacher.encode_chat(messages, add_generation_prompt=False)
+    prompt = chat_ids(index, teacher, messages[:-1], add_generation_prompt=True)
+    full = chat_ids(index, teacher, messages, add_generation_prompt=False)
     if full[: len(prompt)] != prompt:
         raise invalid(index, "messages", "the chat template does not render this conversation as prompt + response")
+    if len(full) == len(prompt):  # accepted, it would fail every engine attempt with nothing to score
+        raise invalid(index, "messages", "the assistant's turn renders to no tokens under the chat template")
     return prompt, full[len(prompt):]
 
 

@@ -49,7 +49,7 @@ def parse_input(data: bytes, endpoint: str, known_models: set[str]) -> ParsedInp
     parsed: list[ParsedLine] = []
     line_numbers: list[int] = []
     seen_ids: set[str] = set()
-    for number, text in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+    for number, text in enumerate(jsonl_lines(data), start=1):
         if not text.strip():
             continue
         try:
@@ -68,6 +68,12 @@ def parse_input(data: bytes, endpoint: str, known_models: set[str]) -> ParsedInp
     if not parsed:
         return [BatchError(code="empty_file", message="the input file has no requests")]
     return to_job(parsed, line_numbers)
+
+
+def jsonl_lines(data: bytes) -> list[str]:
+    """JSONL's lines: split on "\n" only (str.splitlines also splits inside valid JSON strings at
+    U+2028, U+0085 and other separators), with a Windows "\r" dropped."""
+    return [line.removesuffix("\r") for line in data.decode("utf-8", errors="replace").split("\n")]
 
 
 def parse_line(text: str, endpoint: str, known_models: set[str]) -> ParsedLine:
@@ -91,7 +97,7 @@ def parse_line(text: str, endpoint: str, known_models: set[str]) -> ParsedLine:
     if not isinstance(body, dict):
         raise LineInvalid("missing_required_parameter", "body is required (a JSON object)", "body")
     model = body.get("model")
-    if model not in known_models:
+    if not isinstance(model, str) or model not in known_models:
         raise LineInvalid("model_not_found", f"model {model!r} is not a teacher of this service", "body.model")
     return ParsedLine(custom_id, model, request_of(custom_id, body, endpoint), shared_params(body, endpoint))
 
@@ -124,12 +130,25 @@ def shared_params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
         where = "body." + ".".join(str(p) for p in first["loc"])
         raise LineInvalid("invalid_request", f"{where}: {first['msg']}", where) from None
     if endpoint == "/v1/chat/completions":
-        wants = bool(body.get("logprobs"))
-        top = int(body.get("top_logprobs") or 0) if wants else 0
+        wants = body.get("logprobs")
+        if wants is not None and not isinstance(wants, bool):
+            raise LineInvalid("invalid_request", "body.logprobs: must be true or false", "body.logprobs")
+        top = count_param(body, "top_logprobs") if wants else 0
     else:
         wants = body.get("logprobs") is not None
-        top = int(body.get("logprobs") or 0)
-    return {"sampling": native, "top_logprobs": top, "logprobs": wants}
+        top = count_param(body, "logprobs")
+    return {"sampling": native, "top_logprobs": top, "logprobs": bool(wants)}
+
+
+def count_param(body: dict[str, Any], name: str) -> int:
+    """A logprob count: absent/null is 0; anything but a non-negative integer names the field
+    (json reads 1e400 as inf, and int() of a string, list or inf would escape as a 500)."""
+    value = body.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise LineInvalid("invalid_request", f"body.{name}: must be a non-negative integer", f"body.{name}")
+    return value
 
 
 def check_against_first(line: ParsedLine, first: ParsedLine | None, seen_ids: set[str]) -> None:
@@ -152,8 +171,18 @@ def differing_params(a: dict[str, Any], b: dict[str, Any]) -> set[str]:
     return names | {k for k in a["sampling"] if a["sampling"][k] != b["sampling"][k]}
 
 
-def to_job(lines: list[ParsedLine], line_numbers: list[int]) -> ParsedInput:
+def to_job(lines: list[ParsedLine], line_numbers: list[int]) -> ParsedInput | list[BatchError]:
     shared = lines[0].shared
-    job = JobCreate(teacher=lines[0].model, top_logprobs=shared["top_logprobs"], sampling=Sampling(**shared["sampling"]),
-                    requests=[line.request for line in lines])
+    try:
+        job = job_of(lines, shared)
+    except ValidationError as exc:  # a value the job refuses (shared by every line: named on the first)
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return [BatchError(code="invalid_request", message=f"{where}: {first['msg']}", param=where,
+                           line=line_numbers[0])]
     return ParsedInput(teacher=lines[0].model, job=job, wants_logprobs=shared["logprobs"], line_numbers=line_numbers)
+
+
+def job_of(lines: list[ParsedLine], shared: dict[str, Any]) -> JobCreate:
+    return JobCreate(teacher=lines[0].model, top_logprobs=shared["top_logprobs"], sampling=Sampling(**shared["sampling"]),
+                     requests=[line.request for line in lines])

@@ -9,6 +9,7 @@ counted from the start of the completion text.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Callable, Iterable
 from itertools import groupby
@@ -74,9 +75,19 @@ def text_choice(sample, wants_logprobs: bool, decode: Decode) -> dict[str, Any]:
             "finish_reason": sample["finish_reason"]}
 
 
+# What OpenAI writes for a token the model gives (about) no probability: a logprob of -9999.0,
+# never -Infinity, which strict JSON parsers (and most languages' standard ones) reject.
+OPENAI_LOGPROB_FLOOR = -9999.0
+
+
+def openai_logprob(logprob: float) -> float:
+    value = float(logprob)
+    return value if math.isfinite(value) and value > OPENAI_LOGPROB_FLOOR else OPENAI_LOGPROB_FLOOR
+
+
 def token_entry(token_id: int, logprob: float, decode: Decode) -> dict[str, Any]:
     token = decode(token_id)
-    return {"token": token, "logprob": float(logprob), "bytes": list(token.encode("utf-8"))}
+    return {"token": token, "logprob": openai_logprob(logprob), "bytes": list(token.encode("utf-8"))}
 
 
 def chat_logprobs(sample, decode: Decode) -> dict[str, Any]:
@@ -95,8 +106,8 @@ def completion_logprobs(sample, decode: Decode) -> dict[str, Any]:
         offsets.append(offset)
         offset += len(token)
     # Two alternatives that decode to the same text collapse into one key (as in OpenAI's format).
-    top = [{decode(t): float(lp) for t, lp in top_pairs(sample, i)} for i in range(len(tokens))]
-    return {"tokens": tokens, "token_logprobs": [float(lp) for lp in sample["token_logprobs"]],
+    top = [{decode(t): openai_logprob(lp) for t, lp in top_pairs(sample, i)} for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [openai_logprob(lp) for lp in sample["token_logprobs"]],
             "top_logprobs": top, "text_offset": offsets}
 
 

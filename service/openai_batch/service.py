@@ -34,6 +34,7 @@ from service.openai_batch.schemas import (
     RequestCounts,
 )
 from service.runtime import Runtime
+from service.tenants.service import TenantService
 from service.text import storable_text
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
@@ -124,7 +125,7 @@ class OpenAIBatchService:
                                "openai_logprobs": parsed.wants_logprobs}
         try:
             with self.session.begin_nested():  # a rejected submission leaves no partial job behind
-                job = self.jobs.submit(parsed.job, self.rt.teachers.get(parsed.teacher))
+                job = self.jobs.submit(parsed.job, self.rt.teachers.get(parsed.teacher), before_write=self._spend)
         except ValidationFailed as exc:
             if exc.status_code == 429:  # the tenant has too much in flight: refuse the batch, keep nothing
                 raise
@@ -133,6 +134,10 @@ class OpenAIBatchService:
         batch.job_id = job.id
         batch.status, batch.in_progress_at = "in_progress", now()
         batch.request_total = job.total
+
+    def _spend(self) -> None:
+        """The tenant's submission token, in this transaction: only a batch that starts a job spends one."""
+        TenantService(self.session).spend_submission(self.tenant, self.jobs.limits)
 
     def _fail(self, batch: OpenAIBatch, errors: list[BatchError]) -> None:
         batch.status, batch.failed_at = "failed", now()

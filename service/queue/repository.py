@@ -92,14 +92,48 @@ RELEASE_SQL = sa.text(
     """
 )
 
-# A task whose leases expired on its last attempt (it kept killing workers) fails for good.
+# A lease lost while the task ran among others (its worker died: a spot node preempted, a kill
+# -9) is no evidence against the task: the attempt the claim counted is given back, and the
+# task becomes a suspect, which runs alone. Only a death while it runs alone counts (below), so
+# churn never fails an innocent request and one that kills workers still runs out of attempts
+# (it is a suspect at most once without counting: the bound). Bounded by the lease-expiry index.
+REQUEUE_LOST_SQL = sa.text(
+    """
+    WITH lost AS (
+        SELECT key FROM tasks
+        WHERE state = 'leased' AND lease_expires_at < now() AND NOT suspect AND teacher = :teacher
+        ORDER BY lease_expires_at
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE tasks t SET state = 'pending', suspect = true, lease_owner = NULL, lease_expires_at = NULL,
+        attempts = GREATEST(t.attempts - 1, 0),
+        errors = t.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', t.attempts, 'error', 'lease lost among other tasks (the worker died); not counted, run alone next'))
+      FROM lost WHERE t.key = lost.key
+    RETURNING t.key
+    """
+)
+
+SUSPECT_WAITING_SQL = sa.text(
+    """
+    SELECT EXISTS (
+        SELECT 1 FROM tasks t
+        WHERE t.teacher = :teacher AND t.suspect AND t.attempts < t.max_attempts
+          AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now()))
+          AND EXISTS (SELECT 1 FROM requests r WHERE r.cache_key = t.key AND r.state = 'pending'))
+    """
+)
+
+# A suspect whose leases expired on its last attempt (it kept killing the workers it ran alone
+# on) fails for good. A non-suspect's lost lease is requeued above, never failed here.
 EXPIRE_EXHAUSTED_SQL = sa.text(
     """
     UPDATE tasks SET state = 'failed', finished_at = now(), lease_owner = NULL,
         errors = errors || jsonb_build_array(jsonb_build_object(
-            'attempt', attempts, 'error', 'lease expired: the worker died or stalled')),
+            'attempt', attempts, 'error', 'lease expired while it ran alone: the worker died or stalled')),
         lease_expires_at = NULL
-    WHERE state = 'leased' AND lease_expires_at < now() AND attempts >= max_attempts
+    WHERE state = 'leased' AND lease_expires_at < now() AND attempts >= max_attempts AND suspect
     RETURNING key
     """
 )
@@ -171,6 +205,12 @@ def task_columns(tasks: list[NewTask]) -> dict[str, list[Any]]:
     }
 
 
+def storable_error(text: str) -> str:
+    """An error text JSONB can hold: a remote teacher's excerpt may carry NUL, which Postgres
+    text refuses (and the insert would fail the whole write batch)."""
+    return text.replace("\x00", "\\u0000")
+
+
 def token_list(ids: list[int]) -> str:
     return ":".join(map(str, ids))
 
@@ -181,9 +221,16 @@ class TaskRepository:
 
     def claim(self, teacher: str, owner: str, limit: int, lease_s: float, suspect: bool = False) -> list[ClaimedTask]:
         """Lease up to `limit` tasks; with `suspect`, only tasks that were in a dying engine."""
+        self.requeue_lost(teacher)  # before the claim, so a lost lease is never re-claimed as counted work
         params = {"teacher": teacher, "owner": owner, "limit": limit, "lease_s": lease_s, "suspect": suspect}
         rows = self.session.execute(CLAIM_SQL, params).mappings().all()
         return [ClaimedTask(**row) for row in rows]
+
+    def requeue_lost(self, teacher: str, limit: int = 1000) -> list[str]:
+        return list(self.session.execute(REQUEUE_LOST_SQL, {"teacher": teacher, "limit": limit}).scalars())
+
+    def suspect_waiting(self, teacher: str) -> bool:
+        return bool(self.session.execute(SUSPECT_WAITING_SQL, {"teacher": teacher}).scalar())
 
     def renew(self, held: dict[str, int], lease_s: float) -> set[str]:
         """Extend the leases still ours; return the keys we still hold."""
@@ -196,11 +243,11 @@ class TaskRepository:
         """Give leased tasks back. After a clean shutdown the attempt does not count; after an
         engine failure (`error`) it does, and the tasks become suspects (each is then run alone), so a
         request that kills engines runs out of attempts without taking its neighbours along."""
-        return set(self._fenced(RELEASE_SQL, held, error=error))
+        return set(self._fenced(RELEASE_SQL, held, error=None if error is None else storable_error(error)))
 
     def record_failure(self, key: str, token: int, error: str, final: bool = False) -> str | None:
         """Record a failed attempt; return the task's new state, or None if the lease was lost."""
-        params = {"key": key, "token": token, "error": error, "final": final}
+        params = {"key": key, "token": token, "error": storable_error(error), "final": final}
         return self.session.execute(RECORD_FAILURE_SQL, params).scalar_one_or_none()
 
     def expire_exhausted(self) -> list[str]:
