@@ -39,6 +39,8 @@ class Job(Base):
         # A retried submission is recognised within its tenant: two tenants may pick the same key.
         sa.UniqueConstraint("tenant", "idempotency_key"),
         sa.Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+        # Retention: the oldest finished jobs first, without looking at unfinished ones.
+        sa.Index("ix_jobs_finished_at", "finished_at", postgresql_where=sa.text("finished_at IS NOT NULL")),
     )
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
@@ -75,6 +77,8 @@ class Request(Base):
         sa.UniqueConstraint("job_id", "request_index"),
         sa.Index("ix_requests_job_id_state", "job_id", "state"),
         sa.Index("ix_requests_pending_key", "cache_key", postgresql_where=sa.text("state = 'pending'")),
+        # Which requests an entry answered: eviction spares entries an unfinished job reads.
+        sa.Index("ix_requests_result_key", "result_key", postgresql_where=sa.text("result_key IS NOT NULL")),
     )
 
     id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
@@ -129,6 +133,8 @@ class Result(Base):
     """The cache index: where the rows computed for one cache key live."""
 
     __tablename__ = "results"
+    # Least-recently-used eviction walks entries from the oldest use.
+    __table_args__ = (sa.Index("ix_results_last_used_at", "last_used_at"),)
 
     cache_key: orm.Mapped[str] = orm.mapped_column(sa.String(80), primary_key=True)
     teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200))
@@ -138,6 +144,8 @@ class Result(Base):
     prompt_tokens: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     completion_tokens: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
+    # When it was last computed or answered a submission (at most once a minute per entry).
+    last_used_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
 
 
 class Shard(Base):

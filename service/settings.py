@@ -69,6 +69,17 @@ class ServiceSettings(BaseSettings):
     db_retry_attempts: int = 8
     # How long a request waits for a pooled connection before it answers 503 (Retry-After).
     db_pool_timeout_s: float = 5.0
+    # Retention, enforced by a bounded sweep in every finalizer loop every retention_sweep_s.
+    # A finished job (its rows and shards, never the cache) is deleted this long after it ended;
+    # 0 or unset keeps jobs until DELETE /v1/jobs/{id}. OpenAI keeps batch files 30 days.
+    job_retention_s: float | None = Field(default=30 * 24 * 3600, ge=0)
+    # The cache's budget (unset: unbounded): at most this many entries, and none unused for
+    # longer than this; least recently used entries go first.
+    cache_max_entries: int | None = Field(default=None, ge=0)
+    cache_max_idle_s: float | None = Field(default=None, gt=0)
+    retention_sweep_s: float = Field(default=60.0, gt=0)
+    # Jobs deleted / entries evicted per sweep transaction, at most: the sweep's bound.
+    retention_batch: int = Field(default=500, ge=1)
 
     @property
     def shards_uri(self) -> str:

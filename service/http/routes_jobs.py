@@ -13,6 +13,7 @@ from service.http.params import JobCursor, JobId
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import ErrorList, JobCreate, JobList, JobOut, ShardList
 from service.jobs.service import JobService, prepare_submission
+from service.results.retention import remove_objects
 from service.runtime import Runtime
 from service.tenants.service import Caller, TenantService
 
@@ -72,11 +73,6 @@ def delete_job(job_id: JobId, rt: Rt, jobs: Jobs, background: BackgroundTasks) -
     paths = jobs.delete(job_id)
     background.add_task(remove_objects, rt.storage, paths)  # after the commit: the index goes first
     return {"id": job_id, "object": "job.deleted", "deleted": True}
-
-
-def remove_objects(storage, paths: list[str]) -> None:
-    for path in paths:
-        storage.delete(path)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -1,8 +1,9 @@
 """A background loop, in the API and in every worker, that moves jobs to their end.
 
 It assembles the shards of jobs that are ready (any process may: the claim skips locked
-jobs), and every `reconcile_s` it repairs what no single transaction could see: requests
-submitted while their task was finishing, and tasks whose last lease expired.
+jobs), every `reconcile_s` it repairs what no single transaction could see: requests
+submitted while their task was finishing, and tasks whose last lease expired, and every
+`retention_sweep_s` it runs the retention sweep (service/results/retention.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from service.db import db_retry, transaction
 from service.jobs.repository import JobRepository
 from service.queue.repository import TaskRepository
 from service.results.assemble import AssemblyLimits, finalize_one
+from service.results.retention import sweep
 from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -64,11 +66,14 @@ class Finalizer:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        last_reconcile = 0.0
+        last_reconcile = last_sweep = 0.0
         while not self._stop.is_set():
             if time.monotonic() - last_reconcile > self.reconcile_s:
                 self._safely(reconcile)
                 last_reconcile = time.monotonic()
+            if time.monotonic() - last_sweep > self.rt.settings.retention_sweep_s:
+                self._safely(sweep)  # retention: expired jobs, the cache's budget (bounded)
+                last_sweep = time.monotonic()
             self._safely(finalize_ready)
             self._wake.wait(self.poll_s)
             self._wake.clear()

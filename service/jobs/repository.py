@@ -79,6 +79,32 @@ TEACHER_SPEND_SQL = sa.text(
      GROUP BY j.teacher, j.mode, a.cached
     """
 )
+# A hit records its use, at most once a LAST_USED_RESOLUTION_S per entry (a hot entry is not
+# rewritten by every submission), and skips an entry another transaction is touching right now
+# (touching is best effort; waiting could deadlock two submissions that hit the same keys).
+LAST_USED_RESOLUTION_S = 60
+USE_RESULTS_SQL = sa.text(
+    """
+    WITH hit AS (
+        SELECT cache_key, last_used_at FROM results WHERE cache_key = ANY(CAST(:keys AS text[])) FOR KEY SHARE
+    ), stale AS (
+        SELECT res.cache_key FROM results res JOIN hit ON hit.cache_key = res.cache_key
+         WHERE hit.last_used_at < now() - make_interval(secs => :resolution_s)
+           FOR NO KEY UPDATE OF res SKIP LOCKED
+    ), touched AS (
+        UPDATE results res SET last_used_at = now() FROM stale WHERE res.cache_key = stale.cache_key
+    )
+    SELECT cache_key FROM hit
+    """
+)
+# Retention: the oldest finished jobs past the retention time (ix_jobs_finished_at).
+EXPIRED_JOBS_SQL = sa.text(
+    """
+    SELECT id, tenant FROM jobs
+     WHERE finished_at IS NOT NULL AND finished_at < now() - make_interval(secs => :retention_s)
+     ORDER BY finished_at LIMIT :limit FOR UPDATE SKIP LOCKED
+    """
+)
 COPY_REQUESTS_SQL = "COPY requests ({columns}) FROM STDIN"
 # Jobs with nothing pending move on to finalizing (their output shards get assembled).
 READY_TO_FINALIZE_SQL = sa.text(
@@ -191,9 +217,18 @@ class JobRepository:
         return counts
 
     def results_for(self, keys: list[str]) -> set[str]:
+        """The keys with a cache entry, each now recorded as used (least-recently-used eviction)
+        and held (FOR KEY SHARE) until this transaction ends, so no eviction removes an entry a
+        submission is answering requests from."""
         if not keys:
             return set()
-        return set(self.session.scalars(sa.select(Result.cache_key).where(Result.cache_key == any_key(keys))))
+        return set(self.session.scalars(USE_RESULTS_SQL, {"keys": keys, "resolution_s": LAST_USED_RESOLUTION_S}))
+
+    def expired_jobs(self, retention_s: float, limit: int) -> list[tuple[str, str]]:
+        """(id, tenant) of up to `limit` jobs that ended more than `retention_s` ago, oldest first,
+        locked (another sweeper skips them)."""
+        rows = self.session.execute(EXPIRED_JOBS_SQL, {"retention_s": retention_s, "limit": limit})
+        return [(job_id, tenant) for job_id, tenant in rows]
 
     def add_results(self, rows: list[dict[str, Any]]) -> None:
         """Index computed rows; a recomputation (cache refresh) replaces the entry."""

@@ -48,6 +48,45 @@ BACK_TO_RUNNING_SQL = sa.text(
     "UPDATE jobs SET status = 'running' WHERE id = ANY(CAST(:job_ids AS text[])) AND status = 'finalizing'"
 )
 
+# Retention. How far the cache is over its entry budget, at most :limit: an index-only walk of
+# the newest :max_entries entries (work proportional to the budget, never to what is beyond it).
+OVER_BUDGET_SQL = sa.text(
+    """
+    SELECT count(*) FROM (SELECT 1 FROM results ORDER BY last_used_at DESC OFFSET :max_entries LIMIT :limit) beyond
+    """
+)
+# The least recently used entries last used over :idle_s ago, oldest first, that nothing still
+# waits on: no request of an unfinished job was answered by one (its assembly will read it) and
+# no pending request waits on its key (it is about to be answered by it). Locked; another
+# sweeper skips them, and so do submissions holding a hit (FOR KEY SHARE conflicts).
+EVICTABLE_SQL = sa.text(
+    """
+    SELECT res.cache_key, res.shard_id FROM results res
+     WHERE res.last_used_at < now() - make_interval(secs => :idle_s)
+       AND NOT EXISTS (SELECT 1 FROM requests r JOIN jobs j ON j.id = r.job_id
+                        WHERE r.result_key = res.cache_key AND j.status IN ('queued', 'running', 'finalizing'))
+       AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.cache_key = res.cache_key AND r.state = 'pending')
+     ORDER BY res.last_used_at, res.cache_key LIMIT :limit
+       FOR UPDATE OF res SKIP LOCKED
+    """
+)
+EVICT_RESULTS_SQL = sa.text("DELETE FROM results WHERE cache_key = ANY(CAST(:keys AS text[]))")
+# An evicted key's finished task goes too: a later miss enqueues it afresh (enqueue leaves a
+# `done` task alone, and its requests would wait for a result that never comes).
+EVICT_DONE_TASKS_SQL = sa.text("DELETE FROM tasks WHERE key = ANY(CAST(:keys AS text[])) AND state = 'done'")
+# A result shard goes once no entry points at it. Its row is locked first, in a statement of
+# its own, so two sweepers evicting its last entries at once do not both see the other's.
+LOCK_RESULT_SHARDS_SQL = sa.text(
+    "SELECT id FROM shards WHERE id = ANY(CAST(:shard_ids AS text[])) AND kind = 'result' ORDER BY id FOR UPDATE"
+)
+DROP_UNUSED_RESULT_SHARDS_SQL = sa.text(
+    """
+    DELETE FROM shards s WHERE s.id = ANY(CAST(:shard_ids AS text[])) AND s.kind = 'result'
+       AND NOT EXISTS (SELECT 1 FROM results res WHERE res.shard_id = s.id)
+    RETURNING s.path
+    """
+)
+
 
 @dataclass(frozen=True)
 class SourceShard:
@@ -104,3 +143,21 @@ class ResultRepository:
         self.session.execute(REQUEUE_TASKS_SQL, {"keys": keys})
         self.session.execute(BACK_TO_RUNNING_SQL, {"job_ids": sorted(job_ids)})
         return job_ids
+
+    def over_budget(self, max_entries: int, limit: int) -> int:
+        """How many entries are beyond the newest `max_entries`, at most `limit`."""
+        return int(self.session.scalar(OVER_BUDGET_SQL, {"max_entries": max_entries, "limit": limit}))
+
+    def evict(self, idle_s: float, limit: int) -> tuple[int, list[str]]:
+        """Evict up to `limit` least recently used entries unused for over `idle_s` seconds that
+        no unfinished job needs; (entries evicted, storage paths of the result shards left with
+        no entry, for the caller to remove once this transaction has committed)."""
+        rows = self.session.execute(EVICTABLE_SQL, {"idle_s": idle_s, "limit": limit}).all()
+        if not rows:
+            return 0, []
+        keys = [key for key, _ in rows]
+        shard_ids = sorted({shard_id for _, shard_id in rows})
+        self.session.execute(EVICT_RESULTS_SQL, {"keys": keys})
+        self.session.execute(EVICT_DONE_TASKS_SQL, {"keys": keys})
+        self.session.execute(LOCK_RESULT_SHARDS_SQL, {"shard_ids": shard_ids})
+        return len(keys), list(self.session.scalars(DROP_UNUSED_RESULT_SHARDS_SQL, {"shard_ids": shard_ids}))
