@@ -11,7 +11,8 @@ from service.jobs.schemas import JobCreate
 from service.jobs.tokenize import PreparedRequest
 
 LIMITS = JobLimits(max_requests_per_job=3, max_tokens_per_job=100, max_top_logprobs=5, max_completion_tokens=16,
-                   max_pending_requests_per_tenant=10, submissions_per_minute=60.0, submission_burst=2)
+                   max_pending_requests_per_tenant=10, submissions_per_minute=60.0, submission_burst=2,
+                   max_text_chars=100)
 
 
 def body(n: int = 1, **extra) -> JobCreate:
