@@ -17,15 +17,10 @@ from pathlib import Path
 from service.teachers.registry import TeacherSpec
 from service.teachers.tokenizer import TEACHER_INFO_FILE, tokenizer_hash
 
-CHUNK = 1 << 20
-
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def gguf_path(source: dict) -> Path:
