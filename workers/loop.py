@@ -77,6 +77,38 @@ class Holdings:
             return sum(task_tokens(t) for t in self.tasks.values())
 
 
+class StoragePause:
+    """Claiming stops while storage refuses writes: new work would only fail to be stored too.
+
+    Each failed check doubles the wait before the next (a full disk is not freed in seconds);
+    the first write that succeeds ends the pause."""
+
+    def __init__(self, backoff_s: float, max_s: float) -> None:
+        self.backoff_s, self.max_s = backoff_s, max_s
+        self.lock = threading.Lock()
+        self.wait_s = 0.0  # 0: not paused
+        self.next_check = 0.0
+
+    def fault(self) -> float:
+        with self.lock:
+            self.wait_s = min(self.max_s, self.wait_s * 2) if self.wait_s else self.backoff_s
+            self.next_check = time.monotonic() + self.wait_s
+            return self.wait_s
+
+    def cleared(self) -> bool:
+        """End the pause; True when one was on."""
+        with self.lock:
+            was, self.wait_s = bool(self.wait_s), 0.0
+            return was
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.wait_s)
+
+    def check_due(self) -> bool:
+        return self.paused and time.monotonic() >= self.next_check
+
+
 def is_result_fault(exc: BaseException) -> bool:
     """An error caused by one result's content, not by storage or an unreachable database."""
     if isinstance(exc, OSError) or is_transient(exc):
@@ -110,6 +142,8 @@ class WorkerLoop:
         self.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
         self.engine_error: str | None = None
         self._db = db_retry(rt.settings.db_retry_attempts)
+        self.storage_pause = StoragePause(settings.storage_backoff_s, settings.storage_backoff_max_s)
+        self.storage_errors = 0  # reported with the engine's stats (/metrics)
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -184,6 +218,10 @@ class WorkerLoop:
         low_water = max(1, self.settings.max_inflight // 2)
         suspect_turn = True
         while not self.stopping.is_set() and not self.done.is_set():
+            if self.storage_pause.paused:
+                self._check_storage()
+                time.sleep(self.settings.claim_poll_s)
+                continue
             if suspect_turn and self._suspect_waiting():
                 # Stop claiming and drain, then run one suspect alone: under steady load a worker
                 # never empties by itself, and suspects (and their jobs) would wait forever.
@@ -199,6 +237,22 @@ class WorkerLoop:
                 self.incoming.put(task)
             if not claimed:
                 time.sleep(self.settings.claim_poll_s)
+
+    def _check_storage(self) -> None:
+        """While paused, try a small write when the backoff says so; success resumes claiming."""
+        if not self.storage_pause.check_due():
+            return
+        probe = f".writable/{self.worker_id}"
+        try:
+            self.rt.storage.write_bytes(probe, b"ok")
+            self.rt.storage.delete(probe)
+        except OSError as exc:
+            self.storage_errors += 1
+            log.warning("worker %s: storage still refuses writes (%s); next check in %.1f s", self.worker_id,
+                        exc, self.storage_pause.fault())
+            return
+        if self.storage_pause.cleared():
+            log.info("worker %s: storage accepts writes again; claiming resumed", self.worker_id)
 
     def _room(self) -> int:
         """How many more tasks to claim: bounded by count and, estimated from what is held, by tokens."""
@@ -252,7 +306,7 @@ class WorkerLoop:
         held = self.held.tokens()
         with transaction(self.rt.sessions) as db:
             kept = TaskRepository(db).renew(held, self.settings.lease_s)
-            WorkerRepository(db).heartbeat(self.worker_id, self.engine.stats())
+            WorkerRepository(db).heartbeat(self.worker_id, self._stats())
         # Tasks the writer indexed (and dropped) since the snapshot are done, not lost.
         lost = (set(held) - kept) & set(self.held.tokens())
         if lost:
@@ -290,13 +344,32 @@ class WorkerLoop:
         try:
             if successes:
                 self._index_isolated(successes)
-            for failure in failures:
-                self._db(self._record_failure)(failure)
+                if self.storage_pause.cleared():
+                    log.info("worker %s: storage accepts writes again; claiming resumed", self.worker_id)
+        except OSError as exc:  # storage, never the results' fault (database errors are not OSError)
+            self._storage_failed(successes, exc)
         except Exception:
             log.exception("worker %s: indexing failed; the leases will expire and the work is retried",
                           self.worker_id)
+        try:
+            for failure in failures:
+                self._db(self._record_failure)(failure)
+        except Exception:
+            log.exception("worker %s: recording failures failed; the leases will expire and the work is retried",
+                          self.worker_id)
         self.held.drop(r.key for r in results)
         self.finalizer.wake()
+
+    def _storage_failed(self, results: list[EngineResult], exc: OSError) -> None:
+        """Storage refused the shard even after its quick retries (a full disk, a lost bucket):
+        release the tasks without counting an attempt, so they wait for storage instead of
+        expiring into attempts, and pause claiming until a write succeeds."""
+        self.storage_errors += 1
+        wait_s = self.storage_pause.fault()
+        log.error("worker %s: storage write failed (%s: %s); releasing %d tasks without counting an attempt, "
+                  "claiming paused (next check in %.1f s)", self.worker_id, type(exc).__name__, exc,
+                  len(results), wait_s)
+        self._release(self.held.tokens([r.key for r in results]), None)
 
     def _index_isolated(self, results: list[EngineResult]) -> None:
         """Index the batch as one shard; if that fails for something in the data (a token id past
@@ -360,7 +433,10 @@ class WorkerLoop:
         log.info("worker %s serving %s (swept %d temporary files)", self.worker_id, self.teacher, swept)
 
     def _release_all(self, engine_error: str | None) -> None:
-        held = self.held.tokens()
+        self._release(self.held.tokens(), engine_error)
+
+    def _release(self, held: dict[str, int], engine_error: str | None) -> None:
+        """Give leases back: without an error the attempt is not counted; with one it is."""
         if not held:
             return
         try:
@@ -372,9 +448,12 @@ class WorkerLoop:
         except Exception:
             log.exception("worker %s: could not release leases; they will expire", self.worker_id)
 
+    def _stats(self) -> dict[str, int]:
+        return {**self.engine.stats(), "storage_errors": self.storage_errors}
+
     def _unregister(self) -> None:
         try:
             with transaction(self.rt.sessions) as db:
-                WorkerRepository(db).stopped(self.worker_id, self.engine.stats())
+                WorkerRepository(db).stopped(self.worker_id, self._stats())
         except Exception:
             log.exception("worker %s: could not record its stop", self.worker_id)

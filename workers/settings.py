@@ -22,6 +22,10 @@ class WorkerSettings(ServiceSettings):
     flush_s: float = 3.0  # less often while the engine is busy: each write takes CPU from it
     # On SIGTERM: stop claiming, let running requests finish for this long, release the rest.
     drain_s: float = 30.0
+    # A storage error (a full disk, an unreachable bucket) pauses claiming: the writable check is
+    # retried after storage_backoff_s, doubling up to storage_backoff_max_s, until a write succeeds.
+    storage_backoff_s: float = 1.0
+    storage_backoff_max_s: float = 30.0
     # Engine options (vLLM adapter).
     # KV cache of a CPU engine, GiB; default: a quarter of the free memory, at most 4 (workers/memory.py).
     kv_cache_gb: float | None = None

@@ -34,6 +34,7 @@ class DatabaseCollector:
         yield from self._engine()
         yield from self._spend()
         yield from self._remote()
+        yield from self._storage()
 
     def _cache(self):
         stats = self.jobs.cache_stats()
@@ -90,6 +91,15 @@ class DatabaseCollector:
                 if name in stats:
                     family.add_metric([teacher], stats[name])
             yield family
+
+    def _storage(self):
+        """Storage writes workers gave up on (each released its tasks and paused claiming), and
+        failed checks while paused: a full disk or an unreachable bucket shows here, not as failures."""
+        family = CounterMetricFamily("teachercache_storage_errors", "result shard writes and writability checks "
+                                     "that storage refused after retries", labels=["teacher"])
+        for teacher, stats in sorted(self.jobs.engine_totals_by_teacher().items()):
+            family.add_metric([teacher], stats.get("storage_errors", 0))
+        yield family
 
 
 def render_metrics(jobs: JobRepository, prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> bytes:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from bench.processes import start_postgres
 from service.models import Job, Request, Result, Task, Worker
 from service.settings import PROJECT_ROOT
 from tests.jobs import bearer, create_api_key, download_rows, wait_for
@@ -185,24 +186,12 @@ def test_a_job_completes_across_a_postgres_restart(tmp_path, workers, server_fol
         response = api.get(f"/v1/jobs/{job['id']}")
         assert response.status_code == 503 and response.headers["retry-after"]
         time.sleep(2)
-        restart(server)
+        start_postgres(server)
         job = wait_for(api, job["id"], timeout=90)
         assert job["status"] == "succeeded"
         assert_exactly_once(api, job, 20)
         assert worker.stop() == 0
     rt.engine.dispose()
-
-
-def restart(server, tries: int = 3) -> None:
-    """pg_ctl start occasionally fails right after a stop on a busy machine; a restart retries."""
-    for attempt in range(tries):
-        try:
-            server.start()
-            return
-        except Exception:
-            if attempt == tries - 1:
-                raise
-            time.sleep(1)
 
 
 def test_killing_the_api_mid_submission_leaves_all_or_nothing(settings, rt, tmp_path):
