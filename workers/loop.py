@@ -399,7 +399,8 @@ class WorkerLoop:
         log.warning("worker %s: result %s could not be stored: %s: %s", self.worker_id, result.key,
                     type(exc).__name__, exc)
         reason = f"the teacher's result could not be stored: {type(exc).__name__}: {exc}"[:2000]
-        self._db(self._record_failure)(EngineResult(key=result.key, error=reason))
+        # Final: the teacher is seeded, so running it again gives the same unstorable output.
+        self._db(self._record_failure)(EngineResult(key=result.key, error=reason), final=True)
 
     def _index(self, results: list[EngineResult]) -> None:
         """Write one result shard, then index it in one fenced transaction."""
@@ -412,12 +413,12 @@ class WorkerLoop:
         if len(kept) < len(results):
             log.warning("worker %s: %d results discarded (lease lost)", self.worker_id, len(results) - len(kept))
 
-    def _record_failure(self, result: EngineResult) -> None:
+    def _record_failure(self, result: EngineResult, final: bool = False) -> None:
         token = self.held.tokens([result.key]).get(result.key)
         if token is None:
             return
         with transaction(self.rt.sessions) as db:
-            state = TaskRepository(db).record_failure(result.key, token, result.error or "engine error")
+            state = TaskRepository(db).record_failure(result.key, token, result.error or "engine error", final=final)
             if state == "failed":
                 jobs = JobRepository(db)
                 jobs.advance_jobs(jobs.resolve_requests([result.key]))
