@@ -21,8 +21,14 @@ def test_hold_the_embedded_server(database_url):
     # postmaster.pid: line 1 the server's pid, line 7 the System V shared memory key and id it holds.
     lines = Path(data_dir, "postmaster.pid").read_text().splitlines()
     postmaster, shm_id = psutil.Process(int(lines[0])), int(lines[6].split()[1])
-    Path(os.environ["PROBE_OUT"]).write_text(json.dumps(
+    report = Path(os.environ["PROBE_OUT"] + ".tmp")
+    report.write_text(json.dumps(
         {"data_dir": data_dir, "pid": postmaster.pid, "started": postmaster.create_time(), "shm_id": shm_id}))
+    report.replace(os.environ["PROBE_OUT"])  # whole or absent for the test that reads it
+    # The test checks the server is up before this run may end it.
+    ack, deadline = Path(os.environ["PROBE_OUT"] + ".ack"), time.monotonic() + 120
+    while not ack.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     mode = os.environ["PROBE_MODE"]
     if mode == "wait":
         time.sleep(300)
