@@ -45,8 +45,8 @@ def test_a_task_that_kills_the_workers_it_runs_alone_on_still_fails(api, rt):
         assert len(claim(rt, f"alone-{round_}", suspect=True)) == 1
         time.sleep(0.3)  # and every worker it runs alone on dies
     assert claim(rt, "alone-again", suspect=True) == []  # out of attempts
-    with transaction(rt.sessions) as db:
-        assert TaskRepository(db).expire_exhausted() == [first.key]
+    with transaction(rt.sessions) as db:  # the app's finalizer thread may have expired it already
+        assert TaskRepository(db).expire_exhausted() in ([first.key], [])
     row = task_row(rt, first.key)
     assert row.state == "failed" and row.attempts == first.max_attempts
 
