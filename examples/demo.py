@@ -99,8 +99,9 @@ def summarize(job: dict, paths: list[Path], elapsed: float) -> None:
     ]:
         summary.add_row(name, value)
     console.print(summary)
-    folder = paths[0].parent.relative_to(ROOT) if paths else ""
-    files = Table("file", "size", "rows", title=f"shards in {folder}")
+    if paths:
+        console.print(f"shards downloaded to {paths[0].parent.relative_to(ROOT)}/")
+    files = Table("file", "size", "rows")
     for path in paths:
         files.add_row(path.name, f"{path.stat().st_size:,} bytes", f"{pq.ParquetFile(path).metadata.num_rows} rows")
     console.print(files)
