@@ -251,6 +251,10 @@ class WorkerLoop:
             log.warning("worker %s: storage still refuses writes (%s); next check in %.1f s", self.worker_id,
                         exc, self.storage_pause.fault())
             return
+        self._storage_resumed()
+
+    def _storage_resumed(self) -> None:
+        """A write succeeded (a check or a real shard): any storage pause is over."""
         if self.storage_pause.cleared():
             log.info("worker %s: storage accepts writes again; claiming resumed", self.worker_id)
 
@@ -344,8 +348,7 @@ class WorkerLoop:
         try:
             if successes:
                 self._index_isolated(successes)
-                if self.storage_pause.cleared():
-                    log.info("worker %s: storage accepts writes again; claiming resumed", self.worker_id)
+                self._storage_resumed()
         except OSError as exc:  # storage, never the results' fault (database errors are not OSError)
             self._storage_failed(successes, exc)
         except Exception:

