@@ -24,10 +24,6 @@ from tests.jobs import bearer, create_api_key
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
-def configured_database_url() -> str | None:
-    return os.environ.get("TEACHERCACHE_DATABASE_URL") or os.environ.get("DATABASE_URL")
-
-
 @contextmanager
 def folder_outside_pytest_temp(prefix: str) -> Iterator[Path]:
     """A temporary folder for an embedded server's data: not under pytest's base temp, because
@@ -77,7 +73,7 @@ def run_admin(url: str, statement: str) -> None:
 @pytest.fixture(scope="session")
 def postgres_admin_url() -> Iterator[str]:
     """The machine's Postgres when a URL is configured, otherwise the embedded server."""
-    configured = configured_database_url()
+    configured = ServiceSettings().database_url  # the app's own reading (either variable, or .env)
     if configured:
         yield normalize_url(configured)
         return
