@@ -195,3 +195,19 @@ def test_a_chat_endpoint_is_sent_the_messages_and_its_token_strings_map_back_exa
     assert row["completion_text"] == tokenizer.decode(CHAT_ANSWER, skip_special_tokens=True)
     assert row["prompt_token_ids"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                                     return_dict=True)["input_ids"]
+
+
+def test_a_nul_in_chat_content_for_a_chat_endpoint_teacher_is_a_422_naming_it_and_writes_nothing(api, rt, stub):
+    """Such messages are kept in JSONB for the worker to send, and Postgres refuses \\u0000 there:
+    before the check this was a DataError and a 500 after the job row had been half written."""
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "a\u0000b"}]
+    good = {"custom_id": "good", "messages": [{"role": "user", "content": "fine"}]}
+    answer = api.post("/v1/jobs", json={"teacher": CHAT_TEACHER,
+                                        "requests": [good, {"custom_id": "bad", "messages": messages}]})
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert error["field"] == "requests[1].messages[1].content" and "NUL" in error["message"]
+    with rt.sessions() as db:
+        assert db.execute(sa.text("SELECT count(*) FROM jobs")).scalar_one() == 0
+        assert db.execute(sa.text("SELECT count(*) FROM requests")).scalar_one() == 0
+    assert stub.seen == []
