@@ -39,6 +39,7 @@ class Job(Base):
         # A retried submission is recognised within its tenant: two tenants may pick the same key.
         sa.UniqueConstraint("tenant", "idempotency_key"),
         sa.Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+        sa.Index("ix_jobs_tenant_status_created_at", "tenant", "status", "created_at"),  # a filtered jobs list
         # Retention: the oldest finished jobs first, without looking at unfinished ones.
         sa.Index("ix_jobs_finished_at", "finished_at", postgresql_where=sa.text("finished_at IS NOT NULL")),
     )
@@ -163,6 +164,19 @@ class Shard(Base):
     bytes: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
     sha256: orm.Mapped[str] = orm.mapped_column(sa.String(64))
     created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
+
+
+class JobProgress(Base):
+    """A job's counts at one moment while it ran: the status page draws them as a chart, so it
+    never counts a job's requests to show its history."""
+
+    __tablename__ = "job_progress"
+
+    job_id: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, primary_key=True, server_default=NOW)
+    completed: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    cached: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    failed: orm.Mapped[int] = orm.mapped_column(sa.Integer)
 
 
 class Worker(Base):

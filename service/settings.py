@@ -78,6 +78,8 @@ class ServiceSettings(BaseSettings):
     cache_max_entries: int | None = Field(default=None, ge=0)
     cache_max_idle_s: float | None = Field(default=None, gt=0)
     retention_sweep_s: float = Field(default=60.0, gt=0)
+    # The status page's chart: a snapshot of each running job's counts this often (job_progress).
+    progress_every_s: float = Field(default=5.0, gt=0)
     # Jobs deleted / entries evicted per sweep transaction, at most: the sweep's bound.
     retention_batch: int = Field(default=500, ge=1)
 

@@ -18,7 +18,8 @@ from service.http.errors import render
 from service.runtime import Runtime
 from service.tenants.service import Caller, TenantService
 
-OPEN_PATHS = ("/healthz",)
+# The status page's login form posts the key in its body (and logout only clears the cookie).
+OPEN_PATHS = ("/healthz", "/ui/login", "/ui/logout")
 
 
 def has_body(headers: dict[bytes, bytes]) -> bool:

@@ -12,6 +12,7 @@ from sqlalchemy import orm
 
 from service.errors import MisdirectedRequest
 from service.http.auth_first import authenticate
+from service.http.ui_pages import COOKIE
 from service.jobs.limits import JobLimits
 from service.jobs.service import JobService
 from service.runtime import Runtime
@@ -46,6 +47,10 @@ def caller(request: Request,
     found = getattr(request.state, "caller", None)
     if found is not None:
         return found
+    if credentials is None and request.method in ("GET", "HEAD"):
+        # The status page's session cookie (HttpOnly, SameSite=Strict) lets its download links
+        # work; only for reads, so no cross-site form can make a write with it.
+        return authenticate(runtime(request), request.cookies.get(COOKIE))
     return authenticate(runtime(request), credentials.credentials if credentials else None)
 
 

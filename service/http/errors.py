@@ -7,7 +7,7 @@ import logging
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -86,20 +86,27 @@ def internal_error() -> TeachercacheError:
     return TeachercacheError("internal error; the server log has the details")
 
 
+def respond(request: Request, exc: TeachercacheError) -> Response:
+    """JSON for the API; a page (or the login form) for the status page's own paths."""
+    from service.http.ui_pages import is_ui, ui_error
+
+    return ui_error(request, exc) if is_ui(request) else render(exc)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(TeachercacheError)
-    async def known(_: Request, exc: TeachercacheError) -> JSONResponse:
-        return render(exc)
+    async def known(request: Request, exc: TeachercacheError) -> Response:
+        return respond(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        response = render(from_http_exception(exc))
+    async def http(request: Request, exc: StarletteHTTPException) -> Response:
+        response = respond(request, from_http_exception(exc))
         response.headers.update(exc.headers or {})  # Allow, on a 405
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return render(validation_failed(exc))
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        return respond(request, validation_failed(exc))
 
     @app.exception_handler(sa.exc.DBAPIError)
     async def database(_: Request, exc: sa.exc.DBAPIError) -> JSONResponse:

@@ -18,6 +18,7 @@ from service.queue.repository import TaskRepository
 from service.results.assemble import AssemblyLimits, finalize_one
 from service.results.retention import sweep
 from service.runtime import Runtime
+from service.status.service import StatusService
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,12 @@ def reconcile(rt: Runtime) -> None:
         # Two workers indexing a job's last requests at once each still see the other's as
         # pending, so neither moves the job on; looking at every active job here does.
         jobs.advance_jobs(jobs.resolve_requests(None) | jobs.active_jobs())
+
+
+def record_progress(rt: Runtime) -> None:
+    """The status page's chart: each running job's counts, every `progress_every_s`."""
+    with transaction(rt.sessions) as db:
+        StatusService(db).record_progress(rt.settings.progress_every_s)
 
 
 def finalize_ready(rt: Runtime) -> int:
@@ -66,11 +73,14 @@ class Finalizer:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        last_reconcile = last_sweep = 0.0
+        last_reconcile = last_sweep = last_progress = 0.0
         while not self._stop.is_set():
             if time.monotonic() - last_reconcile > self.reconcile_s:
                 self._safely(reconcile)
                 last_reconcile = time.monotonic()
+            if time.monotonic() - last_progress > self.rt.settings.progress_every_s:
+                self._safely(record_progress)
+                last_progress = time.monotonic()
             if time.monotonic() - last_sweep > self.rt.settings.retention_sweep_s:
                 self._safely(sweep)  # retention: expired jobs, the cache's budget (bounded)
                 last_sweep = time.monotonic()

@@ -195,10 +195,12 @@ class JobRepository:
         )
         return int(self.session.scalar(query))
 
-    def list(self, tenant: str, limit: int, before: tuple[Any, str] | None) -> list[Job]:
+    def list(self, tenant: str, limit: int, before: tuple[Any, str] | None, status: str | None = None) -> list[Job]:
         query = (
             sa.select(Job).where(Job.tenant == tenant).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
         )
+        if status is not None:
+            query = query.where(Job.status == status)
         if before is not None:
             query = query.where(sa.tuple_(Job.created_at, Job.id) < sa.tuple_(*before))
         return list(self.session.scalars(query))

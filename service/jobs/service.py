@@ -127,13 +127,14 @@ class JobService:
             raise NotFound(f"no job {job_id!r}", field="job_id")
         return job
 
-    def page(self, limit: int, after: str | None) -> tuple[list[Job], bool]:
-        """Newest first; `after` is the last job id of the previous page."""
+    def page(self, limit: int, after: str | None, status: str | None = None) -> tuple[list[Job], bool]:
+        """Newest first (only those in `status`, when given); `after` is the last job id of the
+        previous page."""
         before = None
         if after:
             cursor = self.get(after)
             before = (cursor.created_at, cursor.id)
-        jobs = self.jobs.list(self.tenant, limit + 1, before)
+        jobs = self.jobs.list(self.tenant, limit + 1, before, status)
         return jobs[:limit], len(jobs) > limit
 
     def delete(self, job_id: str) -> list[str]:
