@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The machine's own Postgres, for the second pass of the database tests (CI runs both).
 EXTERNAL_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install teacher demo test test-fast test-external bench soak up clean
+.PHONY: install teacher browser demo test test-fast test-external bench soak up clean
 
 install: $(STAMP)
 
@@ -29,8 +29,17 @@ $(STAMP): pyproject.toml
 teacher: install
 	@$(TC) teacher prepare
 
+# The status page's browser test drives Chromium: Debian's package, installed when missing and
+# this is a root shell with apt (otherwise that one test is skipped, saying why).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "Installing Chromium for the browser test (log: $(VENV)-chromium.log)..." && \
+	    { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } \
+	      > $(VENV)-chromium.log 2>&1; } || echo "No Chromium: the status page's browser test will be skipped."
+
 # Everything, on the embedded PostgreSQL server unless TEACHERCACHE_DATABASE_URL is set.
-test: teacher
+test: teacher browser
 	$(PY) -m pytest -q
 
 # The fast lane: tests/unit needs neither Postgres nor vLLM (well under a minute).

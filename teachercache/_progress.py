@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 BAR_WIDTH = 16
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -66,3 +67,55 @@ class WaitProgress:
 
 def _detail(counts: dict[str, Any]) -> str:
     return f"cached {counts.get('cached', 0)} failed {counts.get('failed', 0)}"
+
+
+class JobWatch:
+    """What `teachercache status JOB --watch` redraws: status, counts, rate and ETA.
+
+    The rate is measured between polls (finished requests per second over the last
+    `window` polls), so it follows the job as it speeds up or slows down; the ETA is
+    the pending requests at that rate."""
+
+    def __init__(self, window: int = 10) -> None:
+        self.window = window
+        self.samples: list[tuple[float, int]] = []  # (monotonic seconds, finished requests)
+
+    def observe(self, job: dict[str, Any], at: float) -> None:
+        self.samples = [*self.samples, (at, finished_requests(job))][-self.window:]
+
+    def rate(self) -> float | None:
+        if len(self.samples) < 2:
+            return None
+        (t0, n0), (t1, n1) = self.samples[0], self.samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+    def eta_s(self, job: dict[str, Any]) -> float | None:
+        pending = int((job.get("counts") or {}).get("pending") or 0)
+        rate = self.rate()
+        if job.get("status") in TERMINAL_STATUSES or not pending:
+            return 0.0 if job.get("status") in TERMINAL_STATUSES else None
+        return pending / rate if rate else None
+
+    def render(self, job: dict[str, Any]) -> Any:
+        counts = job.get("counts") or {}
+        total = int(counts.get("total") or 0)
+        done = finished_requests(job)
+        rate, eta = self.rate(), self.eta_s(job)
+        table = Table(title=f"job {job.get('id')}", show_header=True, title_justify="left")
+        for column in ("status", "done", "completed", "cached", "failed", "pending", "req/s", "ETA"):
+            table.add_column(column, justify="left" if column == "status" else "right")
+        table.add_row(str(job.get("status")), f"{done:,}/{total:,}", f"{int(counts.get('completed') or 0):,}",
+                      f"{int(counts.get('cached') or 0):,}", f"{int(counts.get('failed') or 0):,}",
+                      f"{int(counts.get('pending') or 0):,}", "–" if rate is None else f"{rate:,.1f}",
+                      _duration(eta))
+        return table
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,9 +22,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from teachercache._http import API_KEY_ENV, DEFAULT_URL, URL_ENV
+from teachercache._progress import TERMINAL_STATUSES, JobWatch
 from teachercache.client import Client
 from teachercache.errors import TeachercacheError
 
@@ -133,11 +136,33 @@ def _exit_unless_succeeded(job: dict[str, Any], waited: bool) -> None:
 
 
 @app.command()
-def status(job_id: JobId, url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
-    """Show a job: status, counts, parameters, shards."""
+def status(
+    job_id: JobId,
+    watch: Annotated[bool, typer.Option("--watch", help="Redraw counts, rate and ETA until the job ends.")] = False,
+    poll_interval: Annotated[float, typer.Option(min=0.05, help="Seconds between polls with --watch.")] = 1.0,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show a job: status, counts, parameters, shards (with --watch: live, until it ends)."""
     with _client(url, api_key) as client:
-        job = client.get(job_id)
+        job = _watch(client, job_id, poll_interval) if watch else client.get(job_id)
     _output(job, as_json, _show_job)
+    _exit_unless_succeeded(job, waited=watch)
+
+
+def _watch(client: Client, job_id: str, poll_interval: float) -> dict[str, Any]:
+    """Poll until the job ends, redrawing one table (on stderr, so stdout keeps the result)."""
+    view = JobWatch()
+    job = client.get(job_id)
+    view.observe(job, time.monotonic())
+    with Live(view.render(job), console=error_console, auto_refresh=False, transient=False) as live:
+        while job["status"] not in TERMINAL_STATUSES:
+            time.sleep(poll_interval)
+            job = client.get(job_id)
+            view.observe(job, time.monotonic())
+            live.update(view.render(job), refresh=True)
+    return job
 
 
 @app.command("list")

@@ -246,6 +246,19 @@ def test_cli_submit_wait_out_then_status_list_download(live_url: str, scripted_w
     assert [Path(f).read_bytes() for f in files] == [Path(f).read_bytes() for f in submitted["files"]]
 
 
+def test_cli_status_watch_redraws_until_the_job_ends(live_url: str, client: tc.Client, start_worker) -> None:
+    job = client.submit(requests_for(40), top_logprobs=2, sampling={"max_tokens": 6})
+    start_worker(ScriptedEngine(step_delay_s=0.03, tokens_per_step=1), max_inflight=4)
+    result = CliRunner().invoke(cli.app, ["status", job["id"], "--watch", "--poll-interval", "0.1", "--json"],
+                                env={"TEACHERCACHE_URL": live_url})
+    assert result.exit_code == 0, result.output
+    final = json.loads(result.stdout)
+    assert final["status"] == "succeeded" and final["counts"]["completed"] == 40
+    frames = result.stderr.count(f"job {job['id']}")
+    assert frames >= 1 and "succeeded" in result.stderr and "40/40" in result.stderr
+    assert "req/s" in result.stderr and "ETA" in result.stderr
+
+
 # -- HF datasets reads the shard URLs as they are --------------------------------------
 
 

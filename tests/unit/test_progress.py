@@ -8,7 +8,7 @@ import re
 import pytest
 from rich.console import Console
 
-from teachercache._progress import WaitProgress
+from teachercache._progress import JobWatch, WaitProgress
 
 
 @pytest.mark.parametrize("total", [34, 10_000_000])
@@ -27,3 +27,33 @@ def test_the_bar_fits_80_columns(total):
     assert len(last) <= 80 and "…" not in last
     assert last.startswith("finalizing") and f"{total}/{total}" in last and "cached 3 failed 1" in last
     assert last.endswith("0:00:00")  # the elapsed time is still on the line
+
+
+def job_at(status: str, completed: int, pending: int, total: int = 100) -> dict:
+    return {"id": "job_x", "status": status,
+            "counts": {"total": total, "completed": completed, "cached": 0, "failed": 0, "pending": pending}}
+
+
+def test_the_watch_rate_follows_the_last_polls_and_the_eta_is_pending_at_that_rate():
+    watch = JobWatch(window=3)
+    watch.observe(job_at("running", 0, 100), at=0.0)
+    assert watch.rate() is None and watch.eta_s(job_at("running", 0, 100)) is None  # one poll: no rate yet
+    watch.observe(job_at("running", 10, 90), at=1.0)
+    watch.observe(job_at("running", 20, 80), at=2.0)
+    assert watch.rate() == 10.0 and watch.eta_s(job_at("running", 20, 80)) == 8.0
+    watch.observe(job_at("running", 60, 40), at=3.0)  # faster now: the oldest poll leaves the window
+    assert watch.rate() == 25.0 and watch.eta_s(job_at("running", 60, 40)) == 1.6
+    done = job_at("succeeded", 100, 0)
+    watch.observe(done, at=4.0)
+    assert watch.eta_s(done) == 0.0
+
+
+def test_the_watch_table_shows_status_counts_rate_and_eta():
+    watch = JobWatch()
+    watch.observe(job_at("running", 0, 1000, total=1000), at=0.0)
+    watch.observe(job_at("running", 500, 500, total=1000), at=10.0)
+    console = Console(width=120, record=True)
+    console.print(watch.render(job_at("running", 500, 500, total=1000)))
+    text = console.export_text()
+    assert "job job_x" in text and "running" in text and "500/1,000" in text
+    assert "50.0" in text and "10 s" in text  # 50 requests/s, 500 pending
