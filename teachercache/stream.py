@@ -13,10 +13,10 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from teachercache.client import Client
 from teachercache.errors import TransportError
+from teachercache.shard_format import open_shard
 
 DEFAULT_BATCH_SIZE = 1024
 _TOTAL_SIZE = re.compile(r"/(\d+)$")
@@ -146,8 +146,9 @@ def read_shard(
     pyarrow reads each needed column chunk with one ``read`` (one range request) as it
     decodes, so memory stays bounded by a row group. pre_buffer stays off: its reads run
     on Arrow's I/O threads, which call back into Python and can abort the interpreter at
-    exit when one is still releasing the file.
+    exit when one is still releasing the file. The shard's schema version is checked from its
+    footer before any row is read (ShardFormatError for one this client does not know).
     """
     with HTTPRangeFile(client, shard["url"], shard.get("bytes")) as file:
-        parquet = pq.ParquetFile(file, pre_buffer=False)
+        parquet, _ = open_shard(file, shard["url"], pre_buffer=False)
         yield from parquet.iter_batches(batch_size=batch_size, columns=columns)

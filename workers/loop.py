@@ -33,7 +33,7 @@ from service.queue.workers import WorkerRepository
 from service.results.index import index_result_shard
 from service.queue.repository import ClaimedTask, TaskRepository
 from service.runtime import Runtime
-from service.shards import shard_metadata
+from teachercache.shard_format import shard_metadata
 from workers.engine import Engine, EngineResult
 from workers.results import engine_request, result_table
 from workers.settings import WorkerSettings

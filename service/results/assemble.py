@@ -29,7 +29,7 @@ from service.jobs.repository import JobRepository
 from service.jobs.spend import stored_spend
 from service.models import Job, Shard
 from service.results.repository import AssemblyRow, ResultRepository
-from service.shards import JOB_SCHEMA, RESULT_FIELDS, error_row, shard_metadata
+from teachercache.shard_format import JOB_SCHEMA, RESULT_FIELDS, error_row, open_shard, shard_metadata
 from service.storage import ShardCheckFailed, Storage
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def rows_from_shard(storage: Storage, path: str, wanted: list[AssemblyRow]) -> p
     """The wanted rows of one result shard, reading only the row groups that hold them."""
     wanted = sorted(wanted, key=lambda r: r.row_start)
     with storage.open(path) as f:
-        parquet = pq.ParquetFile(f)
+        parquet, _ = open_shard(f, f"result shard {path}")
         starts = row_group_starts(parquet.metadata)
         indices = [i for r in wanted for i in range(r.row_start, r.row_start + r.row_count)]
         groups = sorted({bisect.bisect_right(starts, i) - 1 for i in indices})

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 
 import teachercache as tc
+from teachercache.shard_format import SCHEMA_VERSION_KEY, shard_metadata
 from teachercache.testing import SyncASGITransport
 
 torch = pytest.importorskip("torch")
@@ -39,7 +40,8 @@ SHARD_SCHEMA = pa.schema(
         ("finish_reason", pa.string()),
         ("error", pa.string()),
         ("cached", pa.bool_()),
-    ]
+    ],
+    metadata=shard_metadata({"teacher": "double"}),
 )
 
 
@@ -79,8 +81,9 @@ def make_row(index: int) -> dict[str, Any]:
 class ShardServerDouble:
     """The contract's read side: a finished job, its manifest and Range-honouring shard files."""
 
-    def __init__(self, folder: Path, rows_per_shard: list[int], row_group_size: int = 2) -> None:
-        self.folder, self.row_group_size = folder, row_group_size
+    def __init__(self, folder: Path, rows_per_shard: list[int], row_group_size: int = 2,
+                 schema: pa.Schema = SHARD_SCHEMA) -> None:
+        self.folder, self.row_group_size, self.schema = folder, row_group_size, schema
         self.range_headers: list[str | None] = []
         self.rows: list[dict[str, Any]] = []
         self.manifest = [self._write_shard(index, count) for index, count in enumerate(rows_per_shard)]
@@ -95,7 +98,7 @@ class ShardServerDouble:
         path = self.folder / f"part-{index:05d}.parquet"
         # Small row groups by default: a reader must seek around the file, not read it front to back.
         pq.write_table(
-            pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), path, row_group_size=self.row_group_size
+            pa.Table.from_pylist(rows, schema=self.schema), path, row_group_size=self.row_group_size
         )
         data = path.read_bytes()
         return {
@@ -290,3 +293,15 @@ def test_collate_dtypes_and_ragged_top_k() -> None:
 def test_collate_of_only_failed_rows_is_empty() -> None:
     batch = tc.collate_topk([make_row(7)])
     assert batch["input_ids"].shape == (0, 0) and batch["top_logprobs"].shape == (0, 0, 0)
+
+
+@pytest.mark.parametrize("metadata", [{**SHARD_SCHEMA.metadata, SCHEMA_VERSION_KEY: b"99"}, {}],
+                         ids=["unknown-version", "no-version"])
+def test_every_reader_refuses_a_shard_whose_schema_version_it_does_not_know(tmp_path: Path, metadata) -> None:
+    server = ShardServerDouble(tmp_path, rows_per_shard=[2], schema=SHARD_SCHEMA.with_metadata(metadata))
+    with tc.Client(BASE_URL, transport=SyncASGITransport(server.app)) as client:
+        with pytest.raises(tc.ShardFormatError, match="99" if metadata else "schema_version") as stream_error:
+            list(tc.stream(JOB_ID, client=client))
+        assert "/v1/shards/part-00000.parquet" in str(stream_error.value)
+        with pytest.raises(tc.ShardFormatError):
+            list(tc.ShardDataset(job=JOB_ID, client=client, shuffle=False))
