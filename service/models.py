@@ -165,6 +165,17 @@ class Shard(Base):
     created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
 
 
+class CacheUsage(Base):
+    """The stored bytes of result shards, in slots a trigger on `shards` keeps (migration 0009):
+    the cache's size for its byte budget, read from a few rows, never by summing shards."""
+
+    __tablename__ = "cache_usage"
+
+    slot: orm.Mapped[int] = orm.mapped_column(sa.SmallInteger, primary_key=True, autoincrement=False)
+    shards: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    bytes: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+
+
 class Worker(Base):
     """A running worker process: what it serves, when it was last seen, what its engine ran."""
 

@@ -57,18 +57,36 @@ def expire_jobs(rt: Runtime) -> int:
 
 def evict_entries(rt: Runtime) -> int:
     """Entries beyond `cache_max_entries` (least recently used first), then entries unused for
-    longer than `cache_max_idle_s`; at most `retention_batch` each."""
+    longer than `cache_max_idle_s`, then least recently used entries while the result shards
+    take more than `cache_max_bytes`; at most `retention_batch` each."""
     settings, limit = rt.settings, rt.settings.retention_batch
     evicted = 0
     if settings.cache_max_entries is not None:
         with transaction(rt.sessions) as db:
             over = ResultRepository(db).over_budget(settings.cache_max_entries, limit)
         evicted += evict_step(rt, 0.0, over)
+    if settings.cache_max_bytes is not None:
+        evicted += evict_for_bytes(rt, settings.cache_max_bytes, limit)
     if settings.cache_max_idle_s:
         evicted += evict_step(rt, settings.cache_max_idle_s, limit)
     if evicted:
         log.info("retention: %d cache entries evicted", evicted)
     return evicted
+
+
+def evict_for_bytes(rt: Runtime, max_bytes: int, limit: int) -> int:
+    """One bounded pass of the byte budget: evict the least recently used entries whose shares
+    of their shards' bytes cover how far the cache is over (at most `limit`).
+
+    Space comes back when a result shard has no entry left (its row and object go with its
+    last entry), so a cache still over after this pass is evicted further in the next sweep:
+    the entries a worker flushed together share a shard and, used together, age together.
+    """
+    with transaction(rt.sessions) as db:
+        results = ResultRepository(db)
+        over = results.cache_bytes() - max_bytes
+        n = results.entries_covering(over, limit) if over > 0 else 0
+    return evict_step(rt, 0.0, n)
 
 
 def evict_step(rt: Runtime, idle_s: float, n: int) -> int:

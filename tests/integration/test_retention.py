@@ -176,10 +176,54 @@ def test_an_entry_an_unfinished_job_needs_is_never_evicted(api, rt, start_worker
     assert download_rows(api, done) == rows  # a job shard is a copy: it keeps its rows
 
 
+def result_shards_of(rt, keys: set[str]) -> dict[str, int]:
+    """The result shards (path: stored bytes) that hold these entries."""
+    with rt.sessions() as db:
+        return dict(db.execute(sa.select(Shard.path, Shard.bytes).join(Result, Result.shard_id == Shard.id)
+                               .where(Result.cache_key.in_(keys)).distinct()).all())
+
+
+def cache_bytes(rt) -> int:
+    with rt.sessions() as db:
+        return results_repository.ResultRepository(db).cache_bytes()
+
+
+def test_the_byte_budget_evicts_least_recently_used_entries_until_their_shards_are_reclaimed(
+        api, rt, start_worker, with_settings):
+    start_worker(ScriptedEngine())
+    for tag in ("a", "b", "c"):
+        run_job(api, batch(tag))
+    a, b, c = entry_keys(rt, "a"), entry_keys(rt, "b"), entry_keys(rt, "c")
+    shards = {tag: result_shards_of(rt, keys) for tag, keys in (("a", a), ("b", b), ("c", c))}
+    with rt.sessions() as db:
+        every_shard = dict(db.execute(sa.select(Shard.path, Shard.bytes).where(Shard.kind == "result")).all())
+    # The counter the trigger keeps is the result shards' stored size, exactly.
+    assert cache_bytes(rt) == sum(every_shard.values()) == sum(sum(s.values()) for s in shards.values())
+    for keys, hours in ((a, 3), (b, 2), (c, 1)):  # a least recently used, then b, then c
+        age(rt, sa.update(Result).where(Result.cache_key.in_(keys))
+            .values(last_used_at=sa.func.now() - sa.text(f"interval '{hours} hours'")))
+    # Room for b's and c's shards but not a's as well: a's entries go, in passes of at most 3.
+    budget = with_settings(cache_max_bytes=sum(shards["b"].values()) + sum(shards["c"].values()),
+                           retention_batch=3)
+
+    assert evict_entries(budget) == 3  # bounded: a's shard still holds one entry, its bytes stay
+    assert cache_bytes(rt) == sum(every_shard.values())
+    assert all(rt.storage.stat(p) is not None for p in shards["a"])
+    assert evict_entries(budget) == 1  # its last entry: the shard's row and object go
+    assert all_entries(rt) == b | c
+    assert all(rt.storage.stat(p) is None for p in shards["a"])
+    assert cache_bytes(rt) == sum(shards["b"].values()) + sum(shards["c"].values())
+    assert evict_entries(budget) == 0  # within budget now
+    assert all(rt.storage.stat(p) is not None for s in (shards["b"], shards["c"]) for p in s)
+    again = run_job(api, batch("b"))
+    assert again["counts"]["cached"] == 4
+
+
 @pytest.mark.parametrize("statement, params, index", [
     (jobs_repository.EXPIRED_JOBS_SQL, {"retention_s": 86400, "limit": 10}, "ix_jobs_finished_at"),
     (results_repository.EVICTABLE_SQL, {"idle_s": 0, "limit": 10}, "ix_results_last_used_at"),
     (results_repository.OVER_BUDGET_SQL, {"max_entries": 1000, "limit": 10}, "ix_results_last_used_at"),
+    (results_repository.LRU_SHARES_SQL, {"limit": 10}, "ix_results_last_used_at"),
     (jobs_repository.USE_RESULTS_SQL, {"keys": ["k2-a", "k2-b"], "resolution_s": 60}, "pk_results"),
 ])
 def test_the_sweep_and_the_hit_lookup_are_index_scans(rt, statement, params, index):
