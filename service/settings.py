@@ -82,6 +82,10 @@ class ServiceSettings(BaseSettings):
     retention_sweep_s: float = Field(default=60.0, gt=0)
     # Jobs deleted / entries evicted per sweep transaction, at most: the sweep's bound.
     retention_batch: int = Field(default=500, ge=1)
+    # A job with more requests than this is deleted in chunks of this many rows, one transaction
+    # each (it is hidden first), at most retention_delete_chunks of them per sweep.
+    retention_delete_rows: int = Field(default=10_000, ge=1)
+    retention_delete_chunks: int = Field(default=100, ge=1)
 
     @property
     def shards_uri(self) -> str:

@@ -136,16 +136,23 @@ class JobService:
         jobs = self.jobs.list(self.tenant, limit + 1, before)
         return jobs[:limit], len(jobs) > limit
 
-    def delete(self, job_id: str) -> list[str]:
+    def delete(self, job_id: str, rows_per_transaction: int) -> list[str]:
         """Remove a finished job: its rows, its requests and its shard index (never the cache: the
         results it was answered from stay for other jobs). The storage paths of its shards, for
         the caller to remove once this transaction has committed (a crash in between leaves only
-        unreferenced objects, never an index row pointing at nothing)."""
+        unreferenced objects, never an index row pointing at nothing).
+
+        A job of more than `rows_per_transaction` requests is not deleted in this transaction:
+        it is marked `deleting` (gone for its tenant at once, its shards too) and the retention
+        sweep deletes its requests a chunk per transaction (`purge_deleting`), then its row."""
         job = self.get(job_id, lock=True)
         if job.status not in ("succeeded", "failed", "cancelled"):
             raise Conflict(f"job {job_id} is {job.status}; cancel it and wait for it to end before deleting it")
         paths = [shard.path for shard in self.jobs.job_shards(job_id)]
-        self.jobs.delete_job(job_id)
+        if job.total <= rows_per_transaction:
+            self.jobs.delete_job(job_id)
+        else:
+            self.jobs.mark_deleting(job_id)
         return paths
 
     def cancel(self, job_id: str) -> Job:
