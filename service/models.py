@@ -52,6 +52,8 @@ class Job(Base):
     top_logprobs: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     sampling: orm.Mapped[dict[str, Any]] = orm.mapped_column(JSONB)
     cache_policy: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    # How its shards deliver the soft labels ({"encoding": ...}); NULL (older jobs): float32.
+    soft_labels: orm.Mapped[dict[str, Any] | None] = orm.mapped_column(JSONB)
     metadata_: orm.Mapped[dict[str, Any]] = orm.mapped_column("metadata", JSONB)
     total: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     idempotency_key: orm.Mapped[str | None] = orm.mapped_column(sa.String(200))

@@ -105,7 +105,7 @@ class JobService:
         job = Job(
             id=new_id("job"), tenant=self.tenant, status="queued", teacher=teacher.name, mode=body.mode,
             top_logprobs=body.top_logprobs, sampling=body.sampling.model_dump(), cache_policy=body.cache,
-            metadata_=body.metadata, total=total, idempotency_key=idempotency_key, body_sha256=body_sha256(body),
+            soft_labels=body.soft_labels.model_dump(), metadata_=body.metadata, total=total, idempotency_key=idempotency_key, body_sha256=body_sha256(body),
         )
         self.jobs.add_job(job)
         return job
@@ -189,8 +189,8 @@ class JobService:
         finished = job.finished_at is not None
         return JobOut(
             id=job.id, status=job.status, teacher=job.teacher, mode=job.mode, top_logprobs=job.top_logprobs,
-            sampling=job.sampling, cache=job.cache_policy, metadata=job.metadata_,
-            counts=Counts(**self.jobs.counts(job.id)),
+            sampling=job.sampling, cache=job.cache_policy, soft_labels=job.soft_labels or {"encoding": "float32"},
+            metadata=job.metadata_, counts=Counts(**self.jobs.counts(job.id)),
             spend=job_spend(job.mode, self.spend_tokens(job), self.prices(job.teacher)),
             created_at=iso(job.created_at),
             started_at=iso(job.started_at), finished_at=iso(job.finished_at), error=job.error,
