@@ -282,41 +282,71 @@ def _decode_compact(data, where: str | None) -> dict[str, pa.Array]:
     if len(bad):
         raise ShardFormatError(f"compact soft labels fail their checksum in {len(bad)} rows "
                                f"(first: row {int(bad[0])} of its batch)", where)
-    k = np.diff(ids.offsets)
-    entry_position = np.repeat(np.arange(len(k)), k)
-    codes = steps.values
-    finite = codes != NEG_INF_CODE
-    dq = _unzigzag(np.where(finite, codes, 0))
-    total = np.cumsum(dq)
-    before = (total - dq)[ids.offsets[:-1][k > 0]]  # the running sum up to each position's start
-    offset = np.zeros(len(k), np.int64)
-    offset[k > 0] = before
-    q = total - offset[entry_position]
-    ref64 = ref16.astype(np.float64)
-    top = np.where(finite, ref64[entry_position] - q * STEP, -np.inf).astype(np.float32)
+    ref32 = ref16.astype(np.float32)
+    top = _decode_steps(steps.values, ids.offsets, ref32)
     token_finite = token.values != NEG_INF_CODE
-    token_lp = np.where(token_finite, ref64 - _unzigzag(np.where(token_finite, token.values, 0)) * STEP,
-                        -np.inf).astype(np.float32)
+    token_lp = np.where(token_finite, ref32 - _unzigzag(np.where(token_finite, token.values, 0)) * np.float32(STEP),
+                        np.float32(-np.inf)).astype(np.float32)
     return {"token_logprobs": _lists(ids.row_offsets, token_lp),
             "top_token_ids": _nested(ids.row_offsets, ids.offsets, ids.values.astype(np.int32, copy=False)),
             "top_logprobs": _nested(ids.row_offsets, ids.offsets, top)}
 
 
+def _decode_steps(codes: np.ndarray, offsets: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Logprobs (float32, rank order) from their steps: each position's running sum of deltas
+    below its reference. float32 arithmetic is exact here (a float16 reference minus a multiple
+    of 1/16), so the result is the one correctly rounded value either way."""
+    k = np.diff(offsets)
+    finite = codes != NEG_INF_CODE
+    dq = _unzigzag(np.where(finite, codes, 0))
+    width = _uniform_width(k)
+    if width:  # the usual case: every position has k entries, one cumsum along rows
+        q = np.cumsum(dq.reshape(-1, width), axis=1, dtype=np.int64)
+        values = ref[:, None] - q.astype(np.float32) * np.float32(STEP)
+        return np.where(finite.reshape(-1, width), values, np.float32(-np.inf)).ravel()
+    entry_position = np.repeat(np.arange(len(k)), k)
+    total = np.cumsum(dq, dtype=np.int64)
+    offset = np.zeros(len(k), np.int64)
+    offset[k > 0] = (total - dq)[offsets[:-1][k > 0]]  # the running sum up to each position's start
+    q = total - offset[entry_position]
+    return np.where(finite, ref[entry_position] - q.astype(np.float32) * np.float32(STEP),
+                    np.float32(-np.inf)).astype(np.float32)
+
+
+def _uniform_width(k: np.ndarray) -> int:
+    """k when every position has the same k > 0 entries, else 0."""
+    return int(k[0]) if len(k) and k[0] > 0 and (k == k[0]).all() else 0
+
+
 def _checksum(ids, steps, ref16, token_steps, row_offsets, offsets) -> np.ndarray:
     """Per row, a weighted sum (mod 2^64) of every encoded value: any changed value changes it
     (each weight is odd), and so does a value moved to another place in its row."""
-    rows = len(row_offsets) - 1
-    entry_rows = row_offsets[:-1], row_offsets[1:]
-    entry_bounds = offsets[entry_rows[0]], offsets[entry_rows[1]]
-    total = np.zeros(rows, np.uint64)
-    for values, (lo, hi), salt in (
-        (ids.astype(np.int64).view(np.uint64), entry_bounds, 0x9E3779B97F4A7C15),
-        (steps.astype(np.uint64), entry_bounds, 0xC2B2AE3D27D4EB4F),
-        (ref16.view(np.uint16).astype(np.uint64), entry_rows, 0x165667B19E3779F9),
-        (token_steps.astype(np.uint64), entry_rows, 0x27D4EB2F165667C5),
-    ):
-        total += _row_sums(values, np.asarray(lo, np.int64), np.asarray(hi, np.int64), salt)
-    return total
+    lo, hi = np.asarray(row_offsets[:-1], np.int64), np.asarray(row_offsets[1:], np.int64)
+    with np.errstate(over="ignore"):
+        return (_entry_sums(ids.astype(np.int64).view(np.uint64), row_offsets, offsets, 0x9E3779B97F4A7C15)
+                + _entry_sums(steps.astype(np.uint64), row_offsets, offsets, 0xC2B2AE3D27D4EB4F)
+                + _row_sums(ref16.view(np.uint16).astype(np.uint64), lo, hi, 0x165667B19E3779F9)
+                + _row_sums(token_steps.astype(np.uint64), lo, hi, 0x27D4EB2F165667C5))
+
+
+def _entry_sums(values: np.ndarray, row_offsets: np.ndarray, offsets: np.ndarray, salt: int) -> np.ndarray:
+    """_row_sums over the entries of each row (positions x k), by rows of the (P, k) matrix
+    when k is uniform: per position sum(v+1) and sum((v+1)(2j+salt)), then the rows' shifts."""
+    width = _uniform_width(np.diff(offsets))
+    if not width:
+        return _row_sums(values, offsets[row_offsets[:-1]].astype(np.int64),
+                         offsets[row_offsets[1:]].astype(np.int64), salt)
+    with np.errstate(over="ignore"):
+        shifted = values.reshape(-1, width) + np.uint64(1)
+        weights = np.arange(width, dtype=np.uint64) * np.uint64(2) + np.uint64(salt | 1)
+        weighted = (shifted * weights).sum(axis=1, dtype=np.uint64)
+        plain = shifted.sum(axis=1, dtype=np.uint64)
+        counts = np.diff(row_offsets)
+        local = (np.arange(len(plain)) - np.repeat(row_offsets[:-1], counts)).astype(np.uint64)
+        per_position = weighted + np.uint64(2 * width) * local * plain
+        running = np.zeros(len(per_position) + 1, np.uint64)
+        np.cumsum(per_position, dtype=np.uint64, out=running[1:])
+        return running[row_offsets[1:]] - running[row_offsets[:-1]]
 
 
 def _row_sums(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, salt: int) -> np.ndarray:
@@ -340,8 +370,9 @@ def _zigzag(v: np.ndarray) -> np.ndarray:
 
 
 def _unzigzag(u: np.ndarray) -> np.ndarray:
-    u = u.astype(np.int64)
-    return (u >> 1) ^ -(u & 1)
+    """int32 from zig-zag uint32 (steps stay within +-2^25, far inside int32)."""
+    u = u.astype(np.uint32, copy=False)
+    return (u >> np.uint32(1)).astype(np.int32) ^ -(u & np.uint32(1)).astype(np.int32)
 
 
 # -- Arrow list plumbing ----------------------------------------------------------------------
