@@ -70,7 +70,7 @@ STORED_TYPES = {
                 "top_logprobs": pa.list_(pa.list_(pa.float16()))},
     "compact": {"top_token_ids": pa.list_(pa.list_(pa.int32())), "top_logprob_ref": pa.list_(pa.float16()),
                 "top_logprob_steps": pa.list_(pa.list_(pa.uint32())),
-                "token_logprob_steps": pa.list_(pa.uint32()), "soft_label_checksum": pa.uint64()},
+                "token_logprob_steps": pa.list_(pa.uint32()), "soft_label_checksum": pa.uint32()},
 }
 FLOAT32_TYPES = STORED_TYPES["float32"]
 
@@ -168,9 +168,7 @@ def _encode_compact(token: _Flat, ids: _Nested, lps: _Nested) -> dict[str, pa.Ar
     if np.isnan(values).any() or np.isnan(token.values).any() or (values == np.inf).any():
         raise ValueError("soft labels hold NaN or +inf logprobs")
     # The reference: the best finite top-k logprob, or the token's own when there is none.
-    best = np.full(positions, -np.inf)
-    finite = np.isfinite(values)
-    np.maximum.at(best, entry_position[finite], values[finite])
+    best = _position_max(values, ids.offsets)
     ref_source = np.where(np.isfinite(best), best, token.values.astype(np.float64))
     ref16 = np.where(np.isfinite(ref_source), ref_source, 0.0).astype(np.float16)
     ref = ref16.astype(np.float64)
@@ -186,8 +184,22 @@ def _encode_compact(token: _Flat, ids: _Nested, lps: _Nested) -> dict[str, pa.Ar
         "top_logprob_ref": _lists(ids.row_offsets, ref16),
         "top_logprob_steps": _nested(ids.row_offsets, ids.offsets, steps),
         "token_logprob_steps": _lists(ids.row_offsets, token_steps),
-        "soft_label_checksum": pa.array(checksum, pa.uint64()),
+        "soft_label_checksum": pa.array(checksum, pa.uint32()),
     }
+
+
+def _position_max(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Each position's largest finite value (-inf for none, or an empty position)."""
+    k = np.diff(offsets)
+    finite_values = np.where(np.isfinite(values), values, -np.inf)
+    width = _uniform_width(k)
+    if width:
+        return finite_values.reshape(-1, width).max(axis=1)
+    best = np.full(len(k), -np.inf)
+    nonempty = k > 0
+    if nonempty.any():
+        best[nonempty] = np.maximum.reduceat(finite_values, offsets[:-1][nonempty])
+    return best
 
 
 def _steps_below(ref: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -267,6 +279,8 @@ def _decode_compact(data, where: str | None) -> dict[str, pa.Array]:
         raise ShardFormatError(f"compact soft labels without {', '.join(missing)}", where)
     ids = _flat_nested(_array(data.column("top_token_ids")))
     steps = _flat_nested(_array(data.column("top_logprob_steps")))
+    if steps.values.dtype != np.uint32 or ids.values.dtype != np.int32:
+        raise ShardFormatError("compact soft-label columns of the wrong types", where)
     ref = _flat_lists(_array(data.column("top_logprob_ref")))
     token = _flat_lists(_array(data.column("token_logprob_steps")))
     checksum = _array(data.column("soft_label_checksum"))
@@ -298,12 +312,13 @@ def _decode_steps(codes: np.ndarray, offsets: np.ndarray, ref: np.ndarray) -> np
     of 1/16), so the result is the one correctly rounded value either way."""
     k = np.diff(offsets)
     finite = codes != NEG_INF_CODE
-    dq = _unzigzag(np.where(finite, codes, 0))
+    any_inf = not finite.all()
+    dq = _unzigzag(np.where(finite, codes, 0) if any_inf else codes)
     width = _uniform_width(k)
     if width:  # the usual case: every position has k entries, one cumsum along rows
-        q = np.cumsum(dq.reshape(-1, width), axis=1, dtype=np.int64)
+        q = np.cumsum(dq.reshape(-1, width), axis=1, dtype=np.int32)
         values = ref[:, None] - q.astype(np.float32) * np.float32(STEP)
-        return np.where(finite.reshape(-1, width), values, np.float32(-np.inf)).ravel()
+        return (np.where(finite.reshape(-1, width), values, np.float32(-np.inf)) if any_inf else values).ravel()
     entry_position = np.repeat(np.arange(len(k)), k)
     total = np.cumsum(dq, dtype=np.int64)
     offset = np.zeros(len(k), np.int64)
@@ -319,14 +334,14 @@ def _uniform_width(k: np.ndarray) -> int:
 
 
 def _checksum(ids, steps, ref16, token_steps, row_offsets, offsets) -> np.ndarray:
-    """Per row, a weighted sum (mod 2^64) of every encoded value: any changed value changes it
-    (each weight is odd), and so does a value moved to another place in its row."""
+    """Per row, a weighted sum (mod 2^32) of every encoded value: any one changed value changes
+    it (each weight is odd, so invertible mod 2^32), and so does a value moved within its row."""
     lo, hi = np.asarray(row_offsets[:-1], np.int64), np.asarray(row_offsets[1:], np.int64)
     with np.errstate(over="ignore"):
-        return (_entry_sums(ids.astype(np.int64).view(np.uint64), row_offsets, offsets, 0x9E3779B97F4A7C15)
-                + _entry_sums(steps.astype(np.uint64), row_offsets, offsets, 0xC2B2AE3D27D4EB4F)
-                + _row_sums(ref16.view(np.uint16).astype(np.uint64), lo, hi, 0x165667B19E3779F9)
-                + _row_sums(token_steps.astype(np.uint64), lo, hi, 0x27D4EB2F165667C5))
+        return (_entry_sums(ids.view(np.uint32), row_offsets, offsets, 0x9E3779B1)
+                + _entry_sums(steps, row_offsets, offsets, 0x85EBCA77)
+                + _row_sums(ref16.view(np.uint16).astype(np.uint32), lo, hi, 0xC2B2AE3D)
+                + _row_sums(token_steps, lo, hi, 0x27D4EB2F))
 
 
 def _entry_sums(values: np.ndarray, row_offsets: np.ndarray, offsets: np.ndarray, salt: int) -> np.ndarray:
@@ -336,31 +351,30 @@ def _entry_sums(values: np.ndarray, row_offsets: np.ndarray, offsets: np.ndarray
     if not width:
         return _row_sums(values, offsets[row_offsets[:-1]].astype(np.int64),
                          offsets[row_offsets[1:]].astype(np.int64), salt)
+    one = np.uint32(1)
     with np.errstate(over="ignore"):
-        shifted = values.reshape(-1, width) + np.uint64(1)
-        weights = np.arange(width, dtype=np.uint64) * np.uint64(2) + np.uint64(salt | 1)
-        weighted = (shifted * weights).sum(axis=1, dtype=np.uint64)
-        plain = shifted.sum(axis=1, dtype=np.uint64)
-        counts = np.diff(row_offsets)
-        local = (np.arange(len(plain)) - np.repeat(row_offsets[:-1], counts)).astype(np.uint64)
-        per_position = weighted + np.uint64(2 * width) * local * plain
-        running = np.zeros(len(per_position) + 1, np.uint64)
-        np.cumsum(per_position, dtype=np.uint64, out=running[1:])
+        shifted = values.reshape(-1, width) + one
+        weights = np.arange(width, dtype=np.uint32) * np.uint32(2) + np.uint32(salt | 1)
+        weighted = (shifted * weights).sum(axis=1, dtype=np.uint32)
+        plain = shifted.sum(axis=1, dtype=np.uint32)
+        local = (np.arange(len(plain)) - np.repeat(row_offsets[:-1], np.diff(row_offsets))).astype(np.uint32)
+        per_position = weighted + np.uint32(2 * width) * local * plain
+        running = np.zeros(len(per_position) + 1, np.uint32)
+        np.cumsum(per_position, dtype=np.uint32, out=running[1:])
         return running[row_offsets[1:]] - running[row_offsets[:-1]]
 
 
 def _row_sums(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, salt: int) -> np.ndarray:
-    """Per row [lo, hi): sum of (v + 1) * (2 * (i - lo) + salt), from two global running sums
-    (weights by global index, then each row's shift) so no per-entry row index is built."""
+    """Per row [lo, hi): sum of (v + 1) * (2 * (i - lo) + salt) mod 2^32, from two global running
+    sums (weights by global index, then each row's shift), so no per-entry row index is built."""
     with np.errstate(over="ignore"):
-        shifted = values + np.uint64(1)
-        weighted = shifted * (np.arange(len(values), dtype=np.uint64) * np.uint64(2) + np.uint64(salt | 1))
-        running = np.zeros(len(values) + 1, np.uint64)
-        np.cumsum(weighted, dtype=np.uint64, out=running[1:])
-        plain = np.zeros(len(values) + 1, np.uint64)
-        np.cumsum(shifted, dtype=np.uint64, out=plain[1:])
-        lo64 = lo.astype(np.uint64)
-        return (running[hi] - running[lo]) - np.uint64(2) * lo64 * (plain[hi] - plain[lo])
+        shifted = values.astype(np.uint32, copy=False) + np.uint32(1)
+        weighted = shifted * (np.arange(len(values), dtype=np.uint32) * np.uint32(2) + np.uint32(salt | 1))
+        running = np.zeros(len(values) + 1, np.uint32)
+        np.cumsum(weighted, dtype=np.uint32, out=running[1:])
+        plain = np.zeros(len(values) + 1, np.uint32)
+        np.cumsum(shifted, dtype=np.uint32, out=plain[1:])
+        return (running[hi] - running[lo]) - np.uint32(2) * lo.astype(np.uint32) * (plain[hi] - plain[lo])
 
 
 def _zigzag(v: np.ndarray) -> np.ndarray:
