@@ -10,7 +10,9 @@ soft-label column chunk (ids, logprobs, the token's own logprob, compact's refer
 and checksum) from the Parquet footer, divided by completion tokens. Fidelity: mean
 KL(exact || decoded) over the top-k renormalised, max |delta logprob| (top-k and the token's
 own), top-k order, bit-exactness. Decode speed is one core running the client's decoder on
-in-memory record batches (after Parquet has decompressed them), best of several runs.
+in-memory record batches (after Parquet has decompressed them), best of several runs, per
+second of wall time and of the process's CPU time; encode is the same for assembly's encoder,
+write the whole Parquet file (encode, compression, byte-stream-split) once.
 Prints a table and writes bench/results/soft_labels.json.
 """
 
@@ -155,19 +157,22 @@ def measure(table: pa.Table, k: int) -> list[dict]:
     rows = []
     for label, name, options in layouts:
         encoding = Encoding.named(name)
+        started = time.perf_counter()
         data = write(table, encoding, options)
+        write_s = time.perf_counter() - started
         decoded = pa.Table.from_batches([decode(b, encoding) for b in pq.ParquetFile(io.BytesIO(data)).iter_batches()])
         rows.append({"k": k, "layout": label, "bytes_per_token": soft_label_bytes(data, encoding) / positions,
                      "file_bytes_per_token": len(data) / positions, **fidelity(table, decoded, k),
                      **dict(zip(("decode_positions_per_s", "decode_positions_per_cpu_s"),
                                 decode_rate(data, encoding, positions))),
-                     "encode_positions_per_s": encode_rate(table, encoding, positions)})
+                     "encode_positions_per_s": encode_rate(table, encoding, positions),
+                     "write_positions_per_s": positions / write_s})
         print(rows[-1], flush=True)
     if k in DISTILLKIT_PUBLISHED:
         rows.append({"k": k, "layout": "DistillKit (published figure)", "bytes_per_token": DISTILLKIT_PUBLISHED[k],
                      "file_bytes_per_token": None, "mean_kl": None, "max_dlogprob": None, "order_kept": None,
                      "bit_exact": None, "decode_positions_per_s": None, "decode_positions_per_cpu_s": None,
-                     "encode_positions_per_s": None})
+                     "encode_positions_per_s": None, "write_positions_per_s": None})
     return rows
 
 
