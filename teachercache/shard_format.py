@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from teachercache.errors import ShardFormatError
+from teachercache.soft_labels import decode, encoding_of, stored_columns
 
 # Bumped when a column changes meaning or type in a way an older reader would misread.
 # 1: the float32 columns only. 2: job shards may store their soft labels in another encoding,
@@ -146,3 +147,13 @@ def _name_of(source: Any) -> str | None:
         return source
     name = getattr(source, "name", None) or getattr(source, "url", None)
     return str(name) if name is not None else None
+
+
+def read_table(source: Any, columns: list[str] | None = None) -> pa.Table:
+    """A whole shard from a path or file (a downloaded one, say): its format checked and its
+    soft labels decoded into the float32 columns, whatever encoding its job chose."""
+    parquet, _ = open_shard(source)
+    where = _name_of(source)
+    encoding = encoding_of(parquet.schema_arrow.metadata, where)
+    table = parquet.read(columns=stored_columns(columns, encoding))
+    return decode(table, encoding, where, columns)
