@@ -144,14 +144,13 @@ def encode(table: pa.Table | pa.RecordBatch, encoding: Encoding, schema: pa.Sche
         return table.select(schema.names).cast(schema)
     columns = {name: table.column(name) for name in table.column_names}
     token = _flat_lists(_array(columns["token_logprobs"]))
-    top_ids = _flat_nested(_array(columns["top_token_ids"]))
     top_lps = _flat_nested(_array(columns["top_logprobs"]))
     if encoding.name == "float16":
         stored = {"token_logprobs": _lists(token.offsets, token.values.astype(np.float16)),
                   "top_token_ids": columns["top_token_ids"],
                   "top_logprobs": _nested(top_lps.row_offsets, top_lps.offsets, top_lps.values.astype(np.float16))}
     else:
-        stored = _encode_compact(token, top_ids, top_lps)
+        stored = _encode_compact(token, _flat_nested(_array(columns["top_token_ids"])), top_lps)
     out = [stored[name] if name in stored else columns[name] for name in schema.names]
     return pa.Table.from_arrays([_array(c) for c in out], schema=schema)
 

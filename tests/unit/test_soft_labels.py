@@ -1,4 +1,4 @@
-"""Soft-label encodings, property-tested: random top-k rows (ties, -inf, k from 1 to 64, vocabularies
+"""Soft-label encodings, property-tested: random top-k rows (ties, -inf, k from 0 to 64, vocabularies
 of 1,000 to 256,000 ids) written to Parquet the way assembly writes a job shard and read back the
 way every client reader does. float32 is bit-exact, float16 within half precision, compact within
 its documented bounds with the top-k order intact; damaged or truncated encoded data is refused,
@@ -41,20 +41,20 @@ def position(draw, vocab: int, k: int):
     if draw(st.booleans()) and k > 1:  # a tie
         values[1] = values[0]
     values.sort(reverse=True)
-    token = draw(st.one_of(st.sampled_from(values), finite))
+    token = draw(st.one_of(st.sampled_from(values), finite) if values else finite)
     return ids, values, token
 
 
 @st.composite
 def rows(draw):
     vocab = draw(st.sampled_from([1000, 32_000, 49_152, 151_936, 256_000]))
-    k = draw(st.integers(1, 64))
+    k = draw(st.integers(0, 64))  # 0: a job without top-k still has each token's own logprob
     out = []
     for index in range(draw(st.integers(1, 4))):
         positions = [draw(position(vocab, k)) for _ in range(draw(st.integers(0, 6)))]
         out.append({
             "custom_id": f"q{index}", "request_index": index, "sample_index": 0, "prompt_token_ids": [1, 2],
-            "completion_token_ids": [p[0][0] for p in positions], "completion_text": "",
+            "completion_token_ids": [p[0][0] if p[0] else 7 for p in positions], "completion_text": "",
             "token_logprobs": [p[2] for p in positions], "top_token_ids": [p[0] for p in positions],
             "top_logprobs": [p[1] for p in positions], "finish_reason": "length", "error": None, "cached": False,
         })
