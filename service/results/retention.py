@@ -11,8 +11,9 @@ What each removal keeps:
   row, requests and job shards; the cache it was answered from stays. A job of more requests
   than `retention_delete_rows` is hidden (`deleting`) with its shards at once, and its requests
   are deleted a bounded chunk per transaction by later steps, its row last.
-- an evicted entry loses its `results` row and its finished task; its result shard object goes
-  once no entry points at it. Jobs that already have their shards keep them (a job shard is a
+- an evicted entry (over the entry, idle or byte budget) loses its `results` row and its
+  finished task; its result shard's row and object go once no entry points at it (only then do
+  its bytes leave the byte budget's count). Jobs that already have their shards keep them (a job shard is a
   copy). An entry an unfinished job still needs is never evicted.
 """
 
