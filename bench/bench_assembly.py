@@ -30,7 +30,7 @@ SHARD_ROWS = 2048  # rows per result shard, as a worker writes them (result_shar
 
 def scripted_rows(count: int, tokens: int = 64, k: int = 20, seed: int = 0) -> pa.Table:
     """`count` result rows in the result-shard schema, built column-wise (no Python row objects)."""
-    from service.shards import RESULT_SCHEMA
+    from teachercache.shard_format import RESULT_SCHEMA
 
     rng = np.random.default_rng(seed)
 
@@ -61,6 +61,7 @@ def seed_job(rt, requests: int, distinct: int = 8192) -> str:
     from service.ids import new_id
     from service.models import Job, Shard
     from service.tenants.models import Tenant
+    from teachercache.shard_format import shard_metadata
 
     distinct = min(distinct, requests)
     shard_ids = []
@@ -69,7 +70,7 @@ def seed_job(rt, requests: int, distinct: int = 8192) -> str:
         db.flush()
         for start in range(0, distinct, SHARD_ROWS):
             rows = scripted_rows(min(SHARD_ROWS, distinct - start), seed=start)
-            stored = rt.storage.write_table(f"results/bench/{new_id('shard')}.parquet", rows, {})
+            stored = rt.storage.write_table(f"results/bench/{new_id('shard')}.parquet", rows, shard_metadata({}))
             shard_ids.append(new_id("shard"))
             db.add(Shard(id=shard_ids[-1], kind="result", path=stored.path, rows=stored.rows, bytes=stored.bytes,
                          sha256=stored.sha256))

@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
 import teachercache as tc
+from teachercache.shard_format import read_table
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "examples" / "prompts.jsonl"
@@ -85,7 +87,7 @@ def run_job(client: tc.Client, out_dir: Path) -> tuple[dict, list[Path], float]:
 
 
 def summarize(job: dict, paths: list[Path], elapsed: float) -> None:
-    table = pq.read_table(paths).to_pylist() if paths else []
+    table = pa.concat_tables([read_table(p) for p in paths]).to_pylist() if paths else []
     completion = sum(len(r["completion_token_ids"]) for r in table)
     counts = job["counts"]
     summary = Table("", "", title=f"job {job['id']}: {job['status']}", show_header=False)

@@ -29,12 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import teachercache as tc
+from teachercache.shard_format import read_table
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_DIR = ROOT / "models" / "smollm2-135m-instruct"
@@ -152,7 +152,7 @@ def local_shard_files(paths: list[Path]) -> list[Path]:
 
 
 def local_loader(paths: list[Path], batch_size: int, seed: int) -> DataLoader:
-    rows = [row for file in local_shard_files(paths) for row in pq.read_table(file, columns=COLUMNS).to_pylist()]
+    rows = [row for file in local_shard_files(paths) for row in read_table(file, columns=COLUMNS).to_pylist()]
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=tc.collate_topk)
 

@@ -53,6 +53,8 @@ class Job(Base):
     top_logprobs: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     sampling: orm.Mapped[dict[str, Any]] = orm.mapped_column(JSONB)
     cache_policy: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    # How its shards deliver the soft labels ({"encoding": ...}); NULL (older jobs): float32.
+    soft_labels: orm.Mapped[dict[str, Any] | None] = orm.mapped_column(JSONB)
     metadata_: orm.Mapped[dict[str, Any]] = orm.mapped_column("metadata", JSONB)
     total: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     idempotency_key: orm.Mapped[str | None] = orm.mapped_column(sa.String(200))
@@ -177,6 +179,17 @@ class JobProgress(Base):
     completed: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     cached: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     failed: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+
+
+class CacheUsage(Base):
+    """The stored bytes of result shards, in slots a trigger on `shards` keeps (migration 0010):
+    the cache's size for its byte budget, read from a few rows, never by summing shards."""
+
+    __tablename__ = "cache_usage"
+
+    slot: orm.Mapped[int] = orm.mapped_column(sa.SmallInteger, primary_key=True, autoincrement=False)
+    shards: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    bytes: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
 
 
 class Worker(Base):

@@ -73,15 +73,21 @@ class ServiceSettings(BaseSettings):
     # A finished job (its rows and shards, never the cache) is deleted this long after it ended;
     # 0 or unset keeps jobs until DELETE /v1/jobs/{id}. OpenAI keeps batch files 30 days.
     job_retention_s: float | None = Field(default=30 * 24 * 3600, ge=0)
-    # The cache's budget (unset: unbounded): at most this many entries, and none unused for
-    # longer than this; least recently used entries go first.
+    # The cache's budget (unset: unbounded): at most this many entries, none unused for longer
+    # than this, and result shards of at most this many stored bytes; least recently used
+    # entries go first (a shard's bytes come back once it holds no entry).
     cache_max_entries: int | None = Field(default=None, ge=0)
     cache_max_idle_s: float | None = Field(default=None, gt=0)
+    cache_max_bytes: int | None = Field(default=None, ge=0)
     retention_sweep_s: float = Field(default=60.0, gt=0)
     # The status page's chart: a snapshot of each running job's counts this often (job_progress).
     progress_every_s: float = Field(default=5.0, gt=0)
     # Jobs deleted / entries evicted per sweep transaction, at most: the sweep's bound.
     retention_batch: int = Field(default=500, ge=1)
+    # A job with more requests than this is deleted in chunks of this many rows, one transaction
+    # each (it is hidden first), at most retention_delete_chunks of them per sweep.
+    retention_delete_rows: int = Field(default=10_000, ge=1)
+    retention_delete_chunks: int = Field(default=100, ge=1)
 
     @property
     def shards_uri(self) -> str:

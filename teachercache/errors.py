@@ -17,6 +17,8 @@ catches anything this package raises on purpose::
     ├── TransportError         the network failed: connect/read errors, timeouts,
     │                          a response body cut short (retried automatically)
     ├── IntegrityError         a downloaded shard's sha256 differs from the manifest
+    ├── ShardFormatError       a shard this version cannot read: an unknown schema
+    │                          version or soft-label encoding, or damaged encoded data
     ├── JobFailedError         wait(..., raise_on_failure=True) saw failed/cancelled
     └── WaitTimeoutError       wait(..., timeout=...) ran out (also a TimeoutError)
 """
@@ -98,6 +100,19 @@ class IntegrityError(TeachercacheError):
         self.path = path
         self.expected = expected
         self.actual = actual
+
+
+class ShardFormatError(TeachercacheError):
+    """A shard (or a table read from one) that this version of the client cannot decode.
+
+    Raised for a schema version or soft-label encoding it does not know (upgrade the client),
+    and for encoded soft labels that fail their checks (truncated or corrupt data is reported,
+    never decoded into wrong numbers). ``where`` names the shard or file, when known.
+    """
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        super().__init__(f"{where}: {message}" if where else message)
+        self.where = where
 
 
 class JobFailedError(TeachercacheError):

@@ -13,10 +13,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from teachercache.client import Client
 from teachercache.errors import TransportError
+from teachercache.shard_format import open_shard
+from teachercache.soft_labels import decode, encoding_of, stored_columns
 
 DEFAULT_BATCH_SIZE = 1024
 _TOTAL_SIZE = re.compile(r"/(\d+)$")
@@ -146,8 +147,12 @@ def read_shard(
     pyarrow reads each needed column chunk with one ``read`` (one range request) as it
     decodes, so memory stays bounded by a row group. pre_buffer stays off: its reads run
     on Arrow's I/O threads, which call back into Python and can abort the interpreter at
-    exit when one is still releasing the file.
+    exit when one is still releasing the file. The shard's schema version is checked from its
+    footer before any row is read (ShardFormatError for one this client does not know), and
+    its soft labels are decoded from whatever encoding the job chose into the float32 columns.
     """
     with HTTPRangeFile(client, shard["url"], shard.get("bytes")) as file:
-        parquet = pq.ParquetFile(file, pre_buffer=False)
-        yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
+        parquet, _ = open_shard(file, shard["url"], pre_buffer=False)
+        encoding = encoding_of(parquet.schema_arrow.metadata, shard["url"])
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=stored_columns(columns, encoding)):
+            yield decode(batch, encoding, shard["url"], columns)

@@ -7,7 +7,7 @@ import time
 
 import pyarrow.parquet as pq
 
-from service.shards import JOB_SCHEMA
+from teachercache.shard_format import JOB_SCHEMA
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -33,7 +33,7 @@ from service.queue.workers import WorkerRepository
 from service.results.index import index_result_shard
 from service.queue.repository import ClaimedTask, TaskRepository
 from service.runtime import Runtime
-from service.shards import shard_metadata
+from teachercache.shard_format import parquet_options, shard_metadata
 from workers.engine import Engine, EngineResult
 from workers.results import engine_request, result_table
 from workers.settings import WorkerSettings
@@ -410,7 +410,8 @@ class WorkerLoop:
         prompts = {r.key: self.held.prompt(r.key) for r in results}
         table, entries = result_table(results, prompts)
         path = f"results/{self.teacher}/{time.strftime('%Y%m%d')}/{uuid.uuid4().hex}.parquet"
-        stored = self.rt.storage.write_table(path, table, shard_metadata(self.rt.teacher_metadata().get(self.teacher, {})))
+        stored = self.rt.storage.write_table(path, table, shard_metadata(self.rt.teacher_metadata().get(self.teacher, {})),
+                                             **parquet_options(table.schema))
         with transaction(self.rt.sessions) as db:
             kept = index_result_shard(db, self.teacher, stored, entries, self.held.tokens(prompts))
         if len(kept) < len(results):

@@ -7,7 +7,7 @@ from typing import Any
 import pyarrow as pa
 
 from service.queue.repository import ClaimedTask
-from service.shards import RESULT_SCHEMA
+from teachercache.shard_format import RESULT_SCHEMA
 from workers.engine import EngineRequest, EngineResult, SamplingSpec
 
 

@@ -70,7 +70,7 @@ def get_job(job_id: JobId, request: Request, jobs: Jobs) -> JobOut:
 @router.delete("/{job_id}", responses={409: {"description": "the job has not ended yet"}})
 def delete_job(job_id: JobId, rt: Rt, jobs: Jobs, background: BackgroundTasks) -> dict:
     """Remove a finished job, its requests and its shards; the cache it used is kept."""
-    paths = jobs.delete(job_id)
+    paths = jobs.delete(job_id, rt.settings.retention_delete_rows)
     background.add_task(remove_objects, rt.storage, paths)  # after the commit: the index goes first
     return {"id": job_id, "object": "job.deleted", "deleted": True}
 

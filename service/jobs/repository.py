@@ -102,7 +102,20 @@ EXPIRED_JOBS_SQL = sa.text(
     """
     SELECT id, tenant FROM jobs
      WHERE finished_at IS NOT NULL AND finished_at < now() - make_interval(secs => :retention_s)
+       AND status <> 'deleting'
      ORDER BY finished_at LIMIT :limit FOR UPDATE SKIP LOCKED
+    """
+)
+# A job too big to delete in one transaction is marked `deleting` (invisible to its tenant, its
+# idempotency key released) and its requests go a bounded chunk per transaction.
+MARK_DELETING_SQL = sa.text("UPDATE jobs SET status = 'deleting', idempotency_key = NULL WHERE id = :job_id")
+DELETE_JOB_SHARDS_SQL = sa.text("DELETE FROM shards WHERE job_id = :job_id AND kind = 'job'")
+DELETING_JOBS_SQL = sa.text(
+    "SELECT id FROM jobs WHERE status = 'deleting' ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
+)
+DELETE_REQUESTS_CHUNK_SQL = sa.text(
+    """
+    DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE job_id = :job_id LIMIT :rows)
     """
 )
 COPY_REQUESTS_SQL = "COPY requests ({columns}) FROM STDIN"
@@ -168,8 +181,9 @@ class JobRepository:
         return self.session.get(Job, job_id, with_for_update=lock)
 
     def owned(self, job_id: str, tenant: str, lock: bool = False) -> Job | None:
-        """The job if it is the tenant's: another tenant's job and a missing one look the same."""
-        query = sa.select(Job).where(Job.id == job_id, Job.tenant == tenant)
+        """The job if it is the tenant's: another tenant's job, a missing one and one being
+        deleted look the same."""
+        query = sa.select(Job).where(Job.id == job_id, Job.tenant == tenant, Job.status != "deleting")
         return self.session.scalar(query.with_for_update() if lock else query)
 
     def lock_idempotency_key(self, tenant: str, key: str) -> bool:
@@ -197,7 +211,8 @@ class JobRepository:
 
     def list(self, tenant: str, limit: int, before: tuple[Any, str] | None, status: str | None = None) -> list[Job]:
         query = (
-            sa.select(Job).where(Job.tenant == tenant).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+            sa.select(Job).where(Job.tenant == tenant, Job.status != "deleting")
+            .order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
         )
         if status is not None:
             query = query.where(Job.status == status)
@@ -277,6 +292,19 @@ class JobRepository:
         """The job row; its requests and job shards go with it (ON DELETE CASCADE), a batch's link
         is cleared (SET NULL)."""
         self.session.execute(sa.delete(Job).where(Job.id == job_id))
+
+    def mark_deleting(self, job_id: str) -> None:
+        """Hide the job and drop its shard index rows now; its requests go later, in chunks."""
+        self.session.execute(DELETE_JOB_SHARDS_SQL, {"job_id": job_id})
+        self.session.execute(MARK_DELETING_SQL, {"job_id": job_id})
+
+    def deleting_jobs(self, limit: int) -> list[str]:
+        """Up to `limit` jobs marked `deleting`, locked (another sweeper works on others)."""
+        return list(self.session.scalars(DELETING_JOBS_SQL, {"limit": limit}))
+
+    def delete_requests_chunk(self, job_id: str, rows: int) -> int:
+        """Delete at most `rows` of the job's requests; how many went."""
+        return self.session.execute(DELETE_REQUESTS_CHUNK_SQL, {"job_id": job_id, "rows": rows}).rowcount
 
     def job_shards(self, job_id: str) -> list[Shard]:
         query = sa.select(Shard).where(Shard.job_id == job_id, Shard.kind == "job").order_by(Shard.shard_index)

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.text import StorableJson, StorableText, UnicodeText
+from teachercache.soft_labels import DEFAULT_ENCODING, ENCODINGS
 
 INT32_MAX = 2**31 - 1
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # checked against the teacher's vocabulary later
@@ -57,12 +58,21 @@ class Sampling(Strict):
         return [value] if isinstance(value, str) else value
 
 
+class SoftLabels(Strict):
+    """How the job's shards deliver the soft labels (the cache keeps float32 either way)."""
+
+    encoding: Literal[ENCODINGS] = Field(  # type: ignore[valid-type]
+        default=DEFAULT_ENCODING, description="float32 (the contract's columns), float16, or compact "
+        "(quantised logprobs, decoded by the client); see docs/soft-labels.md")
+
+
 class JobCreate(Strict):
     teacher: str | None = Field(default=None, description="a registered teacher; the default when omitted")
     mode: Literal["generate", "score"] = "generate"
     top_logprobs: int = Field(default=20, ge=0)
     sampling: Sampling = Field(default_factory=Sampling)
     cache: Literal["use", "refresh", "bypass"] = "use"
+    soft_labels: SoftLabels = Field(default_factory=SoftLabels)
     requests: list[RequestIn] = Field(min_length=1)
     metadata: StorableJson = Field(default_factory=dict)
 
@@ -105,6 +115,7 @@ class JobOut(BaseModel):
     top_logprobs: int
     sampling: dict[str, Any]
     cache: str
+    soft_labels: dict[str, Any] = Field(default_factory=lambda: {"encoding": DEFAULT_ENCODING})
     metadata: dict[str, Any]
     counts: Counts
     spend: Spend = Field(default_factory=Spend)

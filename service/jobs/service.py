@@ -105,7 +105,7 @@ class JobService:
         job = Job(
             id=new_id("job"), tenant=self.tenant, status="queued", teacher=teacher.name, mode=body.mode,
             top_logprobs=body.top_logprobs, sampling=body.sampling.model_dump(), cache_policy=body.cache,
-            metadata_=body.metadata, total=total, idempotency_key=idempotency_key, body_sha256=body_sha256(body),
+            soft_labels=body.soft_labels.model_dump(), metadata_=body.metadata, total=total, idempotency_key=idempotency_key, body_sha256=body_sha256(body),
         )
         self.jobs.add_job(job)
         return job
@@ -137,16 +137,23 @@ class JobService:
         jobs = self.jobs.list(self.tenant, limit + 1, before, status)
         return jobs[:limit], len(jobs) > limit
 
-    def delete(self, job_id: str) -> list[str]:
+    def delete(self, job_id: str, rows_per_transaction: int) -> list[str]:
         """Remove a finished job: its rows, its requests and its shard index (never the cache: the
         results it was answered from stay for other jobs). The storage paths of its shards, for
         the caller to remove once this transaction has committed (a crash in between leaves only
-        unreferenced objects, never an index row pointing at nothing)."""
+        unreferenced objects, never an index row pointing at nothing).
+
+        A job of more than `rows_per_transaction` requests is not deleted in this transaction:
+        it is marked `deleting` (gone for its tenant at once, its shards too) and the retention
+        sweep deletes its requests a chunk per transaction (`purge_deleting`), then its row."""
         job = self.get(job_id, lock=True)
         if job.status not in ("succeeded", "failed", "cancelled"):
             raise Conflict(f"job {job_id} is {job.status}; cancel it and wait for it to end before deleting it")
         paths = [shard.path for shard in self.jobs.job_shards(job_id)]
-        self.jobs.delete_job(job_id)
+        if job.total <= rows_per_transaction:
+            self.jobs.delete_job(job_id)
+        else:
+            self.jobs.mark_deleting(job_id)
         return paths
 
     def cancel(self, job_id: str) -> Job:
@@ -183,8 +190,8 @@ class JobService:
         finished = job.finished_at is not None
         return JobOut(
             id=job.id, status=job.status, teacher=job.teacher, mode=job.mode, top_logprobs=job.top_logprobs,
-            sampling=job.sampling, cache=job.cache_policy, metadata=job.metadata_,
-            counts=Counts(**self.jobs.counts(job.id)),
+            sampling=job.sampling, cache=job.cache_policy, soft_labels=job.soft_labels or {"encoding": "float32"},
+            metadata=job.metadata_, counts=Counts(**self.jobs.counts(job.id)),
             spend=job_spend(job.mode, self.spend_tokens(job), self.prices(job.teacher)),
             created_at=iso(job.created_at),
             started_at=iso(job.started_at), finished_at=iso(job.finished_at), error=job.error,

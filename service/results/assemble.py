@@ -29,7 +29,8 @@ from service.jobs.repository import JobRepository
 from service.jobs.spend import stored_spend
 from service.models import Job, Shard
 from service.results.repository import AssemblyRow, ResultRepository
-from service.shards import JOB_SCHEMA, RESULT_FIELDS, error_row, shard_metadata
+from teachercache.shard_format import JOB_SCHEMA, RESULT_FIELDS, error_row, open_shard, parquet_options, shard_metadata
+from teachercache.soft_labels import DEFAULT_ENCODING, Encoding, encode, stored_schema
 from service.storage import ShardCheckFailed, Storage
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,13 @@ def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, j
         jobs.session.refresh(job)
         return
     metadata = shard_metadata({**teacher_meta.get(job.teacher, {"teacher": job.teacher}), **job_parameters(job)})
-    schema = JOB_SCHEMA.with_metadata(metadata)
+    encoding = job_encoding(job)
+    schema = stored_schema(JOB_SCHEMA.with_metadata(metadata), encoding)
     batches = RowBuffer(job_batches(jobs, results, storage, job.id, limits.batch_rows))
     index = 0
     while index == 0 or not batches.exhausted():  # an empty job still gets one (empty) shard
         stored = storage.write(f"jobs/{job.id}/part-{index:05d}.parquet",
-                               lambda f: write_part(f, schema, batches, limits.shard_rows))
+                               lambda f: write_part(f, schema, encoding, batches, limits.shard_rows))
         jobs.add_shard(Shard(id=new_id("shard"), kind="job", job_id=job.id, shard_index=index, path=stored.path,
                              rows=stored.rows, bytes=stored.bytes, sha256=stored.sha256))
         index += 1
@@ -93,6 +95,11 @@ def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, j
     job.error = None
     job.finished_at = sa.func.now()
     job.spend_tokens = stored_spend(jobs.spend_tokens(job.id))
+
+
+def job_encoding(job: Job) -> Encoding:
+    """How the job asked for its soft labels (jobs from before the choice existed: float32)."""
+    return Encoding.named((job.soft_labels or {}).get("encoding", DEFAULT_ENCODING))
 
 
 def job_parameters(job: Job) -> dict:
@@ -146,7 +153,7 @@ def rows_from_shard(storage: Storage, path: str, wanted: list[AssemblyRow]) -> p
     """The wanted rows of one result shard, reading only the row groups that hold them."""
     wanted = sorted(wanted, key=lambda r: r.row_start)
     with storage.open(path) as f:
-        parquet = pq.ParquetFile(f)
+        parquet, _ = open_shard(f, f"result shard {path}")
         starts = row_group_starts(parquet.metadata)
         indices = [i for r in wanted for i in range(r.row_start, r.row_start + r.row_count)]
         groups = sorted({bisect.bisect_right(starts, i) - 1 for i in indices})
@@ -207,12 +214,14 @@ class RowBuffer:
         return piece
 
 
-def write_part(f: BinaryIO, schema: pa.Schema, batches: RowBuffer, shard_rows: int) -> int:
-    """One job shard: up to `shard_rows` rows, a row group per window slice."""
+def write_part(f: BinaryIO, schema: pa.Schema, encoding: Encoding, batches: RowBuffer, shard_rows: int) -> int:
+    """One job shard: up to `shard_rows` rows, a row group per window slice, its soft labels in
+    the job's encoding (encoded here, in the finalizer, a window at a time; never in a worker's
+    engine thread)."""
     rows = 0
-    with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+    with pq.ParquetWriter(f, schema, **parquet_options(schema)) as writer:
         while rows < shard_rows and (piece := batches.take(shard_rows - rows)) is not None:
-            writer.write_table(piece.replace_schema_metadata(schema.metadata))
+            writer.write_table(encode(piece, encoding, schema))
             rows += piece.num_rows
         if rows == 0:
             writer.write_table(schema.empty_table())

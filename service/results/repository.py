@@ -86,6 +86,22 @@ DROP_UNUSED_RESULT_SHARDS_SQL = sa.text(
     RETURNING s.path
     """
 )
+# The cache's stored size: the result shards' bytes, from the few rows migration 0010's trigger keeps.
+CACHE_BYTES_SQL = sa.text("SELECT coalesce(sum(bytes), 0) FROM cache_usage")
+# Each of the :limit least recently used entries' share of its result shard's bytes: its rows'
+# fraction of the rows still indexed in that shard, so the shares of a shard's live entries add
+# up to the shard's bytes (what evicting them all reclaims). Oldest first; an index walk from the
+# oldest use bounded by :limit, and per entry an index scan of its shard's entries.
+LRU_SHARES_SQL = sa.text(
+    """
+    SELECT s.bytes::float8 * res.row_count / greatest(live.row_count, 1)
+      FROM (SELECT cache_key, shard_id, row_count, last_used_at FROM results
+             ORDER BY last_used_at, cache_key LIMIT :limit) res
+      JOIN shards s ON s.id = res.shard_id
+      CROSS JOIN LATERAL (SELECT sum(row_count) AS row_count FROM results o WHERE o.shard_id = res.shard_id) live
+     ORDER BY res.last_used_at, res.cache_key
+    """
+)
 
 
 @dataclass(frozen=True)
@@ -147,6 +163,21 @@ class ResultRepository:
     def over_budget(self, max_entries: int, limit: int) -> int:
         """How many entries are beyond the newest `max_entries`, at most `limit`."""
         return int(self.session.scalar(OVER_BUDGET_SQL, {"max_entries": max_entries, "limit": limit}))
+
+    def cache_bytes(self) -> int:
+        """The stored bytes of every result shard (what the byte budget counts)."""
+        return int(self.session.scalar(CACHE_BYTES_SQL))
+
+    def entries_covering(self, over_bytes: int, limit: int) -> int:
+        """How many of the least recently used entries (at most `limit`) it takes for their
+        shares of their shards' bytes to add up to `over_bytes`."""
+        total, count = 0.0, 0
+        for (share,) in self.session.execute(LRU_SHARES_SQL, {"limit": limit}):
+            if total >= over_bytes:
+                break
+            total += share
+            count += 1
+        return count
 
     def evict(self, idle_s: float, limit: int) -> tuple[int, list[str]]:
         """Evict up to `limit` least recently used entries unused for over `idle_s` seconds that

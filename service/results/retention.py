@@ -8,9 +8,12 @@ between leaves unreferenced objects, never an index row pointing at nothing.
 
 What each removal keeps:
 - an expired job goes exactly as `DELETE /v1/jobs/{id}` removes it (the same code path): its
-  row, requests and job shards; the cache it was answered from stays.
-- an evicted entry loses its `results` row and its finished task; its result shard object goes
-  once no entry points at it. Jobs that already have their shards keep them (a job shard is a
+  row, requests and job shards; the cache it was answered from stays. A job of more requests
+  than `retention_delete_rows` is hidden (`deleting`) with its shards at once, and its requests
+  are deleted a bounded chunk per transaction by later steps, its row last.
+- an evicted entry (over the entry, idle or byte budget) loses its `results` row and its
+  finished task; its result shard's row and object go once no entry points at it (only then do
+  its bytes leave the byte budget's count). Jobs that already have their shards keep them (a job shard is a
   copy). An entry an unfinished job still needs is never evicted.
 """
 
@@ -33,11 +36,13 @@ log = logging.getLogger(__name__)
 class Swept:
     jobs: int = 0
     entries: int = 0
+    request_rows: int = 0  # requests of jobs being deleted, removed in chunks
 
 
 def sweep(rt: Runtime) -> Swept:
-    """One round of retention: expire jobs, then evict entries, each a bounded transaction."""
-    return Swept(jobs=expire_jobs(rt), entries=evict_entries(rt))
+    """One round of retention: expire jobs, purge jobs being deleted, then evict entries, each
+    step a bounded transaction."""
+    return Swept(jobs=expire_jobs(rt), request_rows=purge_deleting(rt), entries=evict_entries(rt))
 
 
 def expire_jobs(rt: Runtime) -> int:
@@ -48,27 +53,66 @@ def expire_jobs(rt: Runtime) -> int:
         paths: list[str] = []
         expired = JobRepository(db).expired_jobs(retention_s, rt.settings.retention_batch)
         for job_id, tenant in expired:
-            paths += JobService(db, tenant).delete(job_id)
+            paths += JobService(db, tenant).delete(job_id, rt.settings.retention_delete_rows)
     remove_objects(rt.storage, paths)
     if expired:
         log.info("retention: %d finished jobs expired", len(expired))
     return len(expired)
 
 
+def purge_deleting(rt: Runtime) -> int:
+    """Delete the requests of jobs marked `deleting`, `retention_delete_rows` per transaction and
+    at most `retention_delete_chunks` transactions this round, then each emptied job's row; the
+    requests deleted. Resumable: a crash or the round's end leaves the job marked, to go on next
+    round (possibly in another process)."""
+    settings, deleted = rt.settings, 0
+    for _ in range(settings.retention_delete_chunks):
+        with transaction(rt.sessions) as db:
+            jobs = JobRepository(db)
+            job_ids = jobs.deleting_jobs(1)
+            if not job_ids:
+                break
+            gone = jobs.delete_requests_chunk(job_ids[0], settings.retention_delete_rows)
+            if gone < settings.retention_delete_rows:  # nothing left after this chunk
+                jobs.delete_job(job_ids[0])
+        deleted += gone
+    if deleted:
+        log.info("retention: %d requests of deleted jobs removed", deleted)
+    return deleted
+
+
 def evict_entries(rt: Runtime) -> int:
     """Entries beyond `cache_max_entries` (least recently used first), then entries unused for
-    longer than `cache_max_idle_s`; at most `retention_batch` each."""
+    longer than `cache_max_idle_s`, then least recently used entries while the result shards
+    take more than `cache_max_bytes`; at most `retention_batch` each."""
     settings, limit = rt.settings, rt.settings.retention_batch
     evicted = 0
     if settings.cache_max_entries is not None:
         with transaction(rt.sessions) as db:
             over = ResultRepository(db).over_budget(settings.cache_max_entries, limit)
         evicted += evict_step(rt, 0.0, over)
+    if settings.cache_max_bytes is not None:
+        evicted += evict_for_bytes(rt, settings.cache_max_bytes, limit)
     if settings.cache_max_idle_s:
         evicted += evict_step(rt, settings.cache_max_idle_s, limit)
     if evicted:
         log.info("retention: %d cache entries evicted", evicted)
     return evicted
+
+
+def evict_for_bytes(rt: Runtime, max_bytes: int, limit: int) -> int:
+    """One bounded pass of the byte budget: evict the least recently used entries whose shares
+    of their shards' bytes cover how far the cache is over (at most `limit`).
+
+    Space comes back when a result shard has no entry left (its row and object go with its
+    last entry), so a cache still over after this pass is evicted further in the next sweep:
+    the entries a worker flushed together share a shard and, used together, age together.
+    """
+    with transaction(rt.sessions) as db:
+        results = ResultRepository(db)
+        over = results.cache_bytes() - max_bytes
+        n = results.entries_covering(over, limit) if over > 0 else 0
+    return evict_step(rt, 0.0, n)
 
 
 def evict_step(rt: Runtime, idle_s: float, n: int) -> int:

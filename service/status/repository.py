@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects import postgresql
 
-from service.models import JobProgress, Shard, Task, Worker
+from service.models import JobProgress, Task, Worker
 
 # Progress snapshots of one job drawn at most: older points are thinned evenly.
 MAX_POINTS = 240
@@ -87,8 +87,3 @@ class StatusRepository:
             .group_by(Task.lease_owner)
         )
         return dict(self.session.execute(query).all())
-
-    def cache_bytes(self) -> int:
-        """Bytes of the result shards that hold the cache (a row per shard, not per entry)."""
-        return int(self.session.scalar(sa.select(sa.func.coalesce(sa.func.sum(Shard.bytes), 0))
-                                       .where(Shard.kind == "result")))

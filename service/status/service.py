@@ -14,6 +14,7 @@ from sqlalchemy import orm
 
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import JobOut
+from service.results.repository import ResultRepository
 from service.status.repository import ProgressPoint, StatusRepository, WorkerRow
 
 WORKERS_SHOWN = 200
@@ -66,6 +67,7 @@ class StatusService:
     def __init__(self, session: orm.Session) -> None:
         self.status = StatusRepository(session)
         self.jobs = JobRepository(session)
+        self.results = ResultRepository(session)
 
     def progress(self, job_id: str) -> list[ProgressPoint]:
         return self.status.progress(job_id)
@@ -96,6 +98,6 @@ class StatusService:
     def cache(self, tenant: str) -> CacheView:
         stats = self.jobs.cache_stats(tenant)
         lookups = stats["hits"] + stats["misses"]
-        return CacheView(entries=stats["entries"], bytes=self.status.cache_bytes(), hits=stats["hits"],
+        return CacheView(entries=stats["entries"], bytes=self.results.cache_bytes(), hits=stats["hits"],
                          misses=stats["misses"], hit_rate=stats["hits"] / lookups if lookups else None,
                          tokens_saved=stats["prompt_tokens_saved"] + stats["completion_tokens_saved"])

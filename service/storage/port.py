@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -117,11 +117,12 @@ class Storage(ABC):
         return StoredShard(path=rel, rows=rows or 0, bytes=size, sha256=digest)
 
     @storage_retry
-    def write_table(self, rel: str, table: pa.Table, metadata: dict[bytes, bytes]) -> StoredShard:
+    def write_table(self, rel: str, table: pa.Table, metadata: dict[bytes, bytes], **options: Any) -> StoredShard:
+        """One Parquet file of `table` (zstd unless `options`, pq.write_table's, say otherwise)."""
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
 
         def fill(f: BinaryIO) -> int:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, **{"compression": "zstd", **options})
             return table.num_rows
 
         return self.write(rel, fill)

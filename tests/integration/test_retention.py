@@ -29,7 +29,8 @@ def batch(tag: str, n: int = 4) -> dict:
 def settings(settings):
     # The finalizer loop sweeps once when it starts, then not again during a test: the tests
     # call the sweep themselves, so each sees exactly its own round.
-    return settings.model_copy(update={"retention_sweep_s": 3600.0})
+    # Jobs of over 10 requests are deleted in chunks (the API's DELETE too).
+    return settings.model_copy(update={"retention_sweep_s": 3600.0, "retention_delete_rows": 10})
 
 
 @pytest.fixture
@@ -91,6 +92,55 @@ def test_an_expired_job_goes_with_its_shards_and_its_resubmission_is_answered_fr
     assert again["counts"]["cached"] == 4
     assert [r["completion_token_ids"] for r in download_rows(api, again)] == \
         [r["completion_token_ids"] for r in rows]
+
+
+def request_rows(rt, job_id: str) -> int:
+    with rt.sessions() as db:
+        return db.scalar(sa.select(sa.func.count()).select_from(Request).where(Request.job_id == job_id))
+
+
+def test_an_expired_huge_job_is_hidden_at_once_then_deleted_in_bounded_resumable_chunks(
+        api, rt, start_worker, with_settings):
+    start_worker(ScriptedEngine())
+    job = run_job(api, batch("h", n=25))
+    with rt.sessions() as db:
+        paths = list(db.scalars(sa.select(Shard.path).where(Shard.job_id == job["id"])))
+    entries = all_entries(rt)
+    age(rt, sa.update(Job).where(Job.id == job["id"]).values(finished_at=sa.func.now() - sa.text("interval '31 days'")))
+    chunked = with_settings(retention_delete_rows=10, retention_delete_chunks=1)
+
+    first = sweep(chunked)
+    assert (first.jobs, first.request_rows) == (1, 10)
+    # Gone for its tenant at once, shards included; its rows go a chunk per round.
+    assert api.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert job["id"] not in [j["id"] for j in api.get("/v1/jobs").json()["data"]]
+    assert all(rt.storage.stat(p) is None for p in paths)
+    assert request_rows(rt, job["id"]) == 15
+    assert sweep(chunked).request_rows == 10  # a later round (or another process) resumes it
+    assert request_rows(rt, job["id"]) == 5
+    last = sweep(chunked)
+    assert (last.jobs, last.request_rows) == (0, 5)
+    with rt.sessions() as db:
+        assert db.get(Job, job["id"]) is None
+        assert db.scalar(sa.select(sa.func.count()).select_from(Shard).where(Shard.job_id == job["id"])) == 0
+    assert sweep(chunked) == type(last)()
+    assert all_entries(rt) == entries  # the cache is kept
+    assert run_job(api, batch("h", n=25))["counts"]["cached"] == 25
+
+
+def test_deleting_a_job_bigger_than_a_chunk_through_the_api_hides_it_and_the_sweep_finishes_it(
+        api, rt, start_worker, with_settings):
+    start_worker(ScriptedEngine())
+    job = run_job(api, batch("d", n=12))
+    assert api.delete(f"/v1/jobs/{job['id']}").status_code == 200  # 12 requests: over the 10 of a chunk
+    assert api.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert api.delete(f"/v1/jobs/{job['id']}").status_code == 404
+    assert request_rows(rt, job["id"]) == 12
+    chunked = with_settings(retention_delete_rows=5, retention_delete_chunks=2)
+    assert sweep(chunked).request_rows == 10
+    assert sweep(chunked).request_rows == 2
+    with rt.sessions() as db:
+        assert db.get(Job, job["id"]) is None
 
 
 def test_an_unfinished_job_never_expires_and_zero_keeps_jobs_forever(api, rt, with_settings):
@@ -176,10 +226,56 @@ def test_an_entry_an_unfinished_job_needs_is_never_evicted(api, rt, start_worker
     assert download_rows(api, done) == rows  # a job shard is a copy: it keeps its rows
 
 
+def result_shards_of(rt, keys: set[str]) -> dict[str, int]:
+    """The result shards (path: stored bytes) that hold these entries."""
+    with rt.sessions() as db:
+        return dict(db.execute(sa.select(Shard.path, Shard.bytes).join(Result, Result.shard_id == Shard.id)
+                               .where(Result.cache_key.in_(keys)).distinct()).all())
+
+
+def cache_bytes(rt) -> int:
+    with rt.sessions() as db:
+        return results_repository.ResultRepository(db).cache_bytes()
+
+
+def test_the_byte_budget_evicts_least_recently_used_entries_until_their_shards_are_reclaimed(
+        api, rt, start_worker, with_settings):
+    start_worker(ScriptedEngine())
+    for tag in ("a", "b", "c"):
+        run_job(api, batch(tag))
+    a, b, c = entry_keys(rt, "a"), entry_keys(rt, "b"), entry_keys(rt, "c")
+    shards = {tag: result_shards_of(rt, keys) for tag, keys in (("a", a), ("b", b), ("c", c))}
+    with rt.sessions() as db:
+        every_shard = dict(db.execute(sa.select(Shard.path, Shard.bytes).where(Shard.kind == "result")).all())
+    # The counter the trigger keeps is the result shards' stored size, exactly.
+    assert cache_bytes(rt) == sum(every_shard.values()) == sum(sum(s.values()) for s in shards.values())
+    for keys, hours in ((a, 3), (b, 2), (c, 1)):  # a least recently used, then b, then c
+        age(rt, sa.update(Result).where(Result.cache_key.in_(keys))
+            .values(last_used_at=sa.func.now() - sa.text(f"interval '{hours} hours'")))
+    # Room for b's and c's shards but not a's as well: a's entries go, in passes of at most 3.
+    budget = with_settings(cache_max_bytes=sum(shards["b"].values()) + sum(shards["c"].values()),
+                           retention_batch=3)
+
+    assert evict_entries(budget) == 3  # bounded: a's shard still holds one entry, its bytes stay
+    assert cache_bytes(rt) == sum(every_shard.values())
+    assert all(rt.storage.stat(p) is not None for p in shards["a"])
+    assert evict_entries(budget) == 1  # its last entry: the shard's row and object go
+    assert all_entries(rt) == b | c
+    assert all(rt.storage.stat(p) is None for p in shards["a"])
+    assert cache_bytes(rt) == sum(shards["b"].values()) + sum(shards["c"].values())
+    assert evict_entries(budget) == 0  # within budget now
+    assert all(rt.storage.stat(p) is not None for s in (shards["b"], shards["c"]) for p in s)
+    again = run_job(api, batch("b"))
+    assert again["counts"]["cached"] == 4
+
+
 @pytest.mark.parametrize("statement, params, index", [
     (jobs_repository.EXPIRED_JOBS_SQL, {"retention_s": 86400, "limit": 10}, "ix_jobs_finished_at"),
     (results_repository.EVICTABLE_SQL, {"idle_s": 0, "limit": 10}, "ix_results_last_used_at"),
     (results_repository.OVER_BUDGET_SQL, {"max_entries": 1000, "limit": 10}, "ix_results_last_used_at"),
+    (results_repository.LRU_SHARES_SQL, {"limit": 10}, "ix_results_last_used_at"),
+    (jobs_repository.DELETING_JOBS_SQL, {"limit": 10}, "ix_jobs_status"),
+    (jobs_repository.DELETE_REQUESTS_CHUNK_SQL, {"job_id": "j", "rows": 10}, "requests_job_id"),
     (jobs_repository.USE_RESULTS_SQL, {"keys": ["k2-a", "k2-b"], "resolution_s": 60}, "pk_results"),
 ])
 def test_the_sweep_and_the_hit_lookup_are_index_scans(rt, statement, params, index):

@@ -17,6 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 
 import teachercache as tc
+from teachercache.shard_format import SCHEMA_VERSION_KEY, shard_metadata
+from teachercache.soft_labels import Encoding, encode, stored_schema
 from teachercache.testing import SyncASGITransport
 
 torch = pytest.importorskip("torch")
@@ -39,7 +41,8 @@ SHARD_SCHEMA = pa.schema(
         ("finish_reason", pa.string()),
         ("error", pa.string()),
         ("cached", pa.bool_()),
-    ]
+    ],
+    metadata=shard_metadata({"teacher": "double"}),
 )
 
 
@@ -79,8 +82,10 @@ def make_row(index: int) -> dict[str, Any]:
 class ShardServerDouble:
     """The contract's read side: a finished job, its manifest and Range-honouring shard files."""
 
-    def __init__(self, folder: Path, rows_per_shard: list[int], row_group_size: int = 2) -> None:
-        self.folder, self.row_group_size = folder, row_group_size
+    def __init__(self, folder: Path, rows_per_shard: list[int], row_group_size: int = 2,
+                 schema: pa.Schema = SHARD_SCHEMA, encoding: str = "float32") -> None:
+        self.folder, self.row_group_size, self.schema = folder, row_group_size, schema
+        self.encoding = encoding
         self.range_headers: list[str | None] = []
         self.rows: list[dict[str, Any]] = []
         self.manifest = [self._write_shard(index, count) for index, count in enumerate(rows_per_shard)]
@@ -94,9 +99,11 @@ class ShardServerDouble:
         self.rows += rows
         path = self.folder / f"part-{index:05d}.parquet"
         # Small row groups by default: a reader must seek around the file, not read it front to back.
-        pq.write_table(
-            pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), path, row_group_size=self.row_group_size
-        )
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        if self.encoding != "float32":  # as the service's assembly writes a job that asked for it
+            encoding = Encoding.named(self.encoding)
+            table = encode(table, encoding, stored_schema(self.schema, encoding))
+        pq.write_table(table, path, row_group_size=self.row_group_size)
         data = path.read_bytes()
         return {
             "index": index,
@@ -290,3 +297,36 @@ def test_collate_dtypes_and_ragged_top_k() -> None:
 def test_collate_of_only_failed_rows_is_empty() -> None:
     batch = tc.collate_topk([make_row(7)])
     assert batch["input_ids"].shape == (0, 0) and batch["top_logprobs"].shape == (0, 0, 0)
+
+
+@pytest.mark.parametrize("metadata", [{**SHARD_SCHEMA.metadata, SCHEMA_VERSION_KEY: b"99"}, {}],
+                         ids=["unknown-version", "no-version"])
+def test_every_reader_refuses_a_shard_whose_schema_version_it_does_not_know(tmp_path: Path, metadata) -> None:
+    server = ShardServerDouble(tmp_path, rows_per_shard=[2], schema=SHARD_SCHEMA.with_metadata(metadata))
+    with tc.Client(BASE_URL, transport=SyncASGITransport(server.app)) as client:
+        with pytest.raises(tc.ShardFormatError, match="99" if metadata else "schema_version") as stream_error:
+            list(tc.stream(JOB_ID, client=client))
+        assert "/v1/shards/part-00000.parquet" in str(stream_error.value)
+        with pytest.raises(tc.ShardFormatError):
+            list(tc.ShardDataset(job=JOB_ID, client=client, shuffle=False))
+
+
+@pytest.mark.parametrize("encoding", ["float16", "compact"])
+def test_every_reader_decodes_an_encoded_job_into_the_same_arrays(tmp_path: Path, encoding: str) -> None:
+    """The rows' logprobs are multiples of 1/4, exact in float16 and in compact's 1/16 steps: the
+    decoded rows, streamed batches and collated tensors equal float32's."""
+    (tmp_path / "float32").mkdir()
+    (tmp_path / encoding).mkdir()
+    exact = ShardServerDouble(tmp_path / "float32", rows_per_shard=[3, 4])
+    encoded = ShardServerDouble(tmp_path / encoding, rows_per_shard=[3, 4], encoding=encoding)
+    with tc.Client(BASE_URL, transport=SyncASGITransport(exact.app)) as a, \
+            tc.Client(BASE_URL, transport=SyncASGITransport(encoded.app)) as b:
+        streamed = [r.to_pylist() for r in tc.stream(JOB_ID, client=b)]
+        assert streamed == [r.to_pylist() for r in tc.stream(JOB_ID, client=a)]
+        projected = [r for batch in tc.stream(JOB_ID, client=b, columns=["top_logprobs"]) for r in batch.to_pylist()]
+        assert projected == [{"top_logprobs": row["top_logprobs"]} for row in exact.rows]
+        rows_a = list(tc.ShardDataset(job=JOB_ID, client=a, shuffle=False))
+        rows_b = list(tc.ShardDataset(job=JOB_ID, client=b, shuffle=False))
+        assert rows_b == rows_a
+        batch_a, batch_b = tc.collate_topk(rows_a), tc.collate_topk(rows_b)
+        assert all(torch.equal(batch_a[name], batch_b[name]) for name in batch_a if name != "custom_id")

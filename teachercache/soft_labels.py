@@ -1,0 +1,432 @@
+"""Soft-label encodings of job shards: what they store, and the one decoder every reader uses.
+
+A job chooses how its soft labels (``token_logprobs``, ``top_token_ids``, ``top_logprobs``) are
+delivered; the cache always keeps the teacher's float32 values exactly, and a job shard's
+encoding is derived from them when the job is assembled.
+
+- ``float32`` (default): the contract's columns (DESIGN.md), readable by any Parquet tool.
+- ``float16``: ``token_logprobs`` and ``top_logprobs`` stored as half floats (Parquet FLOAT16).
+  Decoded to float32; the error is float16's rounding: relative error at most 2^-11 (about
+  4.9e-4) for |logprob| >= 6.1e-5, absolute at most 2^-25 below that; -inf stays -inf.
+- ``compact``: ``top_token_ids`` exactly as float32 stores them (rank order, lossless), and
+  logprobs quantised: per position a reference ``ref`` (the best finite top-k logprob, or the
+  token's own logprob when there is no top-k) stored as float16, and every logprob as a whole
+  number ``q`` of steps of ``STEP`` nats below the decoded ``ref``, delta-coded in rank order
+  (zig-zag, uint32). Decoded ``ref - q * STEP``: at most ``STEP / 2`` = 1/32 nat from the
+  teacher's value for every logprob but the reference itself, which is within float16's
+  rounding (at most 2^-8 nat for |logprob| < 16). Differences to ``ref`` of more than
+  ``MAX_DEPTH_NATS`` decode as -inf (their probability is 0 in float64). Top-k order is kept
+  exactly (the ids are stored in rank order). Each row carries a checksum of its encoded
+  values; a row whose data fails it, or whose structure is inconsistent, raises
+  :class:`~teachercache.errors.ShardFormatError` instead of decoding into wrong numbers.
+
+Readers (``tc.stream``, ``ShardDataset``, ``collate_topk`` on their rows) decode every encoding
+into the float32 columns. For Hugging Face ``datasets``, Polars or plain pyarrow, read the
+Parquet file and call :func:`decode_table` (``pyarrow.parquet.read_table(path)`` keeps the
+file metadata that names the encoding)::
+
+    import pyarrow.parquet as pq
+    from teachercache.soft_labels import decode_table
+    table = decode_table(pq.read_table("part-00000.parquet"))   # the float32 columns
+    polars.from_arrow(table); datasets.Dataset(table)
+
+The decoder is vectorised numpy over whole record batches (no Python loop per position).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from teachercache.errors import ShardFormatError
+
+ENCODINGS = ("float32", "float16", "compact")
+DEFAULT_ENCODING = "float32"
+SOFT_LABELS_KEY = b"teachercache.soft_labels"
+
+# compact's quantisation: steps of 1/16 nat, so the rounding error is at most 1/32 nat.
+STEP = 1.0 / 16.0
+# Differences to the reference beyond this decode as -inf (exp(-2^20) is 0 even in float64).
+MAX_DEPTH_NATS = float(2**20)
+NEG_INF_CODE = np.uint32(0xFFFFFFFF)
+
+SOFT_LABEL_COLUMNS = ("token_logprobs", "top_token_ids", "top_logprobs")
+COMPACT_COLUMNS = ("top_token_ids", "top_logprob_ref", "top_logprob_steps", "token_logprob_steps",
+                   "soft_label_checksum")
+# The columns each encoding stores in place of the float32 ones (in this order, where they stood).
+STORED_COLUMNS = {
+    "float32": SOFT_LABEL_COLUMNS,
+    "float16": SOFT_LABEL_COLUMNS,
+    "compact": COMPACT_COLUMNS,
+}
+STORED_TYPES = {
+    "float32": {"token_logprobs": pa.list_(pa.float32()), "top_token_ids": pa.list_(pa.list_(pa.int32())),
+                "top_logprobs": pa.list_(pa.list_(pa.float32()))},
+    "float16": {"token_logprobs": pa.list_(pa.float16()), "top_token_ids": pa.list_(pa.list_(pa.int32())),
+                "top_logprobs": pa.list_(pa.list_(pa.float16()))},
+    "compact": {"top_token_ids": pa.list_(pa.list_(pa.int32())), "top_logprob_ref": pa.list_(pa.float16()),
+                "top_logprob_steps": pa.list_(pa.list_(pa.uint32())),
+                "token_logprob_steps": pa.list_(pa.uint32()), "soft_label_checksum": pa.uint32()},
+}
+FLOAT32_TYPES = STORED_TYPES["float32"]
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """A shard's soft-label encoding and its parameters, as its metadata records them."""
+
+    name: str = DEFAULT_ENCODING
+    step: float | None = None
+
+    @classmethod
+    def named(cls, name: str) -> Encoding:
+        if name not in ENCODINGS:
+            raise ValueError(f"unknown soft-label encoding {name!r}; one of {', '.join(ENCODINGS)}")
+        return cls(name, STEP if name == "compact" else None)
+
+    def metadata(self) -> dict[bytes, bytes]:
+        params: dict[str, Any] = {"encoding": self.name}
+        if self.name == "compact":
+            params.update(step=self.step, reference="float16", max_depth_nats=MAX_DEPTH_NATS)
+        return {SOFT_LABELS_KEY: json.dumps(params).encode()}
+
+
+def encoding_of(metadata: dict[bytes, bytes] | None, where: str | None = None) -> Encoding:
+    """The encoding a shard's metadata names (float32 when it names none: schema version 1)."""
+    raw = (metadata or {}).get(SOFT_LABELS_KEY)
+    if raw is None:
+        return Encoding()
+    try:
+        params = json.loads(raw)
+        name = params["encoding"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ShardFormatError(f"unreadable teachercache.soft_labels metadata {raw[:200]!r}", where) from exc
+    if name not in ENCODINGS:
+        raise ShardFormatError(f"soft-label encoding {name!r} is not one this reader knows "
+                               f"({', '.join(ENCODINGS)}): upgrade the teachercache client", where)
+    step = params.get("step")
+    if name == "compact" and step != STEP:
+        raise ShardFormatError(f"compact soft labels with step {step!r}; this reader decodes step {STEP}", where)
+    return Encoding(name, step)
+
+
+def stored_schema(schema: pa.Schema, encoding: Encoding) -> pa.Schema:
+    """`schema` (with the float32 soft-label columns) as `encoding` stores it."""
+    fields: list[pa.Field] = []
+    for field in schema:
+        if field.name == "top_token_ids":
+            fields += [pa.field(n, STORED_TYPES[encoding.name][n]) for n in STORED_COLUMNS[encoding.name]]
+        elif field.name not in SOFT_LABEL_COLUMNS:
+            fields.append(field)
+    return pa.schema(fields, metadata={**(schema.metadata or {}), **encoding.metadata()})
+
+
+def stored_columns(columns: list[str] | None, encoding: Encoding) -> list[str] | None:
+    """The stored columns a projection onto (decoded) `columns` needs to read."""
+    if columns is None or encoding.name == "float32":
+        return columns
+    wanted = [c for c in columns if c not in SOFT_LABEL_COLUMNS]
+    if any(c in SOFT_LABEL_COLUMNS for c in columns):
+        wanted += list(STORED_COLUMNS[encoding.name])
+    return wanted
+
+
+# -- encoding (the service's assembly calls this; readers never do) ----------------------------
+
+
+def encode(table: pa.Table | pa.RecordBatch, encoding: Encoding, schema: pa.Schema) -> pa.Table:
+    """`table`'s rows with their float32 soft labels in `encoding`, as `schema` (a stored_schema)."""
+    if encoding.name == "float32":
+        return table.select(schema.names).cast(schema)
+    columns = {name: table.column(name) for name in table.column_names}
+    token = _flat_lists(_array(columns["token_logprobs"]))
+    top_lps = _flat_nested(_array(columns["top_logprobs"]))
+    if encoding.name == "float16":
+        stored = {"token_logprobs": _lists(token.offsets, token.values.astype(np.float16)),
+                  "top_token_ids": columns["top_token_ids"],
+                  "top_logprobs": _nested(top_lps.row_offsets, top_lps.offsets, top_lps.values.astype(np.float16))}
+    else:
+        stored = _encode_compact(token, _flat_nested(_array(columns["top_token_ids"])), top_lps)
+    out = [stored[name] if name in stored else columns[name] for name in schema.names]
+    return pa.Table.from_arrays([_array(c) for c in out], schema=schema)
+
+
+def _encode_compact(token: _Flat, ids: _Nested, lps: _Nested) -> dict[str, pa.Array]:
+    if not (np.array_equal(ids.row_offsets, lps.row_offsets) and np.array_equal(ids.offsets, lps.offsets)):
+        raise ValueError("top_token_ids and top_logprobs differ in shape")
+    if not np.array_equal(token.offsets, ids.row_offsets):
+        raise ValueError("token_logprobs and top_token_ids differ in positions per row")
+    positions = len(ids.offsets) - 1
+    k = np.diff(ids.offsets)
+    entry_position = np.repeat(np.arange(positions), k)
+    values = lps.values.astype(np.float64)
+    if np.isnan(values).any() or np.isnan(token.values).any() or (values == np.inf).any():
+        raise ValueError("soft labels hold NaN or +inf logprobs")
+    # The reference: the best finite top-k logprob, or the token's own when there is none.
+    best = _position_max(values, ids.offsets)
+    ref_source = np.where(np.isfinite(best), best, token.values.astype(np.float64))
+    ref16 = np.where(np.isfinite(ref_source), ref_source, 0.0).astype(np.float16)
+    ref = ref16.astype(np.float64)
+    q, ok = _steps_below(ref[entry_position], values)
+    starts = ids.offsets[:-1]
+    dq = _rank_deltas(q, ok, starts, k)
+    steps = np.where(ok, _zigzag(dq), NEG_INF_CODE).astype(np.uint32)
+    token_q, token_ok = _steps_below(ref, token.values.astype(np.float64))
+    token_steps = np.where(token_ok, _zigzag(token_q), NEG_INF_CODE).astype(np.uint32)
+    checksum = _checksum(ids.values, steps, ref16, token_steps, ids.row_offsets, ids.offsets)
+    return {
+        "top_token_ids": _nested(ids.row_offsets, ids.offsets, ids.values.astype(np.int32)),
+        "top_logprob_ref": _lists(ids.row_offsets, ref16),
+        "top_logprob_steps": _nested(ids.row_offsets, ids.offsets, steps),
+        "token_logprob_steps": _lists(ids.row_offsets, token_steps),
+        "soft_label_checksum": pa.array(checksum, pa.uint32()),
+    }
+
+
+def _position_max(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Each position's largest finite value (-inf for none, or an empty position)."""
+    k = np.diff(offsets)
+    finite_values = np.where(np.isfinite(values), values, -np.inf)
+    width = _uniform_width(k)
+    if width:
+        return finite_values.reshape(-1, width).max(axis=1)
+    best = np.full(len(k), -np.inf)
+    nonempty = k > 0
+    if nonempty.any():
+        best[nonempty] = np.maximum.reduceat(finite_values, offsets[:-1][nonempty])
+    return best
+
+
+def _steps_below(ref: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Whole steps of `values` below `ref` (int64), and where they are finite and in range."""
+    depth = ref - values
+    ok = np.isfinite(depth) & (depth <= MAX_DEPTH_NATS) & (depth >= -MAX_DEPTH_NATS)
+    return np.where(ok, np.rint(np.where(ok, depth, 0.0) / STEP), 0).astype(np.int64), ok
+
+
+def _rank_deltas(q: np.ndarray, ok: np.ndarray, starts: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Each entry's steps minus the previous finite entry's of its position (the first's own)."""
+    index = np.arange(len(q))
+    is_start = np.zeros(len(q), bool)
+    is_start[starts[k > 0]] = True
+    # Forward-fill over -inf entries, never across a position's start.
+    last = np.maximum.accumulate(np.where(ok | is_start, index, 0)) if len(q) else index
+    filled = np.where(ok[last], q[last], 0)
+    previous = np.empty_like(filled)
+    if len(q):
+        previous[1:] = filled[:-1]
+        previous[0] = 0
+    previous[is_start] = 0
+    return filled - previous
+
+
+# -- decoding (every reader) -------------------------------------------------------------------
+
+
+def decode_table(table: pa.Table, where: str | None = None) -> pa.Table:
+    """The table with float32 soft-label columns, whatever encoding its metadata names."""
+    return decode(table, encoding_of(table.schema.metadata, where), where)
+
+
+def decode(data: pa.Table | pa.RecordBatch, encoding: Encoding, where: str | None = None,
+           columns: list[str] | None = None) -> pa.Table | pa.RecordBatch:
+    """`data` as read from a shard of `encoding`, with the float32 columns in place of the stored
+    ones; `columns`, if given, is the projection the caller asked for (decoded names)."""
+    names = data.schema.names
+    if encoding.name == "float32" or not any(n in names for n in STORED_COLUMNS[encoding.name]):
+        return data
+    try:
+        if encoding.name == "float16":
+            decoded = _decode_float16(data)
+        else:
+            decoded = _decode_compact(data, where)
+    except ShardFormatError:
+        raise
+    except (ValueError, IndexError, pa.ArrowException) as exc:
+        raise ShardFormatError(f"damaged {encoding.name} soft labels: {exc}", where) from exc
+    stored = STORED_COLUMNS[encoding.name]
+    out_names, out_arrays = [], []
+    for name in names:
+        if name not in stored:
+            out_names.append(name)
+            out_arrays.append(data.column(name))
+        elif not any(n in out_names for n in SOFT_LABEL_COLUMNS):  # the first stored one: all three here
+            out_names += list(SOFT_LABEL_COLUMNS)
+            out_arrays += [decoded[n] for n in SOFT_LABEL_COLUMNS]
+    if columns is not None:
+        order = sorted((i for i, n in enumerate(out_names) if n in columns), key=lambda i: columns.index(out_names[i]))
+        out_names, out_arrays = [out_names[i] for i in order], [out_arrays[i] for i in order]
+    schema = pa.schema([pa.field(n, a.type) for n, a in zip(out_names, out_arrays)], metadata=data.schema.metadata)
+    if isinstance(data, pa.RecordBatch):
+        return pa.RecordBatch.from_arrays([_array(a) for a in out_arrays], schema=schema)
+    return pa.Table.from_arrays(out_arrays, schema=schema)
+
+
+def _decode_float16(data) -> dict[str, pa.Array]:
+    return {"token_logprobs": _array(data.column("token_logprobs")).cast(FLOAT32_TYPES["token_logprobs"]),
+            "top_token_ids": _array(data.column("top_token_ids")),
+            "top_logprobs": _array(data.column("top_logprobs")).cast(FLOAT32_TYPES["top_logprobs"])}
+
+
+def _decode_compact(data, where: str | None) -> dict[str, pa.Array]:
+    missing = [n for n in COMPACT_COLUMNS if n not in data.schema.names]
+    if missing:
+        raise ShardFormatError(f"compact soft labels without {', '.join(missing)}", where)
+    ids = _flat_nested(_array(data.column("top_token_ids")))
+    steps = _flat_nested(_array(data.column("top_logprob_steps")))
+    if steps.values.dtype != np.uint32 or ids.values.dtype != np.int32:
+        raise ShardFormatError("compact soft-label columns of the wrong types", where)
+    ref = _flat_lists(_array(data.column("top_logprob_ref")))
+    token = _flat_lists(_array(data.column("token_logprob_steps")))
+    checksum = _array(data.column("soft_label_checksum"))
+    if checksum.null_count:
+        raise ShardFormatError("compact soft labels with a missing checksum", where)
+    same_shape = (np.array_equal(ids.row_offsets, steps.row_offsets) and np.array_equal(ids.offsets, steps.offsets)
+                  and np.array_equal(ref.offsets, ids.row_offsets) and np.array_equal(token.offsets, ids.row_offsets))
+    if not same_shape:
+        raise ShardFormatError("compact soft-label columns disagree in shape (truncated or damaged data)", where)
+    ref16 = ref.values.astype(np.float16, copy=False)
+    expected = _checksum(ids.values, steps.values, ref16, token.values, ids.row_offsets, ids.offsets)
+    bad = np.flatnonzero(expected != checksum.to_numpy(zero_copy_only=False))
+    if len(bad):
+        raise ShardFormatError(f"compact soft labels fail their checksum in {len(bad)} rows "
+                               f"(first: row {int(bad[0])} of its batch)", where)
+    ref32 = ref16.astype(np.float32)
+    top = _decode_steps(steps.values, ids.offsets, ref32)
+    token_finite = token.values != NEG_INF_CODE
+    token_lp = np.where(token_finite, ref32 - _unzigzag(np.where(token_finite, token.values, 0)) * np.float32(STEP),
+                        np.float32(-np.inf)).astype(np.float32)
+    return {"token_logprobs": _lists(ids.row_offsets, token_lp),
+            "top_token_ids": _nested(ids.row_offsets, ids.offsets, ids.values.astype(np.int32, copy=False)),
+            "top_logprobs": _nested(ids.row_offsets, ids.offsets, top)}
+
+
+def _decode_steps(codes: np.ndarray, offsets: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Logprobs (float32, rank order) from their steps: each position's running sum of deltas
+    below its reference. float32 arithmetic is exact here (a float16 reference minus a multiple
+    of 1/16), so the result is the one correctly rounded value either way."""
+    k = np.diff(offsets)
+    finite = codes != NEG_INF_CODE
+    any_inf = not finite.all()
+    dq = _unzigzag(np.where(finite, codes, 0) if any_inf else codes)
+    width = _uniform_width(k)
+    if width:  # the usual case: every position has k entries, one cumsum along rows
+        q = np.cumsum(dq.reshape(-1, width), axis=1, dtype=np.int32)
+        values = ref[:, None] - q.astype(np.float32) * np.float32(STEP)
+        return (np.where(finite.reshape(-1, width), values, np.float32(-np.inf)) if any_inf else values).ravel()
+    entry_position = np.repeat(np.arange(len(k)), k)
+    total = np.cumsum(dq, dtype=np.int64)
+    offset = np.zeros(len(k), np.int64)
+    offset[k > 0] = (total - dq)[offsets[:-1][k > 0]]  # the running sum up to each position's start
+    q = total - offset[entry_position]
+    return np.where(finite, ref[entry_position] - q.astype(np.float32) * np.float32(STEP),
+                    np.float32(-np.inf)).astype(np.float32)
+
+
+def _uniform_width(k: np.ndarray) -> int:
+    """k when every position has the same k > 0 entries, else 0."""
+    return int(k[0]) if len(k) and k[0] > 0 and (k == k[0]).all() else 0
+
+
+def _checksum(ids, steps, ref16, token_steps, row_offsets, offsets) -> np.ndarray:
+    """Per row, a weighted sum (mod 2^32) of every encoded value: any one changed value changes
+    it (each weight is odd, so invertible mod 2^32), and so does a value moved within its row."""
+    lo, hi = np.asarray(row_offsets[:-1], np.int64), np.asarray(row_offsets[1:], np.int64)
+    with np.errstate(over="ignore"):
+        return (_entry_sums(ids.view(np.uint32), row_offsets, offsets, 0x9E3779B1)
+                + _entry_sums(steps, row_offsets, offsets, 0x85EBCA77)
+                + _row_sums(ref16.view(np.uint16).astype(np.uint32), lo, hi, 0xC2B2AE3D)
+                + _row_sums(token_steps, lo, hi, 0x27D4EB2F))
+
+
+def _entry_sums(values: np.ndarray, row_offsets: np.ndarray, offsets: np.ndarray, salt: int) -> np.ndarray:
+    """_row_sums over the entries of each row (positions x k), by rows of the (P, k) matrix
+    when k is uniform: per position sum(v+1) and sum((v+1)(2j+salt)), then the rows' shifts."""
+    width = _uniform_width(np.diff(offsets))
+    if not width:
+        return _row_sums(values, offsets[row_offsets[:-1]].astype(np.int64),
+                         offsets[row_offsets[1:]].astype(np.int64), salt)
+    one = np.uint32(1)
+    with np.errstate(over="ignore"):
+        shifted = values.reshape(-1, width) + one
+        weights = np.arange(width, dtype=np.uint32) * np.uint32(2) + np.uint32(salt | 1)
+        weighted = (shifted * weights).sum(axis=1, dtype=np.uint32)
+        plain = shifted.sum(axis=1, dtype=np.uint32)
+        local = (np.arange(len(plain)) - np.repeat(row_offsets[:-1], np.diff(row_offsets))).astype(np.uint32)
+        per_position = weighted + np.uint32(2 * width) * local * plain
+        running = np.zeros(len(per_position) + 1, np.uint32)
+        np.cumsum(per_position, dtype=np.uint32, out=running[1:])
+        return running[row_offsets[1:]] - running[row_offsets[:-1]]
+
+
+def _row_sums(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, salt: int) -> np.ndarray:
+    """Per row [lo, hi): sum of (v + 1) * (2 * (i - lo) + salt) mod 2^32, from two global running
+    sums (weights by global index, then each row's shift), so no per-entry row index is built."""
+    with np.errstate(over="ignore"):
+        shifted = values.astype(np.uint32, copy=False) + np.uint32(1)
+        weighted = shifted * (np.arange(len(values), dtype=np.uint32) * np.uint32(2) + np.uint32(salt | 1))
+        running = np.zeros(len(values) + 1, np.uint32)
+        np.cumsum(weighted, dtype=np.uint32, out=running[1:])
+        plain = np.zeros(len(values) + 1, np.uint32)
+        np.cumsum(shifted, dtype=np.uint32, out=plain[1:])
+        return (running[hi] - running[lo]) - np.uint32(2) * lo.astype(np.uint32) * (plain[hi] - plain[lo])
+
+
+def _zigzag(v: np.ndarray) -> np.ndarray:
+    if len(v) and (np.abs(v) >= 2**31 - 1).any():
+        raise ValueError("a logprob step delta out of range")
+    return ((v << 1) ^ (v >> 63)).astype(np.uint64)
+
+
+def _unzigzag(u: np.ndarray) -> np.ndarray:
+    """int32 from zig-zag uint32 (steps stay within +-2^25, far inside int32)."""
+    u = u.astype(np.uint32, copy=False)
+    return (u >> np.uint32(1)).astype(np.int32) ^ -(u & np.uint32(1)).astype(np.int32)
+
+
+# -- Arrow list plumbing ----------------------------------------------------------------------
+
+
+@dataclass
+class _Flat:
+    offsets: np.ndarray  # int64, from 0
+    values: np.ndarray
+
+
+@dataclass
+class _Nested:
+    row_offsets: np.ndarray  # positions per row
+    offsets: np.ndarray  # entries per position
+    values: np.ndarray
+
+
+def _array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _offsets(array: pa.ListArray) -> np.ndarray:
+    if array.null_count:
+        raise ValueError("null soft-label lists")
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    return offsets - offsets[0]
+
+
+def _flat_lists(array: pa.ListArray) -> _Flat:
+    return _Flat(_offsets(array), array.flatten().to_numpy(zero_copy_only=False))
+
+
+def _flat_nested(array: pa.ListArray) -> _Nested:
+    inner = array.flatten()
+    return _Nested(_offsets(array), _offsets(inner), inner.flatten().to_numpy(zero_copy_only=False))
+
+
+def _lists(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+def _nested(row_offsets: np.ndarray, offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(row_offsets.astype(np.int32)), _lists(offsets, values))

@@ -1,0 +1,232 @@
+"""Soft-label encodings, property-tested: random top-k rows (ties, -inf, k from 0 to 64, vocabularies
+of 1,000 to 256,000 ids) written to Parquet the way assembly writes a job shard and read back the
+way every client reader does. float32 is bit-exact, float16 within half precision, compact within
+its documented bounds with the top-k order intact; damaged or truncated encoded data is refused,
+never decoded into other numbers."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import teachercache as tc
+from teachercache.shard_format import JOB_SCHEMA, open_shard, parquet_options, shard_metadata
+from teachercache.soft_labels import (
+    NEG_INF_CODE,
+    SOFT_LABELS_KEY,
+    STEP,
+    Encoding,
+    decode,
+    decode_table,
+    encode,
+    stored_schema,
+)
+
+FLOAT16_RELATIVE = 2.0**-11  # half precision's rounding, relative
+FLOAT16_ABSOLUTE = 2.0**-25  # below float16's normal range
+
+
+@st.composite
+def position(draw, vocab: int, k: int):
+    """One completion position: k distinct ids, logprobs best first (ties and -inf allowed)."""
+    ids = draw(st.lists(st.integers(0, vocab - 1), min_size=k, max_size=k, unique=True))
+    finite = st.floats(-1e4, 0.0, width=32, allow_nan=False)
+    values = draw(st.lists(st.one_of(finite, finite, finite, st.just(float("-inf"))), min_size=k, max_size=k))
+    if draw(st.booleans()) and k > 1:  # a tie
+        values[1] = values[0]
+    values.sort(reverse=True)
+    token = draw(st.one_of(st.sampled_from(values), finite) if values else finite)
+    return ids, values, token
+
+
+@st.composite
+def rows(draw):
+    vocab = draw(st.sampled_from([1000, 32_000, 49_152, 151_936, 256_000]))
+    k = draw(st.integers(0, 64))  # 0: a job without top-k still has each token's own logprob
+    out = []
+    for index in range(draw(st.integers(1, 4))):
+        positions = [draw(position(vocab, k)) for _ in range(draw(st.integers(0, 6)))]
+        out.append({
+            "custom_id": f"q{index}", "request_index": index, "sample_index": 0, "prompt_token_ids": [1, 2],
+            "completion_token_ids": [p[0][0] if p[0] else 7 for p in positions], "completion_text": "",
+            "token_logprobs": [p[2] for p in positions], "top_token_ids": [p[0] for p in positions],
+            "top_logprobs": [p[1] for p in positions], "finish_reason": "length", "error": None, "cached": False,
+        })
+    return pa.Table.from_pylist(out, schema=JOB_SCHEMA)
+
+
+def written(table: pa.Table, name: str) -> bytes:
+    """A job shard of `table` in encoding `name`, as assembly writes one."""
+    encoding = Encoding.named(name)
+    schema = stored_schema(JOB_SCHEMA.with_metadata(shard_metadata({})), encoding)
+    buffer = io.BytesIO()
+    with pq.ParquetWriter(buffer, schema, **parquet_options(schema)) as writer:
+        writer.write_table(encode(table, encoding, schema))
+    return buffer.getvalue()
+
+
+def read_back(data: bytes) -> pa.Table:
+    """What every client reader does: check the format, then decode each batch."""
+    from teachercache.soft_labels import encoding_of
+
+    parquet, _ = open_shard(io.BytesIO(data), "shard")
+    encoding = encoding_of(parquet.schema_arrow.metadata)
+    return pa.Table.from_batches([decode(b, encoding) for b in parquet.iter_batches()])
+
+
+def flat(table: pa.Table, column: str) -> np.ndarray:
+    array = table.column(column).combine_chunks()
+    while pa.types.is_list(array.type):
+        array = array.flatten()
+    return array.to_numpy(zero_copy_only=False)
+
+
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY
+@given(rows())
+def test_float32_and_the_lossless_layout_round_trip_bit_for_bit(table):
+    back = read_back(written(table, "float32"))
+    assert back.schema.remove_metadata().equals(JOB_SCHEMA)
+    for column in ("token_logprobs", "top_logprobs"):
+        assert flat(back, column).view(np.uint32).tolist() == flat(table, column).view(np.uint32).tolist()
+    assert back.column("top_token_ids").equals(table.column("top_token_ids"))
+
+
+@PROPERTY
+@given(rows())
+def test_float16_is_within_half_precision(table):
+    back = read_back(written(table, "float16"))
+    assert back.schema.remove_metadata().equals(JOB_SCHEMA)
+    assert back.column("top_token_ids").equals(table.column("top_token_ids"))
+    for column in ("token_logprobs", "top_logprobs"):
+        exact, got = flat(table, column).astype(np.float64), flat(back, column).astype(np.float64)
+        assert np.array_equal(np.isneginf(exact), np.isneginf(got))
+        finite = np.isfinite(exact)
+        bound = np.maximum(np.abs(exact[finite]) * FLOAT16_RELATIVE, FLOAT16_ABSOLUTE)
+        assert (np.abs(got[finite] - exact[finite]) <= bound).all()
+
+
+@PROPERTY
+@given(rows())
+def test_compact_keeps_ids_and_order_exactly_and_logprobs_within_a_thirty_second_of_a_nat(table):
+    back = read_back(written(table, "compact"))
+    assert back.schema.remove_metadata().equals(JOB_SCHEMA)
+    assert back.column("top_token_ids").equals(table.column("top_token_ids"))  # ids and their order
+    for column in ("token_logprobs", "top_logprobs"):
+        exact, got = flat(table, column).astype(np.float64), flat(back, column).astype(np.float64)
+        assert np.array_equal(np.isneginf(exact), np.isneginf(got))
+        finite = np.isfinite(exact)
+        # The reference (each position's best) is float16; everything else is a step below it.
+        bound = STEP / 2 + np.maximum(np.abs(exact[finite]) * FLOAT16_RELATIVE, FLOAT16_ABSOLUTE)
+        assert (np.abs(got[finite] - exact[finite]) <= bound).all()
+    # Quantising never reorders: decoded logprobs stay best first.
+    for position in back.column("top_logprobs").to_pylist():
+        for values in position:
+            assert values == sorted(values, reverse=True)
+
+
+def compact_table(table: pa.Table) -> pa.Table:
+    encoding = Encoding.named("compact")
+    return encode(table, encoding, stored_schema(JOB_SCHEMA, encoding))
+
+
+def replace_values(table: pa.Table, column: str, change) -> pa.Table:
+    """`table` with the leaf values of a list column passed through `change` (same shape)."""
+    array = table.column(column).combine_chunks()
+    levels = []
+    while pa.types.is_list(array.type):
+        levels.append(array.offsets)
+        array = array.flatten()
+    values = pa.array(change(array.to_numpy(zero_copy_only=False).copy()), array.type)
+    for offsets in reversed(levels):
+        values = pa.ListArray.from_arrays(offsets, values)
+    return table.set_column(table.schema.get_field_index(column), column, values)
+
+
+@PROPERTY
+@given(rows(), st.sampled_from(["top_token_ids", "top_logprob_steps", "top_logprob_ref", "token_logprob_steps"]),
+       st.data())
+def test_a_changed_encoded_value_is_detected_never_decoded(table, column, data):
+    encoded = compact_table(table)
+    size = len(flat(encoded, column))
+    if size == 0:
+        return
+    index = data.draw(st.integers(0, size - 1))
+
+    def corrupt(values):
+        if values.dtype == np.float16:
+            values.view(np.uint16)[index] ^= np.uint16(1 << data.draw(st.integers(0, 15)))
+        else:
+            values[index] = values[index] ^ values.dtype.type(1 << data.draw(st.integers(0, 30)))
+        return values
+
+    with pytest.raises(tc.ShardFormatError, match="checksum"):
+        decode(replace_values(encoded, column, corrupt), Encoding.named("compact"))
+
+
+@PROPERTY
+@given(rows())
+def test_truncated_encoded_data_is_detected(table):
+    encoded = compact_table(table)
+    steps = encoded.column("top_logprob_steps").combine_chunks()
+    if len(steps.flatten().flatten()) == 0:
+        return
+    # The last position's steps lose their last entry: the columns no longer agree in shape.
+    inner = steps.flatten()
+    offsets = inner.offsets.to_numpy().copy()
+    offsets[-1] -= 1
+    shorter = pa.ListArray.from_arrays(pa.array(offsets), inner.flatten().slice(0, offsets[-1]))
+    truncated = encoded.set_column(encoded.schema.get_field_index("top_logprob_steps"), "top_logprob_steps",
+                                   pa.ListArray.from_arrays(steps.offsets, shorter))
+    with pytest.raises(tc.ShardFormatError):
+        decode(truncated, Encoding.named("compact"))
+
+
+@PROPERTY
+@given(rows(), st.data())
+def test_a_flipped_byte_in_the_file_is_refused_or_harmless(table, data):
+    """Page checksums and the rows' own: a damaged file never reads as other numbers."""
+    good = written(table, "compact")
+    spot = data.draw(st.integers(4, len(good) - 9))  # inside the file, past the magic
+    bad = bytearray(good)
+    bad[spot] ^= 1 << data.draw(st.integers(0, 7))
+    expected = read_back(good)
+    try:
+        got = read_back(bytes(bad))
+    except (tc.ShardFormatError, OSError, pa.ArrowException, ValueError, UnicodeDecodeError):
+        return
+    soft = ["token_logprobs", "top_token_ids", "top_logprobs"]
+    assert got.select(soft).equals(expected.select(soft))
+
+
+def test_an_unknown_encoding_is_refused_with_a_clear_error():
+    table = pq.read_table(io.BytesIO(written(pa.Table.from_pylist([], schema=JOB_SCHEMA), "compact")))
+    metadata = {**table.schema.metadata, SOFT_LABELS_KEY: b'{"encoding": "bitpack"}'}
+    buffer = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(metadata), buffer)
+    data = buffer.getvalue()
+    with pytest.raises(tc.ShardFormatError, match="'bitpack' is not one this reader knows"):
+        read_back(data)
+
+
+def test_decode_table_serves_readers_of_plain_parquet():
+    """The documented path for HF datasets / Polars users: pq.read_table, then decode_table."""
+    rows = [{"custom_id": "q0", "request_index": 0, "sample_index": 0, "prompt_token_ids": [1],
+             "completion_token_ids": [5, 6], "completion_text": "ab", "token_logprobs": [-0.5, -1.25],
+             "top_token_ids": [[5, 9], [6, 2]], "top_logprobs": [[-0.5, -2.0], [-1.25, -1.5]],
+             "finish_reason": "length", "error": None, "cached": False}]
+    table = pa.Table.from_pylist(rows, schema=JOB_SCHEMA)
+    plain = pq.read_table(io.BytesIO(written(table, "compact")))
+    assert "top_logprobs" not in plain.column_names and SOFT_LABELS_KEY in plain.schema.metadata
+    decoded = decode_table(plain)
+    assert decoded.column_names == JOB_SCHEMA.names
+    assert decoded.to_pylist()[0]["top_logprobs"] == rows[0]["top_logprobs"]  # multiples of 1/16: exact
+    assert int(NEG_INF_CODE) == 0xFFFFFFFF
