@@ -9,8 +9,11 @@ costs the memory of one batch. A refusal names the line: `line N: requests[i].fi
 from __future__ import annotations
 
 import bisect
+import queue
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -28,6 +31,8 @@ from service.jsonl import LineTooLong, Readable, raw_lines
 from service.teachers.tokenizer import Teacher
 
 BATCH_REQUESTS = 5000  # requests validated, looked up and inserted together
+READ_AHEAD_BATCHES = 2  # parsed while the database writes the one before: the memory of a few batches
+T = TypeVar("T")
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -124,3 +129,41 @@ def prepared_batches(body: JobCreate, teacher: Teacher, lines: Iterator[tuple[in
         yield batch
     if index == 0:
         raise ValidationFailed("input_file_id: the file has no requests", field="input_file_id")
+
+
+_DONE = object()
+
+
+def read_ahead(items: Iterator[T], depth: int = READ_AHEAD_BATCHES) -> Iterator[T]:
+    """`items`, produced in a thread up to `depth` ahead of the consumer: the file is parsed and
+    tokenized while the caller's thread waits on Postgres for the batch before (the driver
+    releases the GIL while it waits), instead of one after the other. An error in the producer
+    is raised here, in order; a consumer that stops early stops the producer at its next item."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stopped = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stopped.is_set():
+                    return
+                ready.put(item)
+            ready.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            ready.put(exc)
+
+    producer = threading.Thread(target=produce, name="jsonl-read-ahead", daemon=True)
+    producer.start()
+    try:
+        while (item := ready.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stopped.set()
+        while producer.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        producer.join()

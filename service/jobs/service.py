@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from contextlib import closing
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from service.cachekey import cache_key, normalize_sampling, teacher_identity
+from service.cachekey import key_maker, normalize_sampling, teacher_identity
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.ids import new_id
 from service.jobs.limits import JobLimits, check_pending, check_shape, check_text_lengths, check_tokens
@@ -18,7 +19,7 @@ from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
 from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded_spend
 from service.jobs.tokenize import PreparedRequest, prepare_requests
-from service.jobs.input_file import LineNumbers, file_lines, prepared_batches
+from service.jobs.input_file import LineNumbers, file_lines, prepared_batches, read_ahead
 from service.models import Job
 from service.openai_batch.models import OpenAIFile
 from service.openai_batch.repository import OpenAIBatchRepository
@@ -110,8 +111,11 @@ class JobService:
         writer = JobWriter(self, job, body, teacher)
         numbers = LineNumbers()
         with storage.open(source.path) as stream:
-            for batch in prepared_batches(body, teacher, file_lines(stream, self.limits, numbers), self.limits):
-                writer.write(batch)
+            batches = prepared_batches(body, teacher, file_lines(stream, self.limits, numbers), self.limits)
+            # Closed (its thread stopped) before the file is, whether the loop ends or raises.
+            with closing(read_ahead(writer.keyed(batch) for batch in batches)) as ahead:
+                for batch, keys in ahead:
+                    writer.write(batch, keys)
         self._check_custom_ids(job.id, numbers, writer.gave_custom_ids)
         before_write()
         self._check_pending(writer.pending)
@@ -232,19 +236,23 @@ class JobWriter:
     def __init__(self, service: JobService, job: Job, body: JobCreate, teacher: Teacher) -> None:
         self.service, self.job, self.body, self.teacher = service, job, body, teacher
         self.sampling = normalize_sampling(body.mode, body.sampling.model_dump())
-        self.identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision,
-                                         teacher.tokenizer_hash, teacher.spec.dtype)
+        identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision, teacher.tokenizer_hash,
+                                    teacher.spec.dtype)
+        self.key_of = key_maker(identity, body.mode, self.sampling, body.top_logprobs)
         self.total = self.pending = 0
         self.gave_custom_ids = False
 
-    def write(self, prepared: list[PreparedRequest]) -> int:
+    def keyed(self, prepared: list[PreparedRequest]) -> tuple[list[PreparedRequest], list[str]]:
+        """A batch with its cache keys (no database: this may run in a read-ahead thread)."""
+        if self.body.cache == "bypass":  # never shared, never found
+            return prepared, [f"bypass-{self.job.id}-{r.index}" for r in prepared]
+        return prepared, [self.key_of(r.prompt_token_ids, r.response_token_ids) for r in prepared]
+
+    def write(self, prepared: list[PreparedRequest], keys: list[str] | None = None) -> int:
         """Write one batch; how many of its requests wait for the teacher."""
         body, jobs = self.body, self.service.jobs
-        if body.cache == "bypass":  # never shared, never found
-            keys = [f"bypass-{self.job.id}-{r.index}" for r in prepared]
-        else:
-            keys = [cache_key(self.identity, body.mode, r.prompt_token_ids, r.response_token_ids, self.sampling,
-                              body.top_logprobs) for r in prepared]
+        if keys is None:
+            keys = self.keyed(prepared)[1]
         hits = jobs.results_for(keys) if body.cache == "use" else set()
         jobs.add_requests([request_row(self.job.id, r, k, k in hits) for r, k in zip(prepared, keys)])
         self._enqueue_misses(prepared, keys, hits)
