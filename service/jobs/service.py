@@ -31,10 +31,13 @@ MAX_ATTEMPTS = 3
 ShardUrl = Callable[[str], str]
 
 
-def body_sha256(body: JobCreate) -> str:
-    # Without an absent input_file_id: a body's hash is what it was before the field existed.
-    exclude = {"input_file_id"} if body.input_file_id is None else None
-    return hashlib.sha256(body.model_dump_json(exclude=exclude).encode()).hexdigest()
+def body_sha256(body: JobCreate, source: OpenAIFile | None = None) -> str:
+    """The submission's fingerprint, which a retry with its Idempotency-Key must match. A job from a
+    file is fingerprinted by the file's content, so the same file uploaded again is the same job."""
+    if source is None:  # without input_file_id: a body's hash is what it was before the field existed
+        return hashlib.sha256(body.model_dump_json(exclude={"input_file_id"}).encode()).hexdigest()
+    content = f"sha256:{source.sha256}" if source.sha256 else source.id
+    return hashlib.sha256(body.model_copy(update={"input_file_id": content}).model_dump_json().encode()).hexdigest()
 
 
 def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> None:
@@ -82,7 +85,7 @@ class JobService:
             raise Conflict("a submission with this Idempotency-Key is still being written; retry shortly",
                            field="Idempotency-Key")
         job = self.jobs.by_idempotency_key(self.tenant, idempotency_key)
-        if job is not None and job.body_sha256 != body_sha256(body):
+        if job is not None and job.body_sha256 != self._fingerprint(body):
             raise ValidationFailed("Idempotency-Key was already used with a different body",
                                    field="Idempotency-Key")
         return job
@@ -107,7 +110,7 @@ class JobService:
         (the caller's transaction), so nothing is left of it, the rate-limit spend included."""
         check_parameters(body, teacher, self.limits)
         source = self._input_file(body.input_file_id)
-        job = self._add_job(body, teacher, idempotency_key, total=0)
+        job = self._add_job(body, teacher, idempotency_key, total=0, source=source)
         writer = JobWriter(self, job, body, teacher)
         numbers = LineNumbers()
         with storage.open(source.path) as stream:
@@ -122,6 +125,9 @@ class JobService:
         job.total = writer.total
         self.jobs.advance_jobs({job.id})
         return job
+
+    def _fingerprint(self, body: JobCreate) -> str:
+        return body_sha256(body, self._input_file(body.input_file_id) if body.input_file_id else None)
 
     def _input_file(self, file_id: str) -> OpenAIFile:
         source = OpenAIBatchRepository(self.jobs.session).file(file_id, self.tenant)
@@ -150,11 +156,13 @@ class JobService:
         self.jobs.lock_tenant_submissions(self.tenant)
         check_pending(self.tenant, self.jobs.pending_requests(self.tenant) - new, new, self.limits)
 
-    def _add_job(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None, total: int) -> Job:
+    def _add_job(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None, total: int,
+                 source: OpenAIFile | None = None) -> Job:
         job = Job(
             id=new_id("job"), tenant=self.tenant, status="queued", teacher=teacher.name, mode=body.mode,
             top_logprobs=body.top_logprobs, sampling=body.sampling.model_dump(), cache_policy=body.cache,
-            metadata_=body.metadata, total=total, idempotency_key=idempotency_key, body_sha256=body_sha256(body),
+            metadata_=body.metadata, total=total, idempotency_key=idempotency_key,
+            body_sha256=body_sha256(body, source),
         )
         self.jobs.add_job(job)
         return job

@@ -93,7 +93,7 @@ class OpenAIBatchService:
         path = f"files/{file_id}.jsonl"
         stored = copy_into(self.rt.storage, path, source)  # atomic, like a shard: a crash leaves no half file
         row = OpenAIFile(id=file_id, tenant=self.tenant, purpose=purpose, filename=filename[:500], bytes=stored.bytes,
-                         path=path, created_at=now())
+                         path=path, sha256=stored.sha256, created_at=now())
         self.repo.add(row)
         return row
 
