@@ -8,12 +8,12 @@ written to disk, then sent to the API running as a child process (uvicorn, on a 
 database each kind; its finalizer is off, so only the submission runs there):
 `POST /v1/files` (streamed from disk) and `POST /v1/jobs` with `input_file_id` are timed
 separately, and the API's RSS is read from /proc before and at its peak (VmHWM) after. The
-baseline in the same run is the same requests through the OpenAI-free legacy path: none
-(the body path cannot take 10^6 requests in bounded memory), so the figure reported against
-the target is requests/s of job creation. `--profile` runs one submission of the token-id file
-in this process under cProfile and prints the top functions. Uses TEACHERCACHE_DATABASE_URL
-or the local Postgres. Writes bench/results/ingest.json. Target: >= 50,000 requests/s for
-token-id prompts.
+baseline, measured in the same run against the same API: `--baseline-requests` other requests
+of the same kind submitted as one JSON body (`requests`, the path a job took before files; it
+parses the body whole, so it is measured at a size it can take); `ratio` is the file job's
+requests/s over the body's. `--profile` runs one submission of the token-id file in this process
+under cProfile and prints the top functions. Uses TEACHERCACHE_DATABASE_URL or the local
+Postgres. Writes bench/results/ingest.json. Target: >= 50,000 requests/s for token-id prompts.
 """
 
 from __future__ import annotations
@@ -51,15 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=1_000_000, help="requests in each file")
     p.add_argument("--kinds", nargs="+", default=["token_ids", "text"], choices=["token_ids", "text"])
     p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--baseline-requests", type=int, default=100_000, help="requests of the body-path baseline")
     p.add_argument("--profile", action="store_true", help="cProfile one token-id submission in this process")
     return p.parse_args(argv)
 
 
-def write_file(path: Path, count: int, kind: str, prompt_tokens: int = 64) -> int:
-    """A JSONL file of `count` distinct requests; its size in bytes."""
+def write_file(path: Path, count: int, kind: str, prompt_tokens: int = 64, first: int = 0) -> int:
+    """A JSONL file of `count` distinct requests (numbered from `first`); its size in bytes."""
     rng = random.Random(0)
     with path.open("w") as f:
-        for i in range(count):
+        for i in range(first, first + count):
             if kind == "token_ids":
                 ids = [1000 + int(d) for d in str(i)] + [rng.randrange(49152) for _ in range(prompt_tokens)]
                 request = {"custom_id": f"q{i}", "prompt_token_ids": ids}
@@ -130,11 +131,12 @@ def load_tokenizer(client: httpx.Client) -> None:
         raise RuntimeError("the warm-up request was not refused")
 
 
-def measure_submission(rt, path: Path) -> dict:
-    """Upload, then create the job, against an API child; times, the job's counts and RSS."""
+def measure_submission(rt, path: Path, baseline_path: Path) -> dict:
+    """Upload, then create the job, against an API child; times, the job's counts and RSS; then the
+    baseline (the body path) on the same API."""
     key = bench_key(rt)
     with api_process(rt) as (url, pid), api_client(url, key) as client:
-        load_tokenizer(client)  # before the baseline: the job's growth is what is measured
+        load_tokenizer(client)  # before the RSS baseline: the job's growth is what is measured
         before = rss_mb(pid)
         started = time.perf_counter()
         file = upload(client, path)
@@ -142,12 +144,27 @@ def measure_submission(rt, path: Path) -> dict:
         response = create_job(client, file["id"])
         created = time.perf_counter()
         peak = rss_mb(pid, "VmHWM")
+        body_s = time_body_job(client, baseline_path)
     if response.status_code != 201:
         raise RuntimeError(f"job creation answered {response.status_code}: {response.text[:500]}")
     job = response.json()
     return {"upload_s": uploaded - started, "create_s": created - uploaded, "total": job["counts"]["total"],
             "pending": job["counts"]["pending"], "rss_before_mb": before, "rss_peak_mb": peak,
-            "rss_growth_mb": peak - before}
+            "rss_growth_mb": peak - before, "body_s": body_s}
+
+
+def time_body_job(client: httpx.Client, path: Path) -> float:
+    """The baseline: the file's requests as one JSON body (`requests`), POST to 201."""
+    with path.open() as f:
+        requests = [json.loads(line) for line in f]
+    content = json.dumps({"teacher": TEACHER, "top_logprobs": 8, "sampling": {"max_tokens": 32},
+                          "requests": requests}).encode()
+    started = time.perf_counter()
+    response = client.post("/v1/jobs", content=content, headers={"Content-Type": "application/json"})
+    elapsed = time.perf_counter() - started
+    if response.status_code != 201:
+        raise RuntimeError(f"the baseline body job answered {response.status_code}: {response.text[:500]}")
+    return elapsed
 
 
 def run_kind(kind: str, args: argparse.Namespace, folder: Path) -> dict:
@@ -156,15 +173,20 @@ def run_kind(kind: str, args: argparse.Namespace, folder: Path) -> dict:
     size = write_file(path, args.requests, kind, args.prompt_tokens)
     print(f"{kind}: wrote {args.requests} requests ({size / 2**20:.0f} MiB) in {time.perf_counter() - started:.1f} s",
           flush=True)
+    baseline_path = folder / f"{kind}-baseline.jsonl"
+    write_file(baseline_path, args.baseline_requests, kind, args.prompt_tokens, first=args.requests)
     with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
-        measured = measure_submission(rt, path)
+        measured = measure_submission(rt, path, baseline_path)
     if measured["total"] != args.requests:
         raise RuntimeError(f"the job has {measured['total']} requests, not {args.requests}")
     path.unlink()
+    create_per_s = args.requests / measured["create_s"]
+    body_per_s = args.baseline_requests / measured.pop("body_s")
     return {"prompts": kind, "requests": args.requests, "file_mib": size / 2**20, **measured,
-            "upload_mib_per_s": size / 2**20 / measured["upload_s"],
-            "create_requests_per_s": args.requests / measured["create_s"],
-            "end_to_end_requests_per_s": args.requests / (measured["upload_s"] + measured["create_s"])}
+            "upload_mib_per_s": size / 2**20 / measured["upload_s"], "create_requests_per_s": create_per_s,
+            "end_to_end_requests_per_s": args.requests / (measured["upload_s"] + measured["create_s"]),
+            "baseline_body_requests": args.baseline_requests, "baseline_body_requests_per_s": body_per_s,
+            "ratio": create_per_s / body_per_s}
 
 
 def profile_submission(args: argparse.Namespace, folder: Path, top: int = 25) -> None:
