@@ -166,3 +166,16 @@ def test_the_client_sends_a_small_file_as_the_job_body(client, rt, tmp_path):  #
     assert client.submit(jsonl_path=path)["counts"]["total"] == 1
     with rt.sessions() as db:
         assert db.execute(sa.text("SELECT count(*) FROM files")).scalar_one() == 0
+
+
+def test_the_async_client_uploads_a_large_file_too(live_url, tmp_path, upload_everything):  # noqa: F811
+    import asyncio
+
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(jsonl([{"prompt_token_ids": [6, i + 1]} for i in range(3)]))
+
+    async def submit() -> dict:
+        async with tc.AsyncClient(live_url, retry=NO_SLEEP) as client:
+            return await client.submit(jsonl_path=path, sampling={"max_tokens": 4})
+
+    assert asyncio.run(submit())["counts"]["total"] == 3
