@@ -53,8 +53,10 @@ test-external: teacher
 demo: teacher
 	@$(PY) examples/demo.py
 
+# INGEST_REQUESTS: the size of bench_ingest's JSONL files (make bench INGEST_REQUESTS=100000 for a quick run).
+INGEST_REQUESTS ?= 1000000
 bench: teacher
-	$(PY) -m bench.run
+	$(PY) -m bench.run --ingest-requests $(INGEST_REQUESTS)
 
 # Not part of `make test`: minutes of worker kill -9s and API kills against an external Postgres
 # (TEACHERCACHE_DATABASE_URL; the run uses a database of its own). RELIABILITY.md has the figures.

@@ -1,24 +1,37 @@
-"""`make bench`: run every benchmark; each prints its table and writes bench/results/<name>.json."""
+"""`make bench`: run every benchmark; each prints its table and writes bench/results/<name>.json.
+
+    python -m bench.run [--ingest-requests N]     (make bench INGEST_REQUESTS=N; default 1,000,000)
+"""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ["bench_pipeline.py", "bench_score.py", "bench_cache.py", "bench_loader.py", "bench_remote.py", "bench_assembly.py",
-              "bench_download.py", "bench_soft_labels.py"]
+              "bench_download.py", "bench_soft_labels.py", "bench_ingest.py"]
 
 
-def main() -> int:
+def arguments_of(name: str, args: argparse.Namespace) -> list[str]:
+    """The size flags each benchmark takes from `make bench`."""
+    return {"bench_ingest.py": ["--requests", str(args.ingest_requests)]}.get(name, [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="run every benchmark")
+    parser.add_argument("--ingest-requests", type=int, default=1_000_000,
+                        help="requests in each JSONL file of bench_ingest (token-id and text prompts)")
+    args = parser.parse_args(argv)
     failed = []
     for name in BENCHMARKS:
         if not (HERE / name).exists():
             continue
         print(f"\n=== {name} ===", flush=True)
         module = f"bench.{name.removesuffix('.py')}"
-        if subprocess.call([sys.executable, "-m", module], cwd=HERE.parent) != 0:
+        if subprocess.call([sys.executable, "-m", module, *arguments_of(name, args)], cwd=HERE.parent) != 0:
             failed.append(name)
     if failed:
         print(f"failed: {', '.join(failed)}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 CACHE_KEY_VERSION = 2
@@ -71,6 +72,12 @@ def cache_key(
     top_logprobs: int,
 ) -> str:
     """`sampling` must already be normalised (see `normalize_sampling`)."""
+    return key_maker(teacher, mode, sampling, top_logprobs)(prompt_token_ids, response_token_ids)
+
+
+def canonical_document(teacher: dict[str, str], mode: str, prompt_token_ids: list[int],
+                       response_token_ids: list[int] | None, sampling: dict[str, Any], top_logprobs: int) -> str:
+    """What the key hashes: the document as canonical JSON (sorted keys, no spaces)."""
     document = {
         "v": CACHE_KEY_VERSION,
         "teacher": teacher,
@@ -80,5 +87,28 @@ def cache_key(
         "sampling": sampling,
         "top_logprobs": top_logprobs,
     }
-    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
-    return f"k{CACHE_KEY_VERSION}-" + hashlib.sha256(canonical.encode()).hexdigest()
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+
+def key_maker(teacher: dict[str, str], mode: str, sampling: dict[str, Any],
+              top_logprobs: int) -> Callable[[list[int], list[int] | None], str]:
+    """cache_key for one job's parameters: `(prompt ids, response ids) -> key`. The canonical
+    document is built around the token lists, everything else encoded once (json.dumps of the
+    whole document was a hot spot of a 10^7-request submission); the bytes hashed are
+    canonical_document's exactly (sorted keys: mode, prompt, response, sampling, teacher,
+    top_logprobs, v), which tests check."""
+    head = '{"mode":' + _canonical(mode) + ',"prompt":['
+    tail = (',"sampling":' + _canonical(sampling) + ',"teacher":' + _canonical(teacher) + ',"top_logprobs":'
+            + _canonical(top_logprobs) + ',"v":' + _canonical(CACHE_KEY_VERSION) + "}")
+    prefix = f"k{CACHE_KEY_VERSION}-"
+
+    def key(prompt_token_ids: list[int], response_token_ids: list[int] | None) -> str:
+        response = "null" if response_token_ids is None else "[" + ",".join(map(str, response_token_ids)) + "]"
+        canonical = head + ",".join(map(str, prompt_token_ids)) + '],"response":' + response + tail
+        return prefix + hashlib.sha256(canonical.encode()).hexdigest()
+
+    return key
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -45,15 +45,21 @@ class ServiceSettings(BaseSettings):
     # Request bodies, per route (413, before the body is read when Content-Length says so).
     max_body_bytes: int = 256 * 1024 * 1024  # POST /v1/jobs: the client streams a JSONL file as one body
     max_request_body_bytes: int = 16 * 1024 * 1024  # every other route (a completion, a batch, ...)
-    max_upload_bytes: int = 256 * 1024 * 1024  # POST /v1/files: OpenAI batch input files may be 200 MB
+    # POST /v1/files, streamed to storage: a native job's input file of 10^7 requests is gigabytes
+    # (an OpenAI batch still refuses an input file over OpenAI's own 200 MB).
+    max_upload_bytes: int = 16 * 1024 * 1024 * 1024
     # Longest text of one field (a prompt, a message, a response), checked before it is tokenized.
     max_text_chars: int = 4 * 1024 * 1024
-    max_requests_per_job: int = 200_000
-    # Prompt tokens + max_tokens x n per request (generate) or + response tokens (score), summed.
-    max_tokens_per_job: int = 200_000_000
+    # A job from an input file (`input_file_id`) is read as a stream: 10^7 requests are normal.
+    # A job given inline (`requests`) is bounded by max_body_bytes as well, being parsed whole.
+    max_requests_per_job: int = 10_000_000
+    # Prompt tokens + max_tokens x n per request (generate) or + response tokens (score), summed:
+    # 10^7 requests of 2,000 tokens each.
+    max_tokens_per_job: int = 20_000_000_000
     max_top_logprobs: int = 20
     max_completion_tokens: int = 8192
-    max_pending_requests_per_tenant: int = 2_000_000
+    # Two jobs of 10^7 requests in flight.
+    max_pending_requests_per_tenant: int = 20_000_000
     # Per-tenant submissions (jobs and batches): a token bucket shared by every API replica.
     submissions_per_minute: float = 120.0
     submission_burst: int = 30

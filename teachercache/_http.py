@@ -120,6 +120,17 @@ def submit_headers(idempotency_key: str | None) -> dict[str, str]:
     return {"Idempotency-Key": idempotency_key or f"tc-{uuid.uuid4().hex}"}
 
 
+def without_read_timeout(timeout: httpx.Timeout) -> httpx.Timeout:
+    """For an upload, and the job that reads it: the server answers once it has stored or read the
+    whole file (minutes for 10^7 requests); a retry meanwhile would only find it still being written."""
+    return httpx.Timeout(connect=timeout.connect, read=None, write=timeout.write, pool=timeout.pool)
+
+
+def upload_fields(path: str | os.PathLike[str], file: Any) -> dict[str, Any]:
+    """``POST /v1/files`` multipart fields: httpx reads the open file a chunk at a time."""
+    return {"files": {"file": (Path(path).name, file, "application/jsonl")}, "data": {"purpose": "batch"}}
+
+
 def check_one_source(requests: Any, jsonl_path: Any) -> None:
     if (requests is None) == (jsonl_path is None):
         raise TypeError("submit() takes exactly one of requests= or jsonl_path=")

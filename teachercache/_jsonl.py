@@ -1,7 +1,10 @@
-"""Submitting a JSONL file of any size: check it line by line, then stream it as the body.
+"""Submitting a JSONL file of any size: check it line by line, then send it without holding it.
 
-The body is built as an iterator of bytes, ``{<envelope fields>,"requests":[`` + line +
-``,`` + line ... + ``]}``, so the file is never held in memory, neither here nor in httpx.
+A file over UPLOAD_ABOVE_BYTES is uploaded (``POST /v1/files``, streamed from disk by httpx)
+and the job names it (``input_file_id``): the server reads it as a stream, at any size. A
+smaller one is sent as the job body itself, built as an iterator of bytes,
+``{<envelope fields>,"requests":[`` + line + ``,`` + line ... + ``]}``, so the file is never
+held in memory, neither here nor in httpx.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from teachercache.errors import ValidationError
 
 # Large enough that a million-line file is not a million tiny chunks on the wire.
 CHUNK_BYTES = 256 * 1024
+# Above this a file is uploaded rather than sent as one job body (which the server parses whole).
+UPLOAD_ABOVE_BYTES = 8 * 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -30,6 +35,11 @@ def validate_jsonl(path: str | os.PathLike[str]) -> int:
     if count == 0:
         raise _invalid(path, None, "contains no requests")
     return count
+
+
+def is_large(path: str | os.PathLike[str]) -> bool:
+    """Whether the file goes by upload (input_file_id) rather than as the job body."""
+    return os.path.getsize(path) > UPLOAD_ABOVE_BYTES
 
 
 def iter_submit_body(envelope: dict[str, Any], path: str | os.PathLike[str]) -> Iterator[bytes]:

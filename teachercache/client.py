@@ -26,7 +26,7 @@ import httpx
 
 from teachercache import _http
 from teachercache._download import ShardTarget, shard_file_names
-from teachercache._jsonl import aiter_submit_body, iter_submit_body, validate_jsonl
+from teachercache._jsonl import aiter_submit_body, is_large, iter_submit_body, validate_jsonl
 from teachercache._progress import FAILED_STATUSES, TERMINAL_STATUSES, WaitProgress, wants_progress
 from teachercache._retry import RetryPolicy, async_retrying, retrying
 from teachercache.errors import JobFailedError, TransportError, WaitTimeoutError, error_from_response
@@ -152,10 +152,30 @@ class Client:
                 "POST", "/v1/jobs", json={**envelope, "requests": list(requests)}, headers=headers
             )
         validate_jsonl(jsonl_path)  # type: ignore[arg-type]
+        if is_large(jsonl_path):  # type: ignore[arg-type]
+            file_id = self.upload(jsonl_path)["id"]  # type: ignore[arg-type]
+            return self._json(
+                "POST",
+                "/v1/jobs",
+                json={**envelope, "input_file_id": file_id},
+                headers=headers,
+                timeout=_http.without_read_timeout(self._http.timeout),
+            )
         body = lambda: iter_submit_body(envelope, jsonl_path)  # noqa: E731  (a fresh stream per attempt)
         return self._json(
             "POST", "/v1/jobs", body_factory=body, headers={**headers, "Content-Type": "application/json"}
         )
+
+    def upload(self, jsonl_path: PathLike) -> dict[str, Any]:
+        """Upload a JSONL file (``POST /v1/files``, purpose ``batch``), streamed from disk; the
+        file object, whose ``id`` a job names as ``input_file_id``."""
+        for attempt in retrying(self.retry):
+            with attempt, open(jsonl_path, "rb") as file:  # from the start on every attempt
+                timeout = _http.without_read_timeout(self._http.timeout)
+                return self._send_once(
+                    "POST", "/v1/files", timeout=timeout, **_http.upload_fields(jsonl_path, file)
+                ).json()
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     def get(self, job: JobRef) -> Job:
         """The job object: status, counts, timestamps, parameters and, once finished, shards."""
@@ -354,10 +374,29 @@ class AsyncClient:
                 "POST", "/v1/jobs", json={**envelope, "requests": list(requests)}, headers=headers
             )
         validate_jsonl(jsonl_path)  # type: ignore[arg-type]
+        if is_large(jsonl_path):  # type: ignore[arg-type]
+            file_id = (await self.upload(jsonl_path))["id"]  # type: ignore[arg-type]
+            return await self._json(
+                "POST",
+                "/v1/jobs",
+                json={**envelope, "input_file_id": file_id},
+                headers=headers,
+                timeout=_http.without_read_timeout(self._http.timeout),
+            )
         body = lambda: aiter_submit_body(envelope, jsonl_path)  # noqa: E731  (a fresh stream per attempt)
         return await self._json(
             "POST", "/v1/jobs", body_factory=body, headers={**headers, "Content-Type": "application/json"}
         )
+
+    async def upload(self, jsonl_path: PathLike) -> dict[str, Any]:
+        async for attempt in async_retrying(self.retry):
+            with attempt, open(jsonl_path, "rb") as file:
+                timeout = _http.without_read_timeout(self._http.timeout)
+                response = await self._send_once(
+                    "POST", "/v1/files", timeout=timeout, **_http.upload_fields(jsonl_path, file)
+                )
+                return response.json()
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def get(self, job: JobRef) -> Job:
         return await self._json("GET", _job_path(job))

@@ -12,7 +12,7 @@ from service.http.json_body import body_schema, json_body
 from service.http.params import JobCursor, JobId
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import ErrorList, JobCreate, JobList, JobOut, ShardList
-from service.jobs.service import JobService, prepare_submission
+from service.jobs.service import JobService, check_one_source, prepare_submission
 from service.results.retention import remove_objects
 from service.runtime import Runtime
 from service.tenants.service import Caller, TenantService
@@ -37,8 +37,10 @@ def submit_job(body: Annotated[JobCreate, Depends(json_body(JobCreate))], reques
 def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, idempotency_key: str | None):
     """Write the whole job in one transaction on one connection (the Idempotency-Key's lock and the
     rate-limit spend share it); a concurrent retry with the same key gets that job."""
+    check_one_source(body)
     teacher = rt.teachers.get(body.teacher)
-    prepared = prepare_submission(body, teacher, limits)  # before a connection is taken
+    # A body is tokenized before a connection is taken; a file is read a batch at a time as it is written.
+    prepared = prepare_submission(body, teacher, limits) if body.requests is not None else None
     try:
         with rt.sessions() as db, db.begin():
             service = JobService(db, who.tenant, limits)
@@ -46,6 +48,8 @@ def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, id
             if existing is not None:
                 return existing, False  # a retry is answered, never rate-limited
             spend = lambda: TenantService(db).spend_submission(who.tenant, limits)  # noqa: E731
+            if prepared is None:
+                return service.submit_file(body, teacher, rt.storage, idempotency_key, before_write=spend), True
             return service.submit(body, teacher, idempotency_key, before_write=spend, prepared=prepared), True
     except sa.exc.IntegrityError:
         if idempotency_key is None:

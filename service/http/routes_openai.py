@@ -23,8 +23,9 @@ OCTET_STREAM = "application/octet-stream"
 @router.post("/files", response_model=FileObject)
 def upload_file(db: Db, rt: Rt, who: Who, file: Annotated[UploadFile, File()],
                 purpose: Annotated[Literal["batch"], Form()]) -> FileObject:
-    data = file.file.read()
-    return describe_file(OpenAIBatchService(db, rt, who.tenant).upload(file.filename or "upload.jsonl", purpose, data))
+    # Starlette has spooled the upload to a temporary file: it is copied from there, never read whole.
+    return describe_file(OpenAIBatchService(db, rt, who.tenant).upload(file.filename or "upload.jsonl", purpose,
+                                                                      file.file))
 
 
 @router.get("/files/{file_id}", response_model=FileObject)

@@ -63,10 +63,19 @@ def over(limit: str, maximum: int, message: str, field: str) -> LimitExceeded:
 
 
 def check_shape(body: JobCreate, limits: JobLimits) -> None:
-    """Before any tokenization: the batch size and the per-request parameters."""
-    if len(body.requests) > limits.max_requests_per_job:
-        raise over("max_requests_per_job", limits.max_requests_per_job,
-                   f"{len(body.requests)} requests in one job", "requests")
+    """Before any tokenization: the batch size (of a body; a file's is counted as it is read) and
+    the per-request parameters."""
+    if body.requests is not None:
+        check_request_count(len(body.requests), limits)
+    check_job_parameters(body, limits)
+
+
+def check_request_count(count: int, limits: JobLimits) -> None:
+    if count > limits.max_requests_per_job:
+        raise over("max_requests_per_job", limits.max_requests_per_job, f"{count} requests in one job", "requests")
+
+
+def check_job_parameters(body: JobCreate, limits: JobLimits) -> None:
     if body.top_logprobs > limits.max_top_logprobs:
         raise over("max_top_logprobs", limits.max_top_logprobs, f"{body.top_logprobs} is above the maximum",
                    "top_logprobs")
@@ -85,24 +94,35 @@ def check_text_lengths(body: JobCreate, limits: JobLimits) -> None:
     """Before any tokenization: a 200 MB prompt would hold the teacher's tokenizer (and every
     other submission to that teacher) for seconds before its token count could refuse it."""
     for index, request in enumerate(body.requests):
-        for name, text in texts(request):
-            if len(text) > limits.max_text_chars:
-                error = over("max_text_chars", limits.max_text_chars, f"{len(text)} characters",
-                             f"requests[{index}].{name}")
-                error.details["request_index"] = index
-                raise error
+        check_request_texts(index, request, limits)
+
+
+def check_request_texts(index: int, request, limits: JobLimits) -> None:
+    for name, text in texts(request):
+        if len(text) > limits.max_text_chars:
+            error = over("max_text_chars", limits.max_text_chars, f"{len(text)} characters",
+                         f"requests[{index}].{name}")
+            error.details["request_index"] = index
+            raise error
+
+
+def request_tokens(body: JobCreate, request: PreparedRequest) -> int:
+    """The most teacher tokens one request can cost: its prompt plus the response to score or generate."""
+    if body.mode == "score":
+        return len(request.prompt_token_ids) + len(request.response_token_ids or ())
+    return len(request.prompt_token_ids) + body.sampling.max_tokens * body.sampling.n
 
 
 def job_tokens(body: JobCreate, prepared: list[PreparedRequest]) -> int:
     """The most teacher tokens the job can cost: prompts plus the responses to score or generate."""
-    prompts = sum(len(r.prompt_token_ids) for r in prepared)
-    if body.mode == "score":
-        return prompts + sum(len(r.response_token_ids or ()) for r in prepared)
-    return prompts + len(prepared) * body.sampling.max_tokens * body.sampling.n
+    return sum(request_tokens(body, r) for r in prepared)
 
 
 def check_tokens(body: JobCreate, prepared: list[PreparedRequest], limits: JobLimits) -> None:
-    tokens = job_tokens(body, prepared)
+    check_token_total(job_tokens(body, prepared), limits)
+
+
+def check_token_total(tokens: int, limits: JobLimits) -> None:
     if tokens > limits.max_tokens_per_job:
         raise over("max_tokens_per_job", limits.max_tokens_per_job,
                    f"the job may cost {tokens} teacher tokens (prompts + max_tokens x n, or + responses)",

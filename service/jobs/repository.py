@@ -119,6 +119,17 @@ DELETE_REQUESTS_CHUNK_SQL = sa.text(
     """
 )
 COPY_REQUESTS_SQL = "COPY requests ({columns}) FROM STDIN"
+# The first request of a job whose custom_id an earlier request has (a file's ids are checked
+# here, once, rather than held in the API's memory), with that earlier request.
+FIRST_DUPLICATE_CUSTOM_ID_SQL = sa.text(
+    """
+    SELECT request_index, first_index FROM (
+        SELECT request_index, min(request_index) OVER (PARTITION BY custom_id) AS first_index
+          FROM requests WHERE job_id = :job_id) r
+     WHERE request_index <> first_index
+     ORDER BY request_index LIMIT 1
+    """
+)
 # Jobs with nothing pending move on to finalizing (their output shards get assembled).
 READY_TO_FINALIZE_SQL = sa.text(
     """
@@ -176,6 +187,11 @@ class JobRepository:
             with cursor.copy(COPY_REQUESTS_SQL.format(columns=", ".join(columns))) as copy:
                 for row in rows:
                     copy.write_row([row[column] for column in columns])
+
+    def first_duplicate_custom_id(self, job_id: str) -> tuple[int, int] | None:
+        """(request index, index of the earlier request with its custom_id), or None."""
+        row = self.session.execute(FIRST_DUPLICATE_CUSTOM_ID_SQL, {"job_id": job_id}).one_or_none()
+        return None if row is None else (row.request_index, row.first_index)
 
     def get(self, job_id: str, lock: bool = False) -> Job | None:
         return self.session.get(Job, job_id, with_for_update=lock)

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.ids import id_pattern
 from service.text import StorableJson, StorableText, UnicodeText
 from teachercache.soft_labels import DEFAULT_ENCODING, ENCODINGS
 
@@ -73,7 +74,10 @@ class JobCreate(Strict):
     sampling: Sampling = Field(default_factory=Sampling)
     cache: Literal["use", "refresh", "bypass"] = "use"
     soft_labels: SoftLabels = Field(default_factory=SoftLabels)
-    requests: list[RequestIn] = Field(min_length=1)
+    # One of the two: the requests themselves, or an uploaded JSONL file (`POST /v1/files`,
+    # purpose `batch`) with one request object per line, read as a stream (any size).
+    requests: list[RequestIn] | None = Field(default=None, min_length=1)
+    input_file_id: str | None = Field(default=None, pattern=id_pattern("file"))
     metadata: StorableJson = Field(default_factory=dict)
 
 

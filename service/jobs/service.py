@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from contextlib import closing
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from service.cachekey import cache_key, normalize_sampling, teacher_identity
+from service.cachekey import key_maker, normalize_sampling, teacher_identity
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.ids import new_id
 from service.jobs.limits import JobLimits, check_pending, check_shape, check_text_lengths, check_tokens
@@ -18,16 +19,25 @@ from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
 from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded_spend
 from service.jobs.tokenize import PreparedRequest, prepare_requests
+from service.jobs.input_file import LineNumbers, file_lines, prepared_batches, read_ahead
 from service.models import Job
+from service.openai_batch.models import OpenAIFile
+from service.openai_batch.repository import OpenAIBatchRepository
 from service.queue.repository import NewTask, TaskRepository
+from service.storage.port import Storage
 from service.teachers.tokenizer import Teacher
 
 MAX_ATTEMPTS = 3
 ShardUrl = Callable[[str], str]
 
 
-def body_sha256(body: JobCreate) -> str:
-    return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+def body_sha256(body: JobCreate, source: OpenAIFile | None = None) -> str:
+    """The submission's fingerprint, which a retry with its Idempotency-Key must match. A job from a
+    file is fingerprinted by the file's content, so the same file uploaded again is the same job."""
+    if source is None:  # without input_file_id: a body's hash is what it was before the field existed
+        return hashlib.sha256(body.model_dump_json(exclude={"input_file_id"}).encode()).hexdigest()
+    content = f"sha256:{source.sha256}" if source.sha256 else source.id
+    return hashlib.sha256(body.model_copy(update={"input_file_id": content}).model_dump_json().encode()).hexdigest()
 
 
 def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> None:
@@ -38,6 +48,12 @@ def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> No
                                field="top_logprobs")
     if body.mode == "score" and body.sampling.n != 1:
         raise ValidationFailed("sampling.n: score mode is teacher-forced and takes n = 1", field="sampling.n")
+
+
+def check_one_source(body: JobCreate) -> None:
+    if (body.requests is None) == (body.input_file_id is None):
+        raise ValidationFailed("requests: give exactly one of requests (the requests themselves) or input_file_id "
+                               "(an uploaded JSONL file, one request per line)", field="requests")
 
 
 def prepare_submission(body: JobCreate, teacher: Teacher, limits: JobLimits) -> list:
@@ -69,7 +85,7 @@ class JobService:
             raise Conflict("a submission with this Idempotency-Key is still being written; retry shortly",
                            field="Idempotency-Key")
         job = self.jobs.by_idempotency_key(self.tenant, idempotency_key)
-        if job is not None and job.body_sha256 != body_sha256(body):
+        if job is not None and job.body_sha256 != self._fingerprint(body):
             raise ValidationFailed("Idempotency-Key was already used with a different body",
                                    field="Idempotency-Key")
         return job
@@ -81,45 +97,75 @@ class JobService:
         if prepared is None:
             prepared = prepare_submission(body, teacher, self.limits)
         before_write()
-        sampling = normalize_sampling(body.mode, body.sampling.model_dump())
-        identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision, teacher.tokenizer_hash,
-                                    teacher.spec.dtype)
-        keys = [cache_key(identity, body.mode, r.prompt_token_ids, r.response_token_ids, sampling, body.top_logprobs)
-                for r in prepared]
         job = self._add_job(body, teacher, idempotency_key, len(prepared))
-        if body.cache == "bypass":
-            keys = [f"bypass-{job.id}-{i}" for i in range(len(keys))]  # never shared, never found
-        hits = self.jobs.results_for(keys) if body.cache == "use" else set()
-        self._check_pending(sum(k not in hits for k in keys))
-        self.jobs.add_requests([request_row(job.id, r, k, k in hits) for r, k in zip(prepared, keys)])
-        self._enqueue_misses(body, teacher, prepared, keys, hits, sampling)
+        pending = JobWriter(self, job, body, teacher).write(prepared)
+        self._check_pending(pending)
         self.jobs.advance_jobs({job.id})  # a job answered wholly from the cache is ready at once
         return job
 
-    def _check_pending(self, new: int) -> None:
-        # Serialise the tenant's submissions for this transaction, so two cannot both pass.
-        self.jobs.lock_tenant_submissions(self.tenant)
-        check_pending(self.tenant, self.jobs.pending_requests(self.tenant), new, self.limits)
+    def submit_file(self, body: JobCreate, teacher: Teacher, storage: Storage, idempotency_key: str | None = None,
+                    before_write: Callable[[], None] = lambda: None) -> Job:
+        """A job whose requests are the lines of an uploaded file (`input_file_id`), read, tokenized
+        and written a batch at a time in this one transaction: a refused line rolls all of it back
+        (the caller's transaction), so nothing is left of it, the rate-limit spend included."""
+        check_parameters(body, teacher, self.limits)
+        source = self._input_file(body.input_file_id)
+        job = self._add_job(body, teacher, idempotency_key, total=0, source=source)
+        writer = JobWriter(self, job, body, teacher)
+        numbers = LineNumbers()
+        with storage.open(source.path) as stream:
+            batches = prepared_batches(body, teacher, file_lines(stream, self.limits, numbers), self.limits)
+            # Closed (its thread stopped) before the file is, whether the loop ends or raises.
+            with closing(read_ahead(writer.keyed(batch) for batch in batches)) as ahead:
+                for batch, keys in ahead:
+                    writer.write(batch, keys)
+        self._check_custom_ids(job.id, numbers, writer.gave_custom_ids)
+        before_write()
+        self._check_pending(writer.pending)
+        job.total = writer.total
+        self.jobs.advance_jobs({job.id})
+        return job
 
-    def _add_job(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None, total: int) -> Job:
+    def _fingerprint(self, body: JobCreate) -> str:
+        return body_sha256(body, self._input_file(body.input_file_id) if body.input_file_id else None)
+
+    def _input_file(self, file_id: str) -> OpenAIFile:
+        source = OpenAIBatchRepository(self.jobs.session).file(file_id, self.tenant)
+        if source is None:
+            raise NotFound(f"input_file_id: no file {file_id!r}", field="input_file_id")
+        if source.purpose != "batch":
+            raise ValidationFailed("input_file_id: the file's purpose is not 'batch'", field="input_file_id")
+        return source
+
+    def _check_custom_ids(self, job_id: str, numbers: LineNumbers, any_given: bool) -> None:
+        """Two requests of a job may not share a custom_id; over a file, Postgres finds them (the
+        ids of 10^7 requests are not held here). Default ids (the index) are distinct by themselves."""
+        if not any_given:
+            return
+        duplicate = self.jobs.first_duplicate_custom_id(job_id)
+        if duplicate is not None:
+            index, first = duplicate
+            line = numbers.of(index)
+            raise ValidationFailed(f"line {line}: requests[{index}].custom_id: duplicate of requests[{first}] "
+                                   f"(line {numbers.of(first)})", line=line, request_index=index,
+                                   field=f"requests[{index}].custom_id")
+
+    def _check_pending(self, new: int) -> None:
+        # Serialise the tenant's submissions for this transaction, so two cannot both pass. The
+        # job's own requests are written already: they are in the count, and `new` of them.
+        self.jobs.lock_tenant_submissions(self.tenant)
+        check_pending(self.tenant, self.jobs.pending_requests(self.tenant) - new, new, self.limits)
+
+    def _add_job(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None, total: int,
+                 source: OpenAIFile | None = None) -> Job:
         job = Job(
             id=new_id("job"), tenant=self.tenant, status="queued", teacher=teacher.name, mode=body.mode,
             top_logprobs=body.top_logprobs, sampling=body.sampling.model_dump(), cache_policy=body.cache,
-            soft_labels=body.soft_labels.model_dump(), metadata_=body.metadata, total=total, idempotency_key=idempotency_key, body_sha256=body_sha256(body),
+            soft_labels=body.soft_labels.model_dump(), metadata_=body.metadata, total=total,
+            idempotency_key=idempotency_key, body_sha256=body_sha256(body, source),
         )
         self.jobs.add_job(job)
         return job
-
-    def _enqueue_misses(self, body, teacher, prepared, keys, hits, sampling) -> None:
-        tasks: dict[str, NewTask] = {}
-        for request, key in zip(prepared, keys):
-            if key not in hits and key not in tasks:
-                tasks[key] = NewTask(
-                    key=key, teacher=teacher.name, mode=body.mode, prompt_token_ids=request.prompt_token_ids,
-                    response_token_ids=request.response_token_ids, sampling=sampling,
-                    top_logprobs=body.top_logprobs, max_attempts=MAX_ATTEMPTS, messages=request.messages,
-                )
-        self.tasks.enqueue(list(tasks.values()), recompute_done=body.cache == "refresh")
 
     def get(self, job_id: str, lock: bool = False) -> Job:
         job = self.jobs.owned(job_id, self.tenant, lock=lock)
@@ -197,6 +243,52 @@ class JobService:
             started_at=iso(job.started_at), finished_at=iso(job.finished_at), error=job.error,
             shards=[shard_out(s, shard_url) for s in self.jobs.job_shards(job.id)] if finished else None,
         )
+
+
+class JobWriter:
+    """Writes a job's requests a batch at a time: each batch's cache lookup, its request rows
+    (COPY) and the tasks of its misses. Counts what it wrote, for the checks at the end."""
+
+    def __init__(self, service: JobService, job: Job, body: JobCreate, teacher: Teacher) -> None:
+        self.service, self.job, self.body, self.teacher = service, job, body, teacher
+        self.sampling = normalize_sampling(body.mode, body.sampling.model_dump())
+        identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision, teacher.tokenizer_hash,
+                                    teacher.spec.dtype)
+        self.key_of = key_maker(identity, body.mode, self.sampling, body.top_logprobs)
+        self.total = self.pending = 0
+        self.gave_custom_ids = False
+
+    def keyed(self, prepared: list[PreparedRequest]) -> tuple[list[PreparedRequest], list[str]]:
+        """A batch with its cache keys (no database: this may run in a read-ahead thread)."""
+        if self.body.cache == "bypass":  # never shared, never found
+            return prepared, [f"bypass-{self.job.id}-{r.index}" for r in prepared]
+        return prepared, [self.key_of(r.prompt_token_ids, r.response_token_ids) for r in prepared]
+
+    def write(self, prepared: list[PreparedRequest], keys: list[str] | None = None) -> int:
+        """Write one batch; how many of its requests wait for the teacher."""
+        body, jobs = self.body, self.service.jobs
+        if keys is None:
+            keys = self.keyed(prepared)[1]
+        hits = jobs.results_for(keys) if body.cache == "use" else set()
+        jobs.add_requests([request_row(self.job.id, r, k, k in hits) for r, k in zip(prepared, keys)])
+        self._enqueue_misses(prepared, keys, hits)
+        pending = sum(k not in hits for k in keys)
+        self.total += len(prepared)
+        self.pending += pending
+        self.gave_custom_ids = self.gave_custom_ids or any(r.custom_id != str(r.index) for r in prepared)
+        return pending
+
+    def _enqueue_misses(self, prepared: list[PreparedRequest], keys: list[str], hits: set[str]) -> None:
+        # One task per key (a job's duplicates share it); a key of an earlier batch is queued already.
+        body, tasks = self.body, {}
+        for request, key in zip(prepared, keys):
+            if key not in hits and key not in tasks:
+                tasks[key] = NewTask(
+                    key=key, teacher=self.teacher.name, mode=body.mode, prompt_token_ids=request.prompt_token_ids,
+                    response_token_ids=request.response_token_ids, sampling=self.sampling,
+                    top_logprobs=body.top_logprobs, max_attempts=MAX_ATTEMPTS, messages=request.messages,
+                )
+        self.service.tasks.enqueue(list(tasks.values()), recompute_done=body.cache == "refresh")
 
 
 def request_row(job_id: str, request: PreparedRequest, key: str, hit: bool) -> dict[str, Any]:

@@ -7,13 +7,16 @@ stop, penalties, logprobs/top_logprobs). A line that differs fails validation, n
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from service.jobs.schemas import JobCreate, RequestIn, Sampling
+from service.jsonl import text_lines
 from service.openai_batch.schemas import BatchError
 
 MAX_REPORTED_ERRORS = 100
@@ -70,10 +73,9 @@ def parse_input(data: bytes, endpoint: str, known_models: set[str]) -> ParsedInp
     return to_job(parsed, line_numbers)
 
 
-def jsonl_lines(data: bytes) -> list[str]:
-    """JSONL's lines: split on "\n" only (str.splitlines also splits inside valid JSON strings at
-    U+2028, U+0085 and other separators), with a Windows "\r" dropped."""
-    return [line.removesuffix("\r") for line in data.decode("utf-8", errors="replace").split("\n")]
+def jsonl_lines(data: bytes) -> Iterator[str]:
+    """JSONL's lines, as every uploaded file's are read (service/jsonl.py)."""
+    return text_lines(io.BytesIO(data))
 
 
 def parse_line(text: str, endpoint: str, known_models: set[str]) -> ParsedLine:

@@ -7,10 +7,12 @@ are built lazily, the first time the batch is read after its job has finished.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import BinaryIO
 
 import pyarrow.parquet as pq
 from sqlalchemy import orm
@@ -34,10 +36,12 @@ from service.openai_batch.schemas import (
     RequestCounts,
 )
 from service.runtime import Runtime
+from service.storage.port import Storage, StoredShard, storage_retry
 from service.tenants.service import TenantService
 from service.text import storable_text
 
-MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
+MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file (a native job's has none)
+COPY_CHUNK_BYTES = 1024 * 1024
 FINAL = ("completed", "failed", "cancelled", "expired")
 JOB_FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -73,24 +77,23 @@ class OpenAIBatchService:
 
     # files
 
-    def upload(self, filename: str, purpose: str, data: bytes) -> OpenAIFile:
+    def upload(self, filename: str, purpose: str, source: BinaryIO) -> OpenAIFile:
+        """Store an uploaded file, copied a chunk at a time (a native job's input file may be gigabytes)."""
         if purpose != "batch":
             raise ValidationFailed("purpose: only 'batch' files are accepted", field="purpose")
-        if len(data) > MAX_FILE_BYTES:
-            raise ValidationFailed(f"file: larger than {MAX_FILE_BYTES} bytes", field="file")
         try:
             storable_text(filename)
         except ValueError as exc:
             raise ValidationFailed(f"file: the file name {exc}", field="file") from None
-        return self._store_file(filename, purpose, data)
+        return self._store_file(filename, purpose, source)
 
-    def _store_file(self, filename: str, purpose: str, data: bytes) -> OpenAIFile:
+    def _store_file(self, filename: str, purpose: str, source: BinaryIO) -> OpenAIFile:
         # Written before its row: a crash in between leaves an unreferenced file, never a dangling row.
         file_id = new_id("file")
         path = f"files/{file_id}.jsonl"
-        self.rt.storage.write_bytes(path, data)  # atomic, like a shard: a crash leaves no half file
-        row = OpenAIFile(id=file_id, tenant=self.tenant, purpose=purpose, filename=filename[:500], bytes=len(data), path=path,
-                         created_at=now())
+        stored = copy_into(self.rt.storage, path, source)  # atomic, like a shard: a crash leaves no half file
+        row = OpenAIFile(id=file_id, tenant=self.tenant, purpose=purpose, filename=filename[:500], bytes=stored.bytes,
+                         path=path, sha256=stored.sha256, created_at=now())
         self.repo.add(row)
         return row
 
@@ -109,6 +112,10 @@ class OpenAIBatchService:
         source = self.file(body.input_file_id)
         if source.purpose != "batch":
             raise ValidationFailed("input_file_id: the file's purpose is not 'batch'", field="input_file_id")
+        if source.bytes > MAX_FILE_BYTES:  # read whole below; a native job (POST /v1/jobs) streams any size
+            raise ValidationFailed(f"input_file_id: the file is larger than {MAX_FILE_BYTES} bytes, OpenAI's limit "
+                                   "for a batch input file; submit it as a native job (POST /v1/jobs with "
+                                   "input_file_id), which has none", field="input_file_id")
         batch = OpenAIBatch(id=new_id("batch"), tenant=self.tenant, input_file_id=source.id, endpoint=body.endpoint,
                             completion_window=body.completion_window, status="validating",
                             metadata_=body.metadata or {}, created_at=now())
@@ -260,6 +267,15 @@ class OpenAIBatchService:
         # Row-locked like a single GET, so two readers never both build a batch's output files.
         page = [b if b.status in FINAL else self.sync(self.get(b.id, lock=True)) for b in batches[:limit]]
         return page, len(batches) > limit
+
+
+@storage_retry
+def copy_into(storage: Storage, path: str, source: BinaryIO) -> StoredShard:
+    def fill(f: BinaryIO) -> None:
+        source.seek(0)  # from the start again on a retry
+        shutil.copyfileobj(source, f, COPY_CHUNK_BYTES)
+
+    return storage.write(path, fill)
 
 
 def error_from_submission(exc: ValidationFailed, line_numbers: list[int]) -> BatchError:

@@ -10,6 +10,7 @@ whose lease was re-granted to another cannot commit anything for that task.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,28 +140,30 @@ EXPIRE_EXHAUSTED_SQL = sa.text(
 )
 
 
-# One statement however many tasks: each column travels as one array (a row per task through
-# executemany cost 18 s for a 100,000-prompt job; a VALUES list overflows the 65,535 bind
-# parameters past 8,191 tasks). Token lists travel as "1:2:3" and samplings as an index into
-# their distinct values: text needing no quoting or escaping in an array literal, which is
-# what made the driver slow.
+# Tasks are COPYed into a temporary table of the transaction, then inserted from it in one
+# statement however many there are (a row per task through executemany cost 18 s for a
+# 100,000-prompt job; arrays of parameters spent most of a 10^6-request submission quoting them).
+STAGE_TASKS_SQL = sa.text(
+    """
+    CREATE TEMPORARY TABLE IF NOT EXISTS staged_tasks (
+        key text, teacher text, mode text, prompt_token_ids integer[], response_token_ids integer[],
+        sampling jsonb, top_logprobs integer, max_attempts integer, messages jsonb) ON COMMIT DROP
+    """
+)
+COPY_STAGED_TASKS_SQL = "COPY staged_tasks FROM STDIN"
 ENQUEUE_SQL = sa.text(
     """
     INSERT INTO tasks (key, teacher, state, mode, prompt_token_ids, response_token_ids, sampling,
                        top_logprobs, max_attempts, messages)
-    SELECT n.key, n.teacher, 'pending', n.mode, CAST(string_to_array(n.prompt, ':') AS integer[]),
-           CAST(string_to_array(n.response, ':') AS integer[]),
-           CAST((CAST(:samplings AS text[]))[n.sampling] AS jsonb), n.top_logprobs, n.max_attempts,
-           CAST(n.messages AS jsonb)
-      FROM unnest(CAST(:keys AS text[]), CAST(:teachers AS text[]), CAST(:modes AS text[]),
-                  CAST(:prompts AS text[]), CAST(:responses AS text[]), CAST(:sampling_of AS integer[]),
-                  CAST(:top_logprobs AS integer[]), CAST(:max_attempts AS integer[]), CAST(:messages AS text[]))
-           AS n(key, teacher, mode, prompt, response, sampling, top_logprobs, max_attempts, messages)
+    SELECT key, teacher, 'pending', mode, prompt_token_ids, response_token_ids, sampling, top_logprobs,
+           max_attempts, messages
+      FROM staged_tasks
     ON CONFLICT (key) DO UPDATE
        SET state = 'pending', attempts = 0, errors = '[]'::jsonb, finished_at = NULL, created_at = now()
      WHERE tasks.state = ANY(CAST(:rerun_states AS text[]))
     """
 )
+CLEAR_STAGED_TASKS_SQL = sa.text("TRUNCATE staged_tasks")
 
 
 @dataclass(frozen=True)
@@ -190,29 +193,29 @@ class NewTask:
     messages: list[dict[str, Any]] | None = None
 
 
-def task_columns(tasks: list[NewTask]) -> dict[str, list[Any]]:
-    """ENQUEUE_SQL's parameters: one list per column."""
-    samplings: dict[str, int] = {}  # JSON -> 1-based position in the SQL array
-    sampling_of = [samplings.setdefault(json.dumps(t.sampling), len(samplings) + 1) for t in tasks]
-    return {
-        "keys": [t.key for t in tasks], "teachers": [t.teacher for t in tasks], "modes": [t.mode for t in tasks],
-        "prompts": [token_list(t.prompt_token_ids) for t in tasks],
-        "responses": [None if t.response_token_ids is None else token_list(t.response_token_ids) for t in tasks],
-        "samplings": list(samplings), "sampling_of": sampling_of,
-        "top_logprobs": [t.top_logprobs for t in tasks], "max_attempts": [t.max_attempts for t in tasks],
-        # Null for every teacher but a chat endpoint's, so other jobs pay nothing for it.
-        "messages": [None if t.messages is None else json.dumps(t.messages) for t in tasks],
-    }
+def task_rows(tasks: list[NewTask]) -> Iterator[tuple[Any, ...]]:
+    """staged_tasks rows. Token lists go as array literals, and a job's one sampling dict is
+    encoded once, not once a task."""
+    encoded: dict[int, str] = {}
+    for t in tasks:
+        sampling = encoded.get(id(t.sampling))
+        if sampling is None:
+            sampling = encoded[id(t.sampling)] = json.dumps(t.sampling)
+        yield (t.key, t.teacher, t.mode, array_literal(t.prompt_token_ids),
+               None if t.response_token_ids is None else array_literal(t.response_token_ids), sampling,
+               t.top_logprobs, t.max_attempts,
+               # Null for every teacher but a chat endpoint's, so other jobs pay nothing for it.
+               None if t.messages is None else json.dumps(t.messages))
+
+
+def array_literal(ids: list[int]) -> str:
+    return "{" + ",".join(map(str, ids)) + "}"
 
 
 def storable_error(text: str) -> str:
     """An error text JSONB can hold: a remote teacher's excerpt may carry NUL, which Postgres
     text refuses (and the insert would fail the whole write batch)."""
     return text.replace("\x00", "\\u0000")
-
-
-def token_list(ids: list[int]) -> str:
-    return ":".join(map(str, ids))
 
 
 class TaskRepository:
@@ -267,5 +270,11 @@ class TaskRepository:
         """
         if not tasks:
             return
+        self.session.execute(STAGE_TASKS_SQL)
+        with self.session.connection().connection.cursor() as cursor:
+            with cursor.copy(COPY_STAGED_TASKS_SQL) as copy:
+                for row in task_rows(tasks):
+                    copy.write_row(row)
         rerun = ["failed", "done"] if recompute_done else ["failed"]
-        self.session.execute(ENQUEUE_SQL, {**task_columns(tasks), "rerun_states": rerun})
+        self.session.execute(ENQUEUE_SQL, {"rerun_states": rerun})
+        self.session.execute(CLEAR_STAGED_TASKS_SQL)

@@ -9,6 +9,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from service.settings import ServiceSettings
+
 from tests.integration.test_pipeline_scripted import batch
 
 
@@ -40,7 +42,8 @@ def test_each_route_has_its_own_body_limit(api):
     big = {"Content-Type": "application/json", "Content-Length": str(300 * 1024 * 1024)}
     answer = api.post("/v1/jobs", content=b"", headers=big)
     assert answer.status_code == 413 and answer.json()["error"]["limit"] == "max_body_bytes"
-    upload = api.post("/v1/files", content=b"", headers={**big, "Content-Type": "multipart/form-data; boundary=x"})
+    huge = {"Content-Length": str(ServiceSettings().max_upload_bytes + 1), "Content-Type": "multipart/form-data; boundary=x"}
+    upload = api.post("/v1/files", content=b"", headers=huge)
     assert upload.status_code == 413 and upload.json()["error"]["limit"] == "max_upload_bytes"
     other = api.post("/v1/completions", content=b"", headers={**big, "Content-Length": str(32 * 1024 * 1024)})
     assert other.status_code == 413 and other.json()["error"]["limit"] == "max_request_body_bytes"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from service import cachekey
-from service.cachekey import cache_key, normalize_sampling, teacher_identity
+from service.cachekey import CACHE_KEY_VERSION, cache_key, normalize_sampling, teacher_identity
 
 IDENTITY = teacher_identity("m", "rev1", "sha256:tok", "float32")
 
@@ -66,3 +66,23 @@ def test_key_is_versioned(monkeypatch):
 def test_key_is_stable_across_processes():
     """Canonical JSON, not Python's hash(): a restarted service computes the same keys."""
     assert key() == key() and len(key().split("-", 1)[1]) == 64
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_key_hashes_the_canonical_document_exactly(seed):
+    import hashlib
+    import random
+
+    from service.cachekey import canonical_document
+
+    rng = random.Random(seed)
+    teacher = {"model": rng.choice(["m", "modèle", "a\"b"]), "revision": "r", "tokenizer_hash": "t", "dtype": "bf16"}
+    mode = rng.choice(["generate", "score"])
+    sampling = normalize_sampling(mode, {"stop": [rng.choice(["\n", "stöp", "</s>"])], "temperature": rng.random(),
+                                         "seed": rng.randrange(2**40)})
+    prompt = [rng.randrange(2**31 - 1) for _ in range(rng.randrange(1, 50))]
+    response = None if mode == "generate" else [rng.randrange(50_000) for _ in range(rng.randrange(1, 9))]
+    top = rng.randrange(21)
+    document = canonical_document(teacher, mode, prompt, response, sampling, top)
+    expected = f"k{CACHE_KEY_VERSION}-" + hashlib.sha256(document.encode()).hexdigest()
+    assert cache_key(teacher, mode, prompt, response, sampling, top) == expected
