@@ -27,7 +27,7 @@ class OpenAIFile(Base):
     filename: orm.Mapped[str] = orm.mapped_column(sa.String(500))
     bytes: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
     path: orm.Mapped[str] = orm.mapped_column(sa.String(500))  # relative to the storage root
-    # The content's digest: a job from this file is fingerprinted by it (None: uploaded before 0009).
+    # The content's digest: a job from this file is fingerprinted by it (None: uploaded before migration 0012).
     sha256: orm.Mapped[str | None] = orm.mapped_column(sa.String(64))
     created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
 
