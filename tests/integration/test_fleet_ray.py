@@ -141,6 +141,11 @@ def task_attempts(rt) -> list[tuple[str, int, list]]:
         return [tuple(row) for row in db.execute(sa.text("SELECT state, attempts, errors FROM tasks"))]
 
 
+def lease_owners(rt) -> set[str]:
+    with rt.engine.connect() as db:
+        return set(db.execute(sa.text("SELECT DISTINCT lease_owner FROM tasks WHERE state = 'leased'")).scalars())
+
+
 def test_pool_scales_from_zero_with_work_and_back_to_zero(api, rt, start_fleet):
     fleet = start_fleet()
     time.sleep(3 * INTERVAL_S)
@@ -167,6 +172,7 @@ def test_killed_replica_loses_no_request(api, rt, start_fleet, restart_budget):
     while api.get(f"/v1/jobs/{job['id']}").json()["counts"]["completed"] == 0:
         assert time.monotonic() < deadline, "the replica never completed anything"
         time.sleep(0.1)
+    assert lease_owners(rt), "the replica holds leases when it is killed"
     pool = fleet.fleet.pools[TEACHER]
     victim = pool.active[0]
     ray.kill(victim.actor, no_restart=restart_budget == 0)
@@ -196,11 +202,12 @@ def test_scale_down_during_work_loses_nothing_and_counts_no_failed_attempt(api, 
     n = 40
     job = api.post("/v1/jobs", json=batch(n, max_tokens=16)).json()
     fleet.wait_size(lambda size: size == 2, timeout=10)
-    # Scale down while both replicas hold work: the policy is told a 1-replica maximum.
-    pool = fleet.fleet.pools[TEACHER]
-    while api.get(f"/v1/jobs/{job['id']}").json()["counts"]["completed"] == 0:
-        time.sleep(0.1)
-    pool.policy.max_replicas = 1
+    # Scale down while both replicas hold leases: the policy is told a 1-replica maximum.
+    deadline = time.monotonic() + 60
+    while len(lease_owners(rt)) < 2:
+        assert time.monotonic() < deadline, "the two replicas never held work at once"
+        time.sleep(0.05)
+    fleet.fleet.pools[TEACHER].policy.max_replicas = 1
     fleet.wait_size(lambda size: size == 1, timeout=5)
     job = wait_for(api, job["id"], timeout=240)
     assert_every_request_once(api, job, n)
