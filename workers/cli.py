@@ -35,19 +35,30 @@ def fleet(teacher: Annotated[list[str], typer.Option(help="a teacher to serve; r
               help="Ray cluster: auto, ray://HEAD:10001; default: RAY_ADDRESS, else a local cluster")] = None,
           engine: Annotated[Optional[str], typer.Option(help="vllm (default) or scripted")] = None) -> None:
     """Run worker replicas on Ray, scaled between min and max with each teacher's pending work, until SIGTERM."""
+    from pydantic import ValidationError
+
+    from service.errors import NotFound
     from workers.fleet.settings import FleetSettings
-    from workers.main import stop_on_signals
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     given = {"min_replicas": min_replicas, "max_replicas": max_replicas, "gpus_per_replica": gpus_per_replica,
              "ray_address": address, "engine": engine}
-    settings = FleetSettings(**{k: v for k, v in given.items() if v is not None})
+    try:
+        settings = FleetSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"teachercache fleet: {problems}", err=True)
+        raise typer.Exit(2) from None
     try:
         from workers.fleet.ray_pool import run_fleet
     except ImportError as exc:
         typer.echo(f"teachercache fleet: Ray is not installed ({exc}); pip install 'teachercache[ray]'", err=True)
         raise typer.Exit(2) from None
-    run_fleet(settings, teacher, stop_on_signals())
+    try:
+        run_fleet(settings, teacher)
+    except NotFound as exc:  # an unknown teacher: said before anything starts
+        typer.echo(f"teachercache fleet: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:

@@ -214,3 +214,28 @@ def test_scale_down_during_work_loses_nothing_and_counts_no_failed_attempt(api, 
     states = task_attempts(rt)
     assert all(state == "done" and errors == [] for state, _, errors in states), states
     assert all(attempts == 1 for _, attempts, _ in states), "a drained replica's release counted an attempt"
+
+
+def test_fleet_command_serves_a_job_and_drains_on_sigterm(api, rt, settings):
+    """`teachercache fleet` as an operator runs it, on the module's cluster (`--address`)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TEACHERCACHE_DATABASE_URL": rt.database_url, "TEACHERCACHE_STATE_DIR": str(settings.state_dir),
+           "TEACHERCACHE_TEACHERS_FILE": str(settings.teachers_file), "TEACHERCACHE_FLEET_INTERVAL_S": "0.5",
+           "TEACHERCACHE_CPUS_PER_REPLICA": "0", "TEACHERCACHE_FLUSH_S": "0.2", "TEACHERCACHE_IDLE_S": "1"}
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "teachercache", "fleet", "--teacher", OTHER, "--max-replicas", "1",
+               "--gpus-per-replica", "0", "--engine", "scripted", "--address", address]
+    fleet = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        job = api.post("/v1/jobs", json=batch(6, teacher=OTHER, tag="cli")).json()
+        assert_every_request_once(api, wait_for(api, job["id"], timeout=180), 6)
+    finally:
+        fleet.send_signal(signal.SIGTERM)
+        output, _ = fleet.communicate(timeout=120)
+    assert fleet.returncode == 0, output
+    assert "fleet: pools for smollm2-copy" in output
+    assert not ray.util.list_named_actors(all_namespaces=True), "SIGTERM left replicas running"

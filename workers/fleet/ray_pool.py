@@ -257,13 +257,18 @@ def connect(address: str | None) -> None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
 
 
-def run_fleet(settings: FleetSettings, teachers: list[str], stopping: threading.Event) -> None:
-    """The `teachercache fleet` command: migrate, join Ray, run the controller until `stopping`."""
+def run_fleet(settings: FleetSettings, teachers: list[str]) -> None:
+    """The `teachercache fleet` command: migrate, join Ray, run the controller until SIGTERM or
+    SIGINT, then drain every replica."""
     from service.migrate import upgrade
+    from workers.main import stop_on_signals
 
     rt = Runtime.from_settings(settings)
+    for name in teachers:
+        rt.teachers.get(name)  # NotFound before the database or Ray is touched
     upgrade(rt.database_url)
     connect(settings.ray_address)
+    stopping = stop_on_signals()  # after ray.init, whose own handlers would abort the process instead
     fleet = Fleet(rt, settings, teachers)
     log.info("fleet: pools for %s, %d..%d replicas each, every %.1f s", ", ".join(fleet.pools),
              settings.min_replicas, settings.max_replicas, settings.fleet_interval_s)

@@ -6,7 +6,7 @@ replica as they are; the fleet's own say how replicas are placed and scaled.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from workers.fleet.policy import ScalePolicy
 from workers.settings import WorkerSettings
@@ -31,6 +31,12 @@ class FleetSettings(WorkerSettings):
     idle_s: float = Field(300.0, ge=0)
     # Ray restarts a replica that dies this many times (-1: always); after that the fleet starts a new one.
     replica_max_restarts: int = Field(3, ge=-1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FleetSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
 
     def policy(self) -> ScalePolicy:
         return ScalePolicy(min_replicas=self.min_replicas, max_replicas=self.max_replicas,
