@@ -165,8 +165,10 @@ ENQUEUE_SQL = sa.text(
 
 # The fleet's autoscaling signal for one teacher: claimable tasks (pending, with a request still
 # waiting on them) and leased ones, each counted up to :cap. Both walk ix_tasks_claimable
-# (teacher, state, ...) and stop at :cap rows, so the cost is bounded whatever the table holds;
-# a scaler only needs to know "at least enough for every replica it may start".
+# (teacher, state, created_at) and stop at :cap rows, so the cost is bounded whatever the table
+# holds; a scaler only needs to know "at least enough for every replica it may start". The
+# ORDER BY is the index's own order: without it the planner, which takes teacher and state for
+# independent, may pick a sequential scan it expects to hit :cap rows early (bench_fleet_signal).
 PENDING_WORK_SQL = sa.text(
     """
     SELECT
@@ -174,9 +176,10 @@ PENDING_WORK_SQL = sa.text(
           SELECT 1 FROM tasks t
           WHERE t.teacher = :teacher AND t.state = 'pending' AND t.attempts < t.max_attempts
             AND EXISTS (SELECT 1 FROM requests r WHERE r.cache_key = t.key AND r.state = 'pending')
-          LIMIT :cap) AS p) AS pending,
+          ORDER BY t.created_at LIMIT :cap) AS p) AS pending,
       (SELECT count(*) FROM (
-          SELECT 1 FROM tasks t WHERE t.teacher = :teacher AND t.state = 'leased' LIMIT :cap) AS l) AS leased
+          SELECT 1 FROM tasks t WHERE t.teacher = :teacher AND t.state = 'leased'
+          ORDER BY t.created_at LIMIT :cap) AS l) AS leased
     """
 )
 
