@@ -63,3 +63,18 @@ def test_cap_counts_just_past_what_the_maximum_needs():
 def test_invalid_bounds_are_refused(bad):
     with pytest.raises(ValueError):
         policy(**bad)
+
+
+def test_fleet_settings_hand_replicas_the_resolved_database_and_their_teacher(monkeypatch):
+    from workers.fleet.settings import FleetSettings
+
+    monkeypatch.delenv("TEACHERCACHE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    settings = FleetSettings(_env_file=None, max_replicas=3, max_inflight=64, lease_s=7.0, worker_id="not-shared")
+    replica = settings.replica_settings("t1", "postgresql://db/x")
+    assert (replica.teacher, replica.database_url, replica.lease_s) == ("t1", "postgresql://db/x", 7.0)
+    assert replica.worker_id is None, "each replica makes its own worker id"
+    assert not hasattr(replica, "max_replicas"), "replicas get worker settings only"
+    assert settings.policy().requests_per_replica == 64, "default: what one worker holds"
+    with pytest.raises(ValueError, match="min_replicas"):
+        FleetSettings(_env_file=None, min_replicas=4, max_replicas=2)

@@ -164,6 +164,7 @@ class ReplicaPool:
             replica.ping = None
         for replica in dead:
             log.warning("fleet %s: replica %s is dead; starting another", self.teacher, replica.name)
+            ray.kill(replica.actor, no_restart=True)  # should Ray have restarted it after all: no orphan
             self.active.remove(replica)
             self.replaced += 1
 
