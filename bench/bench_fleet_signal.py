@@ -7,14 +7,17 @@ generate_series, not through the API: only the query is measured): N more tasks 
 teacher, with a pending request each, of which all but 100 are then finished, so the table
 holds mostly done work with a small live queue (the usual state of a long-running service),
 plus a backlog of N pending tasks for a second teacher (the worst case for a capped count).
-Reports the median latency of the query for each teacher and its ratio to the smallest size,
-measured in the same run. Bounded means: the ratio stays near 1 while N grows 100-fold.
+Reports, for each teacher, the median latency of the query and the buffers its plan touches
+(EXPLAIN ANALYZE BUFFERS: its work, which the machine's load does not change), each as a
+ratio to the smallest size measured in the same run, and whether the plan scans a table.
+Bounded means: no sequential scan, and the buffers stay flat while N grows 100-fold.
 Uses TEACHERCACHE_DATABASE_URL or the local Postgres. Writes bench/results/fleet_signal.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -28,7 +31,7 @@ import sqlalchemy as sa  # noqa: E402
 
 from bench.common import report, scratch_runtime  # noqa: E402
 from service.db import transaction  # noqa: E402
-from service.queue.repository import TaskRepository  # noqa: E402
+from service.queue.repository import PENDING_WORK_SQL, TaskRepository  # noqa: E402
 
 LIVE, BACKLOG = "live-queue", "backlog"
 LIVE_PENDING = 100
@@ -81,6 +84,15 @@ def grow(rt, have: int, size: int) -> None:
         connection.execute(sa.text("VACUUM ANALYZE requests"))
 
 
+def plan_work(rt, teacher: str, cap: int) -> tuple[int, bool]:
+    """Buffers the query touches (shared hits + reads: its work, whatever the machine's load)
+    and whether its plan scans a table sequentially."""
+    with rt.engine.connect() as connection:
+        plan = connection.execute(sa.text("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + PENDING_WORK_SQL.text),
+                                  {"teacher": teacher, "cap": cap}).scalar()[0]["Plan"]
+    return plan["Shared Hit Blocks"] + plan["Shared Read Blocks"], "Seq Scan" in json.dumps(plan)
+
+
 def median_ms(rt, teacher: str, cap: int, repeat: int) -> tuple[float, int]:
     timings, counted = [], 0
     for _ in range(repeat):
@@ -106,9 +118,12 @@ def main(argv=None) -> int:
             fill_s = time.perf_counter() - started
             for teacher in (LIVE, BACKLOG):
                 ms, counted = median_ms(rt, teacher, args.cap, args.repeat)
-                baseline.setdefault(teacher, ms)
+                buffers, seq_scan = plan_work(rt, teacher, args.cap)
+                baseline.setdefault(teacher, (ms, buffers))
                 rows.append({"tasks_per_teacher": size, "teacher": teacher, "pending_counted": counted,
-                             "median_ms": ms, "ratio_to_smallest": ms / baseline[teacher], "fill_s": fill_s})
+                             "median_ms": ms, "ms_ratio": ms / baseline[teacher][0], "buffers": buffers,
+                             "buffers_ratio": buffers / baseline[teacher][1], "seq_scan": seq_scan,
+                             "fill_s": fill_s})
     report("pending_by_teacher: latency vs table size", rows, "fleet_signal.json",
            {"cap": args.cap, "repeat": args.repeat, "machine": platform.platform()})
     return 0

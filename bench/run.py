@@ -8,7 +8,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ["bench_pipeline.py", "bench_score.py", "bench_cache.py", "bench_loader.py", "bench_remote.py", "bench_assembly.py",
-              "bench_download.py"]
+              "bench_download.py", "bench_fleet_signal.py"]
 
 
 def main() -> int:
