@@ -26,8 +26,44 @@ def worker(teacher: Annotated[Optional[str], typer.Option(help="default: the reg
     raise typer.Exit(code)
 
 
+def fleet(teacher: Annotated[list[str], typer.Option(help="a teacher to serve; repeat for several (one pool each)")],
+          min_replicas: Annotated[Optional[int], typer.Option(help="replicas kept running, even with no work")] = None,
+          max_replicas: Annotated[Optional[int], typer.Option(help="replicas at most, per teacher")] = None,
+          gpus_per_replica: Annotated[Optional[float], typer.Option(
+              help="GPUs each replica reserves; default: the teacher's tensor_parallel_size")] = None,
+          address: Annotated[Optional[str], typer.Option(
+              help="Ray cluster: auto, ray://HEAD:10001; default: RAY_ADDRESS, else a local cluster")] = None,
+          engine: Annotated[Optional[str], typer.Option(help="vllm (default) or scripted")] = None) -> None:
+    """Run worker replicas on Ray, scaled between min and max with each teacher's pending work, until SIGTERM."""
+    from pydantic import ValidationError
+
+    from service.errors import NotFound
+    from workers.fleet.settings import FleetSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    given = {"min_replicas": min_replicas, "max_replicas": max_replicas, "gpus_per_replica": gpus_per_replica,
+             "ray_address": address, "engine": engine}
+    try:
+        settings = FleetSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"teachercache fleet: {problems}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        from workers.fleet.ray_pool import run_fleet
+    except ImportError as exc:
+        typer.echo(f"teachercache fleet: Ray is not installed ({exc}); pip install 'teachercache[ray]'", err=True)
+        raise typer.Exit(2) from None
+    try:
+        run_fleet(settings, teacher)
+    except NotFound as exc:  # an unknown teacher: said before anything starts
+        typer.echo(f"teachercache fleet: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def register(app: typer.Typer) -> None:
     app.command("worker")(worker)
+    app.command("fleet")(fleet)
 
 
 def main() -> None:

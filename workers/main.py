@@ -34,6 +34,7 @@ def build_engine(settings: WorkerSettings, rt: Runtime, teacher_name: str) -> En
             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype,
             kv_cache_gb=settings.kv_cache_gb, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
+            tensor_parallel_size=teacher.spec.tensor_parallel_size,
         )
     except EngineStartFailed:
         raise
@@ -77,8 +78,19 @@ def run_worker(settings: WorkerSettings) -> int:
     stopping = stop_on_signals()
     rt = Runtime.from_settings(settings)
     upgrade(rt.database_url)
+    return serve(rt, settings, stopping)
+
+
+def serve(rt: Runtime, settings: WorkerSettings, stopping: threading.Event) -> int:
+    """Load the teacher's engine and run the worker loop until `stopping` is set (a signal, or a
+    fleet draining its replica) or the engine dies; return the exit code."""
     teacher_name = rt.teachers.get(settings.teacher).name
-    engine = build_engine(settings, rt, teacher_name)
+    return run_loop(rt, build_engine(settings, rt, teacher_name), settings, teacher_name, stopping)
+
+
+def run_loop(rt: Runtime, engine: Engine, settings: WorkerSettings, teacher_name: str,
+             stopping: threading.Event) -> int:
+    """The worker loop on a loaded engine, which is closed when the loop ends."""
     try:
         if stopping.is_set():
             return 0

@@ -166,6 +166,39 @@ ENQUEUE_SQL = sa.text(
 CLEAR_STAGED_TASKS_SQL = sa.text("TRUNCATE staged_tasks")
 
 
+# The fleet's autoscaling signal for one teacher: claimable tasks (pending, with a request still
+# waiting on them) and leased ones, each counted up to :cap. Both walk ix_tasks_claimable
+# (teacher, state, created_at) and stop at :cap rows, so the cost is bounded whatever the table
+# holds; a scaler only needs to know "at least enough for every replica it may start". The
+# ORDER BY is the index's own order: without it the planner, which takes teacher and state for
+# independent, may pick a sequential scan it expects to hit :cap rows early (bench_fleet_signal).
+PENDING_WORK_SQL = sa.text(
+    """
+    SELECT
+      (SELECT count(*) FROM (
+          SELECT 1 FROM tasks t
+          WHERE t.teacher = :teacher AND t.state = 'pending' AND t.attempts < t.max_attempts
+            AND EXISTS (SELECT 1 FROM requests r WHERE r.cache_key = t.key AND r.state = 'pending')
+          ORDER BY t.created_at LIMIT :cap) AS p) AS pending,
+      (SELECT count(*) FROM (
+          SELECT 1 FROM tasks t WHERE t.teacher = :teacher AND t.state = 'leased'
+          ORDER BY t.created_at LIMIT :cap) AS l) AS leased
+    """
+)
+
+
+@dataclass(frozen=True)
+class PendingWork:
+    """One teacher's outstanding work, each count capped (see PENDING_WORK_SQL)."""
+
+    pending: int  # claimable tasks waiting for a worker
+    leased: int  # tasks a worker holds (running, or a lease about to expire and be re-claimed)
+
+    @property
+    def outstanding(self) -> int:
+        return self.pending + self.leased
+
+
 @dataclass(frozen=True)
 class ClaimedTask:
     key: str
@@ -228,6 +261,11 @@ class TaskRepository:
         params = {"teacher": teacher, "owner": owner, "limit": limit, "lease_s": lease_s, "suspect": suspect}
         rows = self.session.execute(CLAIM_SQL, params).mappings().all()
         return [ClaimedTask(**row) for row in rows]
+
+    def pending_by_teacher(self, teacher: str, cap: int) -> PendingWork:
+        """The teacher's pending and leased task counts, each at most `cap` (the autoscaling signal)."""
+        row = self.session.execute(PENDING_WORK_SQL, {"teacher": teacher, "cap": cap}).one()
+        return PendingWork(pending=row.pending, leased=row.leased)
 
     def requeue_lost(self, teacher: str, limit: int = 1000) -> list[str]:
         return list(self.session.execute(REQUEUE_LOST_SQL, {"teacher": teacher, "limit": limit}).scalars())

@@ -66,8 +66,12 @@ class TeacherSpec:
     dtype: str = "auto"
     revision: str | None = None
     tokenizer: str | None = None
+    # GPUs one engine spans (vLLM's tensor parallelism); a fleet reserves this many per replica.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"teacher {self.name!r}: tensor_parallel_size must be at least 1")
         if self.is_remote:
             self.remote  # validates the source's fields
             if not self.revision:
@@ -94,6 +98,10 @@ class TeacherSpec:
             path = Path(self.tokenizer)
             return path if path.is_absolute() or len(path.parts) > 1 else models_dir / self.tokenizer
         return Path(self.model) if self.model else models_dir / self.name
+
+    def gpus_per_engine(self) -> int:
+        """GPUs one engine of this teacher needs: none for a remote one."""
+        return 0 if self.is_remote else self.tensor_parallel_size
 
     def prices(self) -> tuple[float | None, float | None]:
         """USD per million prompt and completion tokens, where the registry gives them."""
