@@ -12,8 +12,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 BAR_WIDTH = 16
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-FAILED_STATUSES = frozenset({"failed", "cancelled"})
 
 
 def finished_requests(job: dict[str, Any]) -> int:

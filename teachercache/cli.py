@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from teachercache._http import API_KEY_ENV, DEFAULT_URL, URL_ENV
+from teachercache._states import JobStatus
 from teachercache.client import Client
 from teachercache.errors import TeachercacheError
 
@@ -113,7 +114,7 @@ def submit(
         )
         if wait or out:
             job = client.wait(job)
-        files = client.download(job, out) if out and job["status"] == "succeeded" else None
+        files = client.download(job, out) if out and job["status"] == JobStatus.SUCCEEDED else None
     _show_submitted(job, files, as_json)
     _exit_unless_succeeded(job, waited=bool(wait or out))
 
@@ -127,7 +128,7 @@ def _show_submitted(job: dict[str, Any], files: list[Path] | None, as_json: bool
 
 
 def _exit_unless_succeeded(job: dict[str, Any], waited: bool) -> None:
-    if waited and job["status"] != "succeeded":
+    if waited and job["status"] != JobStatus.SUCCEEDED:
         error_console.print(f"[red]job {job['id']} ended {job['status']}[/red]")
         raise typer.Exit(1)
 

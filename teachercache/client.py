@@ -27,8 +27,9 @@ import httpx
 from teachercache import _http
 from teachercache._download import ShardTarget, shard_file_names
 from teachercache._jsonl import aiter_submit_body, iter_submit_body, validate_jsonl
-from teachercache._progress import FAILED_STATUSES, TERMINAL_STATUSES, WaitProgress, wants_progress
+from teachercache._progress import WaitProgress, wants_progress
 from teachercache._retry import RetryPolicy, async_retrying, retrying
+from teachercache._states import FINISHED, UNSUCCESSFUL
 from teachercache.errors import JobFailedError, TransportError, WaitTimeoutError, error_from_response
 
 Job = dict[str, Any]
@@ -57,7 +58,7 @@ def _targets(shards: list[dict[str, Any]], out_dir: PathLike) -> list[ShardTarge
 
 
 def _finished(job: Job, raise_on_failure: bool) -> Job:
-    if raise_on_failure and job.get("status") in FAILED_STATUSES:
+    if raise_on_failure and job.get("status") in UNSUCCESSFUL:
         raise JobFailedError(job)
     return job
 
@@ -218,7 +219,7 @@ class Client:
             while True:
                 state = self.get(job)
                 bar.update(state)
-                if state.get("status") in TERMINAL_STATUSES:
+                if state.get("status") in FINISHED:
                     return _finished(state, raise_on_failure)
                 if deadline.expired():
                     raise WaitTimeoutError(state, timeout or 0.0)
@@ -406,7 +407,7 @@ class AsyncClient:
             while True:
                 state = await self.get(job)
                 bar.update(state)
-                if state.get("status") in TERMINAL_STATUSES:
+                if state.get("status") in FINISHED:
                     return _finished(state, raise_on_failure)
                 if deadline.expired():
                     raise WaitTimeoutError(state, timeout or 0.0)

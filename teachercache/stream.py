@@ -28,7 +28,8 @@ class HTTPRangeFile(io.RawIOBase):
     """A read-only, seekable file over one URL; every read is a ``Range`` request.
 
     ``size`` comes from the manifest's ``bytes`` when given, otherwise from a one-byte
-    range probe's ``Content-Range`` (FastAPI routes do not answer HEAD). Requests go
+    range probe's ``Content-Range``: a ranged GET, not a HEAD, so the probe also works on a
+    presigned object-store URL, which is signed for GET only. Requests go
     through ``client``, so they are authenticated and retried like every other call.
     """
 

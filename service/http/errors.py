@@ -70,7 +70,7 @@ HTTP_CODES = {404: NotFound, 405: MethodNotAllowed}
 
 
 def from_http_exception(exc: StarletteHTTPException) -> TeachercacheError:
-    error = getattr(exc, "error", None)  # BodyTooLarge carries the LimitExceeded it stands for
+    error = getattr(exc, "error", None)  # BodyTooLarge carries the PayloadTooLarge it stands for
     if isinstance(error, TeachercacheError):
         return error
     kind = HTTP_CODES.get(exc.status_code)

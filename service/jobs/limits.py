@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import LimitExceeded, ValidationFailed
+from service.errors import LimitExceeded, RateLimited, ValidationFailed
 from service.jobs.schemas import JobCreate
 from service.jobs.tokenize import PreparedRequest
 from service.settings import ServiceSettings
@@ -112,10 +112,10 @@ def check_tokens(body: JobCreate, prepared: list[PreparedRequest], limits: JobLi
 def check_pending(tenant: str, pending: int, new: int, limits: JobLimits) -> None:
     """Concurrent pending requests of one tenant: refused with 429 until some finish."""
     if pending + new > limits.max_pending_requests_per_tenant:
-        raise LimitExceeded(
+        raise RateLimited(
             f"tenant {tenant!r} would have {pending + new} requests pending "
             f"(limit max_pending_requests_per_tenant = {limits.max_pending_requests_per_tenant}); "
             "retry when some have finished",
             limit="max_pending_requests_per_tenant", maximum=limits.max_pending_requests_per_tenant,
-            status_code=429, retry_after_s=30, field="requests", pending=pending,
+            retry_after_s=30, field="requests", pending=pending,
         )

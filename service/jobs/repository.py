@@ -13,8 +13,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from service.jobs.spend import SpendTokens
 from service.models import Job, Request, Result, Shard, Task, Worker
-
-ACTIVE = ("queued", "running")
+from service.states import JOB_ACTIVE, RequestState, sql_list
 
 # Requests waiting on a task that has a result now (e.g. it finished while they were being
 # submitted) are answered from it; those waiting on a task that failed for good fail with it.
@@ -108,9 +107,9 @@ EXPIRED_JOBS_SQL = sa.text(
 COPY_REQUESTS_SQL = "COPY requests ({columns}) FROM STDIN"
 # Jobs with nothing pending move on to finalizing (their output shards get assembled).
 READY_TO_FINALIZE_SQL = sa.text(
-    """
+    f"""
     UPDATE jobs j SET status = 'finalizing', started_at = COALESCE(j.started_at, now())
-     WHERE j.id = ANY(CAST(:job_ids AS text[])) AND j.status IN ('queued', 'running')
+     WHERE j.id = ANY(CAST(:job_ids AS text[])) AND j.status IN ({sql_list(JOB_ACTIVE)})
        AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.id AND r.state = 'pending')
     """
 )
@@ -191,7 +190,7 @@ class JobRepository:
             sa.select(sa.func.count())
             .select_from(Request)
             .join(Job, Job.id == Request.job_id)
-            .where(Job.tenant == tenant, Job.status.in_(ACTIVE), Request.state == "pending")
+            .where(Job.tenant == tenant, Job.status.in_(JOB_ACTIVE), Request.state == RequestState.PENDING)
         )
         return int(self.session.scalar(query))
 
@@ -260,7 +259,7 @@ class JobRepository:
             self.session.execute(READY_TO_FINALIZE_SQL, {"job_ids": ids})
 
     def active_jobs(self) -> set[str]:
-        return set(self.session.scalars(sa.select(Job.id).where(Job.status.in_(ACTIVE))))
+        return set(self.session.scalars(sa.select(Job.id).where(Job.status.in_(JOB_ACTIVE))))
 
     def claim_job_to_finalize(self) -> Job | None:
         job_id = self.session.execute(CLAIM_FINALIZING_SQL).scalar_one_or_none()
@@ -294,7 +293,7 @@ class JobRepository:
         request_index) key keeps each page a bounded index range scan)."""
         query = (
             sa.select(Request)
-            .where(Request.job_id == job_id, Request.state.in_(("failed", "cancelled")),
+            .where(Request.job_id == job_id, Request.state.in_((RequestState.FAILED, RequestState.CANCELLED)),
                    Request.request_index > after)
             .order_by(Request.request_index)
             .limit(limit)
@@ -304,8 +303,8 @@ class JobRepository:
     def cancel_pending(self, job_id: str) -> None:
         self.session.execute(
             sa.update(Request)
-            .where(Request.job_id == job_id, Request.state == "pending")
-            .values(state="cancelled", error="cancelled")
+            .where(Request.job_id == job_id, Request.state == RequestState.PENDING)
+            .values(state=RequestState.CANCELLED, error="cancelled")
         )
 
     def prompts_for(self, keys: list[str]) -> dict[str, list[int]]:

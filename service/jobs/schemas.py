@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.states import JobStatus
 from service.text import StorableJson, StorableText, UnicodeText
 
 INT32_MAX = 2**31 - 1
@@ -99,7 +100,7 @@ class ShardOut(BaseModel):
 class JobOut(BaseModel):
     id: str
     object: Literal["job"] = "job"
-    status: str
+    status: JobStatus
     teacher: str
     mode: str
     top_logprobs: int

@@ -20,6 +20,7 @@ from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded
 from service.jobs.tokenize import PreparedRequest, prepare_requests
 from service.models import Job
 from service.queue.repository import NewTask, TaskRepository
+from service.states import JOB_FINISHED, JobStatus, RequestState
 from service.teachers.tokenizer import Teacher
 
 MAX_ATTEMPTS = 3
@@ -103,7 +104,7 @@ class JobService:
 
     def _add_job(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None, total: int) -> Job:
         job = Job(
-            id=new_id("job"), tenant=self.tenant, status="queued", teacher=teacher.name, mode=body.mode,
+            id=new_id("job"), tenant=self.tenant, status=JobStatus.QUEUED, teacher=teacher.name, mode=body.mode,
             top_logprobs=body.top_logprobs, sampling=body.sampling.model_dump(), cache_policy=body.cache,
             metadata_=body.metadata, total=total, idempotency_key=idempotency_key, body_sha256=body_sha256(body),
         )
@@ -142,7 +143,7 @@ class JobService:
         the caller to remove once this transaction has committed (a crash in between leaves only
         unreferenced objects, never an index row pointing at nothing)."""
         job = self.get(job_id, lock=True)
-        if job.status not in ("succeeded", "failed", "cancelled"):
+        if job.status not in JOB_FINISHED:
             raise Conflict(f"job {job_id} is {job.status}; cancel it and wait for it to end before deleting it")
         paths = [shard.path for shard in self.jobs.job_shards(job_id)]
         self.jobs.delete_job(job_id)
@@ -150,15 +151,15 @@ class JobService:
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id, lock=True)
-        if job.status in ("succeeded", "failed", "cancelled"):
+        if job.status in JOB_FINISHED:
             return job
-        if job.status == "finalizing":
+        if job.status == JobStatus.FINALIZING:
             if job.cancel_requested_at is not None:
                 return job
             raise Conflict(f"job {job_id} is already finalizing; nothing is left to cancel")
         self.jobs.cancel_pending(job_id)
         # Assembled with what was completed; the finalizer then ends it `cancelled`.
-        job.status = "finalizing"
+        job.status = JobStatus.FINALIZING
         job.cancel_requested_at = sa.func.now()
         return job
 
@@ -194,7 +195,7 @@ class JobService:
 def request_row(job_id: str, request: PreparedRequest, key: str, hit: bool) -> dict[str, Any]:
     return {
         "job_id": job_id, "request_index": request.index, "custom_id": request.custom_id, "cache_key": key,
-        "state": "done" if hit else "pending", "cached": hit, "result_key": key if hit else None,
+        "state": RequestState.DONE if hit else RequestState.PENDING, "cached": hit, "result_key": key if hit else None,
         "prompt_tokens": len(request.prompt_token_ids),
     }
 

@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import orm
 
+from service.states import TaskState
 
 CLAIM_SQL = sa.text(
     """
@@ -267,5 +268,5 @@ class TaskRepository:
         """
         if not tasks:
             return
-        rerun = ["failed", "done"] if recompute_done else ["failed"]
+        rerun = [TaskState.FAILED, TaskState.DONE] if recompute_done else [TaskState.FAILED]
         self.session.execute(ENQUEUE_SQL, {**task_columns(tasks), "rerun_states": rerun})
