@@ -34,6 +34,7 @@ from service.results.index import index_result_shard
 from service.queue.repository import ClaimedTask, TaskRepository
 from service.runtime import Runtime
 from service.shards import shard_metadata
+from service.states import TaskState
 from workers.engine import Engine, EngineResult
 from workers.results import engine_request, result_table
 from workers.settings import WorkerSettings
@@ -422,7 +423,7 @@ class WorkerLoop:
             return
         with transaction(self.rt.sessions) as db:
             state = TaskRepository(db).record_failure(result.key, token, result.error or "engine error", final=final)
-            if state == "failed":
+            if state == TaskState.FAILED:
                 jobs = JobRepository(db)
                 jobs.advance_jobs(jobs.resolve_requests([result.key]))
 
