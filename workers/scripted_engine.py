@@ -46,6 +46,10 @@ class ScriptedEngine:
     def stats(self) -> dict[str, int]:
         return dict(self.counters)
 
+    def close(self) -> None:
+        """Nothing to release: it holds no process, thread or connection."""
+        self.abort(list(self.running))
+
     def step(self) -> list[EngineResult]:
         time.sleep(self.step_delay_s)
         finished = []
