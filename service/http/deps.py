@@ -58,10 +58,15 @@ def job_limits(request: Request, who: Annotated[Caller, Depends(caller)]) -> Job
     return limits_of(runtime(request), who)
 
 
-def job_service(request: Request, db: Db,
-                who: Annotated[Caller, Depends(caller)]) -> JobService:
-    """The caller's jobs, in the request's transaction, with the teachers' prices for spend."""
-    return JobService(db, who.tenant, prices=runtime(request).teachers.prices)
+def jobs_of(db: orm.Session, rt: Runtime, who: Caller) -> JobService:
+    """The caller's jobs in `db`'s transaction: the tenant, its limits, the teachers' prices (for
+    spend). Every handler builds its JobService here."""
+    return JobService(db, who.tenant, limits_of(rt, who), prices=rt.teachers.prices)
+
+
+def job_service(request: Request, db: Db, who: Annotated[Caller, Depends(caller)]) -> JobService:
+    """The caller's jobs, in the request's transaction."""
+    return jobs_of(db, runtime(request), who)
 
 
 def shard_url_builder(request: Request):

@@ -7,15 +7,15 @@ from typing import Annotated
 import sqlalchemy as sa
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
 
-from service.http.deps import Jobs, Limits, Rt, Who, caller, shard_url_builder
+from service.http.deps import Jobs, Limits, Rt, Who, caller, jobs_of, shard_url_builder
 from service.http.json_body import body_schema, json_body
 from service.http.params import JobCursor, JobId
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import ErrorList, JobCreate, JobList, JobOut, ShardList
-from service.jobs.service import JobService, prepare_submission
+from service.jobs.service import prepare_submission
 from service.results.retention import remove_objects
 from service.runtime import Runtime
-from service.tenants.service import Caller, TenantService
+from service.tenants.service import Caller
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(caller)])
 
@@ -31,27 +31,27 @@ def submit_job(body: Annotated[JobCreate, Depends(json_body(JobCreate))], reques
         response.status_code = 200
     background.add_task(request.app.state.finalizer.wake)
     with rt.sessions() as db:
-        return JobService(db, who.tenant, prices=rt.teachers.prices).describe(job, urls)
+        return jobs_of(db, rt, who).describe(job, urls)
 
 
 def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, idempotency_key: str | None):
     """Write the whole job in one transaction on one connection (the Idempotency-Key's lock and the
-    rate-limit spend share it); a concurrent retry with the same key gets that job."""
+    rate-limit spend share it); a concurrent retry with the same key gets that job. A retry is
+    answered, never rate-limited."""
     teacher = rt.teachers.get(body.teacher)
     prepared = prepare_submission(body, teacher, limits)  # before a connection is taken
     try:
         with rt.sessions() as db, db.begin():
-            service = JobService(db, who.tenant, limits)
+            service = jobs_of(db, rt, who)
             existing = service.find_retry(idempotency_key, body)
             if existing is not None:
-                return existing, False  # a retry is answered, never rate-limited
-            spend = lambda: TenantService(db).spend_submission(who.tenant, limits)  # noqa: E731
-            return service.submit(body, teacher, idempotency_key, before_write=spend, prepared=prepared), True
+                return existing, False
+            return service.submit(body, teacher, idempotency_key, prepared=prepared), True
     except sa.exc.IntegrityError:
         if idempotency_key is None:
             raise
         with rt.sessions() as db:  # the concurrent first submission committed: answer with it
-            return JobService(db, who.tenant).find_retry(idempotency_key, body), False
+            return jobs_of(db, rt, who).find_retry(idempotency_key, body), False
 
 
 @router.get("", response_model=JobList)

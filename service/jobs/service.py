@@ -18,10 +18,11 @@ from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
 from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded_spend
 from service.jobs.tokenize import PreparedRequest, prepare_requests
-from service.models import Job
+from service.models import Job, Shard
 from service.queue.repository import NewTask, TaskRepository
 from service.states import JOB_FINISHED, JobStatus, RequestState
 from service.teachers.tokenizer import Teacher
+from service.tenants.service import TenantService
 
 MAX_ATTEMPTS = 3
 ShardUrl = Callable[[str], str]
@@ -76,12 +77,14 @@ class JobService:
         return job
 
     def submit(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None = None,
-               before_write: Callable[[], None] = lambda: None, prepared: list | None = None) -> Job:
-        """Validate and tokenize (unless `prepared` already is), then (`before_write`: the rate-limit
-        spend, so an invalid body spends nothing) write the whole job."""
+               prepared: list | None = None) -> Job:
+        """Validate and tokenize (unless `prepared` already is), spend one of the tenant's
+        submissions (after validation, so an invalid body spends nothing; in this transaction, so
+        a refused one spends nothing either), then write the whole job. Every submission, a
+        native job or an OpenAI batch's, is rate-limited here and nowhere else."""
         if prepared is None:
             prepared = prepare_submission(body, teacher, self.limits)
-        before_write()
+        TenantService(self.jobs.session).spend_submission(self.tenant, self.limits)
         sampling = normalize_sampling(body.mode, body.sampling.model_dump())
         identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision, teacher.tokenizer_hash,
                                     teacher.spec.dtype)
@@ -170,6 +173,18 @@ class JobService:
         errors = [RequestError(request_index=r.request_index, custom_id=r.custom_id, error=r.error or r.state)
                   for r in rows[:limit]]
         return errors, len(rows) > limit
+
+    def shard(self, shard_id: str) -> Shard:
+        """One of the tenant's job output shards (result shards and other tenants' are not found)."""
+        shard = self.jobs.job_shard(shard_id, self.tenant)
+        if shard is None:
+            raise NotFound(f"no shard {shard_id!r}", field="shard_id")
+        return shard
+
+    def cache_stats(self) -> dict[str, int]:
+        """The shared cache's entries; the tenant's own hits, misses and tokens saved."""
+        stats = self.jobs.cache_stats(self.tenant)
+        return {**stats, "tokens_saved": stats["prompt_tokens_saved"] + stats["completion_tokens_saved"]}
 
     def shards(self, job_id: str, shard_url: ShardUrl) -> list[ShardOut]:
         self.get(job_id)

@@ -35,7 +35,6 @@ from service.openai_batch.schemas import (
 )
 from service.runtime import Runtime
 from service.states import BATCH_FINISHED, JOB_ACTIVE, JOB_FINISHED, BatchStatus, JobStatus
-from service.tenants.service import TenantService
 from service.text import storable_text
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
@@ -124,17 +123,13 @@ class OpenAIBatchService:
                                "openai_logprobs": parsed.wants_logprobs}
         try:
             with self.session.begin_nested():  # a rejected submission leaves no partial job behind
-                job = self.jobs.submit(parsed.job, self.rt.teachers.get(parsed.teacher), before_write=self._spend)
+                job = self.jobs.submit(parsed.job, self.rt.teachers.get(parsed.teacher))
         except (ValidationFailed, LimitExceeded) as exc:  # a RateLimited refuses the batch: nothing is kept
             self._fail(batch, [error_from_submission(exc, parsed.line_numbers)])
             return
         batch.job_id = job.id
         batch.status, batch.in_progress_at = BatchStatus.IN_PROGRESS, now()
         batch.request_total = job.total
-
-    def _spend(self) -> None:
-        """The tenant's submission token, in this transaction: only a batch that starts a job spends one."""
-        TenantService(self.session).spend_submission(self.tenant, self.jobs.limits)
 
     def _fail(self, batch: OpenAIBatch, errors: list[BatchError]) -> None:
         batch.status, batch.failed_at = BatchStatus.FAILED, now()
