@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 
-def worker(teacher: Annotated[Optional[str], typer.Option(help="default: the registry's default teacher")] = None,
-           engine: Annotated[Optional[str], typer.Option(help="vllm (default) or scripted")] = None) -> None:
+def worker(teacher: Annotated[str | None, typer.Option(help="default: the registry's default teacher")] = None,
+           engine: Annotated[str | None, typer.Option(help="vllm, remote or scripted; default: remote for a remote teacher, else vllm")] = None) -> None:
     """Claim and run pending requests for one teacher until SIGTERM."""
     from workers.main import run_worker
     from workers.memory import EngineStartFailed
