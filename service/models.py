@@ -16,6 +16,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from service.states import JobStatus, RequestState, TaskState, check_in, sql_list
 
+
 class Base(orm.DeclarativeBase):
     metadata = sa.MetaData(
         naming_convention={

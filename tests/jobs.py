@@ -11,7 +11,6 @@ from service.shards import JOB_SCHEMA
 from service.states import JOB_FINISHED
 
 
-
 def wait_for(api, job_id: str, timeout: float = 60) -> dict:
     """Poll until the job has ended and its shards are assembled."""
     deadline = time.monotonic() + timeout

@@ -29,9 +29,9 @@ import sqlalchemy as sa
 from service.db import db_retry, is_transient, transaction
 from service.jobs.finalizer import Finalizer
 from service.jobs.repository import JobRepository
+from service.queue.repository import ClaimedTask, TaskRepository
 from service.queue.workers import WorkerRepository
 from service.results.index import index_result_shard
-from service.queue.repository import ClaimedTask, TaskRepository
 from service.runtime import Runtime
 from service.shards import shard_metadata
 from service.states import TaskState

@@ -13,8 +13,8 @@ from service.runtime import Runtime
 from service.teachers.tokenizer import Teacher
 from workers import memory
 from workers.engine import Engine
-from workers.memory import EngineStartFailed
 from workers.loop import WorkerLoop
+from workers.memory import EngineStartFailed
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)

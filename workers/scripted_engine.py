@@ -14,6 +14,7 @@ import time
 
 from workers.engine import EngineRequest, EngineResult, Sample
 
+
 def _unit(*parts: object) -> float:
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64

@@ -11,7 +11,6 @@ from service.states import BatchStatus
 from service.text import StorableText
 
 
-
 class FileObject(BaseModel):
     id: str
     object: Literal["file"] = "file"

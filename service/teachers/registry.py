@@ -69,7 +69,7 @@ class TeacherSpec:
 
     def __post_init__(self) -> None:
         if self.is_remote:
-            self.remote  # validates the source's fields
+            self.remote  # noqa: B018 -- builds the RemoteSource, which validates the source's fields
             if not self.revision:
                 raise ValueError(f"remote teacher {self.name!r} needs a `revision` (it is part of the cache key)")
             if not self.tokenizer:
