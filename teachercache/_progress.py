@@ -54,12 +54,13 @@ class WaitProgress:
         if self._progress is None:
             return
         counts = job.get("counts") or {}
-        fields = {"description": f"{job.get('status', ''):<10}", "detail": _detail(counts)}
+        description, detail = f"{job.get('status', ''):<10}", _detail(counts)
         total = int(counts.get("total") or 0) or None
         if self._task is None:
             self._progress.console.print(f"job {job.get('id')}")
-            self._task = self._progress.add_task(total=total, **fields)
-        self._progress.update(self._task, completed=finished_requests(job), total=total, **fields)
+            self._task = self._progress.add_task(description, total=total, detail=detail)
+        self._progress.update(self._task, completed=finished_requests(job), total=total, description=description,
+                              detail=detail)
 
 
 def _detail(counts: dict[str, Any]) -> str:

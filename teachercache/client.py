@@ -15,6 +15,7 @@ accept its id or the job object itself.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -114,7 +115,7 @@ class Client:
 
     # -- the API ---------------------------------------------------------------------
 
-    def teachers(self) -> list[dict[str, Any]]:
+    def teachers(self) -> builtins.list[dict[str, Any]]:
         """The teachers some worker can serve (name, model, revision, limits, tokenizer hash)."""
         return _http.unwrap_list(self._json("GET", "/v1/teachers"), "teachers")
 
@@ -152,8 +153,10 @@ class Client:
             return self._json(
                 "POST", "/v1/jobs", json={**envelope, "requests": list(requests)}, headers=headers
             )
-        validate_jsonl(jsonl_path)  # type: ignore[arg-type]
-        body = lambda: iter_submit_body(envelope, jsonl_path)  # noqa: E731  (a fresh stream per attempt)
+        assert jsonl_path is not None  # check_one_source: exactly one of requests and jsonl_path
+        path = jsonl_path
+        validate_jsonl(path)
+        body = lambda: iter_submit_body(envelope, path)  # noqa: E731  (a fresh stream per attempt)
         return self._json(
             "POST", "/v1/jobs", body_factory=body, headers={**headers, "Content-Type": "application/json"}
         )
@@ -185,9 +188,10 @@ class Client:
         """Stop handing out the job's pending requests; returns the job."""
         return self._json("POST", _job_path(job, "/cancel"))
 
-    def errors(self, job: JobRef) -> list[dict[str, Any]]:
+    def errors(self, job: JobRef) -> builtins.list[dict[str, Any]]:
         """The failed requests: ``[{"request_index", "custom_id", "error"}]``, every page."""
-        found, params = [], {}
+        found: builtins.list[dict[str, Any]] = []
+        params: dict[str, Any] = {}
         while True:
             page = self._json("GET", _job_path(job, "/errors"), params=params)
             found += _http.unwrap_list(page, "errors")
@@ -195,7 +199,7 @@ class Client:
                 return found
             params = {"after": page["next"]}
 
-    def shards(self, job: JobRef) -> list[dict[str, Any]]:
+    def shards(self, job: JobRef) -> builtins.list[dict[str, Any]]:
         """The shard manifest: ``[{"index", "url", "rows", "bytes", "sha256"}]``."""
         return _http.unwrap_list(self._json("GET", _job_path(job, "/shards")), "shards")
 
@@ -225,7 +229,7 @@ class Client:
                     raise WaitTimeoutError(state, timeout or 0.0)
                 time.sleep(deadline.nap(poll_interval))
 
-    def download(self, job: JobRef, out_dir: PathLike) -> list[Path]:
+    def download(self, job: JobRef, out_dir: PathLike) -> builtins.list[Path]:
         """Download every shard into ``out_dir``, resuming ``.part`` files, verifying sha256.
 
         Shards already there with the right sha256 are not fetched again.
@@ -234,8 +238,9 @@ class Client:
 
     # -- plumbing --------------------------------------------------------------------
 
-    def _json(self, method: str, url: str, **kwargs: Any) -> Any:
-        return self._request(method, url, **kwargs).json()
+    def _json(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        body: dict[str, Any] = self._request(method, url, **kwargs).json()  # every answer is an object
+        return body
 
     def _request(
         self, method: str, url: str, *, body_factory: Callable[[], Any] | None = None, **kwargs: Any
@@ -324,7 +329,7 @@ class AsyncClient:
 
     # -- the API (see Client for the documentation of each call) ---------------------
 
-    async def teachers(self) -> list[dict[str, Any]]:
+    async def teachers(self) -> builtins.list[dict[str, Any]]:
         return _http.unwrap_list(await self._json("GET", "/v1/teachers"), "teachers")
 
     async def submit(
@@ -354,8 +359,10 @@ class AsyncClient:
             return await self._json(
                 "POST", "/v1/jobs", json={**envelope, "requests": list(requests)}, headers=headers
             )
-        validate_jsonl(jsonl_path)  # type: ignore[arg-type]
-        body = lambda: aiter_submit_body(envelope, jsonl_path)  # noqa: E731  (a fresh stream per attempt)
+        assert jsonl_path is not None  # check_one_source: exactly one of requests and jsonl_path
+        path = jsonl_path
+        validate_jsonl(path)
+        body = lambda: aiter_submit_body(envelope, path)  # noqa: E731  (a fresh stream per attempt)
         return await self._json(
             "POST", "/v1/jobs", body_factory=body, headers={**headers, "Content-Type": "application/json"}
         )
@@ -381,8 +388,9 @@ class AsyncClient:
     async def cancel(self, job: JobRef) -> Job:
         return await self._json("POST", _job_path(job, "/cancel"))
 
-    async def errors(self, job: JobRef) -> list[dict[str, Any]]:
-        found, params = [], {}
+    async def errors(self, job: JobRef) -> builtins.list[dict[str, Any]]:
+        found: builtins.list[dict[str, Any]] = []
+        params: dict[str, Any] = {}
         while True:
             page = await self._json("GET", _job_path(job, "/errors"), params=params)
             found += _http.unwrap_list(page, "errors")
@@ -390,7 +398,7 @@ class AsyncClient:
                 return found
             params = {"after": page["next"]}
 
-    async def shards(self, job: JobRef) -> list[dict[str, Any]]:
+    async def shards(self, job: JobRef) -> builtins.list[dict[str, Any]]:
         return _http.unwrap_list(await self._json("GET", _job_path(job, "/shards")), "shards")
 
     async def wait(
@@ -413,13 +421,14 @@ class AsyncClient:
                     raise WaitTimeoutError(state, timeout or 0.0)
                 await asyncio.sleep(deadline.nap(poll_interval))
 
-    async def download(self, job: JobRef, out_dir: PathLike) -> list[Path]:
+    async def download(self, job: JobRef, out_dir: PathLike) -> builtins.list[Path]:
         return [await self._download_shard(target) for target in _targets(await self.shards(job), out_dir)]
 
     # -- plumbing --------------------------------------------------------------------
 
-    async def _json(self, method: str, url: str, **kwargs: Any) -> Any:
-        return (await self._request(method, url, **kwargs)).json()
+    async def _json(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        body: dict[str, Any] = (await self._request(method, url, **kwargs)).json()  # every answer is an object
+        return body
 
     async def _request(
         self, method: str, url: str, *, body_factory: Callable[[], Any] | None = None, **kwargs: Any

@@ -126,7 +126,8 @@ def resolve_shards(job_or_urls: ShardRef | Iterable[ShardRef], client: Client) -
         return client.shards(job_or_urls)
     if isinstance(job_or_urls, dict) and "url" not in job_or_urls:
         # A job object: its embedded manifest once finished, otherwise ask the service.
-        return job_or_urls.get("shards") or client.shards(job_or_urls)
+        manifest: list[dict[str, Any]] | None = job_or_urls.get("shards")
+        return manifest or client.shards(job_or_urls)
     if isinstance(job_or_urls, (str, dict)):
         job_or_urls = [job_or_urls]
     return [{"url": item} if isinstance(item, str) else item for item in job_or_urls]

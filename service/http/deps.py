@@ -3,7 +3,7 @@ handler owns."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -22,7 +22,8 @@ bearer = HTTPBearer(auto_error=False, description="An API key (`teachercache key
 
 
 def runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
+    rt: Runtime = request.app.state.runtime
+    return rt
 
 
 def session(request: Request) -> Iterator[orm.Session]:
@@ -43,7 +44,7 @@ def caller(request: Request,
     """The tenant behind the request's API key, checked against the database on every request,
     so a revoked key stops working at once (a request with a body was checked already, before
     its body was read: auth_first.py)."""
-    found = getattr(request.state, "caller", None)
+    found: Caller | None = getattr(request.state, "caller", None)
     if found is not None:
         return found
     return authenticate(runtime(request), credentials.credentials if credentials else None)
@@ -69,7 +70,7 @@ def job_service(request: Request, db: Db, who: Annotated[Caller, Depends(caller)
     return jobs_of(db, runtime(request), who)
 
 
-def shard_url_builder(request: Request):
+def shard_url_builder(request: Request) -> Callable[[str], str]:
     base = public_base_url(runtime(request).settings, request)
     return lambda shard_id: f"{base}/v1/shards/{shard_id}"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
@@ -13,6 +13,7 @@ from service.http.params import JobCursor, JobId
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import ErrorList, JobCreate, JobList, JobOut, ShardList
 from service.jobs.service import prepare_submission
+from service.models import Job
 from service.results.retention import remove_objects
 from service.runtime import Runtime
 from service.tenants.service import Caller
@@ -34,7 +35,8 @@ def submit_job(body: Annotated[JobCreate, Depends(json_body(JobCreate))], reques
         return jobs_of(db, rt, who).describe(job, urls)
 
 
-def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, idempotency_key: str | None):
+def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate,
+                idempotency_key: str | None) -> tuple[Job, bool]:
     """Write the whole job in one transaction on one connection (the Idempotency-Key's lock and the
     rate-limit spend share it); a concurrent retry with the same key gets that job. A retry is
     answered, never rate-limited."""
@@ -51,7 +53,10 @@ def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, id
         if idempotency_key is None:
             raise
         with rt.sessions() as db:  # the concurrent first submission committed: answer with it
-            return jobs_of(db, rt, who).find_retry(idempotency_key, body), False
+            existing = jobs_of(db, rt, who).find_retry(idempotency_key, body)
+        if existing is None:
+            raise  # not the Idempotency-Key's constraint: nothing to answer with
+        return existing, False
 
 
 @router.get("", response_model=JobList)
@@ -68,7 +73,7 @@ def get_job(job_id: JobId, request: Request, jobs: Jobs) -> JobOut:
 
 
 @router.delete("/{job_id}", responses={409: {"description": "the job has not ended yet"}})
-def delete_job(job_id: JobId, rt: Rt, jobs: Jobs, background: BackgroundTasks) -> dict:
+def delete_job(job_id: JobId, rt: Rt, jobs: Jobs, background: BackgroundTasks) -> dict[str, Any]:
     """Remove a finished job, its requests and its shards; the cache it used is kept."""
     paths = jobs.delete(job_id)
     background.add_task(remove_objects, rt.storage, paths)  # after the commit: the index goes first

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
@@ -26,11 +27,11 @@ PARQUET = "application/vnd.apache.parquet"
 
 
 @router.get("/v1/teachers", tags=["teachers"])
-def list_teachers(rt: Rt, db: Db) -> dict:
+def list_teachers(rt: Rt, db: Db) -> dict[str, Any]:
     return {"data": available_teachers(rt.teachers, db)}
 
 
-SHARD_DOWNLOAD = {"tags": ["shards"], "response_class": RangeFileResponse,
+SHARD_DOWNLOAD: dict[str, Any] = {"tags": ["shards"], "response_class": RangeFileResponse,
                   "responses": {**file_responses(PARQUET),
                                 307: {"description": "on an object store: a short-lived presigned URL of the file"}},
                   "openapi_extra": RANGE_HEADERS}
@@ -68,7 +69,7 @@ def download_shard(shard_id: ShardId, request: Request, rt: Rt, jobs: Jobs) -> R
 
 
 @health_router.get("/healthz", tags=["health"])
-async def healthz(request: Request) -> dict:
+async def healthz(request: Request) -> dict[str, str]:
     # Async, on its own connection, with no sync dependency (those run in the threadpool): a
     # probe must answer while the worker threadpool (or the connection pool) is saturated, and
     # must never block the event loop on the database.

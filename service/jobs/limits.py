@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.errors import LimitExceeded, RateLimited, ValidationFailed
-from service.jobs.schemas import JobCreate
+from service.jobs.schemas import JobCreate, RequestIn
 from service.jobs.tokenize import PreparedRequest
 from service.settings import ServiceSettings
 
@@ -75,7 +75,7 @@ def check_shape(body: JobCreate, limits: JobLimits) -> None:
                    f"{body.sampling.max_tokens} is above the maximum", "sampling.max_tokens")
 
 
-def texts(request) -> list[tuple[str, str]]:
+def texts(request: RequestIn) -> list[tuple[str, str]]:
     """(field, text) of every free text of a request that the tokenizer would read."""
     found = [(name, getattr(request, name)) for name in ("prompt", "response") if getattr(request, name)]
     return found + [(f"messages[{i}].content", m.content) for i, m in enumerate(request.messages or ())]
