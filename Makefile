@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The machine's own Postgres, for the second pass of the database tests (CI runs both).
 EXTERNAL_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install teacher browser demo test test-fast test-external bench soak up clean
+.PHONY: install teacher browser demo lint test test-fast test-external bench soak up clean
 
 install: $(STAMP)
 
@@ -37,6 +37,12 @@ browser:
 	    echo "Installing Chromium for the browser test (log: $(VENV)-chromium.log)..." && \
 	    { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } \
 	      > $(VENV)-chromium.log 2>&1; } || echo "No Chromium: the status page's browser test will be skipped."
+
+# Lint, types and the import boundaries of DESIGN.md (pyproject.toml configures all three).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Everything, on the embedded PostgreSQL server unless TEACHERCACHE_DATABASE_URL is set.
 test: teacher browser

@@ -33,8 +33,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from bench.common import bench_auth, report, scratch_runtime  # noqa: E402
 from service.http.app import create_app  # noqa: E402
-from workers.loop import WorkerLoop  # noqa: E402
 from workers.engine import EngineRequest, Sample  # noqa: E402
+from workers.loop import WorkerLoop  # noqa: E402
 from workers.scripted_engine import ScriptedEngine  # noqa: E402
 from workers.settings import WorkerSettings  # noqa: E402
 

@@ -77,8 +77,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench.common import report_ratio, scratch_runtime
-    from service.teachers.catalog import TeacherCatalog
     from service.settings import ServiceSettings
+    from service.teachers.catalog import TeacherCatalog
     from workers.vllm_adapter import VllmEngine
 
     teacher = TeacherCatalog.from_settings(ServiceSettings()).get(None)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
 
 
 @teacher_app.command("prepare")
-def teacher_prepare(name: Annotated[Optional[str], typer.Argument(help="default: every built-in teacher")] = None) -> None:
+def teacher_prepare(name: Annotated[str | None, typer.Argument(help="default: every built-in teacher")] = None) -> None:
     """Convert a teacher's weights into a local model folder, once."""
     from service.teachers.prepare import prepare_teacher
     from service.teachers.registry import load_registry
@@ -67,7 +67,7 @@ def db_upgrade() -> None:
 
 @keys_app.command("create")
 def keys_create(tenant: Annotated[str, typer.Option(help="the tenant the key acts for (created if new)")],
-                label: Annotated[Optional[str], typer.Option(help="a note: who or what uses the key")] = None) -> None:
+                label: Annotated[str | None, typer.Option(help="a note: who or what uses the key")] = None) -> None:
     """Create a key and print it; it is stored only as a hash and cannot be shown again."""
     from service.tenants.service import TenantService
 
@@ -78,7 +78,7 @@ def keys_create(tenant: Annotated[str, typer.Option(help="the tenant the key act
 
 
 @keys_app.command("list")
-def keys_list(tenant: Annotated[Optional[str], typer.Option()] = None) -> None:
+def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
     """Key ids, tenants, labels and state (never the keys)."""
     from service.tenants.repository import TenantRepository
 
@@ -113,7 +113,7 @@ def tenants_list() -> None:
 def tenants_set_limit(
     tenant: Annotated[str, typer.Argument()],
     limit: Annotated[str, typer.Argument(help="e.g. max_pending_requests_per_tenant, submissions_per_minute")],
-    value: Annotated[Optional[float], typer.Argument(help="omit to go back to the service's setting")] = None,
+    value: Annotated[float | None, typer.Argument(help="omit to go back to the service's setting")] = None,
 ) -> None:
     """Give a tenant its own value of a submission limit; it applies from its next request."""
     from service.tenants.service import TenantService
@@ -145,7 +145,7 @@ def admin_runtime():
     return rt
 
 
-def serve(host: Annotated[Optional[str], typer.Option()] = None, port: Annotated[Optional[int], typer.Option()] = None) -> None:
+def serve(host: Annotated[str | None, typer.Option()] = None, port: Annotated[int | None, typer.Option()] = None) -> None:
     settings = ServiceSettings()
     run_api(settings, host, port, embedded=settings.database_url is None)
 
@@ -174,9 +174,9 @@ def announce_local_key(rt) -> None:
                "(clients on this machine read it from there)")
 
 
-def up(teacher: Annotated[Optional[str], typer.Option(help="teacher for the worker")] = None,
-       port: Annotated[Optional[int], typer.Option()] = None,
-       log_dir: Annotated[Optional[Path], typer.Option(help="write the API's and the worker's logs to "
+def up(teacher: Annotated[str | None, typer.Option(help="teacher for the worker")] = None,
+       port: Annotated[int | None, typer.Option()] = None,
+       log_dir: Annotated[Path | None, typer.Option(help="write the API's and the worker's logs to "
                                                             "api.log and worker.log here, not the terminal")] = None,
        ) -> None:
     """Embedded stack in the foreground: Postgres (embedded unless configured), API, one worker."""

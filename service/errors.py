@@ -1,4 +1,25 @@
-"""One error base class; the HTTP layer renders every subclass the same way."""
+"""One error base class; the HTTP layer renders every subclass the same way.
+
+Each HTTP status has its own class, so `except` names the case it handles and never has to look
+at `status_code`::
+
+    TeachercacheError          500 internal_error (and the base: catch it to catch them all)
+    ├── Unauthenticated        401 unauthenticated        (with WWW-Authenticate)
+    ├── NotFound               404 not_found
+    ├── MethodNotAllowed       405 method_not_allowed     (Starlette's, re-shaped)
+    ├── Conflict               409 conflict
+    ├── PayloadTooLarge        413 limit_exceeded         a body over its size limit
+    ├── RangeNotSatisfiable    416 range_not_satisfiable  (with Content-Range)
+    ├── MisdirectedRequest     421 misdirected_request
+    ├── ValidationFailed       422 invalid_request        the input is wrong (field, line)
+    ├── LimitExceeded          422 limit_exceeded         the input is right but over a configured limit
+    ├── RateLimited            429 limit_exceeded         the tenant has too much in flight or submits too often (Retry-After)
+    ├── ShardDamaged           500 shard_damaged
+    └── Unavailable            503 unavailable            (with Retry-After)
+
+The three limit errors name the setting (`limit`) and its value (`max`) in the body; the client
+maps 413, 422 and 429 to its own classes (teachercache/errors.py) by status.
+"""
 
 from __future__ import annotations
 
@@ -42,25 +63,38 @@ class Unauthenticated(TeachercacheError):
         return {"WWW-Authenticate": 'Bearer realm="teachercache"'}
 
 
-class LimitExceeded(ValidationFailed):
-    """A configured limit refused the request; `limit` names the setting, `max` its value.
-
-    422 for what a job asks (requests, tokens, top_logprobs, max_tokens), 413 for the body,
-    429 (with Retry-After) for what the tenant has in flight or submits too often.
-    """
+class _NamesALimit(TeachercacheError):
+    """Refused by a configured limit: the body names the setting (`limit`) and its value (`max`)."""
 
     code = "limit_exceeded"
 
-    def __init__(self, message: str, *, limit: str, maximum: float, status_code: int = 422,
-                 retry_after_s: float | None = None, **details: Any) -> None:
+    def __init__(self, message: str, *, limit: str, maximum: float, **details: Any) -> None:
         super().__init__(message, limit=limit, max=maximum, **details)
-        self.status_code = status_code
+
+
+class LimitExceeded(_NamesALimit):
+    """What a job asks is over a limit (requests, tokens, top_logprobs, max_tokens)."""
+
+    status_code = 422
+
+
+class PayloadTooLarge(_NamesALimit):
+    """The request body is over its size limit."""
+
+    status_code = 413
+
+
+class RateLimited(_NamesALimit):
+    """The tenant has too much in flight, or submits too often: retry after `retry_after_s`."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, limit: str, maximum: float, retry_after_s: float, **details: Any) -> None:
+        super().__init__(message, limit=limit, maximum=maximum, **details)
         self.retry_after_s = retry_after_s
 
     @property
-    def headers(self) -> dict[str, str] | None:
-        if self.retry_after_s is None:
-            return None
+    def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
@@ -77,11 +111,6 @@ class MethodNotAllowed(TeachercacheError):
 class Conflict(TeachercacheError):
     status_code = 409
     code = "conflict"
-
-
-class MethodNotAllowed(TeachercacheError):
-    status_code = 405
-    code = "method_not_allowed"
 
 
 class MisdirectedRequest(TeachercacheError):

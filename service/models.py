@@ -14,6 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
+from service.states import JobStatus, RequestState, TaskState, check_in, sql_list
+
+
 class Base(orm.DeclarativeBase):
     metadata = sa.MetaData(
         naming_convention={
@@ -42,12 +45,13 @@ class Job(Base):
         sa.Index("ix_jobs_tenant_status_created_at", "tenant", "status", "created_at"),  # a filtered jobs list
         # Retention: the oldest finished jobs first, without looking at unfinished ones.
         sa.Index("ix_jobs_finished_at", "finished_at", postgresql_where=sa.text("finished_at IS NOT NULL")),
+        check_in("status", JobStatus),
     )
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
     # Whose job: every read of it, its requests and its shards is filtered by this.
     tenant: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("tenants.name"))
-    status: orm.Mapped[str] = orm.mapped_column(sa.String(16), index=True)
+    status: orm.Mapped[str] = orm.mapped_column(sa.String(16), index=True)  # JobStatus
     teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200))
     mode: orm.Mapped[str] = orm.mapped_column(sa.String(16))
     top_logprobs: orm.Mapped[int] = orm.mapped_column(sa.Integer)
@@ -79,9 +83,11 @@ class Request(Base):
     __table_args__ = (
         sa.UniqueConstraint("job_id", "request_index"),
         sa.Index("ix_requests_job_id_state", "job_id", "state"),
-        sa.Index("ix_requests_pending_key", "cache_key", postgresql_where=sa.text("state = 'pending'")),
+        sa.Index("ix_requests_pending_key", "cache_key",
+                 postgresql_where=sa.text(f"state = '{RequestState.PENDING}'")),
         # Which requests an entry answered: eviction spares entries an unfinished job reads.
         sa.Index("ix_requests_result_key", "result_key", postgresql_where=sa.text("result_key IS NOT NULL")),
+        check_in("state", RequestState),
     )
 
     id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
@@ -89,8 +95,7 @@ class Request(Base):
     request_index: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     custom_id: orm.Mapped[str] = orm.mapped_column(sa.String(512))
     cache_key: orm.Mapped[str] = orm.mapped_column(sa.String(80))
-    # pending -> done | failed | cancelled
-    state: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    state: orm.Mapped[str] = orm.mapped_column(sa.String(16))  # RequestState
     cached: orm.Mapped[bool] = orm.mapped_column(sa.Boolean, server_default=sa.false())
     result_key: orm.Mapped[str | None] = orm.mapped_column(sa.String(80))
     error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
@@ -103,15 +108,16 @@ class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
         sa.Index("ix_tasks_claimable", "teacher", "state", "created_at"),
-        sa.Index("ix_tasks_lease_expiry", "lease_expires_at", postgresql_where=sa.text("state = 'leased'")),
+        sa.Index("ix_tasks_lease_expiry", "lease_expires_at",
+                 postgresql_where=sa.text(f"state = '{TaskState.LEASED}'")),
         sa.Index("ix_tasks_suspect", "teacher", "created_at",
-                 postgresql_where=sa.text("suspect AND state IN ('pending', 'leased')")),
+                 postgresql_where=sa.text(f"suspect AND state IN ({sql_list((TaskState.PENDING, TaskState.LEASED))})")),
+        check_in("state", TaskState),
     )
 
     key: orm.Mapped[str] = orm.mapped_column(sa.String(80), primary_key=True)
     teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200))
-    # pending -> leased -> done | failed; leased -> pending when released
-    state: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    state: orm.Mapped[str] = orm.mapped_column(sa.String(16))  # TaskState
     mode: orm.Mapped[str] = orm.mapped_column(sa.String(16))
     prompt_token_ids: orm.Mapped[list[int]] = orm.mapped_column(ARRAY(sa.Integer))
     response_token_ids: orm.Mapped[list[int] | None] = orm.mapped_column(ARRAY(sa.Integer))

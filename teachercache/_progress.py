@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from teachercache._states import FINISHED
+
 BAR_WIDTH = 16
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-FAILED_STATUSES = frozenset({"failed", "cancelled"})
 
 
 def finished_requests(job: dict[str, Any]) -> int:
@@ -57,12 +57,13 @@ class WaitProgress:
         if self._progress is None:
             return
         counts = job.get("counts") or {}
-        fields = {"description": f"{job.get('status', ''):<10}", "detail": _detail(counts)}
+        description, detail = f"{job.get('status', ''):<10}", _detail(counts)
         total = int(counts.get("total") or 0) or None
         if self._task is None:
             self._progress.console.print(f"job {job.get('id')}")
-            self._task = self._progress.add_task(total=total, **fields)
-        self._progress.update(self._task, completed=finished_requests(job), total=total, **fields)
+            self._task = self._progress.add_task(description, total=total, detail=detail)
+        self._progress.update(self._task, completed=finished_requests(job), total=total, description=description,
+                              detail=detail)
 
 
 def _detail(counts: dict[str, Any]) -> str:
@@ -92,8 +93,8 @@ class JobWatch:
     def eta_s(self, job: dict[str, Any]) -> float | None:
         pending = int((job.get("counts") or {}).get("pending") or 0)
         rate = self.rate()
-        if job.get("status") in TERMINAL_STATUSES or not pending:
-            return 0.0 if job.get("status") in TERMINAL_STATUSES else None
+        if job.get("status") in FINISHED or not pending:
+            return 0.0 if job.get("status") in FINISHED else None
         return pending / rate if rate else None
 
     def render(self, job: dict[str, Any]) -> Any:

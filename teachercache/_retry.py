@@ -48,7 +48,7 @@ def _wait_strategy(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], f
     def wait(state: tenacity.RetryCallState) -> float:
         retry_after = getattr(state.outcome.exception(), "retry_after", None) if state.outcome else None
         if retry_after is not None:
-            return min(retry_after, policy.max_retry_after)
+            return min(float(retry_after), policy.max_retry_after)
         return backoff(state)
 
     return wait

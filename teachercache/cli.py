@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,7 +25,8 @@ from rich.live import Live
 from rich.table import Table
 
 from teachercache._http import API_KEY_ENV, DEFAULT_URL, URL_ENV
-from teachercache._progress import TERMINAL_STATUSES, JobWatch
+from teachercache._progress import JobWatch
+from teachercache._states import FINISHED, JobStatus
 from teachercache.client import Client
 from teachercache.errors import TeachercacheError
 
@@ -116,7 +116,7 @@ def submit(
         )
         if wait or out:
             job = client.wait(job)
-        files = client.download(job, out) if out and job["status"] == "succeeded" else None
+        files = client.download(job, out) if out and job["status"] == JobStatus.SUCCEEDED else None
     _show_submitted(job, files, as_json)
     _exit_unless_succeeded(job, waited=bool(wait or out))
 
@@ -130,7 +130,7 @@ def _show_submitted(job: dict[str, Any], files: list[Path] | None, as_json: bool
 
 
 def _exit_unless_succeeded(job: dict[str, Any], waited: bool) -> None:
-    if waited and job["status"] != "succeeded":
+    if waited and job["status"] != JobStatus.SUCCEEDED:
         error_console.print(f"[red]job {job['id']} ended {job['status']}[/red]")
         raise typer.Exit(1)
 
@@ -157,7 +157,7 @@ def _watch(client: Client, job_id: str, poll_interval: float) -> dict[str, Any]:
     job = client.get(job_id)
     view.observe(job, time.monotonic())
     with Live(view.render(job), console=error_console, auto_refresh=False, transient=False) as live:
-        while job["status"] not in TERMINAL_STATUSES:
+        while job["status"] not in FINISHED:
             time.sleep(poll_interval)
             job = client.get(job_id)
             view.observe(job, time.monotonic())
@@ -266,4 +266,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -15,6 +15,7 @@ accept its id or the job object itself.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -27,8 +28,9 @@ import httpx
 from teachercache import _http
 from teachercache._download import ShardTarget, shard_file_names
 from teachercache._jsonl import aiter_submit_body, is_large, iter_submit_body, validate_jsonl
-from teachercache._progress import FAILED_STATUSES, TERMINAL_STATUSES, WaitProgress, wants_progress
+from teachercache._progress import WaitProgress, wants_progress
 from teachercache._retry import RetryPolicy, async_retrying, retrying
+from teachercache._states import FINISHED, UNSUCCESSFUL
 from teachercache.errors import JobFailedError, TransportError, WaitTimeoutError, error_from_response
 
 Job = dict[str, Any]
@@ -57,7 +59,7 @@ def _targets(shards: list[dict[str, Any]], out_dir: PathLike) -> list[ShardTarge
 
 
 def _finished(job: Job, raise_on_failure: bool) -> Job:
-    if raise_on_failure and job.get("status") in FAILED_STATUSES:
+    if raise_on_failure and job.get("status") in UNSUCCESSFUL:
         raise JobFailedError(job)
     return job
 
@@ -113,7 +115,7 @@ class Client:
 
     # -- the API ---------------------------------------------------------------------
 
-    def teachers(self) -> list[dict[str, Any]]:
+    def teachers(self) -> builtins.list[dict[str, Any]]:
         """The teachers some worker can serve (name, model, revision, limits, tokenizer hash)."""
         return _http.unwrap_list(self._json("GET", "/v1/teachers"), "teachers")
 
@@ -151,9 +153,11 @@ class Client:
             return self._json(
                 "POST", "/v1/jobs", json={**envelope, "requests": list(requests)}, headers=headers
             )
-        validate_jsonl(jsonl_path)  # type: ignore[arg-type]
-        if is_large(jsonl_path):  # type: ignore[arg-type]
-            file_id = self.upload(jsonl_path)["id"]  # type: ignore[arg-type]
+        assert jsonl_path is not None  # check_one_source: exactly one of requests and jsonl_path
+        path = jsonl_path
+        validate_jsonl(path)
+        if is_large(path):
+            file_id = self.upload(path)["id"]
             return self._json(
                 "POST",
                 "/v1/jobs",
@@ -161,7 +165,7 @@ class Client:
                 headers=headers,
                 timeout=_http.without_read_timeout(self._http.timeout),
             )
-        body = lambda: iter_submit_body(envelope, jsonl_path)  # noqa: E731  (a fresh stream per attempt)
+        body = lambda: iter_submit_body(envelope, path)  # noqa: E731  (a fresh stream per attempt)
         return self._json(
             "POST", "/v1/jobs", body_factory=body, headers={**headers, "Content-Type": "application/json"}
         )
@@ -204,9 +208,10 @@ class Client:
         """Stop handing out the job's pending requests; returns the job."""
         return self._json("POST", _job_path(job, "/cancel"))
 
-    def errors(self, job: JobRef) -> list[dict[str, Any]]:
+    def errors(self, job: JobRef) -> builtins.list[dict[str, Any]]:
         """The failed requests: ``[{"request_index", "custom_id", "error"}]``, every page."""
-        found, params = [], {}
+        found: builtins.list[dict[str, Any]] = []
+        params: dict[str, Any] = {}
         while True:
             page = self._json("GET", _job_path(job, "/errors"), params=params)
             found += _http.unwrap_list(page, "errors")
@@ -214,7 +219,7 @@ class Client:
                 return found
             params = {"after": page["next"]}
 
-    def shards(self, job: JobRef) -> list[dict[str, Any]]:
+    def shards(self, job: JobRef) -> builtins.list[dict[str, Any]]:
         """The shard manifest: ``[{"index", "url", "rows", "bytes", "sha256"}]``."""
         return _http.unwrap_list(self._json("GET", _job_path(job, "/shards")), "shards")
 
@@ -238,13 +243,13 @@ class Client:
             while True:
                 state = self.get(job)
                 bar.update(state)
-                if state.get("status") in TERMINAL_STATUSES:
+                if state.get("status") in FINISHED:
                     return _finished(state, raise_on_failure)
                 if deadline.expired():
                     raise WaitTimeoutError(state, timeout or 0.0)
                 time.sleep(deadline.nap(poll_interval))
 
-    def download(self, job: JobRef, out_dir: PathLike) -> list[Path]:
+    def download(self, job: JobRef, out_dir: PathLike) -> builtins.list[Path]:
         """Download every shard into ``out_dir``, resuming ``.part`` files, verifying sha256.
 
         Shards already there with the right sha256 are not fetched again.
@@ -253,8 +258,9 @@ class Client:
 
     # -- plumbing --------------------------------------------------------------------
 
-    def _json(self, method: str, url: str, **kwargs: Any) -> Any:
-        return self._request(method, url, **kwargs).json()
+    def _json(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        body: dict[str, Any] = self._request(method, url, **kwargs).json()  # every answer is an object
+        return body
 
     def _request(
         self, method: str, url: str, *, body_factory: Callable[[], Any] | None = None, **kwargs: Any
@@ -343,7 +349,7 @@ class AsyncClient:
 
     # -- the API (see Client for the documentation of each call) ---------------------
 
-    async def teachers(self) -> list[dict[str, Any]]:
+    async def teachers(self) -> builtins.list[dict[str, Any]]:
         return _http.unwrap_list(await self._json("GET", "/v1/teachers"), "teachers")
 
     async def submit(
@@ -373,9 +379,11 @@ class AsyncClient:
             return await self._json(
                 "POST", "/v1/jobs", json={**envelope, "requests": list(requests)}, headers=headers
             )
-        validate_jsonl(jsonl_path)  # type: ignore[arg-type]
-        if is_large(jsonl_path):  # type: ignore[arg-type]
-            file_id = (await self.upload(jsonl_path))["id"]  # type: ignore[arg-type]
+        assert jsonl_path is not None  # check_one_source: exactly one of requests and jsonl_path
+        path = jsonl_path
+        validate_jsonl(path)
+        if is_large(path):
+            file_id = (await self.upload(path))["id"]
             return await self._json(
                 "POST",
                 "/v1/jobs",
@@ -383,7 +391,7 @@ class AsyncClient:
                 headers=headers,
                 timeout=_http.without_read_timeout(self._http.timeout),
             )
-        body = lambda: aiter_submit_body(envelope, jsonl_path)  # noqa: E731  (a fresh stream per attempt)
+        body = lambda: aiter_submit_body(envelope, path)  # noqa: E731  (a fresh stream per attempt)
         return await self._json(
             "POST", "/v1/jobs", body_factory=body, headers={**headers, "Content-Type": "application/json"}
         )
@@ -419,8 +427,9 @@ class AsyncClient:
     async def cancel(self, job: JobRef) -> Job:
         return await self._json("POST", _job_path(job, "/cancel"))
 
-    async def errors(self, job: JobRef) -> list[dict[str, Any]]:
-        found, params = [], {}
+    async def errors(self, job: JobRef) -> builtins.list[dict[str, Any]]:
+        found: builtins.list[dict[str, Any]] = []
+        params: dict[str, Any] = {}
         while True:
             page = await self._json("GET", _job_path(job, "/errors"), params=params)
             found += _http.unwrap_list(page, "errors")
@@ -428,7 +437,7 @@ class AsyncClient:
                 return found
             params = {"after": page["next"]}
 
-    async def shards(self, job: JobRef) -> list[dict[str, Any]]:
+    async def shards(self, job: JobRef) -> builtins.list[dict[str, Any]]:
         return _http.unwrap_list(await self._json("GET", _job_path(job, "/shards")), "shards")
 
     async def wait(
@@ -445,19 +454,20 @@ class AsyncClient:
             while True:
                 state = await self.get(job)
                 bar.update(state)
-                if state.get("status") in TERMINAL_STATUSES:
+                if state.get("status") in FINISHED:
                     return _finished(state, raise_on_failure)
                 if deadline.expired():
                     raise WaitTimeoutError(state, timeout or 0.0)
                 await asyncio.sleep(deadline.nap(poll_interval))
 
-    async def download(self, job: JobRef, out_dir: PathLike) -> list[Path]:
+    async def download(self, job: JobRef, out_dir: PathLike) -> builtins.list[Path]:
         return [await self._download_shard(target) for target in _targets(await self.shards(job), out_dir)]
 
     # -- plumbing --------------------------------------------------------------------
 
-    async def _json(self, method: str, url: str, **kwargs: Any) -> Any:
-        return (await self._request(method, url, **kwargs)).json()
+    async def _json(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        body: dict[str, Any] = (await self._request(method, url, **kwargs)).json()  # every answer is an object
+        return body
 
     async def _request(
         self, method: str, url: str, *, body_factory: Callable[[], Any] | None = None, **kwargs: Any

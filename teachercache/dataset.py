@@ -24,7 +24,7 @@ from teachercache.stream import DEFAULT_BATCH_SIZE, ShardRef, read_shard, resolv
 Row = dict[str, Any]
 
 
-class ShardDataset(IterableDataset):
+class ShardDataset(IterableDataset[Row]):
     """The rows of a job's shards, read over HTTP, split across ranks and DataLoader workers.
 
     ``shards``: shard URLs or manifest entries; or ``job`` (id or job object) with
@@ -69,7 +69,7 @@ class ShardDataset(IterableDataset):
         # Workers rebuild the client from its options: a live connection pool must not
         # be shared across fork, and cannot be pickled for spawn.
         self.client_options = client._options if client is not None else {"base_url": base_url}
-        self.shards = self._resolve(job if job is not None else shards, client)
+        self.shards = self._resolve(job, client) if job is not None else self._resolve(shards or [], client)
         self.columns = columns
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
         self.rank, self.world_size = _distributed_position(rank, world_size)

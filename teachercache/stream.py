@@ -29,7 +29,8 @@ class HTTPRangeFile(io.RawIOBase):
     """A read-only, seekable file over one URL; every read is a ``Range`` request.
 
     ``size`` comes from the manifest's ``bytes`` when given, otherwise from a one-byte
-    range probe's ``Content-Range`` (FastAPI routes do not answer HEAD). Requests go
+    range probe's ``Content-Range``: a ranged GET, not a HEAD, so the probe also works on a
+    presigned object-store URL, which is signed for GET only. Requests go
     through ``client``, so they are authenticated and retried like every other call.
     """
 
@@ -126,7 +127,8 @@ def resolve_shards(job_or_urls: ShardRef | Iterable[ShardRef], client: Client) -
         return client.shards(job_or_urls)
     if isinstance(job_or_urls, dict) and "url" not in job_or_urls:
         # A job object: its embedded manifest once finished, otherwise ask the service.
-        return job_or_urls.get("shards") or client.shards(job_or_urls)
+        manifest: list[dict[str, Any]] | None = job_or_urls.get("shards")
+        return manifest or client.shards(job_or_urls)
     if isinstance(job_or_urls, (str, dict)):
         job_or_urls = [job_or_urls]
     return [{"url": item} if isinstance(item, str) else item for item in job_or_urls]

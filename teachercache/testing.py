@@ -46,6 +46,7 @@ class SyncASGITransport(httpx.BaseTransport):
 
     async def _forward(self, request: httpx.Request) -> httpx.Response:
         response = await self._asgi.handle_async_request(request)
+        assert isinstance(response.stream, httpx.AsyncByteStream)  # an ASGI transport's always is
         body = b"".join([chunk async for chunk in response.stream])
         expected = _declared_length(response, request.method)
         return httpx.Response(

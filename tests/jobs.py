@@ -7,9 +7,8 @@ import time
 
 import pyarrow.parquet as pq
 
+from service.states import JOB_FINISHED
 from teachercache.shard_format import JOB_SCHEMA
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def wait_for(api, job_id: str, timeout: float = 60) -> dict:
@@ -18,7 +17,7 @@ def wait_for(api, job_id: str, timeout: float = 60) -> dict:
     job = None
     while time.monotonic() < deadline:
         job = api.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in TERMINAL and job["finished_at"]:
+        if job["status"] in JOB_FINISHED and job["finished_at"]:
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish: {job}")

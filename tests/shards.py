@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from service.jobs.repository import JobRepository
 from service.ids import new_id
+from service.jobs.repository import JobRepository
 from service.models import Shard
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 
-def worker(teacher: Annotated[Optional[str], typer.Option(help="default: the registry's default teacher")] = None,
-           engine: Annotated[Optional[str], typer.Option(help="vllm (default) or scripted")] = None) -> None:
+def worker(teacher: Annotated[str | None, typer.Option(help="default: the registry's default teacher")] = None,
+           engine: Annotated[str | None, typer.Option(help="vllm, remote or scripted; default: remote for a remote teacher, else vllm")] = None) -> None:
     """Claim and run pending requests for one teacher until SIGTERM."""
     from workers.main import run_worker
     from workers.memory import EngineStartFailed
@@ -27,13 +27,13 @@ def worker(teacher: Annotated[Optional[str], typer.Option(help="default: the reg
 
 
 def fleet(teacher: Annotated[list[str], typer.Option(help="a teacher to serve; repeat for several (one pool each)")],
-          min_replicas: Annotated[Optional[int], typer.Option(help="replicas kept running, even with no work")] = None,
-          max_replicas: Annotated[Optional[int], typer.Option(help="replicas at most, per teacher")] = None,
-          gpus_per_replica: Annotated[Optional[float], typer.Option(
+          min_replicas: Annotated[int | None, typer.Option(help="replicas kept running, even with no work")] = None,
+          max_replicas: Annotated[int | None, typer.Option(help="replicas at most, per teacher")] = None,
+          gpus_per_replica: Annotated[float | None, typer.Option(
               help="GPUs each replica reserves; default: the teacher's tensor_parallel_size")] = None,
-          address: Annotated[Optional[str], typer.Option(
+          address: Annotated[str | None, typer.Option(
               help="Ray cluster: auto, ray://HEAD:10001; default: RAY_ADDRESS, else a local cluster")] = None,
-          engine: Annotated[Optional[str], typer.Option(help="vllm (default) or scripted")] = None) -> None:
+          engine: Annotated[str | None, typer.Option(help="vllm (default) or scripted")] = None) -> None:
     """Run worker replicas on Ray, scaled between min and max with each teacher's pending work, until SIGTERM."""
     from pydantic import ValidationError
 

@@ -7,7 +7,7 @@ the writer and the tests see these types alone, so a scripted engine can stand i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class EngineResult:
     error: str | None = None  # set when the engine rejected or failed this request alone
 
 
+@runtime_checkable
 class Engine(Protocol):
     """A continuously fed engine: add requests at any time, step to make progress."""
 
@@ -77,4 +78,9 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, int]:
         """Counters of what the engine actually ran: requests, prompt_tokens, completion_tokens."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds (vLLM's engine process, a remote client's threads and
+        connections) now, not at interpreter exit; nothing is called on it afterwards."""
         ...

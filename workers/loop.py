@@ -29,10 +29,11 @@ import sqlalchemy as sa
 from service.db import db_retry, is_transient, transaction
 from service.jobs.finalizer import Finalizer
 from service.jobs.repository import JobRepository
+from service.queue.repository import ClaimedTask, TaskRepository
 from service.queue.workers import WorkerRepository
 from service.results.index import index_result_shard
-from service.queue.repository import ClaimedTask, TaskRepository
 from service.runtime import Runtime
+from service.states import TaskState
 from teachercache.shard_format import parquet_options, shard_metadata
 from workers.engine import Engine, EngineResult
 from workers.results import engine_request, result_table
@@ -423,7 +424,7 @@ class WorkerLoop:
             return
         with transaction(self.rt.sessions) as db:
             state = TaskRepository(db).record_failure(result.key, token, result.error or "engine error", final=final)
-            if state == "failed":
+            if state == TaskState.FAILED:
                 jobs = JobRepository(db)
                 jobs.advance_jobs(jobs.resolve_requests([result.key]))
 

@@ -6,26 +6,42 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 from service.migrate import upgrade
 from service.runtime import Runtime
+from service.teachers.tokenizer import Teacher
 from workers import memory
 from workers.engine import Engine
-from workers.memory import EngineStartFailed
 from workers.loop import WorkerLoop
+from workers.memory import EngineStartFailed
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 
+# The registry of engines, keyed by kind: a new engine is one factory and one entry here.
+EngineFactory = Callable[[WorkerSettings, Teacher], Engine]
+
+
+def engine_kind(settings: WorkerSettings, teacher: Teacher) -> str:
+    """The registry key: TEACHERCACHE_ENGINE when set (`scripted` in control-plane tests), else
+    what the teacher's source runs on (a remote teacher over HTTP, any other on vLLM)."""
+    return settings.engine or ("remote" if teacher.spec.is_remote else "vllm")
+
+
 def build_engine(settings: WorkerSettings, rt: Runtime, teacher_name: str) -> Engine:
     teacher = rt.teachers.get(teacher_name)
-    if teacher.spec.is_remote and settings.engine != "scripted":
-        return build_remote_engine(teacher)
-    if settings.engine == "scripted":
-        from workers.scripted_engine import ScriptedEngine
+    return ENGINES[engine_kind(settings, teacher)](settings, teacher)
 
-        return ScriptedEngine(vocab_size=teacher.vocab_size, step_delay_s=settings.scripted_step_delay_s)
+
+def load_scripted_engine(settings: WorkerSettings, teacher: Teacher) -> Engine:
+    from workers.scripted_engine import ScriptedEngine
+
+    return ScriptedEngine(vocab_size=teacher.vocab_size, step_delay_s=settings.scripted_step_delay_s)
+
+
+def load_vllm_engine(settings: WorkerSettings, teacher: Teacher) -> Engine:
     from workers.vllm_adapter import VllmEngine  # the only path that imports vLLM
 
     try:
@@ -40,7 +56,7 @@ def build_engine(settings: WorkerSettings, rt: Runtime, teacher_name: str) -> En
         raise
     except Exception as exc:  # vLLM's own reasons (memory, devices, the model folder) come in many types
         log.debug("engine start failed", exc_info=True)
-        raise EngineStartFailed(f"the vLLM engine for {teacher_name!r} did not start ({_first_line(exc)}); "
+        raise EngineStartFailed(f"the vLLM engine for {teacher.name!r} did not start ({_first_line(exc)}); "
                                 f"its log above says why. Memory: set {memory.SETTING} (GiB); "
                                 "batch size: TEACHERCACHE_MAX_NUM_SEQS") from None
 
@@ -50,7 +66,11 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def build_remote_engine(teacher) -> Engine:
+def load_remote_engine(settings: WorkerSettings, teacher: Teacher) -> Engine:
+    return build_remote_engine(teacher)
+
+
+def build_remote_engine(teacher: Teacher) -> Engine:
     """A teacher behind an HTTP endpoint: no GPU, no vLLM import, the key from the environment."""
     from transformers import AutoTokenizer
 
@@ -64,6 +84,13 @@ def build_remote_engine(teacher) -> Engine:
             raise SystemExit(f"teacher {teacher.name!r}: environment variable {source.api_key_env} is not set")
     return RemoteEngine(RemoteClient(source, api_key), AutoTokenizer.from_pretrained(teacher.folder),
                         max_model_len=teacher.spec.max_model_len, max_top_logprobs=teacher.spec.max_top_logprobs)
+
+
+ENGINES: dict[str, EngineFactory] = {
+    "vllm": load_vllm_engine,
+    "remote": load_remote_engine,
+    "scripted": load_scripted_engine,
+}
 
 
 def stop_on_signals() -> threading.Event:
@@ -96,6 +123,4 @@ def run_loop(rt: Runtime, engine: Engine, settings: WorkerSettings, teacher_name
             return 0
         return WorkerLoop(rt, engine, settings, teacher_name, stopping).run()
     finally:
-        close = getattr(engine, "close", None)
-        if close is not None:  # a remote engine's threads may still wait on the network
-            close()
+        engine.close()  # now, not at exit: vLLM's engine process, a remote engine's network threads

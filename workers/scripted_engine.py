@@ -14,6 +14,7 @@ import time
 
 from workers.engine import EngineRequest, EngineResult, Sample
 
+
 def _unit(*parts: object) -> float:
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -45,6 +46,10 @@ class ScriptedEngine:
 
     def stats(self) -> dict[str, int]:
         return dict(self.counters)
+
+    def close(self) -> None:
+        """Nothing to release: it holds no process, thread or connection."""
+        self.abort(list(self.running))
 
     def step(self) -> list[EngineResult]:
         time.sleep(self.step_delay_s)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from service.settings import ServiceSettings
 
 
@@ -31,5 +33,7 @@ class WorkerSettings(ServiceSettings):
     kv_cache_gb: float | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
-    engine: str = "vllm"  # vllm | scripted (a deterministic stand-in for control-plane tests)
+    # The engine registry's key (workers/main.py ENGINES): vllm | remote | scripted (a deterministic
+    # stand-in for control-plane tests); unset, the teacher's source decides (remote, else vllm).
+    engine: Literal["vllm", "remote", "scripted"] | None = None
     scripted_step_delay_s: float = 0.0  # scripted engine only: how long one step takes

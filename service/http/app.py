@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -24,7 +25,7 @@ def create_app(rt: Runtime | None = None, run_finalizer: bool = True) -> FastAPI
     rt = rt or Runtime.from_settings(ServiceSettings())
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if run_finalizer:
             app.state.finalizer.start()
         yield

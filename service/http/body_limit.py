@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import LimitExceeded
+from service.errors import PayloadTooLarge
 from service.http.errors import render
 from service.settings import ServiceSettings
 
@@ -31,15 +31,15 @@ def body_limits(settings: ServiceSettings) -> BodyLimits:
     })
 
 
-def too_large(name: str, limit: int) -> LimitExceeded:
-    return LimitExceeded(f"body: the request body is larger than {limit} bytes (limit {name} = {limit})",
-                         limit=name, maximum=limit, status_code=413, field="body")
+def too_large(name: str, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"body: the request body is larger than {limit} bytes (limit {name} = {limit})",
+                           limit=name, maximum=limit, field="body")
 
 
 class BodyTooLarge(HTTPException):
     """Raised from `receive`: FastAPI passes HTTPExceptions from body reading through unchanged."""
 
-    def __init__(self, error: LimitExceeded) -> None:
+    def __init__(self, error: PayloadTooLarge) -> None:
         super().__init__(status_code=413, detail=error.message)
         self.error = error
 

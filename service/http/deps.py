@@ -3,7 +3,7 @@ handler owns."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -23,7 +23,8 @@ bearer = HTTPBearer(auto_error=False, description="An API key (`teachercache key
 
 
 def runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
+    rt: Runtime = request.app.state.runtime
+    return rt
 
 
 def session(request: Request) -> Iterator[orm.Session]:
@@ -44,7 +45,7 @@ def caller(request: Request,
     """The tenant behind the request's API key, checked against the database on every request,
     so a revoked key stops working at once (a request with a body was checked already, before
     its body was read: auth_first.py)."""
-    found = getattr(request.state, "caller", None)
+    found: Caller | None = getattr(request.state, "caller", None)
     if found is not None:
         return found
     if credentials is None and request.method in ("GET", "HEAD"):
@@ -63,13 +64,18 @@ def job_limits(request: Request, who: Annotated[Caller, Depends(caller)]) -> Job
     return limits_of(runtime(request), who)
 
 
-def job_service(request: Request, db: Db,
-                who: Annotated[Caller, Depends(caller)]) -> JobService:
-    """The caller's jobs, in the request's transaction, with the teachers' prices for spend."""
-    return JobService(db, who.tenant, prices=runtime(request).teachers.prices)
+def jobs_of(db: orm.Session, rt: Runtime, who: Caller) -> JobService:
+    """The caller's jobs in `db`'s transaction: the tenant, its limits, the teachers' prices (for
+    spend). Every handler builds its JobService here."""
+    return JobService(db, who.tenant, limits_of(rt, who), prices=rt.teachers.prices)
 
 
-def shard_url_builder(request: Request):
+def job_service(request: Request, db: Db, who: Annotated[Caller, Depends(caller)]) -> JobService:
+    """The caller's jobs, in the request's transaction."""
+    return jobs_of(db, runtime(request), who)
+
+
+def shard_url_builder(request: Request) -> Callable[[str], str]:
     base = public_base_url(runtime(request).settings, request)
     return lambda shard_id: f"{base}/v1/shards/{shard_id}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
@@ -32,13 +33,13 @@ class ErrorBody(BaseModel):
 
 
 # Documented on every operation, so the OpenAPI schema says what the app does.
-RESPONSES: dict[int | str, dict] = {
+RESPONSES: dict[int | str, dict[str, Any]] = {
     "4XX": {"model": ErrorBody, "description": "The request was refused; `error.field` names what was wrong"},
     "5XX": {"model": ErrorBody, "description": "The server could not answer (503: retry after Retry-After)"},
 }
 
 
-def location(loc: tuple) -> str:
+def location(loc: tuple[int | str, ...]) -> str:
     """('body', 'requests', 3, 'prompt') -> 'requests[3].prompt'."""
     text = ""
     for part in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
@@ -53,7 +54,7 @@ def validation_failed(exc: RequestValidationError) -> TeachercacheError:
         return NotFound(f"{field}: no such id", field=field)
     first = exc.errors()[0]
     where = location(tuple(first.get("loc", ())))
-    details = {"field": where, "errors": [{"field": location(tuple(e.get("loc", ()))), "message": e.get("msg")}
+    details: dict[str, Any] = {"field": where, "errors": [{"field": location(tuple(e.get("loc", ()))), "message": e.get("msg")}
                                           for e in exc.errors()[:20]]}
     loc = first.get("loc", ())
     if len(loc) > 2 and loc[1] == "requests" and isinstance(loc[2], int):
@@ -70,7 +71,7 @@ HTTP_CODES = {404: NotFound, 405: MethodNotAllowed}
 
 
 def from_http_exception(exc: StarletteHTTPException) -> TeachercacheError:
-    error = getattr(exc, "error", None)  # BodyTooLarge carries the LimitExceeded it stands for
+    error = getattr(exc, "error", None)  # BodyTooLarge carries the PayloadTooLarge it stands for
     if isinstance(error, TeachercacheError):
         return error
     kind = HTTP_CODES.get(exc.status_code)

@@ -11,7 +11,6 @@ parsed and validated in a worker thread. The route's OpenAPI entry still documen
 from __future__ import annotations
 
 import json
-
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 

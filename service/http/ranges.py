@@ -27,7 +27,6 @@ from contextlib import asynccontextmanager
 from typing import NamedTuple
 
 import anyio
-
 from starlette.responses import FileResponse
 
 from service.errors import RangeNotSatisfiable

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
 
-from service.http.deps import Jobs, Limits, Rt, Who, caller, shard_url_builder
+from service.http.deps import Jobs, Limits, Rt, Who, caller, jobs_of, shard_url_builder
 from service.http.json_body import body_schema, json_body
 from service.http.params import JobCursor, JobId
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import ErrorList, JobCreate, JobList, JobOut, ShardList
-from service.jobs.service import JobService, check_one_source, prepare_submission
+from service.jobs.service import check_one_source, prepare_submission
+from service.models import Job
 from service.results.retention import remove_objects
 from service.runtime import Runtime
-from service.tenants.service import Caller, TenantService
+from service.tenants.service import Caller
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(caller)])
 
@@ -31,31 +32,35 @@ def submit_job(body: Annotated[JobCreate, Depends(json_body(JobCreate))], reques
         response.status_code = 200
     background.add_task(request.app.state.finalizer.wake)
     with rt.sessions() as db:
-        return JobService(db, who.tenant, prices=rt.teachers.prices).describe(job, urls)
+        return jobs_of(db, rt, who).describe(job, urls)
 
 
-def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate, idempotency_key: str | None):
+def submit_once(rt: Runtime, who: Caller, limits: JobLimits, body: JobCreate,
+                idempotency_key: str | None) -> tuple[Job, bool]:
     """Write the whole job in one transaction on one connection (the Idempotency-Key's lock and the
-    rate-limit spend share it); a concurrent retry with the same key gets that job."""
+    rate-limit spend share it); a concurrent retry with the same key gets that job. A retry is
+    answered, never rate-limited."""
     check_one_source(body)
     teacher = rt.teachers.get(body.teacher)
     # A body is tokenized before a connection is taken; a file is read a batch at a time as it is written.
     prepared = prepare_submission(body, teacher, limits) if body.requests is not None else None
     try:
         with rt.sessions() as db, db.begin():
-            service = JobService(db, who.tenant, limits)
+            service = jobs_of(db, rt, who)
             existing = service.find_retry(idempotency_key, body)
             if existing is not None:
-                return existing, False  # a retry is answered, never rate-limited
-            spend = lambda: TenantService(db).spend_submission(who.tenant, limits)  # noqa: E731
+                return existing, False
             if prepared is None:
-                return service.submit_file(body, teacher, rt.storage, idempotency_key, before_write=spend), True
-            return service.submit(body, teacher, idempotency_key, before_write=spend, prepared=prepared), True
+                return service.submit_file(body, teacher, rt.storage, idempotency_key), True
+            return service.submit(body, teacher, idempotency_key, prepared=prepared), True
     except sa.exc.IntegrityError:
         if idempotency_key is None:
             raise
         with rt.sessions() as db:  # the concurrent first submission committed: answer with it
-            return JobService(db, who.tenant).find_retry(idempotency_key, body), False
+            existing = jobs_of(db, rt, who).find_retry(idempotency_key, body)
+        if existing is None:
+            raise  # not the Idempotency-Key's constraint: nothing to answer with
+        return existing, False
 
 
 @router.get("", response_model=JobList)
@@ -72,7 +77,7 @@ def get_job(job_id: JobId, request: Request, jobs: Jobs) -> JobOut:
 
 
 @router.delete("/{job_id}", responses={409: {"description": "the job has not ended yet"}})
-def delete_job(job_id: JobId, rt: Rt, jobs: Jobs, background: BackgroundTasks) -> dict:
+def delete_job(job_id: JobId, rt: Rt, jobs: Jobs, background: BackgroundTasks) -> dict[str, Any]:
     """Remove a finished job, its requests and its shards; the cache it used is kept."""
     paths = jobs.delete(job_id, rt.settings.retention_delete_rows)
     background.add_task(remove_objects, rt.storage, paths)  # after the commit: the index goes first

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import RedirectResponse
 
-from service.errors import NotFound, ShardDamaged, Unavailable
-from service.http.deps import Db, Rt, Who, caller
+from service.errors import ShardDamaged, Unavailable
+from service.http.deps import Db, Jobs, Rt, caller
 from service.http.metrics import render_metrics
 from service.http.params import ShardId
 from service.http.ranges import RANGE_HEADERS, RangeFileResponse, StoredFileResponse, file_responses
 from service.jobs.repository import JobRepository
 from service.storage import ShardCheckFailed
+from service.teachers.service import available_teachers
 
 log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(caller)])
@@ -25,12 +27,11 @@ PARQUET = "application/vnd.apache.parquet"
 
 
 @router.get("/v1/teachers", tags=["teachers"])
-def list_teachers(rt: Rt, db: Db) -> dict:
-    online = JobRepository(db).online_workers()
-    return {"data": [{**t.describe(), "workers": online.get(t.name, 0)} for t in rt.teachers.available()]}
+def list_teachers(rt: Rt, db: Db) -> dict[str, Any]:
+    return {"data": available_teachers(rt.teachers, db)}
 
 
-SHARD_DOWNLOAD = {"tags": ["shards"], "response_class": RangeFileResponse,
+SHARD_DOWNLOAD: dict[str, Any] = {"tags": ["shards"], "response_class": RangeFileResponse,
                   "responses": {**file_responses(PARQUET),
                                 307: {"description": "on an object store: a short-lived presigned URL of the file"}},
                   "openapi_extra": RANGE_HEADERS}
@@ -41,10 +42,8 @@ SHARD_DOWNLOAD = {"tags": ["shards"], "response_class": RangeFileResponse,
 # the whole file. Ranges: ranges.py.
 @router.get("/v1/shards/{shard_id}", **SHARD_DOWNLOAD)
 @router.head("/v1/shards/{shard_id}", **SHARD_DOWNLOAD)
-def download_shard(shard_id: ShardId, request: Request, rt: Rt, db: Db, who: Who) -> Response:
-    shard = JobRepository(db).job_shard(shard_id, who.tenant)
-    if shard is None:
-        raise NotFound(f"no shard {shard_id!r}", field="shard_id")
+def download_shard(shard_id: ShardId, request: Request, rt: Rt, jobs: Jobs) -> Response:
+    shard = jobs.shard(shard_id)
     filename = f"{shard.job_id}-{shard.shard_index:05d}.parquet"
     # Only a GET is redirected: a presigned URL is signed for GET, and a HEAD (fsspec asks one
     # for the size before its ranged GETs) is answered here from the index, without a body.
@@ -70,7 +69,7 @@ def download_shard(shard_id: ShardId, request: Request, rt: Rt, db: Db, who: Who
 
 
 @health_router.get("/healthz", tags=["health"])
-async def healthz(request: Request) -> dict:
+async def healthz(request: Request) -> dict[str, str]:
     # Async, on its own connection, with no sync dependency (those run in the threadpool): a
     # probe must answer while the worker threadpool (or the connection pool) is saturated, and
     # must never block the event loop on the database.

@@ -9,7 +9,7 @@ so nothing of another tenant is ever shown (its job's page is a 404, as in the A
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -23,8 +23,7 @@ from service.http.params import JobCursor, JobId
 from service.http.ui_pages import COOKIE, templates
 from service.jobs.schemas import JobOut
 from service.jobs.service import JobService
-from service.status.repository import ProgressPoint
-from service.status.service import StatusService, pace
+from service.status.service import ProgressPoint, StatusService, pace
 from service.tenants.service import Caller
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -140,7 +139,7 @@ CHART_WIDTH, CHART_HEIGHT, CHART_PAD = 640, 160, 20
 
 def chart(points: list[ProgressPoint], job: JobOut) -> dict[str, Any] | None:
     """Done and failed over time as SVG polylines: the snapshots, then the counts of now."""
-    now = datetime.fromisoformat(job.finished_at) if job.finished_at else datetime.now(timezone.utc)
+    now = datetime.fromisoformat(job.finished_at) if job.finished_at else datetime.now(UTC)
     counts = job.counts
     series = [(p.at, p.completed + p.cached + p.failed, p.failed) for p in points]
     series.append((now, counts.completed + counts.cached + counts.failed, counts.failed))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from service.db import db_retry, transaction
 from service.jobs.repository import JobRepository
@@ -89,10 +90,10 @@ class Finalizer:
             self._wake.clear()
 
     @db_retry(attempts=3)
-    def _attempt(self, step) -> None:
+    def _attempt(self, step: Callable[[Runtime], object]) -> None:
         step(self.rt)
 
-    def _safely(self, step) -> None:
+    def _safely(self, step: Callable[[Runtime], object]) -> None:
         try:
             self._attempt(step)
         except Exception:  # keep the loop alive: the next round retries

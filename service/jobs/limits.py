@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import LimitExceeded, ValidationFailed
-from service.jobs.schemas import JobCreate
+from service.errors import LimitExceeded, RateLimited, ValidationFailed
+from service.jobs.schemas import JobCreate, RequestIn
 from service.jobs.tokenize import PreparedRequest
 from service.settings import ServiceSettings
 
@@ -84,7 +84,7 @@ def check_job_parameters(body: JobCreate, limits: JobLimits) -> None:
                    f"{body.sampling.max_tokens} is above the maximum", "sampling.max_tokens")
 
 
-def texts(request) -> list[tuple[str, str]]:
+def texts(request: RequestIn) -> list[tuple[str, str]]:
     """(field, text) of every free text of a request that the tokenizer would read."""
     found = [(name, getattr(request, name)) for name in ("prompt", "response") if getattr(request, name)]
     return found + [(f"messages[{i}].content", m.content) for i, m in enumerate(request.messages or ())]
@@ -132,10 +132,10 @@ def check_token_total(tokens: int, limits: JobLimits) -> None:
 def check_pending(tenant: str, pending: int, new: int, limits: JobLimits) -> None:
     """Concurrent pending requests of one tenant: refused with 429 until some finish."""
     if pending + new > limits.max_pending_requests_per_tenant:
-        raise LimitExceeded(
+        raise RateLimited(
             f"tenant {tenant!r} would have {pending + new} requests pending "
             f"(limit max_pending_requests_per_tenant = {limits.max_pending_requests_per_tenant}); "
             "retry when some have finished",
             limit="max_pending_requests_per_tenant", maximum=limits.max_pending_requests_per_tenant,
-            status_code=429, retry_after_s=30, field="requests", pending=pending,
+            retry_after_s=30, field="requests", pending=pending,
         )

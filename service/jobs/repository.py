@@ -5,6 +5,7 @@ Callers own the transaction; nothing here commits.
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,8 +14,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from service.jobs.spend import SpendTokens
 from service.models import Job, Request, Result, Shard, Task, Worker
-
-ACTIVE = ("queued", "running")
+from service.states import JOB_ACTIVE, RequestState, sql_list
 
 # Requests waiting on a task that has a result now (e.g. it finished while they were being
 # submitted) are answered from it; those waiting on a task that failed for good fail with it.
@@ -132,9 +132,9 @@ FIRST_DUPLICATE_CUSTOM_ID_SQL = sa.text(
 )
 # Jobs with nothing pending move on to finalizing (their output shards get assembled).
 READY_TO_FINALIZE_SQL = sa.text(
-    """
+    f"""
     UPDATE jobs j SET status = 'finalizing', started_at = COALESCE(j.started_at, now())
-     WHERE j.id = ANY(CAST(:job_ids AS text[])) AND j.status IN ('queued', 'running')
+     WHERE j.id = ANY(CAST(:job_ids AS text[])) AND j.status IN ({sql_list(JOB_ACTIVE)})
        AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.id AND r.state = 'pending')
     """
 )
@@ -178,7 +178,7 @@ class JobRepository:
         self.session.add(job)
         self.session.flush()
 
-    def add_requests(self, rows: list[dict[str, Any]]) -> None:
+    def add_requests(self, rows: builtins.list[dict[str, Any]]) -> None:
         """COPY, in the session's transaction: a 100,000-request job is 2-3x faster than executemany."""
         if not rows:
             return
@@ -221,11 +221,12 @@ class JobRepository:
             sa.select(sa.func.count())
             .select_from(Request)
             .join(Job, Job.id == Request.job_id)
-            .where(Job.tenant == tenant, Job.status.in_(ACTIVE), Request.state == "pending")
+            .where(Job.tenant == tenant, Job.status.in_(JOB_ACTIVE), Request.state == RequestState.PENDING)
         )
         return int(self.session.scalar(query))
 
-    def list(self, tenant: str, limit: int, before: tuple[Any, str] | None, status: str | None = None) -> list[Job]:
+    def list(self, tenant: str, limit: int, before: tuple[Any, str] | None,
+             status: str | None = None) -> builtins.list[Job]:
         query = (
             sa.select(Job).where(Job.tenant == tenant, Job.status != "deleting")
             .order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
@@ -249,7 +250,7 @@ class JobRepository:
         counts["total"] = sum(counts.values())
         return counts
 
-    def results_for(self, keys: list[str]) -> set[str]:
+    def results_for(self, keys: builtins.list[str]) -> set[str]:
         """The keys with a cache entry, each now recorded as used (least-recently-used eviction)
         and held (FOR KEY SHARE) until this transaction ends, so no eviction removes an entry a
         submission is answering requests from."""
@@ -257,13 +258,13 @@ class JobRepository:
             return set()
         return set(self.session.scalars(USE_RESULTS_SQL, {"keys": keys, "resolution_s": LAST_USED_RESOLUTION_S}))
 
-    def expired_jobs(self, retention_s: float, limit: int) -> list[tuple[str, str]]:
+    def expired_jobs(self, retention_s: float, limit: int) -> builtins.list[tuple[str, str]]:
         """(id, tenant) of up to `limit` jobs that ended more than `retention_s` ago, oldest first,
         locked (another sweeper skips them)."""
         rows = self.session.execute(EXPIRED_JOBS_SQL, {"retention_s": retention_s, "limit": limit})
         return [(job_id, tenant) for job_id, tenant in rows]
 
-    def add_results(self, rows: list[dict[str, Any]]) -> None:
+    def add_results(self, rows: builtins.list[dict[str, Any]]) -> None:
         """Index computed rows; a recomputation (cache refresh) replaces the entry."""
         if not rows:
             return
@@ -279,7 +280,7 @@ class JobRepository:
         self.session.add(shard)
         self.session.flush()
 
-    def resolve_requests(self, keys: list[str] | None) -> set[str]:
+    def resolve_requests(self, keys: builtins.list[str] | None) -> set[str]:
         """Answer pending requests from results / failed tasks; return the jobs touched."""
         params = {"keys": keys}
         done = self.session.execute(RESOLVE_FROM_RESULTS_SQL, params).scalars().all()
@@ -293,7 +294,7 @@ class JobRepository:
             self.session.execute(READY_TO_FINALIZE_SQL, {"job_ids": ids})
 
     def active_jobs(self) -> set[str]:
-        return set(self.session.scalars(sa.select(Job.id).where(Job.status.in_(ACTIVE))))
+        return set(self.session.scalars(sa.select(Job.id).where(Job.status.in_(JOB_ACTIVE))))
 
     def claim_job_to_finalize(self) -> Job | None:
         job_id = self.session.execute(CLAIM_FINALIZING_SQL).scalar_one_or_none()
@@ -314,7 +315,7 @@ class JobRepository:
         self.session.execute(DELETE_JOB_SHARDS_SQL, {"job_id": job_id})
         self.session.execute(MARK_DELETING_SQL, {"job_id": job_id})
 
-    def deleting_jobs(self, limit: int) -> list[str]:
+    def deleting_jobs(self, limit: int) -> builtins.list[str]:
         """Up to `limit` jobs marked `deleting`, locked (another sweeper works on others)."""
         return list(self.session.scalars(DELETING_JOBS_SQL, {"limit": limit}))
 
@@ -322,7 +323,7 @@ class JobRepository:
         """Delete at most `rows` of the job's requests; how many went."""
         return self.session.execute(DELETE_REQUESTS_CHUNK_SQL, {"job_id": job_id, "rows": rows}).rowcount
 
-    def job_shards(self, job_id: str) -> list[Shard]:
+    def job_shards(self, job_id: str) -> builtins.list[Shard]:
         query = sa.select(Shard).where(Shard.job_id == job_id, Shard.kind == "job").order_by(Shard.shard_index)
         return list(self.session.scalars(query))
 
@@ -335,12 +336,12 @@ class JobRepository:
         )
         return self.session.scalar(query)
 
-    def failed_requests(self, job_id: str, limit: int, after: int = -1) -> list[Request]:
+    def failed_requests(self, job_id: str, limit: int, after: int = -1) -> builtins.list[Request]:
         """A page of the job's failed requests after request index `after` (the (job_id,
         request_index) key keeps each page a bounded index range scan)."""
         query = (
             sa.select(Request)
-            .where(Request.job_id == job_id, Request.state.in_(("failed", "cancelled")),
+            .where(Request.job_id == job_id, Request.state.in_((RequestState.FAILED, RequestState.CANCELLED)),
                    Request.request_index > after)
             .order_by(Request.request_index)
             .limit(limit)
@@ -350,11 +351,11 @@ class JobRepository:
     def cancel_pending(self, job_id: str) -> None:
         self.session.execute(
             sa.update(Request)
-            .where(Request.job_id == job_id, Request.state == "pending")
-            .values(state="cancelled", error="cancelled")
+            .where(Request.job_id == job_id, Request.state == RequestState.PENDING)
+            .values(state=RequestState.CANCELLED, error="cancelled")
         )
 
-    def prompts_for(self, keys: list[str]) -> dict[str, list[int]]:
+    def prompts_for(self, keys: builtins.list[str]) -> dict[str, list[int]]:
         rows = self.session.execute(sa.select(Task.key, Task.prompt_token_ids).where(Task.key == any_key(keys)))
         return dict(rows.all())
 
@@ -369,7 +370,7 @@ class JobRepository:
         rows = self.session.execute(JOB_SPEND_SQL, {"job_id": job_id})
         return {cached: (int(prompt), int(completion)) for cached, prompt, completion in rows}
 
-    def spend_tokens_by_teacher(self) -> list[tuple[str, str, bool, int, int]]:
+    def spend_tokens_by_teacher(self) -> builtins.list[tuple[str, str, bool, int, int]]:
         """(teacher, mode, cached, prompt tokens, completion tokens): the jobs' spend, summed."""
         return [(t, m, c, int(p), int(n)) for t, m, c, p, n in self.session.execute(TEACHER_SPEND_SQL)]
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.ids import id_pattern
+from service.states import JobStatus
 from service.text import StorableJson, StorableText, UnicodeText
 from teachercache.soft_labels import DEFAULT_ENCODING, ENCODINGS
 
@@ -113,7 +114,7 @@ class ShardOut(BaseModel):
 class JobOut(BaseModel):
     id: str
     object: Literal["job"] = "job"
-    status: str
+    status: JobStatus
     teacher: str
     mode: str
     top_logprobs: int

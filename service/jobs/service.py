@@ -14,18 +14,20 @@ from sqlalchemy import orm
 from service.cachekey import key_maker, normalize_sampling, teacher_identity
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.ids import new_id
+from service.jobs.input_file import LineNumbers, file_lines, prepared_batches, read_ahead
 from service.jobs.limits import JobLimits, check_pending, check_shape, check_text_lengths, check_tokens
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
 from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded_spend
 from service.jobs.tokenize import PreparedRequest, prepare_requests
-from service.jobs.input_file import LineNumbers, file_lines, prepared_batches, read_ahead
-from service.models import Job
+from service.models import Job, Shard
 from service.openai_batch.models import OpenAIFile
 from service.openai_batch.repository import OpenAIBatchRepository
 from service.queue.repository import NewTask, TaskRepository
+from service.states import JOB_FINISHED, JobStatus, RequestState
 from service.storage.port import Storage
 from service.teachers.tokenizer import Teacher
+from service.tenants.service import TenantService
 
 MAX_ATTEMPTS = 3
 ShardUrl = Callable[[str], str]
@@ -91,20 +93,27 @@ class JobService:
         return job
 
     def submit(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None = None,
-               before_write: Callable[[], None] = lambda: None, prepared: list | None = None) -> Job:
-        """Validate and tokenize (unless `prepared` already is), then (`before_write`: the rate-limit
-        spend, so an invalid body spends nothing) write the whole job."""
+               prepared: list | None = None) -> Job:
+        """Validate and tokenize (unless `prepared` already is), spend one of the tenant's
+        submissions (after validation, so an invalid body spends nothing; in this transaction, so
+        a refused one spends nothing either), then write the whole job. Every submission, a
+        native job or an OpenAI batch's, is rate-limited here and nowhere else."""
         if prepared is None:
             prepared = prepare_submission(body, teacher, self.limits)
-        before_write()
+        self._spend_submission()
         job = self._add_job(body, teacher, idempotency_key, len(prepared))
         pending = JobWriter(self, job, body, teacher).write(prepared)
         self._check_pending(pending)
         self.jobs.advance_jobs({job.id})  # a job answered wholly from the cache is ready at once
         return job
 
-    def submit_file(self, body: JobCreate, teacher: Teacher, storage: Storage, idempotency_key: str | None = None,
-                    before_write: Callable[[], None] = lambda: None) -> Job:
+    def _spend_submission(self) -> None:
+        """One of the tenant's submissions, after validation (an invalid body spends nothing) and
+        in the submission's transaction (a refused one spends nothing either)."""
+        TenantService(self.jobs.session).spend_submission(self.tenant, self.limits)
+
+    def submit_file(self, body: JobCreate, teacher: Teacher, storage: Storage,
+                    idempotency_key: str | None = None) -> Job:
         """A job whose requests are the lines of an uploaded file (`input_file_id`), read, tokenized
         and written a batch at a time in this one transaction: a refused line rolls all of it back
         (the caller's transaction), so nothing is left of it, the rate-limit spend included."""
@@ -120,7 +129,7 @@ class JobService:
                 for batch, keys in ahead:
                     writer.write(batch, keys)
         self._check_custom_ids(job.id, numbers, writer.gave_custom_ids)
-        before_write()
+        self._spend_submission()
         self._check_pending(writer.pending)
         job.total = writer.total
         self.jobs.advance_jobs({job.id})
@@ -159,7 +168,7 @@ class JobService:
     def _add_job(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None, total: int,
                  source: OpenAIFile | None = None) -> Job:
         job = Job(
-            id=new_id("job"), tenant=self.tenant, status="queued", teacher=teacher.name, mode=body.mode,
+            id=new_id("job"), tenant=self.tenant, status=JobStatus.QUEUED, teacher=teacher.name, mode=body.mode,
             top_logprobs=body.top_logprobs, sampling=body.sampling.model_dump(), cache_policy=body.cache,
             soft_labels=body.soft_labels.model_dump(), metadata_=body.metadata, total=total,
             idempotency_key=idempotency_key, body_sha256=body_sha256(body, source),
@@ -193,7 +202,7 @@ class JobService:
         it is marked `deleting` (gone for its tenant at once, its shards too) and the retention
         sweep deletes its requests a chunk per transaction (`purge_deleting`), then its row."""
         job = self.get(job_id, lock=True)
-        if job.status not in ("succeeded", "failed", "cancelled"):
+        if job.status not in JOB_FINISHED:
             raise Conflict(f"job {job_id} is {job.status}; cancel it and wait for it to end before deleting it")
         paths = [shard.path for shard in self.jobs.job_shards(job_id)]
         if job.total <= rows_per_transaction:
@@ -204,15 +213,15 @@ class JobService:
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id, lock=True)
-        if job.status in ("succeeded", "failed", "cancelled"):
+        if job.status in JOB_FINISHED:
             return job
-        if job.status == "finalizing":
+        if job.status == JobStatus.FINALIZING:
             if job.cancel_requested_at is not None:
                 return job
             raise Conflict(f"job {job_id} is already finalizing; nothing is left to cancel")
         self.jobs.cancel_pending(job_id)
         # Assembled with what was completed; the finalizer then ends it `cancelled`.
-        job.status = "finalizing"
+        job.status = JobStatus.FINALIZING
         job.cancel_requested_at = sa.func.now()
         return job
 
@@ -223,6 +232,18 @@ class JobService:
         errors = [RequestError(request_index=r.request_index, custom_id=r.custom_id, error=r.error or r.state)
                   for r in rows[:limit]]
         return errors, len(rows) > limit
+
+    def shard(self, shard_id: str) -> Shard:
+        """One of the tenant's job output shards (result shards and other tenants' are not found)."""
+        shard = self.jobs.job_shard(shard_id, self.tenant)
+        if shard is None:
+            raise NotFound(f"no shard {shard_id!r}", field="shard_id")
+        return shard
+
+    def cache_stats(self) -> dict[str, int]:
+        """The shared cache's entries; the tenant's own hits, misses and tokens saved."""
+        stats = self.jobs.cache_stats(self.tenant)
+        return {**stats, "tokens_saved": stats["prompt_tokens_saved"] + stats["completion_tokens_saved"]}
 
     def shards(self, job_id: str, shard_url: ShardUrl) -> list[ShardOut]:
         self.get(job_id)
@@ -294,7 +315,7 @@ class JobWriter:
 def request_row(job_id: str, request: PreparedRequest, key: str, hit: bool) -> dict[str, Any]:
     return {
         "job_id": job_id, "request_index": request.index, "custom_id": request.custom_id, "cache_key": key,
-        "state": "done" if hit else "pending", "cached": hit, "result_key": key if hit else None,
+        "state": RequestState.DONE if hit else RequestState.PENDING, "cached": hit, "result_key": key if hit else None,
         "prompt_tokens": len(request.prompt_token_ids),
     }
 

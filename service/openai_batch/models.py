@@ -14,6 +14,7 @@ from sqlalchemy import orm
 from sqlalchemy.dialects.postgresql import JSONB
 
 from service.models import NOW, TIMESTAMP, Base
+from service.states import BatchStatus, check_in
 
 
 class OpenAIFile(Base):
@@ -34,15 +35,14 @@ class OpenAIFile(Base):
 
 class OpenAIBatch(Base):
     __tablename__ = "batches"
-    __table_args__ = (sa.Index("ix_batches_tenant_created_at", "tenant", "created_at"),)
+    __table_args__ = (sa.Index("ix_batches_tenant_created_at", "tenant", "created_at"), check_in("status", BatchStatus))
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
     tenant: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("tenants.name"))
     input_file_id: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("files.id"))
     endpoint: orm.Mapped[str] = orm.mapped_column(sa.String(64))
     completion_window: orm.Mapped[str] = orm.mapped_column(sa.String(16))
-    # validating -> in_progress -> finalizing -> completed | failed | cancelling -> cancelled | expired
-    status: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    status: orm.Mapped[str] = orm.mapped_column(sa.String(16))  # BatchStatus
     job_id: orm.Mapped[str | None] = orm.mapped_column(sa.ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
     errors: orm.Mapped[list[Any] | None] = orm.mapped_column(JSONB)
     output_file_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(40))

@@ -26,10 +26,6 @@ class OpenAIBatchRepository:
         query = sa.select(OpenAIBatch).where(OpenAIBatch.id == batch_id, OpenAIBatch.tenant == tenant)
         return self.session.scalar(query.with_for_update() if lock else query)
 
-    def refresh(self, batch: OpenAIBatch) -> None:
-        """Reload server-set columns (created_at) after an insert."""
-        self.session.refresh(batch)
-
     def list_batches(self, tenant: str, limit: int, before: tuple[Any, str] | None) -> list[OpenAIBatch]:
         query = (
             sa.select(OpenAIBatch)

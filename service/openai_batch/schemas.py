@@ -7,9 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from service.ids import id_pattern
+from service.states import BatchStatus
 from service.text import StorableText
-
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
 class FileObject(BaseModel):
@@ -54,7 +53,7 @@ class BatchObject(BaseModel):
     errors: BatchErrors | None
     input_file_id: str
     completion_window: str
-    status: str
+    status: BatchStatus
     output_file_id: str | None
     error_file_id: str | None
     created_at: int

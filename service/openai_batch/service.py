@@ -17,7 +17,7 @@ from typing import BinaryIO
 import pyarrow.parquet as pq
 from sqlalchemy import orm
 
-from service.errors import NotFound, ValidationFailed
+from service.errors import LimitExceeded, NotFound, ValidationFailed
 from service.ids import new_id
 from service.jobs.limits import JobLimits
 from service.jobs.repository import JobRepository
@@ -36,14 +36,12 @@ from service.openai_batch.schemas import (
     RequestCounts,
 )
 from service.runtime import Runtime
+from service.states import BATCH_FINISHED, JOB_ACTIVE, JOB_FINISHED, BatchStatus, JobStatus
 from service.storage.port import Storage, StoredShard, storage_retry
-from service.tenants.service import TenantService
 from service.text import storable_text
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file (a native job's has none)
 COPY_CHUNK_BYTES = 1024 * 1024
-FINAL = ("completed", "failed", "cancelled", "expired")
-JOB_FINISHED = ("succeeded", "failed", "cancelled")
 
 
 def completion_window(window: str) -> timedelta:
@@ -117,7 +115,7 @@ class OpenAIBatchService:
                                    "for a batch input file; submit it as a native job (POST /v1/jobs with "
                                    "input_file_id), which has none", field="input_file_id")
         batch = OpenAIBatch(id=new_id("batch"), tenant=self.tenant, input_file_id=source.id, endpoint=body.endpoint,
-                            completion_window=body.completion_window, status="validating",
+                            completion_window=body.completion_window, status=BatchStatus.VALIDATING,
                             metadata_=body.metadata or {}, created_at=now())
         self.repo.add(batch)
         parsed = parse_input(self.rt.storage.read_bytes(source.path), body.endpoint, set(self.rt.teachers.registry.teachers))
@@ -132,22 +130,16 @@ class OpenAIBatchService:
                                "openai_logprobs": parsed.wants_logprobs}
         try:
             with self.session.begin_nested():  # a rejected submission leaves no partial job behind
-                job = self.jobs.submit(parsed.job, self.rt.teachers.get(parsed.teacher), before_write=self._spend)
-        except ValidationFailed as exc:
-            if exc.status_code == 429:  # the tenant has too much in flight: refuse the batch, keep nothing
-                raise
+                job = self.jobs.submit(parsed.job, self.rt.teachers.get(parsed.teacher))
+        except (ValidationFailed, LimitExceeded) as exc:  # a RateLimited refuses the batch: nothing is kept
             self._fail(batch, [error_from_submission(exc, parsed.line_numbers)])
             return
         batch.job_id = job.id
-        batch.status, batch.in_progress_at = "in_progress", now()
+        batch.status, batch.in_progress_at = BatchStatus.IN_PROGRESS, now()
         batch.request_total = job.total
 
-    def _spend(self) -> None:
-        """The tenant's submission token, in this transaction: only a batch that starts a job spends one."""
-        TenantService(self.session).spend_submission(self.tenant, self.jobs.limits)
-
     def _fail(self, batch: OpenAIBatch, errors: list[BatchError]) -> None:
-        batch.status, batch.failed_at = "failed", now()
+        batch.status, batch.failed_at = BatchStatus.FAILED, now()
         batch.errors = [e.model_dump() for e in errors]
 
     def get(self, batch_id: str, lock: bool = False) -> OpenAIBatch:
@@ -158,15 +150,15 @@ class OpenAIBatchService:
 
     def cancel(self, batch_id: str) -> OpenAIBatch:
         batch = self.sync(self.get(batch_id, lock=True))
-        if batch.status in FINAL or batch.job_id is None:
+        if batch.status in BATCH_FINISHED or batch.job_id is None:
             return batch
         self.jobs.cancel(batch.job_id)
-        batch.status, batch.cancelling_at = "cancelling", batch.cancelling_at or now()
+        batch.status, batch.cancelling_at = BatchStatus.CANCELLING, batch.cancelling_at or now()
         return self.sync(batch)
 
     def sync(self, batch: OpenAIBatch) -> OpenAIBatch:
         """Bring the batch up to date with its job (the caller holds its row lock)."""
-        if batch.status in FINAL or batch.job_id is None:
+        if batch.status in BATCH_FINISHED or batch.job_id is None:
             return batch
         job = self.jobs.get(batch.job_id)
         if self._window_ran_out(batch, job):
@@ -177,29 +169,29 @@ class OpenAIBatchService:
         batch.request_failed = counts["failed"]
         if job.status in JOB_FINISHED and job.finished_at is not None:
             self._finish(batch, job)
-        elif job.status == "finalizing" and job.cancel_requested_at is None:
-            batch.status, batch.finalizing_at = "finalizing", batch.finalizing_at or now()
+        elif job.status == JobStatus.FINALIZING and job.cancel_requested_at is None:
+            batch.status, batch.finalizing_at = BatchStatus.FINALIZING, batch.finalizing_at or now()
         return batch
 
     @staticmethod
     def _window_ran_out(batch: OpenAIBatch, job: Job) -> bool:
         """Past its completion window with work still pending (a finalizing job is done working)."""
-        if batch.expired_at is not None or job.status not in ("queued", "running"):
+        if batch.expired_at is not None or job.status not in JOB_ACTIVE:
             return False
         return now() > batch.created_at + completion_window(batch.completion_window)
 
     def _finish(self, batch: OpenAIBatch, job: Job) -> None:
-        if job.status == "failed":
+        if job.status == JobStatus.FAILED:
             self._fail(batch, [BatchError(code="job_failed", message=job.error or "the job failed")])
             return
         self._write_results(batch, job)
         batch.finalizing_at = batch.finalizing_at or now()
-        if job.status == "cancelled" and batch.expired_at is not None:
-            batch.status = "expired"
-        elif job.status == "cancelled":
-            batch.status, batch.cancelled_at = "cancelled", now()
+        if job.status == JobStatus.CANCELLED and batch.expired_at is not None:
+            batch.status = BatchStatus.EXPIRED
+        elif job.status == JobStatus.CANCELLED:
+            batch.status, batch.cancelled_at = BatchStatus.CANCELLED, now()
         else:
-            batch.status, batch.completed_at = "completed", now()
+            batch.status, batch.completed_at = BatchStatus.COMPLETED, now()
 
     def _write_results(self, batch: OpenAIBatch, job: Job) -> None:
         """The output and error files, streamed from the job's shards (one pass each), never the
@@ -265,7 +257,7 @@ class OpenAIBatchService:
             before = (cursor.created_at, cursor.id)
         batches = self.repo.list_batches(self.tenant, limit + 1, before)
         # Row-locked like a single GET, so two readers never both build a batch's output files.
-        page = [b if b.status in FINAL else self.sync(self.get(b.id, lock=True)) for b in batches[:limit]]
+        page = [b if b.status in BATCH_FINISHED else self.sync(self.get(b.id, lock=True)) for b in batches[:limit]]
         return page, len(batches) > limit
 
 
@@ -278,7 +270,7 @@ def copy_into(storage: Storage, path: str, source: BinaryIO) -> StoredShard:
     return storage.write(path, fill)
 
 
-def error_from_submission(exc: ValidationFailed, line_numbers: list[int]) -> BatchError:
+def error_from_submission(exc: ValidationFailed | LimitExceeded, line_numbers: list[int]) -> BatchError:
     """A native validation error (e.g. a prompt too long for the teacher) names request i: report its file line."""
     index = exc.details.get("request_index")
     field = str(exc.details.get("field", ""))

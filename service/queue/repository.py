@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import orm
 
+from service.states import TaskState
 
 CLAIM_SQL = sa.text(
     """
@@ -313,6 +314,6 @@ class TaskRepository:
             with cursor.copy(COPY_STAGED_TASKS_SQL) as copy:
                 for row in task_rows(tasks):
                     copy.write_row(row)
-        rerun = ["failed", "done"] if recompute_done else ["failed"]
+        rerun = [TaskState.FAILED, TaskState.DONE] if recompute_done else [TaskState.FAILED]
         self.session.execute(ENQUEUE_SQL, {"rerun_states": rerun})
         self.session.execute(CLEAR_STAGED_TASKS_SQL)

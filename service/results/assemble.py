@@ -29,9 +29,10 @@ from service.jobs.repository import JobRepository
 from service.jobs.spend import stored_spend
 from service.models import Job, Shard
 from service.results.repository import AssemblyRow, ResultRepository
+from service.states import JobStatus
+from service.storage import ShardCheckFailed, Storage
 from teachercache.shard_format import JOB_SCHEMA, RESULT_FIELDS, error_row, open_shard, parquet_options, shard_metadata
 from teachercache.soft_labels import DEFAULT_ENCODING, Encoding, encode, stored_schema
-from service.storage import ShardCheckFailed, Storage
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, j
         jobs.add_shard(Shard(id=new_id("shard"), kind="job", job_id=job.id, shard_index=index, path=stored.path,
                              rows=stored.rows, bytes=stored.bytes, sha256=stored.sha256))
         index += 1
-    job.status = "cancelled" if job.cancel_requested_at else "succeeded"
+    job.status = JobStatus.CANCELLED if job.cancel_requested_at else JobStatus.SUCCEEDED
     job.error = None
     job.finished_at = sa.func.now()
     job.spend_tokens = stored_spend(jobs.spend_tokens(job.id))

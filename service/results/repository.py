@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 from service.models import Request, Result, Shard
+from service.states import JOB_UNFINISHED, sql_list
 
 # The result shards a job's answered requests read from: verified before any row is copied.
 JOB_RESULT_SHARDS_SQL = sa.text(
@@ -27,10 +28,10 @@ DROP_RESULTS_SQL = sa.text("DELETE FROM results WHERE shard_id = ANY(CAST(:shard
 DROP_RESULT_SHARDS_SQL = sa.text("DELETE FROM shards WHERE id = ANY(CAST(:shard_ids AS text[])) AND kind = 'result'")
 # ...the requests of unfinished jobs that were answered by them go back to the queue...
 REQUEUE_REQUESTS_SQL = sa.text(
-    """
+    f"""
     UPDATE requests r SET state = 'pending', result_key = NULL, cached = false
       FROM jobs j
-     WHERE j.id = r.job_id AND j.status IN ('queued', 'running', 'finalizing')
+     WHERE j.id = r.job_id AND j.status IN ({sql_list(JOB_UNFINISHED)})
        AND r.state = 'done' AND r.result_key = ANY(CAST(:keys AS text[]))
     RETURNING r.job_id
     """
@@ -60,11 +61,11 @@ OVER_BUDGET_SQL = sa.text(
 # no pending request waits on its key (it is about to be answered by it). Locked; another
 # sweeper skips them, and so do submissions holding a hit (FOR KEY SHARE conflicts).
 EVICTABLE_SQL = sa.text(
-    """
+    f"""
     SELECT res.cache_key, res.shard_id FROM results res
      WHERE res.last_used_at < now() - make_interval(secs => :idle_s)
        AND NOT EXISTS (SELECT 1 FROM requests r JOIN jobs j ON j.id = r.job_id
-                        WHERE r.result_key = res.cache_key AND j.status IN ('queued', 'running', 'finalizing'))
+                        WHERE r.result_key = res.cache_key AND j.status IN ({sql_list(JOB_UNFINISHED)}))
        AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.cache_key = res.cache_key AND r.state = 'pending')
      ORDER BY res.last_used_at, res.cache_key LIMIT :limit
        FOR UPDATE OF res SKIP LOCKED

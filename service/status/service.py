@@ -8,7 +8,7 @@ Services never commit: the request handler or the finalizer loop does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import orm
 
@@ -37,7 +37,7 @@ def pace(job: JobOut, now: datetime | None = None) -> JobPace:
     fraction = done / counts.total if counts.total else 1.0
     if job.started_at is None:
         return JobPace(done, fraction, None, None, None)
-    end = datetime.fromisoformat(job.finished_at) if job.finished_at else (now or datetime.now(timezone.utc))
+    end = datetime.fromisoformat(job.finished_at) if job.finished_at else (now or datetime.now(UTC))
     elapsed = max((end - datetime.fromisoformat(job.started_at)).total_seconds(), 1e-3)
     rate = done / elapsed
     tokens = job.spend.completion_tokens_sent / elapsed
@@ -74,7 +74,7 @@ class StatusService:
 
     def record_progress(self, every_s: float) -> int:
         """A snapshot of each active job whose last one is older than `every_s`; how many."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         recorded = 0
         for job_id in sorted(self.jobs.active_jobs()):
             last = self.status.last_snapshot_at(job_id)
@@ -86,7 +86,7 @@ class StatusService:
         return recorded
 
     def workers(self, seen_within_s: int, alive_within_s: int) -> list[WorkerView]:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         views = []
         for row in self.status.workers(seen_within_s, WORKERS_SHOWN):
             alive = row.stopped_at is None and (now - row.heartbeat_at).total_seconds() < alive_within_s

@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from service.storage.port import (
-    TEMP_SUFFIX, ObjectStat, ShardCheckFailed, Storage, StoredShard, storage_retry,
+    TEMP_SUFFIX,
+    ObjectStat,
+    ShardCheckFailed,
+    Storage,
+    StoredShard,
+    storage_retry,
 )
 
 __all__ = ["TEMP_SUFFIX", "ObjectStat", "ShardCheckFailed", "Storage", "StoredShard", "open_storage",

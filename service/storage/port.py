@@ -123,7 +123,7 @@ class Storage(ABC):
 
         def fill(f: BinaryIO) -> int:
             pq.write_table(table, f, **{"compression": "zstd", **options})
-            return table.num_rows
+            return int(table.num_rows)
 
         return self.write(rel, fill)
 
@@ -136,7 +136,8 @@ class Storage(ABC):
 
     def read_bytes(self, rel: str) -> bytes:
         with self.open(rel) as f:
-            return f.read()
+            data: bytes = f.read()
+            return data
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         with self.open(rel) as f:

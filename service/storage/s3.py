@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
@@ -83,15 +84,16 @@ class S3Storage(Storage):
     def download_url(self, rel: str, filename: str, media_type: str, expires_s: int) -> str:
         params = {"Bucket": self.bucket, "Key": self.key(rel), "ResponseContentType": media_type,
                   "ResponseContentDisposition": f'attachment; filename="{filename}"'}
-        return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
+        url: str = self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s)
+        return url
 
     def sweep_temporary_files(self, older_than_s: float = 600.0) -> int:
         return sweep(self.spool_dir, older_than_s)
 
 
-def pyarrow_options(endpoint: str | None) -> dict:
+def pyarrow_options(endpoint: str | None) -> dict[str, Any]:
     """pyarrow's S3FileSystem from the same environment boto3 reads."""
-    options: dict = {"region": region()}
+    options: dict[str, Any] = {"region": region()}
     if endpoint:
         parsed = urlsplit(endpoint)
         options["endpoint_override"] = parsed.netloc or endpoint

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from service.settings import ServiceSettings
 from service.teachers.registry import Registry, load_registry
 from service.teachers.tokenizer import Teacher
 
@@ -17,7 +18,7 @@ class TeacherCatalog:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings) -> TeacherCatalog:
+    def from_settings(cls, settings: ServiceSettings) -> TeacherCatalog:
         return cls(load_registry(settings.teachers_file), settings.models_dir)
 
     def get(self, name: str | None) -> Teacher:

@@ -73,7 +73,7 @@ class TeacherSpec:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"teacher {self.name!r}: tensor_parallel_size must be at least 1")
         if self.is_remote:
-            self.remote  # validates the source's fields
+            self.remote  # noqa: B018 -- builds the RemoteSource, which validates the source's fields
             if not self.revision:
                 raise ValueError(f"remote teacher {self.name!r} needs a `revision` (it is part of the cache key)")
             if not self.tokenizer:

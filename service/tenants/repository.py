@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy import orm
 
@@ -41,7 +43,7 @@ class TenantRepository:
         self.session.add(row)
         self.session.flush()
 
-    def key_with_limits(self, key_id: str) -> tuple[ApiKey, dict] | None:
+    def key_with_limits(self, key_id: str) -> tuple[ApiKey, dict[str, Any]] | None:
         """The key and its tenant's own limits, in one query (every request asks)."""
         query = sa.select(ApiKey, Tenant.limits).join(Tenant, Tenant.name == ApiKey.tenant).where(ApiKey.id == key_id)
         row = self.session.execute(query).one_or_none()
@@ -60,7 +62,8 @@ class TenantRepository:
         statement = (
             sa.update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=sa.func.now())
         )
-        return self.session.execute(statement).rowcount == 1
+        result: sa.CursorResult[Any] = self.session.execute(statement)  # type: ignore[assignment]  # an UPDATE's
+        return result.rowcount == 1
 
     def take_submission_token(self, tenant: str, rate_per_s: float, burst: float) -> float:
         params = {"tenant": tenant, "rate": rate_per_s, "burst": burst}

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import orm
 
-from service.errors import LimitExceeded, NotFound, ValidationFailed
+from service.errors import NotFound, RateLimited, ValidationFailed
 from service.jobs.limits import JobLimits, check_limit_name, check_limit_value
 from service.tenants.models import ApiKey, Tenant
 from service.tenants.repository import TenantRepository
@@ -91,9 +91,9 @@ class TenantService:
         rate = per_minute / 60.0
         tokens = self.repo.take_submission_token(tenant, rate, burst)
         if tokens < 1:
-            raise LimitExceeded(
+            raise RateLimited(
                 f"tenant {tenant!r} submits too often (limit submissions_per_minute = {per_minute:g}, "
-                f"burst {burst})", limit="submissions_per_minute", maximum=per_minute, status_code=429,
+                f"burst {burst})", limit="submissions_per_minute", maximum=per_minute,
                 retry_after_s=(1 - tokens) / rate,
             )
 

@@ -10,7 +10,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.settings import ServiceSettings
-
 from tests.integration.test_pipeline_scripted import batch
 
 

@@ -8,7 +8,6 @@ that the cache outlives the processes. (The cache key on its own: tests/unit/tes
 
 from __future__ import annotations
 
-
 import pytest
 from fastapi.testclient import TestClient
 

@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import os
-
 import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -7,8 +7,8 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from service.models import Job
-from tests.jobs import bearer, wait_for
 from tests.integration.test_pipeline_scripted import batch
+from tests.jobs import bearer, wait_for
 from workers.scripted_engine import ScriptedEngine
 
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.shards import add_job_shard
 from tests.s3 import local_or_s3_uri
+from tests.shards import add_job_shard
 
 
 # Every download test runs on both adapters: a local file, and an S3 object proxied through

@@ -175,7 +175,7 @@ def test_the_async_client_uploads_a_large_file_too(live_url, tmp_path, upload_ev
     path.write_bytes(jsonl([{"prompt_token_ids": [6, i + 1]} for i in range(3)]))
 
     async def submit() -> dict:
-        async with tc.AsyncClient(live_url, retry=NO_SLEEP) as client:
-            return await client.submit(jsonl_path=path, sampling={"max_tokens": 4})
+        async with tc.AsyncClient(live_url, retry=NO_SLEEP) as async_client:
+            return await async_client.submit(jsonl_path=path, sampling={"max_tokens": 4})
 
     assert asyncio.run(submit())["counts"]["total"] == 3

@@ -6,7 +6,6 @@ The real engine runs the same path in test_pipeline_vllm.py.
 
 from __future__ import annotations
 
-
 import pytest
 
 from tests.jobs import download_rows, wait_for

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.oracle import assert_row_matches
 from tests.jobs import download_rows, wait_for
+from tests.oracle import assert_row_matches
 
 pytestmark = pytest.mark.engine
 TEACHER = "smollm2-135m-instruct"

@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from service.db import transaction
 from service.models import Job, Task
 from service.queue.repository import TaskRepository
-from tests.jobs import download_rows, wait_for
 from tests.integration.test_pipeline_scripted import batch
+from tests.jobs import download_rows, wait_for
 from workers.scripted_engine import ScriptedEngine
 
 TEACHER = "smollm2-135m-instruct"

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from service.settings import PROJECT_ROOT
-from tests.jobs import create_api_key
 from tests.integration.test_client_live import serve_on_loopback
+from tests.jobs import create_api_key
 from workers.scripted_engine import ScriptedEngine
 
 FAIL_TOKEN = 31337

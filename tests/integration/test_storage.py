@@ -74,7 +74,7 @@ def test_an_upload_interrupted_mid_way_leaves_no_visible_object(s3_server, tmp_p
 
     storage.client.meta.events.register("before-send.s3.UploadPart", fail_second_part)
     data = os.urandom(12 * 1024 * 1024)  # three parts
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 -- whichever botocore raises; what matters is what is left
         storage.write_bytes("files/big.bin", data)
     assert len(parts) >= 2  # it really was a multipart upload, cut after its first part
     assert s3_server.keys(bucket) == []

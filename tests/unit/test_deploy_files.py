@@ -480,7 +480,7 @@ def test_every_teachercache_variable_is_a_setting(path):
 
 def test_service_settings_validate(services, stages, monkeypatch):
     """Each project container's environment (image ENV + compose) builds its settings class."""
-    for name, svc in project_services(services).items():
+    for svc in project_services(services).values():
         cls = WorkerSettings if build_target(svc) == "worker" else ServiceSettings
         with monkeypatch.context() as patch:
             load_settings(cls, effective_env(stages, svc), patch)

@@ -19,7 +19,7 @@ import yaml
 
 from service.settings import PROJECT_ROOT, ServiceSettings
 from service.teachers.registry import load_registry
-from tests.unit.test_deploy_files import KNOWN_ENV, ENV_NAME, is_group, load_settings, resolve_cli
+from tests.unit.test_deploy_files import ENV_NAME, KNOWN_ENV, is_group, load_settings, resolve_cli
 from workers.fleet.settings import FleetSettings
 from workers.settings import WorkerSettings
 

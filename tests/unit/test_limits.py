@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import LimitExceeded, ValidationFailed
+from service.errors import LimitExceeded, RateLimited, ValidationFailed
 from service.jobs.limits import JobLimits, check_limit_value, check_pending, check_shape, check_tokens, job_tokens
 from service.jobs.schemas import JobCreate
 from service.jobs.tokenize import PreparedRequest
@@ -56,7 +56,7 @@ def test_a_job_that_may_cost_too_many_tokens_is_refused():
 
 def test_pending_requests_of_a_tenant_are_a_429_with_retry_after():
     check_pending("alpha", 7, 3, LIMITS)
-    with pytest.raises(LimitExceeded) as caught:
+    with pytest.raises(RateLimited) as caught:
         check_pending("alpha", 8, 3, LIMITS)
     assert caught.value.status_code == 429 and caught.value.headers["Retry-After"] == "30"
     assert caught.value.details["pending"] == 8

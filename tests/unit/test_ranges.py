@@ -5,8 +5,6 @@ several ranges are coalesced; more than 100 ranges are ignored."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from service.errors import RangeNotSatisfiable

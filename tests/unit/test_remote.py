@@ -11,9 +11,9 @@ from transformers import AutoTokenizer
 
 from service.settings import PROJECT_ROOT
 from service.teachers.registry import RemoteSource, TeacherSpec, load_registry
+from teachercache.errors import parse_retry_after as retry_after_seconds
 from tests.remote_stub import StubTeacher
 from workers.engine import EngineRequest, SamplingSpec
-from teachercache.errors import parse_retry_after as retry_after_seconds
 from workers.remote_adapter import RemoteClient, RemoteEngine, RemoteRequestFailed
 from workers.remote_budget import Budget, TokenBucket
 from workers.remote_tokens import UNMAPPED, TokenMapper
