@@ -30,6 +30,9 @@ JOB_SCHEMA = pa.schema(
         pa.field("request_index", pa.int32()),
         *RESULT_FIELDS,
         pa.field("cached", pa.bool_()),
+        # The request's own parameters as JSON ({"sampling": {...}, "top_logprobs": k}) where they
+        # differ from the job's (the shard metadata's); null for a request that ran with the job's.
+        pa.field("parameters", pa.string()),
     ]
 )
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from service.errors import LimitExceeded, ValidationFailed
 from service.jobs.schemas import JobCreate
-from service.jobs.tokenize import PreparedRequest
+from service.jobs.tokenize import PreparedRequest, RejectedRequest, parameter_field
 from service.settings import ServiceSettings
 
 
@@ -63,16 +63,38 @@ def over(limit: str, maximum: int, message: str, field: str) -> LimitExceeded:
 
 
 def check_shape(body: JobCreate, limits: JobLimits) -> None:
-    """Before any tokenization: the batch size and the per-request parameters."""
+    """Before any tokenization: the batch size and the job's default parameters."""
     if len(body.requests) > limits.max_requests_per_job:
         raise over("max_requests_per_job", limits.max_requests_per_job,
                    f"{len(body.requests)} requests in one job", "requests")
-    if body.top_logprobs > limits.max_top_logprobs:
-        raise over("max_top_logprobs", limits.max_top_logprobs, f"{body.top_logprobs} is above the maximum",
-                   "top_logprobs")
-    if body.sampling.max_tokens > limits.max_completion_tokens:
-        raise over("max_completion_tokens", limits.max_completion_tokens,
-                   f"{body.sampling.max_tokens} is above the maximum", "sampling.max_tokens")
+    check_parameter_limits(body.top_logprobs, body.sampling.max_tokens, "top_logprobs", "sampling.max_tokens",
+                           limits)
+
+
+def check_parameter_limits(top_logprobs: int, max_tokens: int, top_field: str, max_tokens_field: str,
+                           limits: JobLimits) -> None:
+    if top_logprobs > limits.max_top_logprobs:
+        raise over("max_top_logprobs", limits.max_top_logprobs, f"{top_logprobs} is above the maximum", top_field)
+    if max_tokens > limits.max_completion_tokens:
+        raise over("max_completion_tokens", limits.max_completion_tokens, f"{max_tokens} is above the maximum",
+                   max_tokens_field)
+
+
+def request_checks(body: JobCreate, limits: JobLimits):
+    """What is checked of each request before it is tokenized: its texts' lengths and its own
+    parameters (a 200 MB prompt would hold the teacher's tokenizer for seconds)."""
+    def check(index: int, request) -> None:
+        check_request_text(index, request, limits)
+        if request.top_logprobs is not None or request.sampling is not None:
+            top = request.top_logprobs if request.top_logprobs is not None else body.top_logprobs
+            max_tokens = (request.sampling and request.sampling.max_tokens) or body.sampling.max_tokens
+            try:
+                check_parameter_limits(top, max_tokens, parameter_field(index, request, "top_logprobs"),
+                                       parameter_field(index, request, "max_tokens"), limits)
+            except LimitExceeded as error:
+                error.details["request_index"] = index
+                raise
+    return check
 
 
 def texts(request) -> list[tuple[str, str]]:
@@ -81,27 +103,27 @@ def texts(request) -> list[tuple[str, str]]:
     return found + [(f"messages[{i}].content", m.content) for i, m in enumerate(request.messages or ())]
 
 
-def check_text_lengths(body: JobCreate, limits: JobLimits) -> None:
-    """Before any tokenization: a 200 MB prompt would hold the teacher's tokenizer (and every
-    other submission to that teacher) for seconds before its token count could refuse it."""
-    for index, request in enumerate(body.requests):
-        for name, text in texts(request):
-            if len(text) > limits.max_text_chars:
-                error = over("max_text_chars", limits.max_text_chars, f"{len(text)} characters",
-                             f"requests[{index}].{name}")
-                error.details["request_index"] = index
-                raise error
+def check_request_text(index: int, request, limits: JobLimits) -> None:
+    """Before tokenizing: a 200 MB prompt would hold the teacher's tokenizer (and every other
+    submission to that teacher) for seconds before its token count could refuse it."""
+    for name, text in texts(request):
+        if len(text) > limits.max_text_chars:
+            error = over("max_text_chars", limits.max_text_chars, f"{len(text)} characters",
+                         f"requests[{index}].{name}")
+            error.details["request_index"] = index
+            raise error
 
 
-def job_tokens(body: JobCreate, prepared: list[PreparedRequest]) -> int:
+def job_tokens(body: JobCreate, prepared: list[PreparedRequest | RejectedRequest]) -> int:
     """The most teacher tokens the job can cost: prompts plus the responses to score or generate."""
-    prompts = sum(len(r.prompt_token_ids) for r in prepared)
+    runs = [r for r in prepared if isinstance(r, PreparedRequest)]
+    prompts = sum(len(r.prompt_token_ids) for r in runs)
     if body.mode == "score":
-        return prompts + sum(len(r.response_token_ids or ()) for r in prepared)
-    return prompts + len(prepared) * body.sampling.max_tokens * body.sampling.n
+        return prompts + sum(len(r.response_token_ids or ()) for r in runs)
+    return prompts + sum(r.sampling.max_tokens * r.sampling.n for r in runs)
 
 
-def check_tokens(body: JobCreate, prepared: list[PreparedRequest], limits: JobLimits) -> None:
+def check_tokens(body: JobCreate, prepared: list[PreparedRequest | RejectedRequest], limits: JobLimits) -> None:
     tokens = job_tokens(body, prepared)
     if tokens > limits.max_tokens_per_job:
         raise over("max_tokens_per_job", limits.max_tokens_per_job,

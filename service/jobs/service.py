@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -13,11 +14,11 @@ from sqlalchemy import orm
 from service.cachekey import cache_key, normalize_sampling, teacher_identity
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.ids import new_id
-from service.jobs.limits import JobLimits, check_pending, check_shape, check_text_lengths, check_tokens
+from service.jobs.limits import JobLimits, check_pending, check_shape, check_tokens, request_checks
 from service.jobs.repository import JobRepository
-from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
+from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, Sampling, ShardOut
 from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded_spend
-from service.jobs.tokenize import PreparedRequest, prepare_requests
+from service.jobs.tokenize import PreparedRequest, RejectedRequest, prepare_requests
 from service.models import Job
 from service.queue.repository import NewTask, TaskRepository
 from service.teachers.tokenizer import Teacher
@@ -31,6 +32,7 @@ def body_sha256(body: JobCreate) -> str:
 
 
 def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> None:
+    """The job's defaults (each request's own parameters are checked with the request)."""
     check_shape(body, limits)
     limit = teacher.spec.max_top_logprobs
     if body.top_logprobs > limit:
@@ -40,12 +42,15 @@ def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> No
         raise ValidationFailed("sampling.n: score mode is teacher-forced and takes n = 1", field="sampling.n")
 
 
-def prepare_submission(body: JobCreate, teacher: Teacher, limits: JobLimits) -> list:
+Prepared = PreparedRequest | RejectedRequest
+
+
+def prepare_submission(body: JobCreate, teacher: Teacher, limits: JobLimits, reject_alone: bool = False) -> list:
     """Validate and tokenize a job; no database. The HTTP layer runs it before it takes a pooled
-    connection, so a connection is never held while a tokenizer works."""
+    connection, so a connection is never held while a tokenizer works. With `reject_alone` a
+    request that cannot run fails alone (an OpenAI batch line) instead of refusing the job."""
     check_parameters(body, teacher, limits)
-    check_text_lengths(body, limits)
-    prepared = prepare_requests(body, teacher)
+    prepared = prepare_requests(body, teacher, request_checks(body, limits), reject_alone)
     check_tokens(body, prepared, limits)
     return prepared
 
@@ -75,24 +80,31 @@ class JobService:
         return job
 
     def submit(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None = None,
-               before_write: Callable[[], None] = lambda: None, prepared: list | None = None) -> Job:
+               before_write: Callable[[], None] = lambda: None, prepared: list | None = None,
+               notes: dict[int, dict[str, Any]] | None = None) -> Job:
         """Validate and tokenize (unless `prepared` already is), then (`before_write`: the rate-limit
-        spend, so an invalid body spends nothing) write the whole job."""
+        spend, so an invalid body spends nothing) write the whole job. `notes` (by request index)
+        join a request's recorded parameters (the OpenAI layer notes a line's own `logprobs`)."""
         if prepared is None:
             prepared = prepare_submission(body, teacher, self.limits)
         before_write()
-        sampling = normalize_sampling(body.mode, body.sampling.model_dump())
         identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision, teacher.tokenizer_hash,
                                     teacher.spec.dtype)
-        keys = [cache_key(identity, body.mode, r.prompt_token_ids, r.response_token_ids, sampling, body.top_logprobs)
-                for r in prepared]
         job = self._add_job(body, teacher, idempotency_key, len(prepared))
+        runs = [r for r in prepared if isinstance(r, PreparedRequest)]
+        samplings = {r.index: normalize_sampling(body.mode, r.sampling.values()) for r in runs}
+        keys = {r.index: request_key(identity, body.mode, r, samplings[r.index]) for r in runs}
         if body.cache == "bypass":
-            keys = [f"bypass-{job.id}-{i}" for i in range(len(keys))]  # never shared, never found
-        hits = self.jobs.results_for(keys) if body.cache == "use" else set()
-        self._check_pending(sum(k not in hits for k in keys))
-        self.jobs.add_requests([request_row(job.id, r, k, k in hits) for r, k in zip(prepared, keys)])
-        self._enqueue_misses(body, teacher, prepared, keys, hits, sampling)
+            keys = {i: f"bypass-{job.id}-{i}" for i in keys}  # never shared, never found
+        hits = self.jobs.results_for(list(keys.values())) if body.cache == "use" else set()
+        self._check_pending(sum(k not in hits for k in keys.values()))
+        defaults = (body.sampling, body.top_logprobs)
+        self.jobs.add_requests([
+            request_row(job.id, r, keys[r.index], keys[r.index] in hits, defaults, (notes or {}).get(r.index))
+            if isinstance(r, PreparedRequest) else rejected_row(job.id, r)
+            for r in prepared
+        ])
+        self._enqueue_misses(body, teacher, runs, keys, hits, samplings)
         self.jobs.advance_jobs({job.id})  # a job answered wholly from the cache is ready at once
         return job
 
@@ -104,20 +116,21 @@ class JobService:
     def _add_job(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None, total: int) -> Job:
         job = Job(
             id=new_id("job"), tenant=self.tenant, status="queued", teacher=teacher.name, mode=body.mode,
-            top_logprobs=body.top_logprobs, sampling=body.sampling.model_dump(), cache_policy=body.cache,
+            top_logprobs=body.top_logprobs, sampling=body.sampling.values(), cache_policy=body.cache,
             metadata_=body.metadata, total=total, idempotency_key=idempotency_key, body_sha256=body_sha256(body),
         )
         self.jobs.add_job(job)
         return job
 
-    def _enqueue_misses(self, body, teacher, prepared, keys, hits, sampling) -> None:
+    def _enqueue_misses(self, body, teacher, runs, keys, hits, samplings) -> None:
         tasks: dict[str, NewTask] = {}
-        for request, key in zip(prepared, keys):
+        for request in runs:
+            key = keys[request.index]
             if key not in hits and key not in tasks:
                 tasks[key] = NewTask(
                     key=key, teacher=teacher.name, mode=body.mode, prompt_token_ids=request.prompt_token_ids,
-                    response_token_ids=request.response_token_ids, sampling=sampling,
-                    top_logprobs=body.top_logprobs, max_attempts=MAX_ATTEMPTS, messages=request.messages,
+                    response_token_ids=request.response_token_ids, sampling=samplings[request.index],
+                    top_logprobs=request.top_logprobs, max_attempts=MAX_ATTEMPTS, messages=request.messages,
                 )
         self.tasks.enqueue(list(tasks.values()), recompute_done=body.cache == "refresh")
 
@@ -191,11 +204,39 @@ class JobService:
         )
 
 
-def request_row(job_id: str, request: PreparedRequest, key: str, hit: bool) -> dict[str, Any]:
+def request_key(identity: dict[str, str], mode: str, request: PreparedRequest, sampling: dict[str, Any]) -> str:
+    return cache_key(identity, mode, request.prompt_token_ids, request.response_token_ids, sampling,
+                     request.top_logprobs)
+
+
+def own_parameters(request: PreparedRequest, defaults: tuple[Sampling, int]) -> dict[str, Any]:
+    """What this request runs with that differs from the job's defaults (empty: the job's)."""
+    sampling, top_logprobs = defaults
+    own: dict[str, Any] = {}
+    if changed := request.sampling.differing(sampling):
+        own["sampling"] = changed
+    if request.top_logprobs != top_logprobs:
+        own["top_logprobs"] = request.top_logprobs
+    return own
+
+
+def request_row(job_id: str, request: PreparedRequest, key: str, hit: bool, defaults: tuple[Sampling, int],
+                notes: dict[str, Any] | None = None) -> dict[str, Any]:
+    parameters = {**own_parameters(request, defaults), **(notes or {})}
     return {
         "job_id": job_id, "request_index": request.index, "custom_id": request.custom_id, "cache_key": key,
         "state": "done" if hit else "pending", "cached": hit, "result_key": key if hit else None,
-        "prompt_tokens": len(request.prompt_token_ids),
+        "prompt_tokens": len(request.prompt_token_ids), "error": None,
+        "parameters": json.dumps(parameters) if parameters else None,
+    }
+
+
+def rejected_row(job_id: str, request: RejectedRequest) -> dict[str, Any]:
+    """A request that failed its own checks: failed from the start, never queued."""
+    return {
+        "job_id": job_id, "request_index": request.index, "custom_id": request.custom_id,
+        "cache_key": f"rejected-{job_id}-{request.index}", "state": "failed", "cached": False, "result_key": None,
+        "prompt_tokens": 0, "error": request.error, "parameters": None,
     }
 
 

@@ -13,6 +13,7 @@ damaged one is not copied; its cache entries are dropped and its requests recomp
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
@@ -176,7 +177,12 @@ def label(table: pa.Table, wanted: list[AssemblyRow], repeat: list[int]) -> pa.T
 
     table = table.append_column("custom_id", spread([r.custom_id for r in wanted], pa.string()))
     table = table.append_column("request_index", spread([r.request_index for r in wanted], pa.int32()))
+    table = table.append_column("parameters", spread([parameters_json(r) for r in wanted], pa.string()))
     return table.append_column("cached", spread([r.cached for r in wanted], pa.bool_()))
+
+
+def parameters_json(row: AssemblyRow) -> str | None:
+    return json.dumps(row.parameters, sort_keys=True) if row.parameters else None
 
 
 def error_pieces(jobs: JobRepository, failed: list[AssemblyRow]) -> pa.Table:
