@@ -101,7 +101,7 @@ class JobService:
         defaults = (body.sampling, body.top_logprobs)
         self.jobs.add_requests([
             request_row(job.id, r, keys[r.index], keys[r.index] in hits, defaults, (notes or {}).get(r.index))
-            if isinstance(r, PreparedRequest) else rejected_row(job.id, r)
+            if isinstance(r, PreparedRequest) else rejected_row(job.id, r, (notes or {}).get(r.index))
             for r in prepared
         ])
         self._enqueue_misses(body, teacher, runs, keys, hits, samplings)
@@ -231,12 +231,15 @@ def request_row(job_id: str, request: PreparedRequest, key: str, hit: bool, defa
     }
 
 
-def rejected_row(job_id: str, request: RejectedRequest) -> dict[str, Any]:
-    """A request that failed its own checks: failed from the start, never queued."""
+def rejected_row(job_id: str, request: RejectedRequest, notes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A request that failed its own checks: failed from the start, never queued. Its parameters
+    record that it was refused (`refused`: the field at fault), so a reader can tell it from one
+    the teacher failed."""
+    parameters = {**(notes or {}), "refused": {"field": request.field}}
     return {
         "job_id": job_id, "request_index": request.index, "custom_id": request.custom_id,
         "cache_key": f"rejected-{job_id}-{request.index}", "state": "failed", "cached": False, "result_key": None,
-        "prompt_tokens": 0, "error": request.error, "parameters": None,
+        "prompt_tokens": 0, "error": request.error, "parameters": json.dumps(parameters),
     }
 
 

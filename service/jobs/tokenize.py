@@ -31,6 +31,7 @@ class RejectedRequest:
     index: int
     custom_id: str
     error: str
+    field: str | None = None  # the field at fault, where one is
 
 
 def request_parameters(request: RequestIn, job: JobCreate) -> tuple[Sampling, int]:
@@ -67,7 +68,7 @@ def prepare_requests(job: JobCreate, teacher: Teacher, check=lambda index, reque
             if not reject_alone:
                 raise
             item = RejectedRequest(index, request.custom_id if request.custom_id is not None else str(index),
-                                   exc.message)
+                                   exc.message, exc.details.get("field"))
         if item.custom_id in seen:
             raise invalid(index, "custom_id", f"duplicate of requests[{seen[item.custom_id]}]")
         seen[item.custom_id] = index

@@ -7,6 +7,7 @@ are built lazily, the first time the batch is read after its job has finished.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,10 +20,12 @@ from service.errors import NotFound, ValidationFailed
 from service.ids import new_id
 from service.jobs.limits import JobLimits
 from service.jobs.repository import JobRepository
-from service.jobs.service import JobService
+from service.jobs.schemas import RequestIn
+from service.jobs.service import JobService, prepare_submission
+from service.jobs.tokenize import RejectedRequest
 from service.models import Job
 from service.openai_batch import output_file
-from service.openai_batch.input_file import ParsedInput, parse_input
+from service.openai_batch.input_file import LineFailure, ParsedInput, parse_input
 from service.openai_batch.models import OpenAIBatch, OpenAIFile
 from service.openai_batch.repository import OpenAIBatchRepository
 from service.openai_batch.schemas import (
@@ -121,11 +124,16 @@ class OpenAIBatchService:
         return batch
 
     def _start(self, batch: OpenAIBatch, parsed: ParsedInput) -> None:
+        # The default (the first line's); a line that asks otherwise is noted on its request.
         parsed.job.metadata = {"openai_batch_id": batch.id, "openai_endpoint": batch.endpoint,
-                               "openai_logprobs": parsed.wants_logprobs}
+                               "openai_logprobs": parsed.logprobs}
+        teacher = self.rt.teachers.get(parsed.teacher)
         try:
+            prepared = line_requests(parsed, prepare_submission(parsed.job, teacher, self.jobs.limits,
+                                                                reject_alone=True))
             with self.session.begin_nested():  # a rejected submission leaves no partial job behind
-                job = self.jobs.submit(parsed.job, self.rt.teachers.get(parsed.teacher), before_write=self._spend)
+                job = self.jobs.submit(parsed.job, teacher, before_write=self._spend, prepared=prepared,
+                                       notes=line_notes(parsed))
         except ValidationFailed as exc:
             if exc.status_code == 429:  # the tenant has too much in flight: refuse the batch, keep nothing
                 raise
@@ -234,12 +242,16 @@ class OpenAIBatchService:
                 decoded[token_id] = teacher.decode([token_id])
             return decoded[token_id]
 
-        wants_logprobs = bool(job.metadata_.get("openai_logprobs"))
+        default_logprobs = bool(job.metadata_.get("openai_logprobs"))
         created = unix(job.finished_at) or int(time.time())
         for _, samples in output_file.request_groups(self._job_rows(job.id)):
             problem = output_file.request_error(samples)
+            asked = output_file.asked(samples[0])
             if problem is None and not errors:
+                wants_logprobs = asked.get("logprobs", default_logprobs)
                 yield output_file.success_line(samples, batch.endpoint, job.teacher, created, wants_logprobs, decode)
+            elif problem is not None and errors and "refused" in asked:
+                yield output_file.refused_line(samples[0]["custom_id"], problem, asked["refused"].get("field"))
             elif problem is not None and errors:
                 expired = batch.expired_at is not None and problem == "cancelled"
                 yield output_file.error_line(samples[0]["custom_id"], problem, expired)
@@ -260,6 +272,35 @@ class OpenAIBatchService:
         # Row-locked like a single GET, so two readers never both build a batch's output files.
         page = [b if b.status in FINAL else self.sync(self.get(b.id, lock=True)) for b in batches[:limit]]
         return page, len(batches) > limit
+
+
+def line_requests(parsed: ParsedInput, prepared: list) -> list:
+    """The job's requests in file order: each runnable line's prepared request, and a rejected
+    one for each line that cannot run (it fails alone, with its reason)."""
+    out: list = [None] * len(parsed.lines)
+    for item, position in zip(prepared, parsed.runnable):
+        if isinstance(item, RejectedRequest):  # named as the line's body field, not the native request's
+            native = f"requests[{item.index}]."
+            field = body_field_of(item.field.removeprefix(native)) if item.field else None
+            item = dataclasses.replace(item, field=field, error=item.error.replace(f"{item.field}:", f"{field}:"))
+        out[position] = dataclasses.replace(item, index=position)
+    for position, line in enumerate(parsed.lines):
+        if isinstance(line.request, LineFailure):
+            out[position] = RejectedRequest(position, line.custom_id, line.request.message, line.request.param)
+    return out
+
+
+def body_field_of(native: str) -> str:
+    """A native request field as the line's body names it (`sampling.max_tokens` is `max_tokens`)."""
+    name = native.removeprefix("sampling.")
+    return "body." + ("prompt" if name == "prompt_token_ids" else name)
+
+
+def line_notes(parsed: ParsedInput) -> dict[int, dict]:
+    """What a line asked of its output beyond the native parameters, where it differs from the
+    job's default: whether to carry logprobs."""
+    return {position: {"logprobs": line.logprobs} for position, line in enumerate(parsed.lines)
+            if line.logprobs != parsed.logprobs and isinstance(line.request, RequestIn)}
 
 
 def error_from_submission(exc: ValidationFailed, line_numbers: list[int]) -> BatchError:

@@ -28,7 +28,9 @@ def test_a_valid_file_is_one_job_with_the_file_lines_kept():
                          CHAT, MODELS)
     assert isinstance(parsed, ParsedInput)
     assert parsed.teacher == "teacher-a" and parsed.line_numbers == [1, 3] and parsed.wants_logprobs
-    assert parsed.job.top_logprobs == 3 and parsed.job.sampling.max_tokens == 8
+    first = parsed.job.requests[0]  # each line's own parameters, over the native defaults
+    assert first.top_logprobs == 3 and first.sampling.max_tokens == 8
+    assert parsed.job.top_logprobs == 3 and parsed.job.sampling.max_tokens == 8  # the first line's: the defaults
     assert [r.custom_id for r in parsed.job.requests] == ["a", "b"]
     assert parsed.job.requests[1].messages[0].content == "b"
 
