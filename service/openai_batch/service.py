@@ -2,12 +2,15 @@
 
 A batch is validated when it is created: a bad input file ends it `failed` at once (no job);
 a good one becomes one native job, whose status the batch mirrors. The output and error files
-are built lazily, the first time the batch is read after its job has finished.
+are written once, by the finalizer, in the transaction that ends the job (`finish_openai_batch`),
+streamed from the job's shards a row group at a time through the storage port (atomic writes),
+so reading a batch never writes anything and memory does not grow with the batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ from service.runtime import Runtime
 from service.tenants.service import TenantService
 from service.text import storable_text
 
+log = logging.getLogger(__name__)
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 FINAL = ("completed", "failed", "cancelled", "expired")
 JOB_FINISHED = ("succeeded", "failed", "cancelled")
@@ -177,6 +181,8 @@ class OpenAIBatchService:
         batch.request_completed = counts["completed"] + counts["cached"]
         batch.request_failed = counts["failed"]
         if job.status in JOB_FINISHED and job.finished_at is not None:
+            # Ended before the finalizer wrote batch files (a job finished by an older version).
+            log.warning("batch %s: its job ended without its files; writing them now", batch.id)
             self._finish(batch, job)
         elif job.status == "finalizing" and job.cancel_requested_at is None:
             batch.status, batch.finalizing_at = "finalizing", batch.finalizing_at or now()
@@ -272,6 +278,18 @@ class OpenAIBatchService:
         # Row-locked like a single GET, so two readers never both build a batch's output files.
         page = [b if b.status in FINAL else self.sync(self.get(b.id, lock=True)) for b in batches[:limit]]
         return page, len(batches) > limit
+
+
+def finish_openai_batch(session: orm.Session, rt: Runtime, job: Job) -> None:
+    """The finalizer's step once a job has ended: if it is a batch's, write the batch's output and
+    error files and end the batch, in the finalizer's transaction (so exactly once)."""
+    batch_id = (job.metadata_ or {}).get("openai_batch_id")
+    if not batch_id:
+        return
+    service = OpenAIBatchService(session, rt, job.tenant)
+    batch = service.repo.batch(batch_id, job.tenant, lock=True)
+    if batch is not None and batch.status not in FINAL:
+        service._finish(batch, job)
 
 
 def line_requests(parsed: ParsedInput, prepared: list) -> list:

@@ -208,3 +208,23 @@ def test_upload_rejects_other_purposes_and_content_round_trips(oai):
     assert json.loads(oai.files.content(file_id).text) == chat_line(0)
     with pytest.raises(openai.UnprocessableEntityError):
         oai.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
+
+
+def test_output_files_are_written_once_by_the_finalizer_before_any_read(oai, api, start_worker, rt):
+    import sqlalchemy as sa
+
+    from service.openai_batch.models import OpenAIBatch, OpenAIFile
+
+    batch = oai.batches.create(input_file_id=upload(oai, [chat_line(0), chat_line(1, logprobs=False, top_logprobs=None)]),
+                               endpoint=CHAT, completion_window="24h")
+    start_worker(ScriptedEngine())
+    wait_for(api, batch.metadata["teachercache_job_id"])  # the native job: the batch itself is never read
+    with rt.sessions() as db:
+        row = db.get(OpenAIBatch, batch.id)
+        assert row.status == "completed" and row.output_file_id is not None and row.completed_at is not None
+        files = db.scalar(sa.select(sa.func.count()).select_from(OpenAIFile))
+    for _ in range(3):  # reading it (one, or in a list) writes nothing more
+        assert oai.batches.retrieve(batch.id).output_file_id == row.output_file_id
+        oai.batches.list()
+    with rt.sessions() as db:
+        assert db.scalar(sa.select(sa.func.count()).select_from(OpenAIFile)) == files
