@@ -22,6 +22,23 @@ class OpenAIBatchRepository:
         query = sa.select(OpenAIFile).where(OpenAIFile.id == file_id, OpenAIFile.tenant == tenant)
         return self.session.scalar(query)
 
+    def list_files(self, tenant: str, limit: int, before: tuple[Any, str] | None, purpose: str | None,
+                   ascending: bool) -> list[OpenAIFile]:
+        """A page of the tenant's files by creation (keyset on (created_at, id): one index range scan)."""
+        order = (OpenAIFile.created_at.asc(), OpenAIFile.id.asc()) if ascending else \
+            (OpenAIFile.created_at.desc(), OpenAIFile.id.desc())
+        query = sa.select(OpenAIFile).where(OpenAIFile.tenant == tenant).order_by(*order).limit(limit)
+        if purpose is not None:
+            query = query.where(OpenAIFile.purpose == purpose)
+        if before is not None:
+            cursor = sa.tuple_(OpenAIFile.created_at, OpenAIFile.id)
+            query = query.where(cursor > sa.tuple_(*before) if ascending else cursor < sa.tuple_(*before))
+        return list(self.session.scalars(query))
+
+    def delete_file(self, row: OpenAIFile) -> None:
+        self.session.delete(row)
+        self.session.flush()
+
     def batch(self, batch_id: str, tenant: str, lock: bool = False) -> OpenAIBatch | None:
         query = sa.select(OpenAIBatch).where(OpenAIBatch.id == batch_id, OpenAIBatch.tenant == tenant)
         return self.session.scalar(query.with_for_update() if lock else query)

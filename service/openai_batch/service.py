@@ -36,6 +36,7 @@ from service.openai_batch.schemas import (
     BatchError,
     BatchErrors,
     BatchObject,
+    BatchUsage,
     FileObject,
     RequestCounts,
 )
@@ -118,7 +119,9 @@ class OpenAIBatchService:
             raise ValidationFailed("input_file_id: the file's purpose is not 'batch'", field="input_file_id")
         batch = OpenAIBatch(id=new_id("batch"), tenant=self.tenant, input_file_id=source.id, endpoint=body.endpoint,
                             completion_window=body.completion_window, status="validating",
-                            metadata_=body.metadata or {}, created_at=now())
+                            metadata_=body.metadata or {}, created_at=now(),
+                            output_expires_after_s=body.output_expires_after.seconds if body.output_expires_after
+                            else None)
         self.repo.add(batch)
         parsed = parse_input(self.rt.storage.read_bytes(source.path), body.endpoint, set(self.rt.teachers.registry.teachers))
         if isinstance(parsed, list):
@@ -143,7 +146,7 @@ class OpenAIBatchService:
                 raise
             self._fail(batch, [error_from_submission(exc, parsed.line_numbers)])
             return
-        batch.job_id = job.id
+        batch.job_id, batch.model = job.id, parsed.teacher
         batch.status, batch.in_progress_at = "in_progress", now()
         batch.request_total = job.total
 
@@ -211,15 +214,20 @@ class OpenAIBatchService:
     def _write_results(self, batch: OpenAIBatch, job: Job) -> None:
         """The output and error files, streamed from the job's shards (one pass each), never the
         whole job in memory: a batch of 50,000 requests is as cheap in memory as one of ten."""
-        output = self._store_lines(f"{batch.id}_output.jsonl", self._result_lines(batch, job, errors=False))
-        error = self._store_lines(f"{batch.id}_error.jsonl", self._result_lines(batch, job, errors=True))
+        usage = BatchUsage()
+        expires_at = now() + timedelta(seconds=batch.output_expires_after_s) if batch.output_expires_after_s else None
+        output = self._store_lines(f"{batch.id}_output.jsonl", self._result_lines(batch, job, False, usage), expires_at)
+        error = self._store_lines(f"{batch.id}_error.jsonl", self._result_lines(batch, job, True, usage), expires_at)
         batch.request_completed = output.lines if output else 0
         batch.request_failed = error.lines if error else 0
         batch.output_file_id = output.file.id if output else None
         batch.error_file_id = error.file.id if error else None
+        usage.total_tokens = usage.input_tokens + usage.output_tokens
+        batch.usage = usage.model_dump()
 
-    def _store_lines(self, filename: str, lines: Iterator[str]) -> StoredLines | None:
-        """A JSONL file of `lines` (none: no file), written and published like any stored object."""
+    def _store_lines(self, filename: str, lines: Iterator[str], expires_at: datetime | None) -> StoredLines | None:
+        """A JSONL file of `lines` (none: no file), written and published like any stored object
+        (atomically: temp + fsync + rename locally, one upload on an object store)."""
         file_id = new_id("file")
         path = f"files/{file_id}.jsonl"
         count = 0
@@ -235,11 +243,11 @@ class OpenAIBatchService:
             self.rt.storage.delete(path)
             return None
         row = OpenAIFile(id=file_id, tenant=self.tenant, purpose="batch_output", filename=filename, bytes=stored.bytes,
-                         path=path, created_at=now())
+                         path=path, created_at=now(), expires_at=expires_at)
         self.repo.add(row)
         return StoredLines(row, count)
 
-    def _result_lines(self, batch: OpenAIBatch, job: Job, errors: bool) -> Iterator[str]:
+    def _result_lines(self, batch: OpenAIBatch, job: Job, errors: bool, usage: BatchUsage) -> Iterator[str]:
         teacher = self.rt.teachers.get(job.teacher)
         decoded: dict[int, str] = {}
 
@@ -255,6 +263,7 @@ class OpenAIBatchService:
             asked = output_file.asked(samples[0])
             if problem is None and not errors:
                 wants_logprobs = asked.get("logprobs", default_logprobs)
+                add_usage(usage, samples)
                 yield output_file.success_line(samples, batch.endpoint, job.teacher, created, wants_logprobs, decode)
             elif problem is not None and errors and "refused" in asked:
                 yield output_file.refused_line(samples[0]["custom_id"], problem, asked["refused"].get("field"))
@@ -268,6 +277,22 @@ class OpenAIBatchService:
             with self.rt.storage.open(shard.path) as f:
                 for rows in pq.ParquetFile(f).iter_batches(batch_size=1024):
                     yield from rows.to_pylist()
+
+    def list_files(self, limit: int, after: str | None, purpose: str | None, order: str) -> tuple[list[OpenAIFile], bool]:
+        before = None
+        if after:
+            cursor = self.file(after)
+            before = (cursor.created_at, cursor.id)
+        files = self.repo.list_files(self.tenant, limit + 1, before, purpose, ascending=order == "asc")
+        return files[:limit], len(files) > limit
+
+    def delete_file(self, file_id: str) -> str:
+        """Remove a file's row; its stored object's path, for the caller to remove once this
+        transaction has committed (a crash in between leaves an unreferenced object, never a row
+        pointing at nothing). Batches keep the id; reading the file is then a 404."""
+        row = self.file(file_id)
+        self.repo.delete_file(row)
+        return row.path
 
     def list(self, limit: int, after: str | None) -> tuple[list[OpenAIBatch], bool]:
         before = None
@@ -331,9 +356,18 @@ def error_from_submission(exc: ValidationFailed, line_numbers: list[int]) -> Bat
                       line=line_numbers[index] if index is not None and index < len(line_numbers) else None)
 
 
+def add_usage(usage: BatchUsage, samples: list[dict]) -> None:
+    """One request's tokens, as its output line's usage counts them (prompt once, every sample)."""
+    prompt = len(samples[0]["prompt_token_ids"])
+    usage.input_tokens += prompt
+    usage.output_tokens += sum(len(s["completion_token_ids"]) for s in samples)
+    if samples[0].get("cached"):
+        usage.input_tokens_details.cached_tokens += prompt
+
+
 def describe_file(row: OpenAIFile) -> FileObject:
     return FileObject(id=row.id, bytes=row.bytes, created_at=unix(row.created_at), filename=row.filename,
-                      purpose=row.purpose)
+                      purpose=row.purpose, expires_at=unix(row.expires_at))
 
 
 def describe_batch(batch: OpenAIBatch) -> BatchObject:
@@ -350,5 +384,5 @@ def describe_batch(batch: OpenAIBatch) -> BatchObject:
         expired_at=unix(batch.expired_at),
         request_counts=RequestCounts(total=batch.request_total, completed=batch.request_completed,
                                      failed=batch.request_failed),
-        metadata=metadata,
+        metadata=metadata, model=batch.model, usage=BatchUsage(**batch.usage) if batch.usage else None,
     )
