@@ -4,7 +4,8 @@ requests.parameters: a request's own sampling parameters and top_logprobs, where
 its job's (NULL when they do not), so a job's shards can record them per row. batches.model,
 batches.usage and batches.output_expires_after_s, files.expires_at: what OpenAI's objects carry.
 batches.input_file_id loses its foreign key: an input file can be deleted (as OpenAI allows) while
-its batches keep its id. files gets an index for listing a tenant's files newest first.
+its batches keep its id. files gets indexes for listing a tenant's files and for the retention
+sweep of expired ones.
 
 Revision ID: 0009
 Revises: 0008
@@ -29,9 +30,11 @@ def upgrade() -> None:
     op.add_column('files', sa.Column('expires_at', sa.DateTime(timezone=True), nullable=True))
     op.drop_constraint('fk_batches_input_file_id_files', 'batches', type_='foreignkey')
     op.create_index('ix_files_tenant_created_at', 'files', ['tenant', 'created_at'])
+    op.create_index('ix_files_expires_at', 'files', ['expires_at'], postgresql_where=sa.text('expires_at IS NOT NULL'))
 
 
 def downgrade() -> None:
+    op.drop_index('ix_files_expires_at', table_name='files')
     op.drop_index('ix_files_tenant_created_at', table_name='files')
     op.create_foreign_key('fk_batches_input_file_id_files', 'batches', 'files', ['input_file_id'], ['id'])
     op.drop_column('files', 'expires_at')

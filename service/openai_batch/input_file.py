@@ -80,10 +80,6 @@ class ParsedInput:
     runnable: list[int] = field(default_factory=list)  # positions (in `lines`) of job.requests
     logprobs: bool = False  # the job's default: whether a line asked for logprobs (the first runnable's)
 
-    @property
-    def wants_logprobs(self) -> bool:
-        return self.logprobs
-
 
 def parse_input(data: bytes, endpoint: str, known_models: set[str]) -> ParsedInput | list[BatchError]:
     """The native job for a valid file, or the errors of an invalid one (1-based line numbers)."""

@@ -20,7 +20,11 @@ class OpenAIFile(Base):
     """A JSONL file in storage under `files/`: an uploaded batch input, or a batch's output/error file."""
 
     __tablename__ = "files"
-    __table_args__ = (sa.Index("ix_files_tenant_created_at", "tenant", "created_at"),)
+    __table_args__ = (
+        sa.Index("ix_files_tenant_created_at", "tenant", "created_at"),
+        # The retention sweep: files past their expiry, oldest first, without looking at the rest.
+        sa.Index("ix_files_expires_at", "expires_at", postgresql_where=sa.text("expires_at IS NOT NULL")),
+    )
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
     tenant: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("tenants.name"), index=True)

@@ -39,6 +39,14 @@ class OpenAIBatchRepository:
         self.session.delete(row)
         self.session.flush()
 
+    def delete_expired_files(self, limit: int) -> list[str]:
+        """Remove up to `limit` files past their expires_at (oldest first, by the partial index;
+        locked rows are another sweeper's); the storage paths, to remove once this commits."""
+        expired = (sa.select(OpenAIFile.id).where(OpenAIFile.expires_at < sa.func.now())
+                   .order_by(OpenAIFile.expires_at).limit(limit).with_for_update(skip_locked=True))
+        deleted = sa.delete(OpenAIFile).where(OpenAIFile.id.in_(expired.scalar_subquery())).returning(OpenAIFile.path)
+        return list(self.session.scalars(deleted))
+
     def batch(self, batch_id: str, tenant: str, lock: bool = False) -> OpenAIBatch | None:
         query = sa.select(OpenAIBatch).where(OpenAIBatch.id == batch_id, OpenAIBatch.tenant == tenant)
         return self.session.scalar(query.with_for_update() if lock else query)

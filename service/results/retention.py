@@ -9,6 +9,8 @@ between leaves unreferenced objects, never an index row pointing at nothing.
 What each removal keeps:
 - an expired job goes exactly as `DELETE /v1/jobs/{id}` removes it (the same code path): its
   row, requests and job shards; the cache it was answered from stays.
+- an expired OpenAI file (a batch's output or error file past its `output_expires_after`) goes
+  as `DELETE /v1/files/{id}` removes it: its row and its object; the batch keeps the id.
 - an evicted entry loses its `results` row and its finished task; its result shard object goes
   once no entry points at it. Jobs that already have their shards keep them (a job shard is a
   copy). An entry an unfinished job still needs is never evicted.
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from service.db import transaction
 from service.jobs.repository import JobRepository
 from service.jobs.service import JobService
+from service.openai_batch.repository import OpenAIBatchRepository
 from service.results.repository import ResultRepository
 from service.runtime import Runtime
 from service.storage import Storage
@@ -33,11 +36,21 @@ log = logging.getLogger(__name__)
 class Swept:
     jobs: int = 0
     entries: int = 0
+    files: int = 0
 
 
 def sweep(rt: Runtime) -> Swept:
-    """One round of retention: expire jobs, then evict entries, each a bounded transaction."""
-    return Swept(jobs=expire_jobs(rt), entries=evict_entries(rt))
+    """One round of retention: expire jobs and files, then evict entries, each a bounded transaction."""
+    return Swept(jobs=expire_jobs(rt), entries=evict_entries(rt), files=expire_files(rt))
+
+
+def expire_files(rt: Runtime) -> int:
+    with transaction(rt.sessions) as db:
+        paths = OpenAIBatchRepository(db).delete_expired_files(rt.settings.retention_batch)
+    remove_objects(rt.storage, paths)
+    if paths:
+        log.info("retention: %d expired files removed", len(paths))
+    return len(paths)
 
 
 def expire_jobs(rt: Runtime) -> int:

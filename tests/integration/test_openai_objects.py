@@ -65,3 +65,26 @@ def test_files_list_pages_filters_by_purpose_and_delete_removes_one(oai, start_w
         oai.files.delete(ids[0])
     assert oai.batches.retrieve(batch.id).input_file_id == ids[0]
     assert ids[0] not in [f.id for f in oai.files.list().data]
+
+
+def test_expired_output_files_are_swept_with_their_objects(oai, start_worker, rt):
+    import sqlalchemy as sa
+
+    from service.openai_batch.models import OpenAIFile
+    from service.results.retention import sweep
+
+    start_worker(ScriptedEngine())
+    batch = oai.batches.create(input_file_id=upload(oai, [chat_line(0)]), endpoint=CHAT, completion_window="24h",
+                               output_expires_after={"anchor": "created_at", "seconds": 3600})
+    batch = wait_for_batch(oai, batch.id)
+    with rt.sessions() as db:
+        path = db.get(OpenAIFile, batch.output_file_id).path
+    assert sweep(rt).files == 0  # not yet expired
+    with rt.sessions() as db, db.begin():
+        db.execute(sa.update(OpenAIFile).where(OpenAIFile.id == batch.output_file_id)
+                   .values(expires_at=sa.func.now() - sa.text("interval '1 second'")))
+    assert sweep(rt).files == 1
+    with pytest.raises(openai.NotFoundError):
+        oai.files.retrieve(batch.output_file_id)
+    assert rt.storage.stat(path) is None
+    assert oai.files.retrieve(batch.input_file_id).id == batch.input_file_id  # no expiry: kept

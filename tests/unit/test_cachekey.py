@@ -75,7 +75,8 @@ OLD_DEFAULTS = {"max_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": -1
                 "repetition_penalty": 1.0, "ignore_eos": False}
 
 
-def old_key(sampling: dict, top_logprobs: int = 20, mode: str = "generate", prompt=(1, 2, 3)) -> str:
+def old_key(sampling: dict, top_logprobs: int = 20, mode: str = "generate", prompt=(1, 2, 3),
+            identity: dict = IDENTITY) -> str:
     import hashlib
     import json
 
@@ -85,7 +86,7 @@ def old_key(sampling: dict, top_logprobs: int = 20, mode: str = "generate", prom
         full["top_k"] = -1 if full["top_k"] == 0 else full["top_k"]
         if full["temperature"] == 0:
             full.update({name: OLD_DEFAULTS[name] for name in ("top_p", "top_k", "min_p", "seed")})
-    document = {"v": 2, "teacher": IDENTITY, "mode": mode, "prompt": list(prompt), "response": None,
+    document = {"v": 2, "teacher": identity, "mode": mode, "prompt": list(prompt), "response": None,
                 "sampling": full, "top_logprobs": top_logprobs}
     return "k2-" + hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
