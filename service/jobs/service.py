@@ -45,7 +45,8 @@ def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> No
 Prepared = PreparedRequest | RejectedRequest
 
 
-def prepare_submission(body: JobCreate, teacher: Teacher, limits: JobLimits, reject_alone: bool = False) -> list:
+def prepare_submission(body: JobCreate, teacher: Teacher, limits: JobLimits,
+                       reject_alone: bool = False) -> list[Prepared]:
     """Validate and tokenize a job; no database. The HTTP layer runs it before it takes a pooled
     connection, so a connection is never held while a tokenizer works. With `reject_alone` a
     request that cannot run fails alone (an OpenAI batch line) instead of refusing the job."""
