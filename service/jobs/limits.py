@@ -103,6 +103,11 @@ def texts(request) -> list[tuple[str, str]]:
     return found + [(f"messages[{i}].content", m.content) for i, m in enumerate(request.messages or ())]
 
 
+def check_text_lengths(body: JobCreate, limits: JobLimits) -> None:
+    for index, request in enumerate(body.requests):
+        check_request_text(index, request, limits)
+
+
 def check_request_text(index: int, request, limits: JobLimits) -> None:
     """Before tokenizing: a 200 MB prompt would hold the teacher's tokenizer (and every other
     submission to that teacher) for seconds before its token count could refuse it."""

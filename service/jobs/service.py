@@ -14,7 +14,14 @@ from sqlalchemy import orm
 from service.cachekey import cache_key, normalize_sampling, teacher_identity
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.ids import new_id
-from service.jobs.limits import JobLimits, check_pending, check_shape, check_tokens, request_checks
+from service.jobs.limits import (
+    JobLimits,
+    check_pending,
+    check_shape,
+    check_text_lengths,
+    check_tokens,
+    request_checks,
+)
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, Sampling, ShardOut
 from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded_spend
@@ -51,6 +58,8 @@ def prepare_submission(body: JobCreate, teacher: Teacher, limits: JobLimits,
     connection, so a connection is never held while a tokenizer works. With `reject_alone` a
     request that cannot run fails alone (an OpenAI batch line) instead of refusing the job."""
     check_parameters(body, teacher, limits)
+    if not reject_alone:  # every text first: one over the bound refuses the job before any tokenizing
+        check_text_lengths(body, limits)
     prepared = prepare_requests(body, teacher, request_checks(body, limits), reject_alone)
     check_tokens(body, prepared, limits)
     return prepared
