@@ -7,8 +7,8 @@ and top_logprobs, response_format) become that request's own parameters (`reques
 on it, so its output line carries exactly what it asked for.
 
 What fails the whole batch, with the line numbers (OpenAI's file-level validation): a line that is
-not a JSON object, a missing or duplicate custom_id, a method other than POST, a url other than the
-batch's endpoint, a missing body, a model that is not one of the service's teachers (or not a
+not a JSON object, a missing, duplicate or unstorable (NUL, over 512 characters) custom_id, a
+method other than POST, a url other than the batch's endpoint, a missing body, a model that is not one of the service's teachers (or not a
 string), lines naming different models, an empty file, and the size limits. Anything else wrong in
 a line's body (a parameter of the wrong type or out of range, `1e400`, a negative count, messages
 that are not a conversation, a response_format or option this service cannot honour, a prompt too
@@ -27,8 +27,10 @@ from pydantic import ValidationError
 from service.jobs.schemas import JobCreate, RequestIn
 from service.openai_batch.schemas import BatchError
 from service.sampling import Sampling, apply_override, openai_names
+from service.text import storable_text
 
 MAX_REPORTED_ERRORS = 100
+MAX_CUSTOM_ID_CHARS = 512  # as a native request's custom_id
 CHAT = "/v1/chat/completions"
 # Body fields OpenAI accepts that map onto native sampling parameters (same names, one definition).
 SAMPLING_FIELDS = tuple(name for name in openai_names() if name != "max_tokens")
@@ -126,6 +128,7 @@ def parse_line(text: str, endpoint: str, known_models: set[str]) -> ParsedLine:
     custom_id = line.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise LineInvalid("missing_required_parameter", "custom_id is required (a non-empty string)", "custom_id")
+    check_custom_id(custom_id)
     if line.get("method") != "POST":
         raise LineInvalid("invalid_method", "method must be POST", "method")
     if line.get("url") != endpoint:
@@ -143,6 +146,16 @@ def parse_line(text: str, endpoint: str, known_models: set[str]) -> ParsedLine:
     except RequestInvalid as exc:
         return ParsedLine(custom_id, model, LineFailure(exc.message, exc.param))
     return ParsedLine(custom_id, model, request, logprobs)
+
+
+def check_custom_id(custom_id: str) -> None:
+    """A line's identity, which even its error line carries: unstorable, the file is refused."""
+    try:
+        storable_text(custom_id)
+    except ValueError as exc:
+        raise LineInvalid("invalid_request", f"custom_id: {exc}", "custom_id") from None
+    if len(custom_id) > MAX_CUSTOM_ID_CHARS:
+        raise LineInvalid("invalid_request", f"custom_id: longer than {MAX_CUSTOM_ID_CHARS} characters", "custom_id")
 
 
 def request_of(custom_id: str, body: dict[str, Any], endpoint: str, top_logprobs: int) -> RequestIn:
