@@ -8,8 +8,9 @@ on it, so its output line carries exactly what it asked for.
 
 What fails the whole batch, with the line numbers (OpenAI's file-level validation): a line that is
 not a JSON object, a missing, duplicate or unstorable (NUL, over 512 characters) custom_id, a
-method other than POST, a url other than the batch's endpoint, a missing body, a model that is not one of the service's teachers (or not a
-string), lines naming different models, an empty file, and the size limits. Anything else wrong in
+method other than POST, a url other than the batch's endpoint, a missing body, a model that is
+not one of the service's teachers (or not a string), lines naming different models, an empty
+file, and the size limits. Anything else wrong in
 a line's body (a parameter of the wrong type or out of range, `1e400`, a negative count, messages
 that are not a conversation, a response_format or option this service cannot honour, a prompt too
 long for the teacher) fails that line alone: it goes to the error file with its custom_id and the
