@@ -31,9 +31,9 @@ from typing import Any
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from service.sampling import engine_only_names, openai_names
 from service.teachers.registry import RemoteSource
 from teachercache.errors import parse_retry_after
-from service.sampling import engine_only_names, openai_names
 from workers.engine import EngineRequest, EngineResult, Sample, SamplingSpec
 from workers.remote_budget import Budget
 from workers.remote_tokens import UNMAPPED, TokenMapper, parse_token_id
