@@ -7,6 +7,13 @@ its own RSS before and its peak RSS after (ru_maxrss), so the figure is the asse
 not this process's. RSS should stay flat as N grows: it is bounded by `assembly_batch_rows`.
 
     python -m bench.bench_assembly [--sizes 10000 100000 1000000] [--batch-rows 4096]
+
+With `--openai` each job is an OpenAI batch's (chat endpoint, logprobs with top-20 on every
+line), so the same finalization also writes the batch's output file, streamed from the job's
+shards: the figures then include rendering that file (about 80 KB of JSON per request), and RSS
+should stay as flat (results in bench/results/openai_output.json).
+
+    python -m bench.bench_assembly --openai --sizes 1000 10000
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 TEACHER = "smollm2-135m-instruct"
+CHAT = "/v1/chat/completions"
 SHARD_ROWS = 2048  # rows per result shard, as a worker writes them (result_shard_rows)
 
 
@@ -56,8 +64,9 @@ def copy_rows(connection, table: str, columns: list[str], rows) -> None:
             copy.write_row(row)
 
 
-def seed_job(rt, requests: int, distinct: int = 8192) -> str:
-    """A `finalizing` job of `requests` requests, answered from `distinct` scripted result rows."""
+def seed_job(rt, requests: int, distinct: int = 8192, openai: bool = False) -> str:
+    """A `finalizing` job of `requests` requests, answered from `distinct` scripted result rows
+    (with `openai`, the job of an in-progress chat batch whose lines all asked for logprobs)."""
     from service.ids import new_id
     from service.models import Job, Shard
     from service.tenants.models import Tenant
@@ -75,8 +84,16 @@ def seed_job(rt, requests: int, distinct: int = 8192) -> str:
             db.add(Shard(id=shard_ids[-1], kind="result", path=stored.path, rows=stored.rows, bytes=stored.bytes,
                          sha256=stored.sha256))
         job_id = new_id("job")
+        batch_id = new_id("batch")
+        metadata = {"openai_batch_id": batch_id, "openai_endpoint": CHAT, "openai_logprobs": True} if openai else {}
         db.add(Job(id=job_id, tenant="bench", status="finalizing", teacher=TEACHER, mode="generate", top_logprobs=20,
-                   sampling={"max_tokens": 64}, cache_policy="use", metadata_={}, total=requests, body_sha256=""))
+                   sampling={"max_tokens": 64}, cache_policy="use", metadata_=metadata, total=requests, body_sha256=""))
+        if openai:
+            from service.openai_batch.models import OpenAIBatch
+
+            db.add(OpenAIBatch(id=batch_id, tenant="bench", input_file_id=new_id("file"), endpoint=CHAT,
+                               completion_window="24h", status="in_progress", job_id=job_id, metadata_={},
+                               request_total=requests))
         db.flush()
         connection = db.connection().connection.driver_connection
         copy_rows(connection, "results", ["cache_key", "teacher", "shard_id", "row_start", "row_count",
@@ -131,19 +148,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--batch-rows", type=int, default=4096)
+    parser.add_argument("--openai", action="store_true", help="also write an OpenAI batch's output file")
     args = parser.parse_args()
     rows = []
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
             started = time.perf_counter()
-            seed_job(rt, size)
+            seed_job(rt, size, openai=args.openai)
             seeded = time.perf_counter() - started
             result = assemble_in_child(rt, args.batch_rows)
             job_bytes = sum(p.stat().st_size for p in (Path(state) / "shards" / "jobs").rglob("*.parquet"))
+            output = {}
+            if args.openai:
+                files = sum(p.stat().st_size for p in (Path(state) / "shards" / "files").rglob("*.jsonl"))
+                output = {"output_file_mb": files / 2**20}
             rows.append({"requests": size, "seed_s": seeded, **{k: v for k, v in result.items() if k != "finalized"},
-                         "job_shards_mb": job_bytes / 2**20, "rows_per_s": size / result["seconds"]})
+                         "job_shards_mb": job_bytes / 2**20, **output, "rows_per_s": size / result["seconds"]})
             print(rows[-1], flush=True)
-    report("assembly (scripted rows: 64 tokens, top-20)", rows, "assembly.json", {"args": vars(args)})
+    if args.openai:
+        report("assembly + OpenAI output file (chat, logprobs, top-20)", rows, "openai_output.json",
+               {"args": vars(args)})
+    else:
+        report("assembly (scripted rows: 64 tokens, top-20)", rows, "assembly.json", {"args": vars(args)})
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ class Request(Base):
     result_key: orm.Mapped[str | None] = orm.mapped_column(sa.String(80))
     error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
     prompt_tokens: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    # What this request runs with that differs from its job's defaults ({"sampling": {...},
+    # "top_logprobs": k}, and the OpenAI layer's notes); NULL: the job's. Copied into its shard rows.
+    parameters: orm.Mapped[dict[str, Any] | None] = orm.mapped_column(JSONB)
 
 
 class Task(Base):

@@ -52,7 +52,12 @@ RESULT_FIELDS = [
 RESULT_SCHEMA = pa.schema([pa.field("cache_key", pa.string()), *RESULT_FIELDS])
 # The columns a job adds around the teacher's: which request a row answers, and whether it was cached.
 JOB_FIELDS_BEFORE = [pa.field("custom_id", pa.string()), pa.field("request_index", pa.int32())]
-JOB_FIELDS_AFTER = [pa.field("cached", pa.bool_())]
+JOB_FIELDS_AFTER = [
+    pa.field("cached", pa.bool_()),
+    # The request's own parameters as JSON ({"sampling": {...}, "top_logprobs": k}) where they
+    # differ from the job's (the shard metadata's); null for a request that ran with the job's.
+    pa.field("parameters", pa.string()),
+]
 # A job's output shard: the contract's columns (DESIGN.md), in request order.
 JOB_SCHEMA = pa.schema([*JOB_FIELDS_BEFORE, *RESULT_FIELDS, *JOB_FIELDS_AFTER])
 

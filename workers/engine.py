@@ -9,24 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from service.sampling import Sampling
 
-@dataclass(frozen=True)
-class SamplingSpec:
-    """The sampling parameters that reach the engine (already normalised by the service)."""
-
-    max_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    seed: int = 0
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    ignore_eos: bool = False
+# What reaches an engine is the one definition of the sampling parameters (already normalised
+# by the service); adapters map it field by field (vLLM's names are its names).
+SamplingSpec = Sampling
 
 
 @dataclass(frozen=True)

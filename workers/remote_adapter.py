@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from service.sampling import engine_only_names, openai_names
 from service.teachers.registry import RemoteSource
 from teachercache.errors import parse_retry_after
 from workers.engine import EngineRequest, EngineResult, Sample, SamplingSpec
@@ -43,7 +44,7 @@ EXCERPT_CHARS = 300
 STEP_WAIT_S = 0.05  # step() waits this long for a finished request, so the engine thread idles cheaply
 OPENAI_FLOOR = -9999.0  # OpenAI-compatible servers write -inf logprobs as -9999.0; we store -inf
 # Sampling fields a plain OpenAI server has no parameter for: only their defaults can be honoured.
-VLLM_ONLY_DEFAULTS = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "ignore_eos": False, "stop_token_ids": ()}
+VLLM_ONLY_DEFAULTS = {name: SamplingSpec.model_fields[name].default for name in engine_only_names()}
 
 
 class RemoteRequestFailed(Exception):
@@ -279,17 +280,13 @@ class RemoteEngine:
 
     def _sampling(self, spec: SamplingSpec, max_tokens: int) -> dict[str, Any]:
         """The sampling fields, as the local adapter builds vLLM's SamplingParams."""
-        fields: dict[str, Any] = {
-            "max_tokens": max_tokens, "n": spec.n, "seed": spec.seed, "temperature": spec.temperature,
-            "top_p": spec.top_p, "presence_penalty": spec.presence_penalty,
-            "frequency_penalty": spec.frequency_penalty, "stop": list(spec.stop) or None,
-        }
+        values = {**spec.model_dump(), "max_tokens": max_tokens, "stop": list(spec.stop) or None,
+                  "stop_token_ids": list(spec.stop_token_ids) or None}
+        fields = {name: values[name] for name in openai_names()}
         if not self.source.vllm_extensions:
             _check_plain_openai(spec)
             return fields
-        return fields | {
-            "top_k": spec.top_k, "min_p": spec.min_p, "repetition_penalty": spec.repetition_penalty,
-            "stop_token_ids": list(spec.stop_token_ids) or None, "ignore_eos": spec.ignore_eos,
+        return fields | {name: values[name] for name in VLLM_ONLY_DEFAULTS} | {
             "include_stop_str_in_output": True, "return_tokens_as_token_ids": True, "return_token_ids": True,
         }
 

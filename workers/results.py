@@ -12,12 +12,8 @@ from workers.engine import EngineRequest, EngineResult, SamplingSpec
 
 
 def engine_request(task: ClaimedTask) -> EngineRequest:
-    sampling = dict(task.sampling)
-    for name in ("stop", "stop_token_ids"):
-        if name in sampling:
-            sampling[name] = tuple(sampling[name])
     return EngineRequest(
-        key=task.key, prompt_token_ids=list(task.prompt_token_ids), sampling=SamplingSpec(**sampling),
+        key=task.key, prompt_token_ids=list(task.prompt_token_ids), sampling=SamplingSpec.model_validate(task.sampling),
         top_logprobs=task.top_logprobs, mode=task.mode,
         response_token_ids=list(task.response_token_ids) if task.response_token_ids is not None else None,
         messages=task.messages,

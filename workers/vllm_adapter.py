@@ -283,19 +283,8 @@ def _describe(exc: BaseException) -> str:
 def _generate_params(request: EngineRequest) -> SamplingParams:
     spec: SamplingSpec = request.sampling
     return SamplingParams(
-        n=spec.n,
-        seed=spec.seed,
-        temperature=spec.temperature,
-        top_p=spec.top_p,
-        top_k=spec.top_k,
-        min_p=spec.min_p,
-        stop=list(spec.stop) or None,
-        stop_token_ids=list(spec.stop_token_ids) or None,
-        presence_penalty=spec.presence_penalty,
-        frequency_penalty=spec.frequency_penalty,
-        repetition_penalty=spec.repetition_penalty,
-        max_tokens=spec.max_tokens,
-        ignore_eos=spec.ignore_eos,
+        # Every parameter under its own name (the definition uses vLLM's), lists as vLLM takes them.
+        **{**spec.model_dump(), "stop": list(spec.stop) or None, "stop_token_ids": list(spec.stop_token_ids) or None},
         logprobs=request.top_logprobs,
         **_COMMON_PARAMS,
         # vLLM needs text only to match stop strings; we decode the final text ourselves.

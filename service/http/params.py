@@ -25,3 +25,4 @@ BatchId = Annotated[str, path_id("batch")]
 JobCursor = Annotated[str | None, Query(pattern=id_pattern("job"), description="the last job id of the previous page")]
 BatchCursor = Annotated[str | None, Query(pattern=id_pattern("batch"),
                                           description="the last batch id of the previous page")]
+FileCursor = Annotated[str | None, Query(pattern=id_pattern("file"), description="the last file id of the previous page")]

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, Query, Request, Response, UploadFile
 
 from service.http.deps import Db, Limits, Rt, Who, caller
-from service.http.params import BatchCursor, BatchId, FileId
+from service.http.params import BatchCursor, BatchId, FileCursor, FileId
 from service.http.ranges import RANGE_HEADERS, RangeFileResponse, StoredFileResponse, file_responses
-from service.openai_batch.schemas import BatchCreate, BatchList, BatchObject, FileObject
+from service.openai_batch.schemas import BatchCreate, BatchList, BatchObject, FileDeleted, FileList, FileObject
 from service.openai_batch.service import (
     OpenAIBatchService,
     describe_batch,
     describe_file,
 )
+from service.results.retention import remove_objects
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(caller)])
 OCTET_STREAM = "application/octet-stream"
@@ -26,6 +27,23 @@ def upload_file(db: Db, rt: Rt, who: Who, file: Annotated[UploadFile, File()],
     # Starlette has spooled the upload to a temporary file: it is copied from there, never read whole.
     return describe_file(OpenAIBatchService(db, rt, who.tenant).upload(file.filename or "upload.jsonl", purpose,
                                                                       file.file))
+
+
+@router.get("/files", response_model=FileList)
+def list_files(db: Db, rt: Rt, who: Who, limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+               after: FileCursor = None, purpose: Annotated[str | None, Query(max_length=32)] = None,
+               order: Literal["asc", "desc"] = "desc") -> FileList:
+    files, has_more = OpenAIBatchService(db, rt, who.tenant).list_files(limit, after, purpose, order)
+    data = [describe_file(f) for f in files]
+    return FileList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                    has_more=has_more)
+
+
+@router.delete("/files/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: FileId, db: Db, rt: Rt, who: Who, background: BackgroundTasks) -> FileDeleted:
+    path = OpenAIBatchService(db, rt, who.tenant).delete_file(file_id)
+    background.add_task(remove_objects, rt.storage, [path])  # after the commit: the row goes first
+    return FileDeleted(id=file_id)
 
 
 @router.get("/files/{file_id}", response_model=FileObject)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from service.db import db_retry, transaction
 from service.jobs.repository import JobRepository
+from service.openai_batch.service import finish_openai_batch
 from service.queue.repository import TaskRepository
 from service.results.assemble import AssemblyLimits, finalize_one
 from service.results.retention import sweep
@@ -45,7 +46,8 @@ def finalize_ready(rt: Runtime) -> int:
     while True:
         with transaction(rt.sessions) as db:
             job = finalize_one(JobRepository(db), rt.storage, rt.teacher_metadata(),
-                               AssemblyLimits.from_settings(rt.settings))
+                               AssemblyLimits.from_settings(rt.settings),
+                               on_end=lambda ended: finish_openai_batch(db, rt, ended))
         if job is None:
             return done
         log.info("job %s finalized (%s)", job.id, job.status)  # or counted a failed attempt

@@ -21,8 +21,8 @@ from service.errors import ValidationFailed
 from service.jobs.limits import (
     JobLimits,
     check_request_count,
-    check_request_texts,
     check_token_total,
+    request_checks,
     request_tokens,
 )
 from service.jobs.schemas import JobCreate, RequestIn
@@ -112,11 +112,12 @@ def prepared_batches(body: JobCreate, teacher: Teacher, lines: Iterator[tuple[in
     that passes the limit."""
     batch: list[PreparedRequest] = []
     index = tokens = 0
+    check = request_checks(body, limits)  # as a body's requests: texts' lengths, own parameters
     for number, line in lines:
         with on_line(number):
             check_request_count(index + 1, limits)
             request = parse_line(index, line)
-            check_request_texts(index, request, limits)
+            check(index, request)
             prepared = prepare_one(index, request, body, teacher)
             tokens += request_tokens(body, prepared)
             check_token_total(tokens, limits)

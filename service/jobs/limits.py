@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from service.errors import LimitExceeded, RateLimited, ValidationFailed
 from service.jobs.schemas import JobCreate, RequestIn
-from service.jobs.tokenize import PreparedRequest
+from service.jobs.tokenize import PreparedRequest, RejectedRequest, parameter_field
 from service.settings import ServiceSettings
 
 
@@ -64,7 +65,7 @@ def over(limit: str, maximum: int, message: str, field: str) -> LimitExceeded:
 
 def check_shape(body: JobCreate, limits: JobLimits) -> None:
     """Before any tokenization: the batch size (of a body; a file's is counted as it is read) and
-    the per-request parameters."""
+    the job's default parameters."""
     if body.requests is not None:
         check_request_count(len(body.requests), limits)
     check_job_parameters(body, limits)
@@ -76,12 +77,34 @@ def check_request_count(count: int, limits: JobLimits) -> None:
 
 
 def check_job_parameters(body: JobCreate, limits: JobLimits) -> None:
-    if body.top_logprobs > limits.max_top_logprobs:
-        raise over("max_top_logprobs", limits.max_top_logprobs, f"{body.top_logprobs} is above the maximum",
-                   "top_logprobs")
-    if body.sampling.max_tokens > limits.max_completion_tokens:
-        raise over("max_completion_tokens", limits.max_completion_tokens,
-                   f"{body.sampling.max_tokens} is above the maximum", "sampling.max_tokens")
+    check_parameter_limits(body.top_logprobs, body.sampling.max_tokens, "top_logprobs", "sampling.max_tokens",
+                           limits)
+
+
+def check_parameter_limits(top_logprobs: int, max_tokens: int, top_field: str, max_tokens_field: str,
+                           limits: JobLimits) -> None:
+    if top_logprobs > limits.max_top_logprobs:
+        raise over("max_top_logprobs", limits.max_top_logprobs, f"{top_logprobs} is above the maximum", top_field)
+    if max_tokens > limits.max_completion_tokens:
+        raise over("max_completion_tokens", limits.max_completion_tokens, f"{max_tokens} is above the maximum",
+                   max_tokens_field)
+
+
+def request_checks(body: JobCreate, limits: JobLimits) -> Callable[[int, RequestIn], None]:
+    """What is checked of each request before it is tokenized: its texts' lengths and its own
+    parameters (a 200 MB prompt would hold the teacher's tokenizer for seconds)."""
+    def check(index: int, request: RequestIn) -> None:
+        check_request_texts(index, request, limits)
+        if request.top_logprobs is not None or request.sampling is not None:
+            top = request.top_logprobs if request.top_logprobs is not None else body.top_logprobs
+            max_tokens = (request.sampling and request.sampling.max_tokens) or body.sampling.max_tokens
+            try:
+                check_parameter_limits(top, max_tokens, parameter_field(index, request, "top_logprobs"),
+                                       parameter_field(index, request, "max_tokens"), limits)
+            except LimitExceeded as error:
+                error.details["request_index"] = index
+                raise
+    return check
 
 
 def texts(request: RequestIn) -> list[tuple[str, str]]:
@@ -93,11 +116,11 @@ def texts(request: RequestIn) -> list[tuple[str, str]]:
 def check_text_lengths(body: JobCreate, limits: JobLimits) -> None:
     """Before any tokenization: a 200 MB prompt would hold the teacher's tokenizer (and every
     other submission to that teacher) for seconds before its token count could refuse it."""
-    for index, request in enumerate(body.requests):
+    for index, request in enumerate(body.requests or ()):
         check_request_texts(index, request, limits)
 
 
-def check_request_texts(index: int, request, limits: JobLimits) -> None:
+def check_request_texts(index: int, request: RequestIn, limits: JobLimits) -> None:
     for name, text in texts(request):
         if len(text) > limits.max_text_chars:
             error = over("max_text_chars", limits.max_text_chars, f"{len(text)} characters",
@@ -106,19 +129,22 @@ def check_request_texts(index: int, request, limits: JobLimits) -> None:
             raise error
 
 
-def request_tokens(body: JobCreate, request: PreparedRequest) -> int:
-    """The most teacher tokens one request can cost: its prompt plus the response to score or generate."""
+def request_tokens(body: JobCreate, request: PreparedRequest | RejectedRequest) -> int:
+    """The most teacher tokens one request can cost: its prompt plus the response to score or
+    generate, with its own sampling (a request refused alone costs nothing)."""
+    if not isinstance(request, PreparedRequest):
+        return 0
     if body.mode == "score":
         return len(request.prompt_token_ids) + len(request.response_token_ids or ())
-    return len(request.prompt_token_ids) + body.sampling.max_tokens * body.sampling.n
+    return len(request.prompt_token_ids) + request.sampling.max_tokens * request.sampling.n
 
 
-def job_tokens(body: JobCreate, prepared: list[PreparedRequest]) -> int:
+def job_tokens(body: JobCreate, prepared: list[PreparedRequest | RejectedRequest]) -> int:
     """The most teacher tokens the job can cost: prompts plus the responses to score or generate."""
     return sum(request_tokens(body, r) for r in prepared)
 
 
-def check_tokens(body: JobCreate, prepared: list[PreparedRequest], limits: JobLimits) -> None:
+def check_tokens(body: JobCreate, prepared: list[PreparedRequest | RejectedRequest], limits: JobLimits) -> None:
     check_token_total(job_tokens(body, prepared), limits)
 
 

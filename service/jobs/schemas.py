@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.ids import id_pattern
+from service.sampling import INT32_MAX, Sampling, SamplingOverride, TokenId
 from service.states import JobStatus
 from service.text import StorableJson, StorableText, UnicodeText
 from teachercache.soft_labels import DEFAULT_ENCODING, ENCODINGS
 
-INT32_MAX = 2**31 - 1
-TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # checked against the teacher's vocabulary later
+__all__ = ["INT32_MAX", "Sampling", "SamplingOverride", "TokenId"]  # re-exported: the job contract uses them
 
 
 class Strict(BaseModel):
@@ -37,27 +37,9 @@ class RequestIn(Strict):
     prompt_token_ids: list[int] | None = Field(default=None, min_length=1)
     response: UnicodeText | None = None
     response_token_ids: list[int] | None = Field(default=None, min_length=1)
-
-
-class Sampling(Strict):
-    max_tokens: int = Field(default=128, ge=1, le=32768)
-    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1, le=INT32_MAX)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    seed: int = Field(default=0, ge=0, le=2**63 - 1)
-    n: int = Field(default=1, ge=1, le=64)
-    stop: list[StorableText] = Field(default_factory=list, max_length=16)
-    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    ignore_eos: bool = False
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def one_stop_string(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+    # This request's own parameters: each one given replaces the job's (`sampling`, `top_logprobs`).
+    sampling: SamplingOverride | None = None
+    top_logprobs: int | None = Field(default=None, ge=0)
 
 
 class SoftLabels(Strict):

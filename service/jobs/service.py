@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from contextlib import closing
 from datetime import datetime
@@ -11,15 +12,22 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from service.cachekey import key_maker, normalize_sampling, teacher_identity
+from service.cachekey import cache_key, key_maker, normalize_sampling, teacher_identity
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.ids import new_id
 from service.jobs.input_file import LineNumbers, file_lines, prepared_batches, read_ahead
-from service.jobs.limits import JobLimits, check_pending, check_shape, check_text_lengths, check_tokens
+from service.jobs.limits import (
+    JobLimits,
+    check_pending,
+    check_shape,
+    check_text_lengths,
+    check_tokens,
+    request_checks,
+)
 from service.jobs.repository import JobRepository
-from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
+from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, Sampling, ShardOut
 from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded_spend
-from service.jobs.tokenize import PreparedRequest, prepare_requests
+from service.jobs.tokenize import PreparedRequest, RejectedRequest, prepare_requests
 from service.models import Job, Shard
 from service.openai_batch.models import OpenAIFile
 from service.openai_batch.repository import OpenAIBatchRepository
@@ -43,6 +51,7 @@ def body_sha256(body: JobCreate, source: OpenAIFile | None = None) -> str:
 
 
 def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> None:
+    """The job's defaults (each request's own parameters are checked with the request)."""
     check_shape(body, limits)
     limit = teacher.spec.max_top_logprobs
     if body.top_logprobs > limit:
@@ -58,12 +67,18 @@ def check_one_source(body: JobCreate) -> None:
                                "(an uploaded JSONL file, one request per line)", field="requests")
 
 
-def prepare_submission(body: JobCreate, teacher: Teacher, limits: JobLimits) -> list:
+Prepared = PreparedRequest | RejectedRequest
+
+
+def prepare_submission(body: JobCreate, teacher: Teacher, limits: JobLimits,
+                       reject_alone: bool = False) -> list[Prepared]:
     """Validate and tokenize a job; no database. The HTTP layer runs it before it takes a pooled
-    connection, so a connection is never held while a tokenizer works."""
+    connection, so a connection is never held while a tokenizer works. With `reject_alone` a
+    request that cannot run fails alone (an OpenAI batch line) instead of refusing the job."""
     check_parameters(body, teacher, limits)
-    check_text_lengths(body, limits)
-    prepared = prepare_requests(body, teacher)
+    if not reject_alone:  # every text first: one over the bound refuses the job before any tokenizing
+        check_text_lengths(body, limits)
+    prepared = prepare_requests(body, teacher, request_checks(body, limits), reject_alone)
     check_tokens(body, prepared, limits)
     return prepared
 
@@ -93,16 +108,18 @@ class JobService:
         return job
 
     def submit(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None = None,
-               prepared: list | None = None) -> Job:
+               prepared: list | None = None, notes: dict[int, dict[str, Any]] | None = None) -> Job:
         """Validate and tokenize (unless `prepared` already is), spend one of the tenant's
         submissions (after validation, so an invalid body spends nothing; in this transaction, so
         a refused one spends nothing either), then write the whole job. Every submission, a
-        native job or an OpenAI batch's, is rate-limited here and nowhere else."""
+        native job or an OpenAI batch's, is rate-limited here and nowhere else. `notes` (by
+        request index) join a request's recorded parameters (the OpenAI layer notes a line's own
+        `logprobs`)."""
         if prepared is None:
             prepared = prepare_submission(body, teacher, self.limits)
         self._spend_submission()
         job = self._add_job(body, teacher, idempotency_key, len(prepared))
-        pending = JobWriter(self, job, body, teacher).write(prepared)
+        pending = JobWriter(self, job, body, teacher, notes).write(prepared)
         self._check_pending(pending)
         self.jobs.advance_jobs({job.id})  # a job answered wholly from the cache is ready at once
         return job
@@ -169,7 +186,7 @@ class JobService:
                  source: OpenAIFile | None = None) -> Job:
         job = Job(
             id=new_id("job"), tenant=self.tenant, status=JobStatus.QUEUED, teacher=teacher.name, mode=body.mode,
-            top_logprobs=body.top_logprobs, sampling=body.sampling.model_dump(), cache_policy=body.cache,
+            top_logprobs=body.top_logprobs, sampling=body.sampling.values(), cache_policy=body.cache,
             soft_labels=body.soft_labels.model_dump(), metadata_=body.metadata, total=total,
             idempotency_key=idempotency_key, body_sha256=body_sha256(body, source),
         )
@@ -268,55 +285,104 @@ class JobService:
 
 class JobWriter:
     """Writes a job's requests a batch at a time: each batch's cache lookup, its request rows
-    (COPY) and the tasks of its misses. Counts what it wrote, for the checks at the end."""
+    (COPY) and the tasks of its misses. Counts what it wrote, for the checks at the end.
 
-    def __init__(self, service: JobService, job: Job, body: JobCreate, teacher: Teacher) -> None:
+    Requests with the job's own parameters (nearly all) are keyed by one key maker built once;
+    a request with its own sampling or top_logprobs is keyed on its own."""
+
+    def __init__(self, service: JobService, job: Job, body: JobCreate, teacher: Teacher,
+                 notes: dict[int, dict[str, Any]] | None = None) -> None:
         self.service, self.job, self.body, self.teacher = service, job, body, teacher
-        self.sampling = normalize_sampling(body.mode, body.sampling.model_dump())
-        identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision, teacher.tokenizer_hash,
-                                    teacher.spec.dtype)
-        self.key_of = key_maker(identity, body.mode, self.sampling, body.top_logprobs)
+        self.notes = notes or {}
+        self.defaults = (body.sampling, body.top_logprobs)
+        self.sampling = normalize_sampling(body.mode, body.sampling.values())
+        self.identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision,
+                                         teacher.tokenizer_hash, teacher.spec.dtype)
+        self.key_of = key_maker(self.identity, body.mode, self.sampling, body.top_logprobs)
         self.total = self.pending = 0
         self.gave_custom_ids = False
 
-    def keyed(self, prepared: list[PreparedRequest]) -> tuple[list[PreparedRequest], list[str]]:
-        """A batch with its cache keys (no database: this may run in a read-ahead thread)."""
-        if self.body.cache == "bypass":  # never shared, never found
-            return prepared, [f"bypass-{self.job.id}-{r.index}" for r in prepared]
-        return prepared, [self.key_of(r.prompt_token_ids, r.response_token_ids) for r in prepared]
+    def sampling_of(self, request: PreparedRequest) -> dict[str, Any]:
+        if request.sampling == self.body.sampling:
+            return self.sampling
+        return normalize_sampling(self.body.mode, request.sampling.values())
 
-    def write(self, prepared: list[PreparedRequest], keys: list[str] | None = None) -> int:
+    def key(self, request: PreparedRequest) -> str:
+        if self.body.cache == "bypass":  # never shared, never found
+            return f"bypass-{self.job.id}-{request.index}"
+        if request.sampling == self.body.sampling and request.top_logprobs == self.body.top_logprobs:
+            return self.key_of(request.prompt_token_ids, request.response_token_ids)
+        return cache_key(self.identity, self.body.mode, request.prompt_token_ids, request.response_token_ids,
+                         self.sampling_of(request), request.top_logprobs)
+
+    def keyed(self, prepared: list[Prepared]) -> tuple[list[Prepared], list[str | None]]:
+        """A batch with its cache keys, None for a request refused alone (no database: this may
+        run in a read-ahead thread)."""
+        return prepared, [self.key(r) if isinstance(r, PreparedRequest) else None for r in prepared]
+
+    def write(self, prepared: list[Prepared], keys: list[str | None] | None = None) -> int:
         """Write one batch; how many of its requests wait for the teacher."""
         body, jobs = self.body, self.service.jobs
         if keys is None:
             keys = self.keyed(prepared)[1]
-        hits = jobs.results_for(keys) if body.cache == "use" else set()
-        jobs.add_requests([request_row(self.job.id, r, k, k in hits) for r, k in zip(prepared, keys)])
+        live = [k for k in keys if k is not None]
+        hits = jobs.results_for(live) if body.cache == "use" else set()
+        jobs.add_requests([
+            request_row(self.job.id, r, k, k in hits, self.defaults, self.notes.get(r.index))
+            if isinstance(r, PreparedRequest) and k is not None else rejected_row(self.job.id, r, self.notes.get(r.index))
+            for r, k in zip(prepared, keys)
+        ])
         self._enqueue_misses(prepared, keys, hits)
-        pending = sum(k not in hits for k in keys)
+        pending = sum(k not in hits for k in live)
         self.total += len(prepared)
         self.pending += pending
         self.gave_custom_ids = self.gave_custom_ids or any(r.custom_id != str(r.index) for r in prepared)
         return pending
 
-    def _enqueue_misses(self, prepared: list[PreparedRequest], keys: list[str], hits: set[str]) -> None:
+    def _enqueue_misses(self, prepared: list[Prepared], keys: list[str | None], hits: set[str]) -> None:
         # One task per key (a job's duplicates share it); a key of an earlier batch is queued already.
         body, tasks = self.body, {}
         for request, key in zip(prepared, keys):
-            if key not in hits and key not in tasks:
+            if key is not None and key not in hits and key not in tasks and isinstance(request, PreparedRequest):
                 tasks[key] = NewTask(
                     key=key, teacher=self.teacher.name, mode=body.mode, prompt_token_ids=request.prompt_token_ids,
-                    response_token_ids=request.response_token_ids, sampling=self.sampling,
-                    top_logprobs=body.top_logprobs, max_attempts=MAX_ATTEMPTS, messages=request.messages,
+                    response_token_ids=request.response_token_ids, sampling=self.sampling_of(request),
+                    top_logprobs=request.top_logprobs, max_attempts=MAX_ATTEMPTS, messages=request.messages,
                 )
         self.service.tasks.enqueue(list(tasks.values()), recompute_done=body.cache == "refresh")
 
 
-def request_row(job_id: str, request: PreparedRequest, key: str, hit: bool) -> dict[str, Any]:
+def own_parameters(request: PreparedRequest, defaults: tuple[Sampling, int]) -> dict[str, Any]:
+    """What this request runs with that differs from the job's defaults (empty: the job's)."""
+    sampling, top_logprobs = defaults
+    own: dict[str, Any] = {}
+    if changed := request.sampling.differing(sampling):
+        own["sampling"] = changed
+    if request.top_logprobs != top_logprobs:
+        own["top_logprobs"] = request.top_logprobs
+    return own
+
+
+def request_row(job_id: str, request: PreparedRequest, key: str, hit: bool, defaults: tuple[Sampling, int],
+                notes: dict[str, Any] | None = None) -> dict[str, Any]:
+    parameters = {**own_parameters(request, defaults), **(notes or {})}
     return {
         "job_id": job_id, "request_index": request.index, "custom_id": request.custom_id, "cache_key": key,
         "state": RequestState.DONE if hit else RequestState.PENDING, "cached": hit, "result_key": key if hit else None,
-        "prompt_tokens": len(request.prompt_token_ids),
+        "prompt_tokens": len(request.prompt_token_ids), "error": None,
+        "parameters": json.dumps(parameters) if parameters else None,
+    }
+
+
+def rejected_row(job_id: str, request: RejectedRequest, notes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A request that failed its own checks: failed from the start, never queued. Its parameters
+    record that it was refused (`refused`: the field at fault), so a reader can tell it from one
+    the teacher failed."""
+    parameters = {**(notes or {}), "refused": {"field": request.field}}
+    return {
+        "job_id": job_id, "request_index": request.index, "custom_id": request.custom_id,
+        "cache_key": f"rejected-{job_id}-{request.index}", "state": RequestState.FAILED, "cached": False,
+        "result_key": None, "prompt_tokens": 0, "error": request.error, "parameters": json.dumps(parameters),
     }
 
 

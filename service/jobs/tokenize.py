@@ -8,6 +8,7 @@ from jinja2 import TemplateError
 
 from service.errors import ValidationFailed
 from service.jobs.schemas import JobCreate, RequestIn
+from service.sampling import Sampling, apply_override
 from service.teachers.tokenizer import Teacher
 
 
@@ -18,6 +19,33 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     response_token_ids: list[int] | None
     messages: list[dict] | None = None  # kept only for a chat-endpoint teacher, which is sent them
+    # This request's parameters: the job's, with the request's own overrides applied.
+    sampling: Sampling = Sampling()
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class RejectedRequest:
+    """A request refused on its own (an OpenAI batch line that cannot run): it fails alone."""
+
+    index: int
+    custom_id: str
+    error: str
+    field: str | None = None  # the field at fault, where one is
+
+
+def request_parameters(request: RequestIn, job: JobCreate) -> tuple[Sampling, int]:
+    """The sampling parameters and top_logprobs one request runs with."""
+    top = request.top_logprobs if request.top_logprobs is not None else job.top_logprobs
+    return apply_override(job.sampling, request.sampling), top
+
+
+def parameter_field(index: int, request: RequestIn, name: str) -> str:
+    """Where a parameter came from: the request's own override, else the job's default."""
+    if name == "top_logprobs":
+        return f"requests[{index}].top_logprobs" if request.top_logprobs is not None else "top_logprobs"
+    overridden = request.sampling is not None and getattr(request.sampling, name) is not None
+    return f"requests[{index}].sampling.{name}" if overridden else f"sampling.{name}"
 
 
 def invalid(index: int, field: str, message: str) -> ValidationFailed:
@@ -25,11 +53,22 @@ def invalid(index: int, field: str, message: str) -> ValidationFailed:
     return ValidationFailed(f"{where}: {message}", request_index=index, field=where)
 
 
-def prepare_requests(job: JobCreate, teacher: Teacher) -> list[PreparedRequest]:
+def prepare_requests(job: JobCreate, teacher: Teacher, check=lambda index, request: None,
+                     reject_alone: bool = False) -> list[PreparedRequest | RejectedRequest]:
+    """Each request checked (`check`, then its parameters and tokens) and tokenized. With
+    `reject_alone` a request that fails its checks becomes a RejectedRequest instead of
+    refusing the job (OpenAI's batches fail such a line alone)."""
     seen: dict[str, int] = {}
-    prepared = []
+    prepared: list[PreparedRequest | RejectedRequest] = []
     for index, request in enumerate(job.requests):
-        item = prepare_one(index, request, job, teacher)
+        try:
+            check(index, request)
+            item = prepare_one(index, request, job, teacher)
+        except ValidationFailed as exc:
+            if not reject_alone:
+                raise
+            item = RejectedRequest(index, request.custom_id if request.custom_id is not None else str(index),
+                                   exc.message, exc.details.get("field"))
         if item.custom_id in seen:
             raise invalid(index, "custom_id", f"duplicate of requests[{seen[item.custom_id]}]")
         seen[item.custom_id] = index
@@ -38,18 +77,35 @@ def prepare_requests(job: JobCreate, teacher: Teacher) -> list[PreparedRequest]:
 
 
 def prepare_one(index: int, request: RequestIn, job: JobCreate, teacher: Teacher) -> PreparedRequest:
+    sampling, top_logprobs = request_parameters(request, job)
+    check_teacher_parameters(index, request, job.mode, sampling, top_logprobs, teacher)
     prompt, response = split_prompt(index, request, job.mode, teacher)
     if not prompt:  # an empty text prompt tokenizes to nothing, and an engine cannot start from nothing
         raise invalid(index, "prompt", "the prompt is empty")
     check_token_ids(index, "prompt_token_ids", prompt, teacher.vocab_size)
     if response is not None:
         check_token_ids(index, "response_token_ids", response, teacher.vocab_size)
-    check_length(index, job, prompt, response, teacher.spec.max_model_len)
+    check_length(index, job.mode, sampling.max_tokens, prompt, response, teacher.spec.max_model_len)
     custom_id = request.custom_id if request.custom_id is not None else str(index)
+    messages = None
     if teacher.spec.takes_messages_only:
         check_chat_request(index, request, job.mode)
-        return PreparedRequest(index, custom_id, prompt, response, [m.model_dump() for m in request.messages])
-    return PreparedRequest(index, custom_id, prompt, response)
+        messages = [m.model_dump() for m in request.messages]
+    return PreparedRequest(index, custom_id, prompt, response, messages, sampling, top_logprobs)
+
+
+def check_teacher_parameters(index: int, request: RequestIn, mode: str, sampling: Sampling, top_logprobs: int,
+                             teacher: Teacher) -> None:
+    """A request's own parameters against the teacher (the job's defaults are checked once, with the job)."""
+    limit = teacher.spec.max_top_logprobs
+    if request.top_logprobs is not None and top_logprobs > limit:
+        field = parameter_field(index, request, "top_logprobs")
+        raise ValidationFailed(f"{field}: {top_logprobs} is above this teacher's maximum of {limit}",
+                               request_index=index, field=field)
+    if mode == "score" and sampling.n != 1 and request.sampling is not None:
+        field = parameter_field(index, request, "n")
+        raise ValidationFailed(f"{field}: score mode is teacher-forced and takes n = 1", request_index=index,
+                               field=field)
 
 
 def check_chat_request(index: int, request: RequestIn, mode: str) -> None:
@@ -131,11 +187,12 @@ def check_token_ids(index: int, field: str, ids: list[int], vocab_size: int) -> 
         raise invalid(index, field, f"token id {bad} is outside the teacher's vocabulary [0, {vocab_size})")
 
 
-def check_length(index: int, job: JobCreate, prompt: list[int], response: list[int] | None, limit: int) -> None:
-    if job.mode == "score":
+def check_length(index: int, mode: str, max_tokens: int, prompt: list[int], response: list[int] | None,
+                 limit: int) -> None:
+    if mode == "score":
         total, what = len(prompt) + len(response or []), "prompt + response"
     else:
-        total, what = len(prompt) + job.sampling.max_tokens, "prompt + max_tokens"
+        total, what = len(prompt) + max_tokens, "prompt + max_tokens"
     if total > limit:
-        field = "response" if job.mode == "score" else "prompt"
+        field = "response" if mode == "score" else "prompt"
         raise invalid(index, field, f"{what} is {total} tokens, over the teacher's context of {limit}")

@@ -21,6 +21,11 @@ class OpenAIFile(Base):
     """A JSONL file in storage under `files/`: an uploaded batch input, or a batch's output/error file."""
 
     __tablename__ = "files"
+    __table_args__ = (
+        sa.Index("ix_files_tenant_created_at", "tenant", "created_at"),
+        # The retention sweep: files past their expiry, oldest first, without looking at the rest.
+        sa.Index("ix_files_expires_at", "expires_at", postgresql_where=sa.text("expires_at IS NOT NULL")),
+    )
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
     tenant: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("tenants.name"), index=True)
@@ -31,6 +36,8 @@ class OpenAIFile(Base):
     # The content's digest: a job from this file is fingerprinted by it (None: uploaded before migration 0012).
     sha256: orm.Mapped[str | None] = orm.mapped_column(sa.String(64))
     created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
+    # A batch's output/error file under the batch's output_expires_after; NULL: kept until deleted.
+    expires_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
 
 
 class OpenAIBatch(Base):
@@ -39,7 +46,8 @@ class OpenAIBatch(Base):
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
     tenant: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("tenants.name"))
-    input_file_id: orm.Mapped[str] = orm.mapped_column(sa.ForeignKey("files.id"))
+    # No foreign key: the input file may be deleted (as OpenAI allows) and the batch keeps its id.
+    input_file_id: orm.Mapped[str] = orm.mapped_column(sa.String(40))
     endpoint: orm.Mapped[str] = orm.mapped_column(sa.String(64))
     completion_window: orm.Mapped[str] = orm.mapped_column(sa.String(16))
     status: orm.Mapped[str] = orm.mapped_column(sa.String(16))  # BatchStatus
@@ -48,6 +56,11 @@ class OpenAIBatch(Base):
     output_file_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(40))
     error_file_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(40))
     metadata_: orm.Mapped[dict[str, Any]] = orm.mapped_column("metadata", JSONB)
+    model: orm.Mapped[str | None] = orm.mapped_column(sa.String(200))  # the lines' model (the teacher)
+    # OpenAI's usage object, summed over the output file's lines when they are written.
+    usage: orm.Mapped[dict[str, Any] | None] = orm.mapped_column(JSONB)
+    # output_expires_after.seconds: the output and error files expire this long after they are written.
+    output_expires_after_s: orm.Mapped[int | None] = orm.mapped_column(sa.Integer)
     request_total: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
     request_completed: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
     request_failed: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")

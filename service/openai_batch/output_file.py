@@ -40,6 +40,20 @@ def success_line(samples: list[dict[str, Any]], endpoint: str, model: str, creat
     return json.dumps(line)
 
 
+def asked(row: dict[str, Any]) -> dict[str, Any]:
+    """The request's own parameters and notes (the row's `parameters`; empty: the job's)."""
+    return json.loads(row["parameters"]) if row.get("parameters") else {}
+
+
+def refused_line(custom_id: str, message: str, param: str | None) -> str:
+    """A line that could not run, as OpenAI writes a request its API answered 400."""
+    request_id = f"req_{uuid.uuid4().hex}"
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
+    line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+            "response": {"status_code": 400, "request_id": request_id, "body": body}, "error": None}
+    return json.dumps(line)
+
+
 def error_line(custom_id: str, message: str, expired: bool = False) -> str:
     """A failed request's line; requests left undone when the window ran out are `batch_expired`."""
     code = "batch_expired" if expired else "cancelled" if message == "cancelled" else "request_failed"

@@ -19,6 +19,28 @@ class FileObject(BaseModel):
     filename: str
     purpose: str
     status: str = "processed"
+    expires_at: int | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class OutputExpiresAfter(BaseModel):
+    """OpenAI's expiration policy for a batch's output and error files (seconds after creation)."""
+
+    anchor: Literal["created_at"] = "created_at"
+    seconds: int = Field(ge=3600, le=30 * 24 * 3600)
 
 
 class BatchCreate(BaseModel):
@@ -26,6 +48,7 @@ class BatchCreate(BaseModel):
     endpoint: Literal["/v1/chat/completions", "/v1/completions"]
     completion_window: Literal["24h"] = "24h"
     metadata: dict[StorableText, StorableText] | None = None
+    output_expires_after: OutputExpiresAfter | None = None
 
 
 class BatchError(BaseModel):
@@ -38,6 +61,22 @@ class BatchError(BaseModel):
 class BatchErrors(BaseModel):
     object: Literal["list"] = "list"
     data: list[BatchError]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens of requests answered from the cache
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class BatchUsage(BaseModel):
+    input_tokens: int = 0
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int = 0
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int = 0
 
 
 class RequestCounts(BaseModel):
@@ -67,6 +106,8 @@ class BatchObject(BaseModel):
     cancelled_at: int | None = None
     request_counts: RequestCounts
     metadata: dict[str, Any] | None
+    model: str | None = None
+    usage: BatchUsage | None = None
 
 
 class BatchList(BaseModel):

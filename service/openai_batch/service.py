@@ -2,11 +2,15 @@
 
 A batch is validated when it is created: a bad input file ends it `failed` at once (no job);
 a good one becomes one native job, whose status the batch mirrors. The output and error files
-are built lazily, the first time the batch is read after its job has finished.
+are written once, by the finalizer, in the transaction that ends the job (`finish_openai_batch`),
+streamed from the job's shards a row group at a time through the storage port (atomic writes),
+so reading a batch never writes anything and memory does not grow with the batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,10 +25,12 @@ from service.errors import LimitExceeded, NotFound, ValidationFailed
 from service.ids import new_id
 from service.jobs.limits import JobLimits
 from service.jobs.repository import JobRepository
-from service.jobs.service import JobService
+from service.jobs.schemas import RequestIn
+from service.jobs.service import JobService, prepare_submission
+from service.jobs.tokenize import RejectedRequest
 from service.models import Job
 from service.openai_batch import output_file
-from service.openai_batch.input_file import ParsedInput, parse_input
+from service.openai_batch.input_file import LineFailure, ParsedInput, parse_input
 from service.openai_batch.models import OpenAIBatch, OpenAIFile
 from service.openai_batch.repository import OpenAIBatchRepository
 from service.openai_batch.schemas import (
@@ -32,6 +38,7 @@ from service.openai_batch.schemas import (
     BatchError,
     BatchErrors,
     BatchObject,
+    BatchUsage,
     FileObject,
     RequestCounts,
 )
@@ -40,6 +47,7 @@ from service.states import BATCH_FINISHED, JOB_ACTIVE, JOB_FINISHED, BatchStatus
 from service.storage.port import Storage, StoredShard, storage_retry
 from service.text import storable_text
 
+log = logging.getLogger(__name__)
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file (a native job's has none)
 COPY_CHUNK_BYTES = 1024 * 1024
 
@@ -116,7 +124,9 @@ class OpenAIBatchService:
                                    "input_file_id), which has none", field="input_file_id")
         batch = OpenAIBatch(id=new_id("batch"), tenant=self.tenant, input_file_id=source.id, endpoint=body.endpoint,
                             completion_window=body.completion_window, status=BatchStatus.VALIDATING,
-                            metadata_=body.metadata or {}, created_at=now())
+                            metadata_=body.metadata or {}, created_at=now(),
+                            output_expires_after_s=body.output_expires_after.seconds if body.output_expires_after
+                            else None)
         self.repo.add(batch)
         parsed = parse_input(self.rt.storage.read_bytes(source.path), body.endpoint, set(self.rt.teachers.registry.teachers))
         if isinstance(parsed, list):
@@ -126,15 +136,19 @@ class OpenAIBatchService:
         return batch
 
     def _start(self, batch: OpenAIBatch, parsed: ParsedInput) -> None:
+        # The default (the first line's); a line that asks otherwise is noted on its request.
         parsed.job.metadata = {"openai_batch_id": batch.id, "openai_endpoint": batch.endpoint,
-                               "openai_logprobs": parsed.wants_logprobs}
+                               "openai_logprobs": parsed.logprobs}
+        teacher = self.rt.teachers.get(parsed.teacher)
         try:
+            prepared = line_requests(parsed, prepare_submission(parsed.job, teacher, self.jobs.limits,
+                                                                reject_alone=True))
             with self.session.begin_nested():  # a rejected submission leaves no partial job behind
-                job = self.jobs.submit(parsed.job, self.rt.teachers.get(parsed.teacher))
+                job = self.jobs.submit(parsed.job, teacher, prepared=prepared, notes=line_notes(parsed))
         except (ValidationFailed, LimitExceeded) as exc:  # a RateLimited refuses the batch: nothing is kept
             self._fail(batch, [error_from_submission(exc, parsed.line_numbers)])
             return
-        batch.job_id = job.id
+        batch.job_id, batch.model = job.id, parsed.teacher
         batch.status, batch.in_progress_at = BatchStatus.IN_PROGRESS, now()
         batch.request_total = job.total
 
@@ -168,6 +182,8 @@ class OpenAIBatchService:
         batch.request_completed = counts["completed"] + counts["cached"]
         batch.request_failed = counts["failed"]
         if job.status in JOB_FINISHED and job.finished_at is not None:
+            # Ended before the finalizer wrote batch files (a job finished by an older version).
+            log.warning("batch %s: its job ended without its files; writing them now", batch.id)
             self._finish(batch, job)
         elif job.status == JobStatus.FINALIZING and job.cancel_requested_at is None:
             batch.status, batch.finalizing_at = BatchStatus.FINALIZING, batch.finalizing_at or now()
@@ -196,15 +212,20 @@ class OpenAIBatchService:
     def _write_results(self, batch: OpenAIBatch, job: Job) -> None:
         """The output and error files, streamed from the job's shards (one pass each), never the
         whole job in memory: a batch of 50,000 requests is as cheap in memory as one of ten."""
-        output = self._store_lines(f"{batch.id}_output.jsonl", self._result_lines(batch, job, errors=False))
-        error = self._store_lines(f"{batch.id}_error.jsonl", self._result_lines(batch, job, errors=True))
+        usage = BatchUsage()
+        expires_at = now() + timedelta(seconds=batch.output_expires_after_s) if batch.output_expires_after_s else None
+        output = self._store_lines(f"{batch.id}_output.jsonl", self._result_lines(batch, job, False, usage), expires_at)
+        error = self._store_lines(f"{batch.id}_error.jsonl", self._result_lines(batch, job, True, usage), expires_at)
         batch.request_completed = output.lines if output else 0
         batch.request_failed = error.lines if error else 0
         batch.output_file_id = output.file.id if output else None
         batch.error_file_id = error.file.id if error else None
+        usage.total_tokens = usage.input_tokens + usage.output_tokens
+        batch.usage = usage.model_dump()
 
-    def _store_lines(self, filename: str, lines: Iterator[str]) -> StoredLines | None:
-        """A JSONL file of `lines` (none: no file), written and published like any stored object."""
+    def _store_lines(self, filename: str, lines: Iterator[str], expires_at: datetime | None) -> StoredLines | None:
+        """A JSONL file of `lines` (none: no file), written and published like any stored object
+        (atomically: temp + fsync + rename locally, one upload on an object store)."""
         file_id = new_id("file")
         path = f"files/{file_id}.jsonl"
         count = 0
@@ -220,11 +241,11 @@ class OpenAIBatchService:
             self.rt.storage.delete(path)
             return None
         row = OpenAIFile(id=file_id, tenant=self.tenant, purpose="batch_output", filename=filename, bytes=stored.bytes,
-                         path=path, created_at=now())
+                         path=path, created_at=now(), expires_at=expires_at)
         self.repo.add(row)
         return StoredLines(row, count)
 
-    def _result_lines(self, batch: OpenAIBatch, job: Job, errors: bool) -> Iterator[str]:
+    def _result_lines(self, batch: OpenAIBatch, job: Job, errors: bool, usage: BatchUsage) -> Iterator[str]:
         teacher = self.rt.teachers.get(job.teacher)
         decoded: dict[int, str] = {}
 
@@ -233,12 +254,17 @@ class OpenAIBatchService:
                 decoded[token_id] = teacher.decode([token_id])
             return decoded[token_id]
 
-        wants_logprobs = bool(job.metadata_.get("openai_logprobs"))
+        default_logprobs = bool(job.metadata_.get("openai_logprobs"))
         created = unix(job.finished_at) or int(time.time())
         for _, samples in output_file.request_groups(self._job_rows(job.id)):
             problem = output_file.request_error(samples)
+            asked = output_file.asked(samples[0])
             if problem is None and not errors:
+                wants_logprobs = asked.get("logprobs", default_logprobs)
+                add_usage(usage, samples)
                 yield output_file.success_line(samples, batch.endpoint, job.teacher, created, wants_logprobs, decode)
+            elif problem is not None and errors and "refused" in asked:
+                yield output_file.refused_line(samples[0]["custom_id"], problem, asked["refused"].get("field"))
             elif problem is not None and errors:
                 expired = batch.expired_at is not None and problem == "cancelled"
                 yield output_file.error_line(samples[0]["custom_id"], problem, expired)
@@ -249,6 +275,22 @@ class OpenAIBatchService:
             with self.rt.storage.open(shard.path) as f:
                 for rows in pq.ParquetFile(f).iter_batches(batch_size=1024):
                     yield from rows.to_pylist()
+
+    def list_files(self, limit: int, after: str | None, purpose: str | None, order: str) -> tuple[list[OpenAIFile], bool]:
+        before = None
+        if after:
+            cursor = self.file(after)
+            before = (cursor.created_at, cursor.id)
+        files = self.repo.list_files(self.tenant, limit + 1, before, purpose, ascending=order == "asc")
+        return files[:limit], len(files) > limit
+
+    def delete_file(self, file_id: str) -> str:
+        """Remove a file's row; its stored object's path, for the caller to remove once this
+        transaction has committed (a crash in between leaves an unreferenced object, never a row
+        pointing at nothing). Batches keep the id; reading the file is then a 404."""
+        row = self.file(file_id)
+        self.repo.delete_file(row)
+        return row.path
 
     def list(self, limit: int, after: str | None) -> tuple[list[OpenAIBatch], bool]:
         before = None
@@ -270,6 +312,47 @@ def copy_into(storage: Storage, path: str, source: BinaryIO) -> StoredShard:
     return storage.write(path, fill)
 
 
+def finish_openai_batch(session: orm.Session, rt: Runtime, job: Job) -> None:
+    """The finalizer's step once a job has ended: if it is a batch's, write the batch's output and
+    error files and end the batch, in the finalizer's transaction (so exactly once)."""
+    batch_id = (job.metadata_ or {}).get("openai_batch_id")
+    if not batch_id:
+        return
+    service = OpenAIBatchService(session, rt, job.tenant)
+    batch = service.repo.batch(batch_id, job.tenant, lock=True)
+    if batch is not None and batch.status not in BATCH_FINISHED:
+        service._finish(batch, job)
+
+
+def line_requests(parsed: ParsedInput, prepared: list) -> list:
+    """The job's requests in file order: each runnable line's prepared request, and a rejected
+    one for each line that cannot run (it fails alone, with its reason)."""
+    out: list = [None] * len(parsed.lines)
+    for item, position in zip(prepared, parsed.runnable):
+        if isinstance(item, RejectedRequest):  # named as the line's body field, not the native request's
+            native = f"requests[{item.index}]."
+            field = body_field_of(item.field.removeprefix(native)) if item.field else None
+            item = dataclasses.replace(item, field=field, error=item.error.replace(f"{item.field}:", f"{field}:"))
+        out[position] = dataclasses.replace(item, index=position)
+    for position, line in enumerate(parsed.lines):
+        if isinstance(line.request, LineFailure):
+            out[position] = RejectedRequest(position, line.custom_id, line.request.message, line.request.param)
+    return out
+
+
+def body_field_of(native: str) -> str:
+    """A native request field as the line's body names it (`sampling.max_tokens` is `max_tokens`)."""
+    name = native.removeprefix("sampling.")
+    return "body." + ("prompt" if name == "prompt_token_ids" else name)
+
+
+def line_notes(parsed: ParsedInput) -> dict[int, dict]:
+    """What a line asked of its output beyond the native parameters, where it differs from the
+    job's default: whether to carry logprobs."""
+    return {position: {"logprobs": line.logprobs} for position, line in enumerate(parsed.lines)
+            if line.logprobs != parsed.logprobs and isinstance(line.request, RequestIn)}
+
+
 def error_from_submission(exc: ValidationFailed | LimitExceeded, line_numbers: list[int]) -> BatchError:
     """A native validation error (e.g. a prompt too long for the teacher) names request i: report its file line."""
     index = exc.details.get("request_index")
@@ -280,9 +363,18 @@ def error_from_submission(exc: ValidationFailed | LimitExceeded, line_numbers: l
                       line=line_numbers[index] if index is not None and index < len(line_numbers) else None)
 
 
+def add_usage(usage: BatchUsage, samples: list[dict]) -> None:
+    """One request's tokens, as its output line's usage counts them (prompt once, every sample)."""
+    prompt = len(samples[0]["prompt_token_ids"])
+    usage.input_tokens += prompt
+    usage.output_tokens += sum(len(s["completion_token_ids"]) for s in samples)
+    if samples[0].get("cached"):
+        usage.input_tokens_details.cached_tokens += prompt
+
+
 def describe_file(row: OpenAIFile) -> FileObject:
     return FileObject(id=row.id, bytes=row.bytes, created_at=unix(row.created_at), filename=row.filename,
-                      purpose=row.purpose)
+                      purpose=row.purpose, expires_at=unix(row.expires_at))
 
 
 def describe_batch(batch: OpenAIBatch) -> BatchObject:
@@ -299,5 +391,5 @@ def describe_batch(batch: OpenAIBatch) -> BatchObject:
         expired_at=unix(batch.expired_at),
         request_counts=RequestCounts(total=batch.request_total, completed=batch.request_completed,
                                      failed=batch.request_failed),
-        metadata=metadata,
+        metadata=metadata, model=batch.model, usage=BatchUsage(**batch.usage) if batch.usage else None,
     )

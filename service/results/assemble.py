@@ -13,9 +13,10 @@ damaged one is not copied; its cache entries are dropped and its requests recomp
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -50,12 +51,18 @@ class AssemblyLimits:
                    settings.finalize_backoff_s)
 
 
-def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict, limits: AssemblyLimits) -> Job | None:
+JOB_ENDED = ("succeeded", "failed", "cancelled")
+
+
+def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict, limits: AssemblyLimits,
+                 on_end: Callable[[Job], None] = lambda job: None) -> Job | None:
     """Claim one job that is ready (all requests resolved, or cancelled) and assemble it.
 
-    An assembly that raises is rolled back to a savepoint and counted on the job (backoff, then
-    `failed` with the reason), so the same job is not claimed again at once and every other job
-    keeps being finalized.
+    `on_end` runs, in the same savepoint, once the job has ended (the OpenAI layer writes a
+    batch's output and error files there, once): what it writes commits with the job's end or
+    not at all. An assembly that raises is rolled back to a savepoint and counted on the job
+    (backoff, then `failed` with the reason), so the same job is not claimed again at once and
+    every other job keeps being finalized.
     """
     job = jobs.claim_job_to_finalize()
     if job is None:
@@ -63,13 +70,22 @@ def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict, limi
     try:
         with jobs.session.begin_nested():
             assemble(jobs, ResultRepository(jobs.session), storage, job, teacher_meta, limits)
+            ended(jobs, job, on_end)
     except Exception as exc:  # noqa: BLE001 - any failure of one job is that job's, never the loop's
         log.exception("job %s: assembly failed", job.id)
         status = jobs.record_finalize_failure(job.id, f"assembly failed: {type(exc).__name__}: {exc}",
                                               limits.max_attempts, limits.backoff_s)
         jobs.session.refresh(job)
         log.warning("job %s: assembly attempt %d failed (%s)", job.id, job.finalize_attempts, status)
+        ended(jobs, job, on_end)
     return job
+
+
+def ended(jobs: JobRepository, job: Job, on_end: Callable[[Job], None]) -> None:
+    jobs.session.flush()
+    jobs.session.refresh(job)  # finished_at as the database set it
+    if job.status in JOB_ENDED:
+        on_end(job)
 
 
 def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, job: Job, teacher_meta: dict,
@@ -184,7 +200,12 @@ def label(table: pa.Table, wanted: list[AssemblyRow], repeat: list[int]) -> pa.T
 
     table = table.append_column("custom_id", spread([r.custom_id for r in wanted], pa.string()))
     table = table.append_column("request_index", spread([r.request_index for r in wanted], pa.int32()))
+    table = table.append_column("parameters", spread([parameters_json(r) for r in wanted], pa.string()))
     return table.append_column("cached", spread([r.cached for r in wanted], pa.bool_()))
+
+
+def parameters_json(row: AssemblyRow) -> str | None:
+    return json.dumps(row.parameters, sort_keys=True) if row.parameters else None
 
 
 def error_pieces(jobs: JobRepository, failed: list[AssemblyRow]) -> pa.Table:

@@ -126,6 +126,7 @@ class AssemblyRow:
     shard_path: str | None
     row_start: int | None
     row_count: int | None
+    parameters: dict | None = None  # the request's own parameters, where they differ from the job's
 
 
 class ResultRepository:
@@ -140,7 +141,7 @@ class ResultRepository:
         is one index range scan, however far into a 10^7-request job)."""
         query = (
             sa.select(Request.request_index, Request.custom_id, Request.state, Request.cached, Request.cache_key,
-                      Request.error, Shard.path, Result.row_start, Result.row_count)
+                      Request.error, Shard.path, Result.row_start, Result.row_count, Request.parameters)
             .outerjoin(Result, Result.cache_key == Request.result_key)
             .outerjoin(Shard, Shard.id == Result.shard_id)
             .where(Request.job_id == job_id, Request.request_index > after_index)

@@ -11,6 +11,8 @@ What each removal keeps:
   row, requests and job shards; the cache it was answered from stays. A job of more requests
   than `retention_delete_rows` is hidden (`deleting`) with its shards at once, and its requests
   are deleted a bounded chunk per transaction by later steps, its row last.
+- an expired OpenAI file (a batch's output or error file past its `output_expires_after`) goes
+  as `DELETE /v1/files/{id}` removes it: its row and its object; the batch keeps the id.
 - an evicted entry (over the entry, idle or byte budget) loses its `results` row and its
   finished task; its result shard's row and object go once no entry points at it (only then do
   its bytes leave the byte budget's count). Jobs that already have their shards keep them (a job shard is a
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from service.db import transaction
 from service.jobs.repository import JobRepository
 from service.jobs.service import JobService
+from service.openai_batch.repository import OpenAIBatchRepository
 from service.results.repository import ResultRepository
 from service.runtime import Runtime
 from service.storage import Storage
@@ -37,12 +40,23 @@ class Swept:
     jobs: int = 0
     entries: int = 0
     request_rows: int = 0  # requests of jobs being deleted, removed in chunks
+    files: int = 0
 
 
 def sweep(rt: Runtime) -> Swept:
-    """One round of retention: expire jobs, purge jobs being deleted, then evict entries, each
-    step a bounded transaction."""
-    return Swept(jobs=expire_jobs(rt), request_rows=purge_deleting(rt), entries=evict_entries(rt))
+    """One round of retention: expire jobs and files, purge jobs being deleted, then evict
+    entries, each step a bounded transaction."""
+    return Swept(jobs=expire_jobs(rt), request_rows=purge_deleting(rt), entries=evict_entries(rt),
+                 files=expire_files(rt))
+
+
+def expire_files(rt: Runtime) -> int:
+    with transaction(rt.sessions) as db:
+        paths = OpenAIBatchRepository(db).delete_expired_files(rt.settings.retention_batch)
+    remove_objects(rt.storage, paths)
+    if paths:
+        log.info("retention: %d expired files removed", len(paths))
+    return len(paths)
 
 
 def expire_jobs(rt: Runtime) -> int:

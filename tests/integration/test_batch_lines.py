@@ -1,5 +1,6 @@
-"""OpenAI batch lines that used to answer 500: each is a validation error naming its line and
-field, creates no job and spends no submission token."""
+"""OpenAI batch lines that used to answer 500. A bad model is a file-level problem (as OpenAI's
+validation has it): the batch fails naming the line and field, creates no job and spends no
+submission token. A bad parameter in a line's body fails that line alone, naming the field."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from service.openai_batch.input_file import ParsedInput, parse_input
+from service.openai_batch.input_file import LineFailure, ParsedInput, parse_input
 from service.tenants.models import Tenant
 from tests.integration.test_openai_batch import CHAT, COMPLETIONS, chat_line, completion_line, oai, upload  # noqa: F401
 
@@ -22,23 +23,35 @@ def file_of(*lines) -> bytes:
 @pytest.mark.parametrize("endpoint, bad, param", [
     (CHAT, chat_line(1, model=["x"]), "body.model"),
     (CHAT, chat_line(1, model={}), "body.model"),
+])
+def test_a_bad_model_fails_the_file_naming_its_line_and_field(endpoint, bad, param):
+    errors = parse_input(file_of(chat_line(0), bad), endpoint, MODELS)
+    assert isinstance(errors, list) and [(e.line, e.param) for e in errors] == [(2, param)], errors
+
+
+@pytest.mark.parametrize("endpoint, bad, param", [
     (CHAT, chat_line(1, logprobs=True, top_logprobs="abc"), "body.top_logprobs"),
     (CHAT, chat_line(1, logprobs=[1]), "body.logprobs"),
     (CHAT, chat_line(1, logprobs=True, top_logprobs=-3), "body.top_logprobs"),
     (COMPLETIONS, completion_line(1, logprobs=-1), "body.logprobs"),
     (COMPLETIONS, completion_line(1, logprobs=[1]), "body.logprobs"),
 ])
-def test_a_bad_line_names_its_line_and_field(endpoint, bad, param):
+def test_a_bad_parameter_fails_its_line_alone_naming_the_field(endpoint, bad, param):
     good = chat_line if endpoint == CHAT else completion_line
-    errors = parse_input(file_of(good(0), bad), endpoint, MODELS)
-    assert isinstance(errors, list) and [(e.line, e.param) for e in errors] == [(2, param)], errors
+    parsed = parse_input(file_of(good(0), bad), endpoint, MODELS)
+    assert isinstance(parsed, ParsedInput), parsed
+    assert parsed.runnable == [0] and isinstance(parsed.lines[1].request, LineFailure)
+    assert parsed.lines[1].request.param == param and param in parsed.lines[1].request.message
 
 
-def test_a_number_too_large_for_a_float_names_its_field():
-    line = json.dumps(completion_line(0)).replace('"logprobs": 2', '"logprobs": 1e400')
+@pytest.mark.parametrize("endpoint, number", [(COMPLETIONS, '"logprobs": 1e400'), (CHAT, '"temperature": 1e400'),
+                                              (CHAT, '"max_tokens": 1e400')])
+def test_a_number_too_large_for_a_float_fails_its_line_naming_the_field(endpoint, number):
+    good = chat_line(0) if endpoint == CHAT else completion_line(0)
+    line = json.dumps(good).replace('"logprobs": 2', number).replace('"max_tokens": 6', number)
     assert '1e400' in line
-    [error] = parse_input(file_of(line), COMPLETIONS, MODELS)
-    assert (error.line, error.param) == (1, "body.logprobs")
+    [parsed] = parse_input(file_of(line), endpoint, MODELS).lines
+    assert parsed.request.param == "body." + number.split('"')[1]
 
 
 def test_lines_split_on_newline_only_not_at_unicode_separators():

@@ -303,3 +303,25 @@ def test_a_finished_job_keeps_the_spend_it_had_when_it_ended(api, start_worker, 
     assert stored == {"sent": list(live[False]), "cached": list(live[True])}
     assert second["spend"]["cached_completion_tokens"] == first["spend"]["completion_tokens_sent"]
     assert second["spend"]["prompt_tokens_sent"] == 2 * first["spend"]["prompt_tokens_sent"] // 3
+
+
+def test_an_entry_keyed_before_a_parameter_was_added_is_still_found(api, start_worker, rt):
+    """Entries stored under the key function of before one definition (kept in the unit tests)
+    are found by today's keys, and by the keys of a definition with one more parameter at its
+    default: the cache survives adding a parameter."""
+    from tests.unit.test_cachekey import SamplingWithANewParameter, old_key
+
+    job = run_to_end(api, start_worker, prompts(range(2)))
+    teacher = rt.teachers.get(TEACHER)
+    identity = cachekey.teacher_identity(teacher.spec.model or teacher.name, teacher.revision, teacher.tokenizer_hash,
+                                         teacher.spec.dtype)
+    stored = request_keys(rt, job["id"])
+    sampling = {"max_tokens": 4, "n": 2}
+    for i, key in enumerate(stored):
+        document_key = old_key(sampling, top_logprobs=3, prompt=(7, 8, i), identity=identity)
+        assert key == document_key  # keyed as the service always keyed it
+        extended = SamplingWithANewParameter(**sampling)
+        normal = cachekey.normalize_sampling("generate", extended.values(), SamplingWithANewParameter)
+        new_key = cachekey.cache_key(identity, "generate", [7, 8, i], None, normal, 3, SamplingWithANewParameter)
+        with rt.sessions() as db:
+            assert JobRepository(db).results_for([new_key]) == {key}  # found after adding the parameter

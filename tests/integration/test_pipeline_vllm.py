@@ -39,7 +39,7 @@ def test_generate_job_matches_transformers(api, start_worker, vllm_engine, hf_mo
     job = wait_for(api, job["id"], timeout=300)
     assert job["status"] == "succeeded" and job["counts"]["completed"] == 3
     rows = download_rows(api, job)
-    assert list(rows[0]) == CONTRACT_COLUMNS
+    assert list(rows[0]) == [*CONTRACT_COLUMNS, "parameters"]  # the contract's, then each request's own parameters
     assert [(r["custom_id"], r["sample_index"]) for r in rows] == [(c, s) for c in ("text", "chat", "ids") for s in (0, 1)]
     for row in rows:
         n = len(row["completion_token_ids"])

@@ -173,12 +173,15 @@ def test_another_tenant_gets_404_for_everything_of_alpha(api, other_api, alpha_w
         ("GET", f"/v1/files/{file['id']}"), ("GET", f"/v1/files/{file['id']}/content"),
         ("GET", f"/v1/batches/{batch['id']}"), ("POST", f"/v1/batches/{batch['id']}/cancel"),
         ("GET", f"/v1/jobs?after={job['id']}"), ("GET", f"/v1/batches?after={batch['id']}"),
+        ("DELETE", f"/v1/files/{file['id']}"), ("GET", f"/v1/files?after={file['id']}"),
     ]:
         response = other_api.request(method, path)
         assert response.status_code == 404, (method, path, response.status_code)
         assert "alpha" not in response.text
     assert other_api.get("/v1/jobs").json()["data"] == []
     assert other_api.get("/v1/batches").json()["data"] == []
+    assert other_api.get("/v1/files").json()["data"] == []
+    assert api.get(f"/v1/files/{file['id']}").status_code == 200  # not deleted by the other tenant
     assert other_api.post("/v1/batches", json={"input_file_id": file["id"], "endpoint": "/v1/completions",
                                                "completion_window": "24h"}).status_code == 404
     assert api.get(f"/v1/jobs/{job['id']}").status_code == 200  # nothing of alpha's changed

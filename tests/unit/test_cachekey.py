@@ -86,3 +86,60 @@ def test_the_key_hashes_the_canonical_document_exactly(seed):
     document = canonical_document(teacher, mode, prompt, response, sampling, top)
     expected = f"k{CACHE_KEY_VERSION}-" + hashlib.sha256(document.encode()).hexdigest()
     assert cache_key(teacher, mode, prompt, response, sampling, top) == expected
+
+
+# The key function as it was before sampling parameters had one definition (commit 991b030):
+# every key it made must still be made, so the entries stored under them are still found.
+OLD_DEFAULTS = {"max_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "seed": 0, "n": 1,
+                "stop": [], "stop_token_ids": [], "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                "repetition_penalty": 1.0, "ignore_eos": False}
+
+
+def old_key(sampling: dict, top_logprobs: int = 20, mode: str = "generate", prompt=(1, 2, 3),
+            identity: dict = IDENTITY) -> str:
+    import hashlib
+    import json
+
+    full = {} if mode == "score" else {**OLD_DEFAULTS, **sampling}
+    if full:
+        full["stop"], full["stop_token_ids"] = sorted(set(full["stop"])), sorted(set(full["stop_token_ids"]))
+        full["top_k"] = -1 if full["top_k"] == 0 else full["top_k"]
+        if full["temperature"] == 0:
+            full.update({name: OLD_DEFAULTS[name] for name in ("top_p", "top_k", "min_p", "seed")})
+    document = {"v": 2, "teacher": identity, "mode": mode, "prompt": list(prompt), "response": None,
+                "sampling": full, "top_logprobs": top_logprobs}
+    return "k2-" + hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class SamplingWithANewParameter(cachekey.Sampling):
+    """A parameter added after key version 2, whose default leaves outputs as they were."""
+
+    logit_soft_cap: float = 0.0
+
+
+SAMPLINGS_KEYED_BEFORE = [{}, {"seed": 7}, {"temperature": 0.7, "stop": ["b", "a"]}, {"temperature": 0.0, "seed": 9},
+                          {"max_tokens": 16, "n": 2, "top_k": 0, "stop_token_ids": [5, 2]}]
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS_KEYED_BEFORE)
+def test_keys_made_before_one_definition_are_made_still(sampling):
+    assert key(sampling, top_logprobs=5) == old_key(sampling, top_logprobs=5)
+
+
+def test_a_stored_key_from_before_is_still_computed():
+    # Computed by the service at commit 991b030 and kept: the default request's key.
+    assert key() == "k2-484d1134b866a0bb18663450e596e3c4d6b2116ea4b7cf69a23cb05cd53fca69"
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS_KEYED_BEFORE)
+def test_adding_a_parameter_at_its_default_keeps_every_key(sampling):
+    definition = SamplingWithANewParameter
+    normal = cachekey.normalize_sampling("generate", definition(**sampling).values(), definition)
+    assert "logit_soft_cap" in normal  # the engine is given it
+    assert cache_key(IDENTITY, "generate", [1, 2, 3], None, normal, 20, definition) == old_key(sampling)
+
+
+def test_a_new_parameter_off_its_default_splits_the_key():
+    definition = SamplingWithANewParameter
+    changed = cachekey.normalize_sampling("generate", definition(logit_soft_cap=30.0).values(), definition)
+    assert cache_key(IDENTITY, "generate", [1, 2, 3], None, changed, 20, definition) != old_key({})

@@ -21,8 +21,10 @@ def body(n: int = 1, **extra) -> JobCreate:
                                                                    **extra})
 
 
-def prepared(*lengths: int, response: int | None = None) -> list[PreparedRequest]:
-    return [PreparedRequest(i, str(i), [1] * n, None if response is None else [2] * response)
+def prepared(*lengths: int, response: int | None = None, job: JobCreate | None = None) -> list[PreparedRequest]:
+    """Requests of these prompt lengths, run with `job`'s parameters."""
+    sampling = (job or body()).sampling
+    return [PreparedRequest(i, str(i), [1] * n, None if response is None else [2] * response, sampling=sampling)
             for i, n in enumerate(lengths)]
 
 
@@ -44,14 +46,16 @@ def test_a_job_at_the_limits_passes():
 
 
 def test_job_tokens_are_prompts_plus_what_may_be_generated_or_scored():
-    assert job_tokens(body(sampling={"max_tokens": 4, "n": 3}), prepared(5, 7)) == 12 + 2 * 4 * 3
+    job = body(sampling={"max_tokens": 4, "n": 3})
+    assert job_tokens(job, prepared(5, 7, job=job)) == 12 + 2 * 4 * 3
     assert job_tokens(body(mode="score"), prepared(5, 7, response=9)) == 12 + 18
 
 
 def test_a_job_that_may_cost_too_many_tokens_is_refused():
-    check_tokens(body(sampling={"max_tokens": 10}), prepared(40, 40), LIMITS.for_tenant({}))  # 80 + 20 = 100
+    ten = body(sampling={"max_tokens": 10})
+    check_tokens(ten, prepared(40, 40, job=ten), LIMITS.for_tenant({}))  # 80 + 20 = 100
     with pytest.raises(LimitExceeded, match="may cost 101 teacher tokens"):
-        check_tokens(body(sampling={"max_tokens": 10}), prepared(40, 41), LIMITS)
+        check_tokens(ten, prepared(40, 41, job=ten), LIMITS)
 
 
 def test_pending_requests_of_a_tenant_are_a_429_with_retry_after():

@@ -27,8 +27,10 @@ def test_a_valid_file_is_one_job_with_the_file_lines_kept():
     parsed = parse_input(file_of(line("a", logprobs=True, top_logprobs=3), "", line("b", logprobs=True, top_logprobs=3)),
                          CHAT, MODELS)
     assert isinstance(parsed, ParsedInput)
-    assert parsed.teacher == "teacher-a" and parsed.line_numbers == [1, 3] and parsed.wants_logprobs
-    assert parsed.job.top_logprobs == 3 and parsed.job.sampling.max_tokens == 8
+    assert parsed.teacher == "teacher-a" and parsed.line_numbers == [1, 3] and parsed.logprobs
+    first = parsed.job.requests[0]  # each line's own parameters, over the native defaults
+    assert first.top_logprobs == 3 and first.sampling.max_tokens == 8
+    assert parsed.job.top_logprobs == 3 and parsed.job.sampling.max_tokens == 8  # the first line's: the defaults
     assert [r.custom_id for r in parsed.job.requests] == ["a", "b"]
     assert parsed.job.requests[1].messages[0].content == "b"
 
@@ -37,7 +39,7 @@ def test_completion_prompts_as_text_or_token_ids():
     parsed = parse_input(file_of(line("t", COMPLETIONS, prompt="hello", messages=None),
                                  line("i", COMPLETIONS, prompt=[1, 2, 3], messages=None)), COMPLETIONS, MODELS)
     assert parsed.job.requests[0].prompt == "hello" and parsed.job.requests[1].prompt_token_ids == [1, 2, 3]
-    assert not parsed.wants_logprobs and parsed.job.top_logprobs == 0
+    assert not parsed.logprobs and parsed.job.top_logprobs == 0
 
 
 def test_bad_lines_are_reported_by_line_number():

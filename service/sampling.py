@@ -1,0 +1,103 @@
+"""Sampling parameters: the one definition every layer derives from.
+
+`Sampling` is what a job (and each of its requests) may ask for, with its defaults and bounds.
+From it come: the native API's schema (`service/jobs/schemas.py`), the per-request override
+(`SamplingOverride`: the same fields, all optional), the defaults the cache key compares with
+(`service/cachekey.py`), what reaches an engine (`workers/engine.py` uses this class itself),
+vLLM's `SamplingParams` (the field names are vLLM's), the remote adapter's request body and the
+OpenAI batch parser (fields marked `OPENAI`: OpenAI's API has them under the same name).
+
+A new parameter is one field here, with a default that leaves outputs as they were: the cache
+key hashes a parameter added later only when it differs from its default, so entries keyed
+before it was added are still found (see `service/cachekey.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+
+from service.text import StorableText
+
+INT32_MAX = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # checked against the teacher's vocabulary later
+
+
+class OpenAIName:
+    """Marks a field OpenAI's completions and chat APIs take under the same name and meaning."""
+
+
+OPENAI = OpenAIName()
+
+
+def one_stop_string(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+StopStrings = Annotated[tuple[StorableText, ...], BeforeValidator(one_stop_string)]
+
+
+class Sampling(BaseModel):
+    """Frozen (engines hash and share it); lists are tuples, which JSON renders as arrays."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: Annotated[int, OPENAI] = Field(default=128, ge=1, le=32768)
+    temperature: Annotated[float, OPENAI] = Field(default=1.0, ge=0.0, le=10.0)
+    top_p: Annotated[float, OPENAI] = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1, le=INT32_MAX)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: Annotated[int, OPENAI] = Field(default=0, ge=0, le=2**63 - 1)
+    n: Annotated[int, OPENAI] = Field(default=1, ge=1, le=64)
+    stop: Annotated[StopStrings, OPENAI] = Field(default=(), max_length=16)
+    stop_token_ids: tuple[TokenId, ...] = Field(default=(), max_length=64)
+    presence_penalty: Annotated[float, OPENAI] = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Annotated[float, OPENAI] = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+
+    def values(self) -> dict[str, Any]:
+        """Every parameter, lists as lists (the JSON form stored with jobs and tasks)."""
+        return self.model_dump(mode="json")
+
+    def differing(self, other: Sampling) -> dict[str, Any]:
+        """The parameters whose value here differs from `other`'s (JSON form)."""
+        mine, theirs = self.values(), other.values()
+        return {name: value for name, value in mine.items() if value != theirs[name]}
+
+
+def defaults(definition: type[Sampling] = Sampling) -> dict[str, Any]:
+    return definition().values()
+
+
+def openai_names(definition: type[Sampling] = Sampling) -> tuple[str, ...]:
+    return tuple(name for name, info in definition.model_fields.items() if OPENAI in info.metadata)
+
+
+def engine_only_names(definition: type[Sampling] = Sampling) -> tuple[str, ...]:
+    """Parameters a plain OpenAI server has no field for (vLLM's extensions carry them)."""
+    return tuple(name for name in definition.model_fields if name not in openai_names(definition))
+
+
+def override_model(definition: type[Sampling]) -> type[BaseModel]:
+    """The same fields, bounds and validators, each optional: what one request may change."""
+    fields = {}
+    for name, info in definition.model_fields.items():
+        optional = copy.copy(info)
+        optional.default, optional.default_factory = None, None
+        fields[name] = (info.annotation | None, optional)
+    return create_model(f"{definition.__name__}Override", __config__=ConfigDict(extra="forbid", frozen=True),
+                        **fields)
+
+
+SamplingOverride = override_model(Sampling)
+SamplingOverride.__doc__ = "A request's own sampling parameters: each one given replaces the job's."
+
+
+def apply_override(base: Sampling, override: BaseModel | None) -> Sampling:
+    if override is None:
+        return base
+    changed = override.model_dump(exclude_none=True)
+    return base.model_copy(update=changed) if changed else base
