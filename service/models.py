@@ -41,6 +41,8 @@ class Job(Base):
         sa.Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
         # Retention: the oldest finished jobs first, without looking at unfinished ones.
         sa.Index("ix_jobs_finished_at", "finished_at", postgresql_where=sa.text("finished_at IS NOT NULL")),
+        # A tenant's pending work (its limit) sums the counters of its unfinished jobs only.
+        sa.Index("ix_jobs_tenant_active", "tenant", postgresql_where=sa.text("status IN ('queued', 'running')")),
     )
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
@@ -60,9 +62,20 @@ class Job(Base):
     created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW, index=True)
     started_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     finished_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
-    # The spend's token counts ({"sent"|"cached": [prompt, completion]}), fixed when the job
-    # finishes, so reading a finished job does not sum its results again.
-    spend_tokens: orm.Mapped[dict[str, Any] | None] = orm.mapped_column(JSONB)
+    # Maintained counters: every statement that moves a request between states adjusts them in
+    # the same statement (service/jobs/repository.py), so a status poll reads this row only and
+    # they never drift from a recount. n_pending reaching 0 moves the job on to finalizing.
+    n_pending: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    n_completed: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    n_cached: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    n_failed: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    n_cancelled: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    # The spend: tokens of the distinct results that answered the job (a duplicate within the
+    # job is one computation), computed for it ("sent") or answered from the cache at submission.
+    sent_prompt_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    sent_completion_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    cached_prompt_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    cached_completion_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
     # Set by cancel: the job is assembled with what was done, then ends `cancelled`.
     cancel_requested_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     # Assembly that failed: how often, and not again before this (a backoff), so one job that
@@ -99,7 +112,8 @@ class Task(Base):
 
     __tablename__ = "tasks"
     __table_args__ = (
-        sa.Index("ix_tasks_claimable", "teacher", "state", "created_at"),
+        # The claim's walk: pending non-suspects, lowest turn first (round-robin by job).
+        sa.Index("ix_tasks_claim", "teacher", "turn", postgresql_where=sa.text("state = 'pending' AND NOT suspect")),
         sa.Index("ix_tasks_lease_expiry", "lease_expires_at", postgresql_where=sa.text("state = 'leased'")),
         sa.Index("ix_tasks_suspect", "teacher", "created_at",
                  postgresql_where=sa.text("suspect AND state IN ('pending', 'leased')")),
@@ -107,8 +121,15 @@ class Task(Base):
 
     key: orm.Mapped[str] = orm.mapped_column(sa.String(80), primary_key=True)
     teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200))
-    # pending -> leased -> done | failed; leased -> pending when released
+    # pending -> leased -> done | failed; leased -> pending when released. `idle`: pending, but no
+    # request waits on it any more (its jobs were cancelled or expired): never claimed, never
+    # visited by a claim, pending again when a new submission waits on it.
     state: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    # How many pending requests wait on this task, kept by the same statements that move them.
+    waiters: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    # Its place in the claim order: the claim frontier when it was queued plus its position in
+    # its submission (service/queue/repository.py: round-robin by job).
+    turn: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
     mode: orm.Mapped[str] = orm.mapped_column(sa.String(16))
     prompt_token_ids: orm.Mapped[list[int]] = orm.mapped_column(ARRAY(sa.Integer))
     response_token_ids: orm.Mapped[list[int] | None] = orm.mapped_column(ARRAY(sa.Integer))

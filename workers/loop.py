@@ -423,8 +423,7 @@ class WorkerLoop:
         with transaction(self.rt.sessions) as db:
             state = TaskRepository(db).record_failure(result.key, token, result.error or "engine error", final=final)
             if state == "failed":
-                jobs = JobRepository(db)
-                jobs.advance_jobs(jobs.resolve_requests([result.key]))
+                JobRepository(db).resolve_requests([result.key])
 
     # -- registration and release ----------------------------------------------------------
     def _register(self) -> None:
@@ -446,8 +445,7 @@ class WorkerLoop:
         try:
             with transaction(self.rt.sessions) as db:
                 released = TaskRepository(db).release(held, engine_error)
-                jobs = JobRepository(db)
-                jobs.advance_jobs(jobs.resolve_requests(sorted(released)))  # tasks out of attempts fail
+                JobRepository(db).resolve_requests(sorted(released))  # tasks out of attempts fail
             log.info("worker %s: released %d leases", self.worker_id, len(released))
         except Exception:
             log.exception("worker %s: could not release leases; they will expire", self.worker_id)

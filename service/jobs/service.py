@@ -16,7 +16,7 @@ from service.ids import new_id
 from service.jobs.limits import JobLimits, check_pending, check_shape, check_text_lengths, check_tokens
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, ShardOut
-from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded_spend
+from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend
 from service.jobs.tokenize import PreparedRequest, prepare_requests
 from service.models import Job
 from service.queue.repository import NewTask, TaskRepository
@@ -89,11 +89,17 @@ class JobService:
         job = self._add_job(body, teacher, idempotency_key, len(prepared))
         if body.cache == "bypass":
             keys = [f"bypass-{job.id}-{i}" for i in range(len(keys))]  # never shared, never found
-        hits = self.jobs.results_for(keys) if body.cache == "use" else set()
-        self._check_pending(sum(k not in hits for k in keys))
+        hits = self.jobs.results_for(keys) if body.cache == "use" else {}
+        misses = sum(k not in hits for k in keys)
+        self._check_pending(misses)
+        count_submission(job, hits, misses)
+        self.jobs.session.flush()  # before any statement adjusts the counters in the database
         self.jobs.add_requests([request_row(job.id, r, k, k in hits) for r, k in zip(prepared, keys)])
-        self._enqueue_misses(body, teacher, prepared, keys, hits, sampling)
-        self.jobs.advance_jobs({job.id})  # a job answered wholly from the cache is ready at once
+        finished_meanwhile = self._enqueue_misses(body, teacher, prepared, keys, hits, sampling)
+        # A task that finished while this job was being written (its result was not committed
+        # when we looked): answer from it now, so nothing waits on a task that will not run.
+        self.jobs.resolve_requests(finished_meanwhile)
+        self.jobs.session.refresh(job)  # the counters, as the statements above left them
         return job
 
     def _check_pending(self, new: int) -> None:
@@ -110,16 +116,22 @@ class JobService:
         self.jobs.add_job(job)
         return job
 
-    def _enqueue_misses(self, body, teacher, prepared, keys, hits, sampling) -> None:
+    def _enqueue_misses(self, body, teacher, prepared, keys, hits, sampling) -> list[str]:
+        """Queue (or join) a task per missed key, each waited on by this job's requests with that
+        key; the keys whose task was already done."""
         tasks: dict[str, NewTask] = {}
+        waiters: dict[str, int] = {}
         for request, key in zip(prepared, keys):
-            if key not in hits and key not in tasks:
+            if key in hits:
+                continue
+            waiters[key] = waiters.get(key, 0) + 1
+            if key not in tasks:
                 tasks[key] = NewTask(
                     key=key, teacher=teacher.name, mode=body.mode, prompt_token_ids=request.prompt_token_ids,
                     response_token_ids=request.response_token_ids, sampling=sampling,
                     top_logprobs=body.top_logprobs, max_attempts=MAX_ATTEMPTS, messages=request.messages,
                 )
-        self.tasks.enqueue(list(tasks.values()), recompute_done=body.cache == "refresh")
+        return self.tasks.enqueue(list(tasks.values()), waiters, recompute_done=body.cache == "refresh")
 
     def get(self, job_id: str, lock: bool = False) -> Job:
         job = self.jobs.owned(job_id, self.tenant, lock=lock)
@@ -156,10 +168,9 @@ class JobService:
             if job.cancel_requested_at is not None:
                 return job
             raise Conflict(f"job {job_id} is already finalizing; nothing is left to cancel")
-        self.jobs.cancel_pending(job_id)
         # Assembled with what was completed; the finalizer then ends it `cancelled`.
-        job.status = "finalizing"
-        job.cancel_requested_at = sa.func.now()
+        self.jobs.cancel(job_id)
+        self.jobs.session.refresh(job)
         return job
 
     def errors(self, job_id: str, limit: int, after: int = -1) -> tuple[list[RequestError], bool]:
@@ -174,21 +185,38 @@ class JobService:
         self.get(job_id)
         return [shard_out(s, shard_url) for s in self.jobs.job_shards(job_id)]
 
-    def spend_tokens(self, job: Job) -> SpendTokens:
-        # Summed over the job's results while it runs (a query that grows with the job); fixed once it ends.
-        return loaded_spend(job.spend_tokens) if job.spend_tokens is not None else self.jobs.spend_tokens(job.id)
-
     def describe(self, job: Job, shard_url: ShardUrl) -> JobOut:
         finished = job.finished_at is not None
         return JobOut(
             id=job.id, status=job.status, teacher=job.teacher, mode=job.mode, top_logprobs=job.top_logprobs,
             sampling=job.sampling, cache=job.cache_policy, metadata=job.metadata_,
-            counts=Counts(**self.jobs.counts(job.id)),
-            spend=job_spend(job.mode, self.spend_tokens(job), self.prices(job.teacher)),
+            counts=job_counts(job),
+            spend=job_spend(job.mode, spend_tokens(job), self.prices(job.teacher)),
             created_at=iso(job.created_at),
             started_at=iso(job.started_at), finished_at=iso(job.finished_at), error=job.error,
             shards=[shard_out(s, shard_url) for s in self.jobs.job_shards(job.id)] if finished else None,
         )
+
+
+def count_submission(job: Job, hits: dict[str, tuple[int, int]], misses: int) -> None:
+    """The new job's counters: its hits answered, its misses pending, the distinct hit results'
+    tokens as its cached spend; answered wholly from the cache, it is ready at once."""
+    job.n_pending, job.n_cached = misses, job.total - misses
+    job.cached_prompt_tokens = sum(p for p, _ in hits.values())
+    job.cached_completion_tokens = sum(c for _, c in hits.values())
+    if misses == 0:
+        job.status, job.started_at = "finalizing", sa.func.now()
+
+
+def job_counts(job: Job) -> Counts:
+    """The job's maintained counters (never a recount of its requests)."""
+    return Counts(total=job.total, completed=job.n_completed, cached=job.n_cached, failed=job.n_failed,
+                  pending=job.n_pending, cancelled=job.n_cancelled)
+
+
+def spend_tokens(job: Job) -> SpendTokens:
+    return {False: (job.sent_prompt_tokens, job.sent_completion_tokens),
+            True: (job.cached_prompt_tokens, job.cached_completion_tokens)}
 
 
 def request_row(job_id: str, request: PreparedRequest, key: str, hit: bool) -> dict[str, Any]:

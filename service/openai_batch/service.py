@@ -165,9 +165,8 @@ class OpenAIBatchService:
         if self._window_ran_out(batch, job):
             self.jobs.cancel(job.id)  # what is done stays; the rest is reported expired
             batch.expired_at = now()
-        counts = JobRepository(self.session).counts(job.id)
-        batch.request_completed = counts["completed"] + counts["cached"]
-        batch.request_failed = counts["failed"]
+        batch.request_completed = job.n_completed + job.n_cached
+        batch.request_failed = job.n_failed
         if job.status in JOB_FINISHED and job.finished_at is not None:
             self._finish(batch, job)
         elif job.status == "finalizing" and job.cancel_requested_at is None:

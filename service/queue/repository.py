@@ -1,10 +1,18 @@
 """Every SQL statement of the task queue. Callers own the transaction.
 
-The claim is one statement: `FOR UPDATE SKIP LOCKED` over claimable tasks (pending, or leased
-with an expired lease), granting a lease with an owner, an expiry and a fencing token from a
-sequence. A task is claimable only while some request still waits on it, so cancelling a
-job stops its work being handed out. Completion and failure check the fencing token: a worker
-whose lease was re-granted to another cannot commit anything for that task.
+The claim is one statement: `FOR UPDATE SKIP LOCKED` over claimable tasks (pending, or for a
+suspect leased with an expired lease), granting a lease with an owner, an expiry and a fencing
+token from a sequence. A task is pending only while some request waits on it (`waiters`, kept by
+the statements that move requests); one nobody waits for (its jobs were cancelled or expired)
+is `idle`, outside the claim's index, so a claim never visits it. Completion and failure check
+the fencing token: a worker whose lease was re-granted to another cannot commit anything for
+that task.
+
+Fairness: round-robin by job. Each task gets a `turn` when it is queued: the claim frontier (the
+lowest turn still pending for its teacher) plus its position in its submission; the claim takes
+the lowest turns first. A job submitted while another's 10^7 tasks wait starts at the frontier,
+so from then on the two alternate, one task each, instead of the new one waiting behind the
+whole backlog; k jobs take one turn each, and no stream of new jobs can push an old one back.
 """
 
 from __future__ import annotations
@@ -17,16 +25,15 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 
-CLAIM_SQL = sa.text(
-    """
+# Non-suspects: pending only (expired leases were requeued just before, by REQUEUE_LOST_SQL),
+# lowest turn first, through the partial index ix_tasks_claim (teacher, turn). Suspects: the
+# pending or expired-leased ones, oldest first, through ix_tasks_suspect.
+CLAIM_TEMPLATE = """
     WITH candidates AS (
         SELECT t.key FROM tasks t
-        WHERE t.teacher = :teacher
-          AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now()))
-          AND t.attempts < t.max_attempts
-          AND t.suspect = :suspect
-          AND EXISTS (SELECT 1 FROM requests r WHERE r.cache_key = t.key AND r.state = 'pending')
-        ORDER BY t.created_at, t.key
+        WHERE t.teacher = :teacher AND {claimable}
+          AND t.attempts < t.max_attempts AND t.waiters > 0
+        ORDER BY {order}
         LIMIT :limit
         FOR UPDATE OF t SKIP LOCKED
     )
@@ -40,9 +47,13 @@ CLAIM_SQL = sa.text(
      WHERE t.key = c.key
     RETURNING t.key, t.lease_token, t.mode, t.prompt_token_ids, t.response_token_ids,
               t.sampling, t.top_logprobs, t.attempts, t.max_attempts, t.messages
-    """
-)
+"""
+CLAIM_SQL = sa.text(CLAIM_TEMPLATE.format(claimable="t.state = 'pending' AND NOT t.suspect", order="t.turn, t.key"))
+CLAIM_SUSPECT_SQL = sa.text(CLAIM_TEMPLATE.format(
+    claimable="t.suspect AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now()))",
+    order="t.created_at, t.key"))
 
+# What a task released by its worker becomes: pending while requests wait on it, else idle.
 RENEW_SQL = sa.text(
     """
     UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => :lease_s)
@@ -65,7 +76,8 @@ FINISH_SQL = sa.text(
 RECORD_FAILURE_SQL = sa.text(
     """
     UPDATE tasks SET
-        state = CASE WHEN attempts >= max_attempts OR :final THEN 'failed' ELSE 'pending' END,
+        state = CASE WHEN attempts >= max_attempts OR :final THEN 'failed' WHEN waiters > 0 THEN 'pending'
+                     ELSE 'idle' END,
         errors = errors || jsonb_build_array(jsonb_build_object('attempt', attempts, 'error', CAST(:error AS text))),
         lease_owner = NULL, lease_expires_at = NULL,
         finished_at = CASE WHEN attempts >= max_attempts OR :final THEN now() END
@@ -79,7 +91,8 @@ RECORD_FAILURE_SQL = sa.text(
 RELEASE_SQL = sa.text(
     """
     UPDATE tasks t SET
-        state = CASE WHEN CAST(:error AS text) IS NOT NULL AND t.attempts >= t.max_attempts THEN 'failed' ELSE 'pending' END,
+        state = CASE WHEN CAST(:error AS text) IS NOT NULL AND t.attempts >= t.max_attempts THEN 'failed'
+                     WHEN t.waiters > 0 THEN 'pending' ELSE 'idle' END,
         finished_at = CASE WHEN CAST(:error AS text) IS NOT NULL AND t.attempts >= t.max_attempts THEN now() END,
         lease_owner = NULL, lease_expires_at = NULL,
         suspect = t.suspect OR CAST(:error AS text) IS NOT NULL,
@@ -106,7 +119,8 @@ REQUEUE_LOST_SQL = sa.text(
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
     )
-    UPDATE tasks t SET state = 'pending', suspect = true, lease_owner = NULL, lease_expires_at = NULL,
+    UPDATE tasks t SET state = CASE WHEN t.waiters > 0 THEN 'pending' ELSE 'idle' END, suspect = true,
+        lease_owner = NULL, lease_expires_at = NULL,
         attempts = GREATEST(t.attempts - 1, 0),
         errors = t.errors || jsonb_build_array(jsonb_build_object(
             'attempt', t.attempts, 'error', 'lease lost among other tasks (the worker died); not counted, run alone next'))
@@ -119,9 +133,8 @@ SUSPECT_WAITING_SQL = sa.text(
     """
     SELECT EXISTS (
         SELECT 1 FROM tasks t
-        WHERE t.teacher = :teacher AND t.suspect AND t.attempts < t.max_attempts
-          AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now()))
-          AND EXISTS (SELECT 1 FROM requests r WHERE r.cache_key = t.key AND r.state = 'pending'))
+        WHERE t.teacher = :teacher AND t.suspect AND t.attempts < t.max_attempts AND t.waiters > 0
+          AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now())))
     """
 )
 
@@ -143,22 +156,38 @@ EXPIRE_EXHAUSTED_SQL = sa.text(
 # executemany cost 18 s for a 100,000-prompt job; a VALUES list overflows the 65,535 bind
 # parameters past 8,191 tasks). Token lists travel as "1:2:3" and samplings as an index into
 # their distinct values: text needing no quoting or escaping in an array literal, which is
-# what made the driver slow.
+# what made the driver slow. A task already there gains the new waiters; one that failed (or,
+# refreshing, finished) is tried afresh, and an idle one is pending again; both take their turn
+# from the frontier. Returns every task's state after: `done` means it finished while this
+# submission was being written, and its requests are answered from it at once.
 ENQUEUE_SQL = sa.text(
     """
-    INSERT INTO tasks (key, teacher, state, mode, prompt_token_ids, response_token_ids, sampling,
-                       top_logprobs, max_attempts, messages)
-    SELECT n.key, n.teacher, 'pending', n.mode, CAST(string_to_array(n.prompt, ':') AS integer[]),
+    WITH frontier AS (
+        SELECT COALESCE(min(turn), 0) AS turn FROM tasks
+         WHERE teacher = :teacher AND state = 'pending' AND NOT suspect
+    )
+    INSERT INTO tasks AS t (key, teacher, state, mode, prompt_token_ids, response_token_ids, sampling,
+                            top_logprobs, max_attempts, messages, waiters, turn)
+    SELECT n.key, :teacher, 'pending', n.mode, CAST(string_to_array(n.prompt, ':') AS integer[]),
            CAST(string_to_array(n.response, ':') AS integer[]),
            CAST((CAST(:samplings AS text[]))[n.sampling] AS jsonb), n.top_logprobs, n.max_attempts,
-           CAST(n.messages AS jsonb)
-      FROM unnest(CAST(:keys AS text[]), CAST(:teachers AS text[]), CAST(:modes AS text[]),
+           CAST(n.messages AS jsonb), n.waiters, frontier.turn + n.position
+      FROM frontier, unnest(CAST(:keys AS text[]), CAST(:modes AS text[]),
                   CAST(:prompts AS text[]), CAST(:responses AS text[]), CAST(:sampling_of AS integer[]),
-                  CAST(:top_logprobs AS integer[]), CAST(:max_attempts AS integer[]), CAST(:messages AS text[]))
-           AS n(key, teacher, mode, prompt, response, sampling, top_logprobs, max_attempts, messages)
+                  CAST(:top_logprobs AS integer[]), CAST(:max_attempts AS integer[]), CAST(:messages AS text[]),
+                  CAST(:waiters AS integer[])) WITH ORDINALITY
+           AS n(key, mode, prompt, response, sampling, top_logprobs, max_attempts, messages, waiters, position)
     ON CONFLICT (key) DO UPDATE
-       SET state = 'pending', attempts = 0, errors = '[]'::jsonb, finished_at = NULL, created_at = now()
-     WHERE tasks.state = ANY(CAST(:rerun_states AS text[]))
+       SET waiters = t.waiters + excluded.waiters,
+           state = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) OR t.state = 'idle' THEN 'pending'
+                        ELSE t.state END,
+           turn = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) OR t.state = 'idle' THEN excluded.turn
+                       ELSE t.turn END,
+           attempts = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) THEN 0 ELSE t.attempts END,
+           errors = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) THEN '[]'::jsonb ELSE t.errors END,
+           finished_at = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) THEN NULL ELSE t.finished_at END,
+           created_at = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) THEN now() ELSE t.created_at END
+    RETURNING t.key, t.state
     """
 )
 
@@ -195,7 +224,7 @@ def task_columns(tasks: list[NewTask]) -> dict[str, list[Any]]:
     samplings: dict[str, int] = {}  # JSON -> 1-based position in the SQL array
     sampling_of = [samplings.setdefault(json.dumps(t.sampling), len(samplings) + 1) for t in tasks]
     return {
-        "keys": [t.key for t in tasks], "teachers": [t.teacher for t in tasks], "modes": [t.mode for t in tasks],
+        "keys": [t.key for t in tasks], "modes": [t.mode for t in tasks],
         "prompts": [token_list(t.prompt_token_ids) for t in tasks],
         "responses": [None if t.response_token_ids is None else token_list(t.response_token_ids) for t in tasks],
         "samplings": list(samplings), "sampling_of": sampling_of,
@@ -222,8 +251,8 @@ class TaskRepository:
     def claim(self, teacher: str, owner: str, limit: int, lease_s: float, suspect: bool = False) -> list[ClaimedTask]:
         """Lease up to `limit` tasks; with `suspect`, only tasks that were in a dying engine."""
         self.requeue_lost(teacher)  # before the claim, so a lost lease is never re-claimed as counted work
-        params = {"teacher": teacher, "owner": owner, "limit": limit, "lease_s": lease_s, "suspect": suspect}
-        rows = self.session.execute(CLAIM_SQL, params).mappings().all()
+        params = {"teacher": teacher, "owner": owner, "limit": limit, "lease_s": lease_s}
+        rows = self.session.execute(CLAIM_SUSPECT_SQL if suspect else CLAIM_SQL, params).mappings().all()
         return [ClaimedTask(**row) for row in rows]
 
     def requeue_lost(self, teacher: str, limit: int = 1000) -> list[str]:
@@ -256,16 +285,21 @@ class TaskRepository:
     def _fenced(self, statement: sa.TextClause, held: dict[str, int], **params: Any) -> list[str]:
         if not held:
             return []
-        keys, tokens = list(held), list(held.values())
+        keys = sorted(held)  # one lock order for every statement over many tasks: no deadlocks
+        tokens = [held[key] for key in keys]
         return list(self.session.execute(statement, {"keys": keys, "tokens": tokens, **params}).scalars())
 
-    def enqueue(self, tasks: list[NewTask], recompute_done: bool) -> None:
-        """Insert tasks; one already queued or leased is joined, one that failed is tried afresh.
+    def enqueue(self, tasks: list[NewTask], waiters: dict[str, int], recompute_done: bool) -> list[str]:
+        """Insert tasks, each waited on by `waiters[key]` new requests; one already queued or
+        leased is joined, one that failed is tried afresh, an idle one is pending again. With
+        `recompute_done` (cache refresh) a finished task is queued again too. `tasks` must have
+        distinct keys (one statement cannot upsert a row twice), all of one teacher.
 
-        With `recompute_done` (cache refresh) a finished task is queued again too. `tasks` must
-        have distinct keys (one statement cannot upsert a row twice).
-        """
+        Returns the keys whose task is done (it finished while this submission was written)."""
         if not tasks:
-            return
+            return []
+        tasks = sorted(tasks, key=lambda t: t.key)  # one lock order with the workers' statements
         rerun = ["failed", "done"] if recompute_done else ["failed"]
-        self.session.execute(ENQUEUE_SQL, {**task_columns(tasks), "rerun_states": rerun})
+        params = {**task_columns(tasks), "teacher": tasks[0].teacher, "waiters": [waiters[t.key] for t in tasks],
+                  "rerun_states": rerun}
+        return [key for key, state in self.session.execute(ENQUEUE_SQL, params) if state == "done"]

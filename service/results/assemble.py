@@ -26,7 +26,6 @@ import sqlalchemy as sa
 
 from service.ids import new_id
 from service.jobs.repository import JobRepository
-from service.jobs.spend import stored_spend
 from service.models import Job, Shard
 from service.results.repository import AssemblyRow, ResultRepository
 from service.shards import JOB_SCHEMA, RESULT_FIELDS, error_row, shard_metadata
@@ -92,7 +91,6 @@ def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, j
     job.status = "cancelled" if job.cancel_requested_at else "succeeded"
     job.error = None
     job.finished_at = sa.func.now()
-    job.spend_tokens = stored_spend(jobs.spend_tokens(job.id))
 
 
 def job_parameters(job: Job) -> dict:

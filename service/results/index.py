@@ -27,5 +27,5 @@ def index_result_shard(db: orm.Session, teacher: str, stored: StoredShard, entri
     jobs.add_shard(Shard(id=shard_id, kind="result", path=stored.path, rows=stored.rows, bytes=stored.bytes,
                          sha256=stored.sha256))
     jobs.add_results([{**e, "teacher": teacher, "shard_id": shard_id} for e in entries if e["cache_key"] in kept])
-    jobs.advance_jobs(jobs.resolve_requests(sorted(kept)))
+    jobs.resolve_requests(sorted(kept))
     return kept

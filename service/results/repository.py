@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy import orm
 
+from service.jobs.repository import with_counters
 from service.models import Request, Result, Shard
 
 # The result shards a job's answered requests read from: verified before any row is copied.
@@ -22,31 +23,45 @@ JOB_RESULT_SHARDS_SQL = sa.text(
      WHERE r.job_id = :job_id AND r.state = 'done'
     """
 )
-# The cache is a cache: entries whose shard is gone or damaged are dropped with the shard row...
+# The cache is a cache: entries whose shard is gone or damaged are dropped with the shard row.
+# First the requests of unfinished jobs that were answered by them go back to the queue (their
+# jobs' counters and spend, and their tasks' waiters, kept in the same statement; a job that
+# was finalizing goes back to running), while the entries still say what they had cost...
+REQUEUE_REQUESTS_SQL = with_counters(
+    """
+    WITH answered AS (
+        SELECT r.id, r.job_id, r.cache_key, r.cached, res.prompt_tokens, res.completion_tokens
+          FROM requests r
+          JOIN jobs j ON j.id = r.job_id
+          JOIN results res ON res.cache_key = r.result_key
+         WHERE r.result_key = ANY(CAST(:keys AS text[])) AND r.state = 'done'
+           AND j.status IN ('queued', 'running', 'finalizing')
+           FOR UPDATE OF r
+    ), requeued AS (
+        UPDATE requests r SET state = 'pending', result_key = NULL, cached = false
+          FROM answered a WHERE r.id = a.id
+        RETURNING a.job_id, a.cache_key, a.cached, a.prompt_tokens, a.completion_tokens
+    ), moved AS (
+        SELECT job_id, cache_key, CASE WHEN cached THEN 'cached' ELSE 'completed' END AS from_bucket,
+               'pending' AS to_bucket, prompt_tokens, completion_tokens
+          FROM requeued
+    )
+    """
+)
+# ...then the entries and shard rows go...
 DROP_RESULTS_SQL = sa.text("DELETE FROM results WHERE shard_id = ANY(CAST(:shard_ids AS text[])) RETURNING cache_key")
 DROP_RESULT_SHARDS_SQL = sa.text("DELETE FROM shards WHERE id = ANY(CAST(:shard_ids AS text[])) AND kind = 'result'")
-# ...the requests of unfinished jobs that were answered by them go back to the queue...
-REQUEUE_REQUESTS_SQL = sa.text(
-    """
-    UPDATE requests r SET state = 'pending', result_key = NULL, cached = false
-      FROM jobs j
-     WHERE j.id = r.job_id AND j.status IN ('queued', 'running', 'finalizing')
-       AND r.state = 'done' AND r.result_key = ANY(CAST(:keys AS text[]))
-    RETURNING r.job_id
-    """
-)
-# ...their tasks are run again from scratch (a fresh attempt budget: the failure was storage's)...
+# ...and their tasks are run again from scratch (a fresh attempt budget: the failure was
+# storage's) where requests wait on them, or left idle for a later submission.
 REQUEUE_TASKS_SQL = sa.text(
     """
-    UPDATE tasks SET state = 'pending', attempts = 0, errors = '[]'::jsonb, finished_at = NULL,
-           lease_owner = NULL, lease_expires_at = NULL
-     WHERE key = ANY(CAST(:keys AS text[])) AND state IN ('done', 'failed')
+    UPDATE tasks SET state = CASE WHEN waiters > 0 THEN 'pending' ELSE 'idle' END, attempts = 0,
+           errors = '[]'::jsonb, finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL
+     WHERE key = ANY(CAST(:keys AS text[])) AND state IN ('done', 'failed', 'idle')
     """
 )
-# ...and their jobs wait for them again (they move on to finalizing when those resolve).
-BACK_TO_RUNNING_SQL = sa.text(
-    "UPDATE jobs SET status = 'running' WHERE id = ANY(CAST(:job_ids AS text[])) AND status = 'finalizing'"
-)
+# Which keys these shards hold entries for (before the entries are dropped).
+SHARD_KEYS_SQL = sa.text("SELECT cache_key FROM results WHERE shard_id = ANY(CAST(:shard_ids AS text[]))")
 
 # Retention. How far the cache is over its entry budget, at most :limit: an index-only walk of
 # the newest :max_entries entries (work proportional to the budget, never to what is beyond it).
@@ -135,13 +150,12 @@ class ResultRepository:
     def drop_damaged_shards(self, shard_ids: list[str]) -> set[str]:
         """Drop the cache entries of these result shards and requeue what they answered; the jobs
         sent back to wait for their requests."""
-        keys = list(self.session.scalars(DROP_RESULTS_SQL, {"shard_ids": shard_ids}))
+        keys = sorted(self.session.scalars(SHARD_KEYS_SQL, {"shard_ids": shard_ids}))
+        job_ids = set(self.session.scalars(REQUEUE_REQUESTS_SQL, {"keys": keys})) if keys else set()
+        self.session.execute(DROP_RESULTS_SQL, {"shard_ids": shard_ids})
         self.session.execute(DROP_RESULT_SHARDS_SQL, {"shard_ids": shard_ids})
-        if not keys:
-            return set()
-        job_ids = set(self.session.scalars(REQUEUE_REQUESTS_SQL, {"keys": keys}))
-        self.session.execute(REQUEUE_TASKS_SQL, {"keys": keys})
-        self.session.execute(BACK_TO_RUNNING_SQL, {"job_ids": sorted(job_ids)})
+        if keys:
+            self.session.execute(REQUEUE_TASKS_SQL, {"keys": keys})
         return job_ids
 
     def over_budget(self, max_entries: int, limit: int) -> int:
