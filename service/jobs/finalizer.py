@@ -17,6 +17,8 @@ import logging
 import threading
 import time
 
+from sqlalchemy import orm
+
 from service.db import db_retry, transaction
 from service.jobs.repository import JobRepository
 from service.queue.repository import TaskRepository
@@ -28,10 +30,14 @@ log = logging.getLogger(__name__)
 
 
 def reconcile(rt: Runtime) -> int:
-    """Fail the tasks whose last lease expired and the requests waiting on them; how many tasks."""
     with transaction(rt.sessions) as db:
-        expired = TaskRepository(db).expire_exhausted()
-        JobRepository(db).resolve_requests(expired)
+        return reconcile_in(db)
+
+
+def reconcile_in(db: orm.Session) -> int:
+    """Fail the tasks whose last lease expired and the requests waiting on them; how many tasks."""
+    expired = TaskRepository(db).expire_exhausted()
+    JobRepository(db).resolve_requests(expired)
     return len(expired)
 
 

@@ -171,7 +171,7 @@ ENQUEUE_SQL = sa.text(
     SELECT n.key, :teacher, 'pending', n.mode, CAST(string_to_array(n.prompt, ':') AS integer[]),
            CAST(string_to_array(n.response, ':') AS integer[]),
            CAST((CAST(:samplings AS text[]))[n.sampling] AS jsonb), n.top_logprobs, n.max_attempts,
-           CAST(n.messages AS jsonb), n.waiters, frontier.turn + n.position
+           CAST(n.messages AS jsonb), n.waiters, frontier.turn + n.position - 1
       FROM frontier, unnest(CAST(:keys AS text[]), CAST(:modes AS text[]),
                   CAST(:prompts AS text[]), CAST(:responses AS text[]), CAST(:sampling_of AS integer[]),
                   CAST(:top_logprobs AS integer[]), CAST(:max_attempts AS integer[]), CAST(:messages AS text[]),
