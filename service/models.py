@@ -190,6 +190,8 @@ class Worker(Base):
     """A running worker process: what it serves, when it was last seen, what its engine ran."""
 
     __tablename__ = "workers"
+    # Pruning walks the longest-gone first.
+    __table_args__ = (sa.Index("ix_workers_heartbeat_at", "heartbeat_at"),)
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(200), primary_key=True)
     teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200), index=True)
@@ -199,6 +201,15 @@ class Worker(Base):
     started_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
     heartbeat_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
     stopped_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+
+
+class EngineTotals(Base):
+    """What the engines of pruned workers ran, per teacher (so the counters never go down)."""
+
+    __tablename__ = "engine_totals"
+
+    teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200), primary_key=True)
+    stats: orm.Mapped[dict[str, Any]] = orm.mapped_column(JSONB, server_default=sa.text("'{}'::jsonb"))
 
 
 # Last, once Base is complete: tenants and the OpenAI-compatible tables (files, batches) join the

@@ -80,6 +80,9 @@ class ServiceSettings(BaseSettings):
     retention_sweep_s: float = Field(default=60.0, gt=0)
     # Jobs deleted / entries evicted per sweep transaction, at most: the sweep's bound.
     retention_batch: int = Field(default=500, ge=1)
+    # A worker not seen for this long is deleted by the sweep (what its engine ran is kept in
+    # its teacher's totals), so the workers table holds the fleet, not its history.
+    worker_gone_s: float = Field(default=3600.0, gt=0)
 
     @property
     def shards_uri(self) -> str:

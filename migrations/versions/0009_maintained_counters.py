@@ -1,10 +1,11 @@
-"""Maintained counters: job counts and spend, task waiters and idle tasks, the claim's turns
+"""Maintained counters: job counts and spend, task waiters and idle tasks, claim turns, worker pruning
 
 Jobs carry their request counts and token spend, kept by the statements that change request
 states (in the same transaction), so a status poll reads one row. Tasks carry `waiters`, the
 number of pending requests waiting on them; a task nobody waits for is `idle`, never claimed
 or visited by a claim, until a new submission waits on it again. Tasks carry a `turn` (the
-claim's round-robin order by job). Backfilled from a recount.
+claim's round-robin order by job). Workers gone for a while are pruned into engine_totals.
+Backfilled from a recount.
 
 Revision ID: 0009
 Revises: 0008
@@ -80,6 +81,12 @@ def upgrade() -> None:
     op.create_index('ix_tasks_claim', 'tasks', ['teacher', 'turn'],
                     postgresql_where=sa.text("state = 'pending' AND NOT suspect"))
     op.drop_column('jobs', 'spend_tokens')
+    op.create_index('ix_workers_heartbeat_at', 'workers', ['heartbeat_at'])
+    op.create_table('engine_totals',
+                    sa.Column('teacher', sa.String(length=200), nullable=False),
+                    sa.Column('stats', sa.dialects.postgresql.JSONB(astext_type=sa.Text()),
+                              server_default=sa.text("'{}'::jsonb"), nullable=False),
+                    sa.PrimaryKeyConstraint('teacher', name=op.f('pk_engine_totals')))
     # The tenant's pending work (its limit) sums the counters of its unfinished jobs only.
     op.create_index('ix_jobs_tenant_active', 'jobs', ['tenant'],
                     postgresql_where=sa.text("status IN ('queued', 'running')"))
@@ -87,6 +94,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index('ix_jobs_tenant_active', table_name='jobs')
+    op.drop_table('engine_totals')
+    op.drop_index('ix_workers_heartbeat_at', table_name='workers')
     op.drop_index('ix_tasks_claim', table_name='tasks')
     op.create_index('ix_tasks_claimable', 'tasks', ['teacher', 'state', 'created_at'])
     op.add_column('jobs', sa.Column('spend_tokens', sa.dialects.postgresql.JSONB(), nullable=True))

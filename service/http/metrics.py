@@ -1,4 +1,8 @@
-"""Prometheus metrics, read from Postgres at scrape time so every API replica agrees."""
+"""Prometheus metrics, read from Postgres at scrape time so every API replica agrees.
+
+A scrape reads maintained counters (the jobs' rows: a row per job, never per request), bounded
+index-only counts (tasks pending, cache entries: exact up to 100,000, then the index size
+Postgres last measured), the in-flight leases and the workers table, which is pruned."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service.jobs.repository import JobRepository
+from service.queue.workers import WorkerRepository
 from service.jobs.spend import NO_PRICES, Prices, cost_usd, teacher_tokens
 
 # What a remote engine's stats count beyond the local ones (workers/remote_adapter.py).
@@ -22,6 +27,7 @@ REMOTE_COUNTERS = {
 class DatabaseCollector:
     def __init__(self, jobs: JobRepository, prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> None:
         self.jobs = jobs
+        self.workers = WorkerRepository(jobs.session)
         self.prices = prices
 
     def collect(self):
@@ -48,11 +54,11 @@ class DatabaseCollector:
                                       value=stats[f"{kind}_tokens_saved"])
 
     def _engine(self):
-        totals = self.jobs.engine_totals()
+        totals = self.workers.engine_totals()
         for name in ("requests", "prompt_tokens", "completion_tokens"):
             yield CounterMetricFamily(f"teachercache_engine_{name}", f"{name} the teacher engines actually ran",
                                       value=totals.get(name, 0))
-        online = self.jobs.online_workers()
+        online = self.workers.online()
         family = GaugeMetricFamily("teachercache_workers_online", "workers seen in the last minute", labels=["teacher"])
         for teacher, n in sorted(online.items()):
             family.add_metric([teacher], n)
@@ -84,7 +90,7 @@ class DatabaseCollector:
             yield family
 
     def _remote(self):
-        totals = self.jobs.engine_totals_by_teacher()
+        totals = self.workers.engine_totals_by_teacher()
         for name, help_text in REMOTE_COUNTERS.items():
             family = CounterMetricFamily(f"teachercache_remote_{name}", help_text, labels=["teacher"])
             for teacher, stats in sorted(totals.items()):
@@ -97,7 +103,7 @@ class DatabaseCollector:
         failed checks while paused: a full disk or an unreachable bucket shows here, not as failures."""
         family = CounterMetricFamily("teachercache_storage_errors", "result shard writes and writability checks "
                                      "that storage refused after retries", labels=["teacher"])
-        for teacher, stats in sorted(self.jobs.engine_totals_by_teacher().items()):
+        for teacher, stats in sorted(self.workers.engine_totals_by_teacher().items()):
             family.add_metric([teacher], stats.get("storage_errors", 0))
         yield family
 

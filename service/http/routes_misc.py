@@ -16,6 +16,7 @@ from service.http.metrics import render_metrics
 from service.http.params import ShardId
 from service.http.ranges import RANGE_HEADERS, RangeFileResponse, StoredFileResponse, file_responses
 from service.jobs.repository import JobRepository
+from service.queue.workers import WorkerRepository
 from service.storage import ShardCheckFailed
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ PARQUET = "application/vnd.apache.parquet"
 
 @router.get("/v1/teachers", tags=["teachers"])
 def list_teachers(rt: Rt, db: Db) -> dict:
-    online = JobRepository(db).online_workers()
+    online = WorkerRepository(db).online()
     return {"data": [{**t.describe(), "workers": online.get(t.name, 0)} for t in rt.teachers.available()]}
 
 

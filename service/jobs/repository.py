@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 
-from service.models import Job, Request, Result, Shard, Task, Worker
+from service.models import Job, Request, Result, Shard, Task
 
 BUCKETS = ("pending", "completed", "cached", "failed", "cancelled")
 
@@ -116,11 +116,27 @@ CANCEL_SQL = with_counters(
 TENANT_PENDING_SQL = sa.text(
     "SELECT COALESCE(sum(n_pending), 0) FROM jobs WHERE tenant = :tenant AND status IN ('queued', 'running')"
 )
+# /metrics: requests by state from the jobs' counters; tasks by bounded index-only counts.
+REQUEST_STATES_SQL = sa.text(
+    """
+    SELECT sum(n_pending) AS pending, sum(n_completed + n_cached) AS done, sum(n_failed) AS failed,
+           sum(n_cancelled) AS cancelled
+      FROM jobs
+    """
+)
+COUNT_CAP = 100_000
+PENDING_TASKS_SQL = sa.text(
+    "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE state = 'pending' AND NOT suspect LIMIT :cap) capped"
+)
+LEASED_TASKS_SQL = sa.text("SELECT count(*) FROM tasks WHERE state = 'leased'")  # ix_tasks_lease_expiry: in flight only
+INDEX_SIZE_SQL = sa.text("SELECT reltuples FROM pg_class WHERE relname = :index")
 # The cache as users see it. Bypass jobs index their rows under private keys that no lookup
 # can find, so those are not entries. A hit is a request answered from the cache at
 # submission; a miss is a request of a job that looked (cache "use") and was not. Summed from
 # the jobs' counters (one row per job, never per request).
-CACHE_ENTRIES_SQL = sa.text("SELECT count(*) FROM results WHERE cache_key NOT LIKE 'bypass-%'")
+CACHE_ENTRIES_SQL = sa.text(
+    "SELECT count(*) FROM (SELECT 1 FROM results WHERE cache_key NOT LIKE 'bypass-%' LIMIT :cap) capped"
+)
 CACHE_LOOKUPS_SQL = sa.text(
     """
     SELECT COALESCE(sum(n_cached), 0) AS hits,
@@ -334,7 +350,7 @@ class JobRepository:
 
     def cache_stats(self, tenant: str | None = None) -> dict[str, int]:
         """Entries of the shared cache; hits and misses of one tenant's requests (all when None)."""
-        entries = self.session.execute(CACHE_ENTRIES_SQL).scalar_one()
+        entries = self.bounded_count(CACHE_ENTRIES_SQL, "pk_results")
         lookups = self.session.execute(CACHE_LOOKUPS_SQL, {"tenant": tenant}).mappings().one()
         return {"entries": entries, **{name: int(value) for name, value in lookups.items()}}
 
@@ -345,34 +361,20 @@ class JobRepository:
             rows += [(teacher, mode, False, int(sent_p), int(sent_c)), (teacher, mode, True, int(cached_p), int(cached_c))]
         return rows
 
-    def online_workers(self, within_s: int = 60) -> dict[str, int]:
-        query = (
-            sa.select(Worker.teacher, sa.func.count())
-            .where(Worker.stopped_at.is_(None),
-                   Worker.heartbeat_at > sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, within_s))
-            .group_by(Worker.teacher)
-        )
-        return dict(self.session.execute(query).all())
-
-    def engine_totals(self) -> dict[str, int]:
-        """What every worker's engine has actually run, summed over workers (alive or not)."""
-        totals: dict[str, int] = {}
-        for stats in self.session.scalars(sa.select(Worker.stats)):
-            for name, value in stats.items():
-                totals[name] = totals.get(name, 0) + int(value)
-        return totals
-
-    def engine_totals_by_teacher(self) -> dict[str, dict[str, int]]:
-        """The same, per teacher (a remote engine's stats also count its HTTP traffic)."""
-        totals: dict[str, dict[str, int]] = {}
-        for teacher, stats in self.session.execute(sa.select(Worker.teacher, Worker.stats)):
-            bucket = totals.setdefault(teacher, {})
-            for name, value in stats.items():
-                bucket[name] = bucket.get(name, 0) + int(value)
-        return totals
-
     def state_counts(self) -> dict[str, dict[str, int]]:
-        def grouped(column):
-            return dict(self.session.execute(sa.select(column, sa.func.count()).group_by(column)).all())
+        """Jobs by status (a row per job, never per request); requests by state, summed from
+        the jobs' counters; tasks pending and leased, by bounded index-only counts."""
+        jobs = dict(self.session.execute(sa.select(Job.status, sa.func.count()).group_by(Job.status)).all())
+        requests = {state: int(n or 0) for state, n in self.session.execute(REQUEST_STATES_SQL).mappings().one().items()}
+        tasks = {"pending": self.bounded_count(PENDING_TASKS_SQL, "ix_tasks_claim"),
+                 "leased": int(self.session.scalar(LEASED_TASKS_SQL))}
+        return {"jobs": jobs, "requests": requests, "tasks": tasks}
 
-        return {"jobs": grouped(Job.status), "requests": grouped(Request.state), "tasks": grouped(Task.state)}
+    def bounded_count(self, statement: sa.TextClause, index: str) -> int:
+        """An exact count up to COUNT_CAP rows; past it, the index's size as Postgres last
+        measured it (VACUUM / ANALYZE), so a scrape never walks 10^7 index entries."""
+        exact = int(self.session.scalar(statement, {"cap": COUNT_CAP}))
+        if exact < COUNT_CAP:
+            return exact
+        estimate = self.session.scalar(INDEX_SIZE_SQL, {"index": index})
+        return max(exact, int(estimate or 0))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from service.db import transaction
 from service.jobs.repository import JobRepository
 from service.jobs.service import JobService
+from service.queue.workers import WorkerRepository
 from service.results.repository import ResultRepository
 from service.runtime import Runtime
 from service.storage import Storage
@@ -33,11 +34,22 @@ log = logging.getLogger(__name__)
 class Swept:
     jobs: int = 0
     entries: int = 0
+    workers: int = 0
 
 
 def sweep(rt: Runtime) -> Swept:
-    """One round of retention: expire jobs, then evict entries, each a bounded transaction."""
-    return Swept(jobs=expire_jobs(rt), entries=evict_entries(rt))
+    """One round of retention: expire jobs, evict entries, prune gone workers, each a bounded
+    transaction."""
+    return Swept(jobs=expire_jobs(rt), entries=evict_entries(rt), workers=prune_workers(rt))
+
+
+def prune_workers(rt: Runtime) -> int:
+    """Delete up to `retention_batch` workers not seen for `worker_gone_s` (their engine totals kept)."""
+    with transaction(rt.sessions) as db:
+        pruned = WorkerRepository(db).prune(rt.settings.worker_gone_s, rt.settings.retention_batch)
+    if pruned:
+        log.info("retention: %d gone workers pruned", pruned)
+    return pruned
 
 
 def expire_jobs(rt: Runtime) -> int:

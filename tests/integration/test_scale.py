@@ -161,3 +161,42 @@ def test_a_small_job_finishes_while_a_huge_one_submitted_before_it_still_runs(ap
     small = wait_for(other_api, other_api.post("/v1/jobs", json=body(range(1000, 1008))).json()["id"], timeout=60)
     assert small["status"] == "succeeded"
     assert api.get(f"/v1/jobs/{huge['id']}").json()["counts"]["pending"] > 300  # it had not waited for the backlog
+
+
+# -- 2: metrics and the workers table --------------------------------------------------------
+def test_gone_workers_are_pruned_in_bounded_passes_and_the_engine_counters_keep_what_they_ran(api, rt):
+    from service.models import Worker
+    from service.results.retention import prune_workers
+
+    with transaction(rt.sessions) as db:
+        for i in range(5):
+            db.add(Worker(id=f"gone-{i}", teacher=TEACHER, hostname="h", pid=i, stats={"requests": 10, "x": i},
+                          heartbeat_at=sa.func.now() - sa.text("interval '2 hours'")))
+        db.add(Worker(id="alive", teacher=TEACHER, hostname="h", pid=9, stats={"requests": 1}))
+    before = api.get("/metrics").text
+    assert "teachercache_engine_requests_total 51.0" in before
+    bounded = rt.settings.model_copy(update={"retention_batch": 3})
+    assert prune_workers(type(rt)(bounded, rt.database_url)) == 3
+    assert prune_workers(rt) == 2 and prune_workers(rt) == 0
+    with rt.sessions() as db:
+        assert list(db.scalars(sa.select(Worker.id))) == ["alive"]
+    assert "teachercache_engine_requests_total 51.0" in api.get("/metrics").text  # never goes down
+
+
+def test_metrics_and_cache_stats_read_no_request_rows(api, rt, start_worker):
+    done = api.post("/v1/jobs", json=body(range(30))).json()
+    start_worker(ScriptedEngine())
+    wait_for(api, done["id"])
+    api.post("/v1/jobs", json=body(range(20)))  # all hits
+    api.post("/v1/jobs", json=body(range(100, 140)))  # pending
+    from service.http.metrics import render_metrics
+    from service.jobs.repository import JobRepository
+
+    with transaction(rt.sessions) as db:
+        before = dict(db.execute(ROWS_TOUCHED_SQL).all())
+        text = render_metrics(JobRepository(db)).decode()
+        stats = JobRepository(db).cache_stats("alpha")
+        after = dict(db.execute(ROWS_TOUCHED_SQL).all())
+    assert after.get("requests", 0) - before.get("requests", 0) == 0
+    assert 'teachercache_requests{state="pending"} 40.0' in text and 'teachercache_tasks{state="pending"} 40.0' in text
+    assert stats["hits"] == 20 and stats["misses"] == 70 and stats["entries"] == 30
