@@ -1,7 +1,7 @@
 """Prometheus metrics, read from Postgres at scrape time so every API replica agrees.
 
 A scrape reads maintained counters (the jobs' rows: a row per job, never per request), bounded
-index-only counts (tasks pending, cache entries: exact up to 100,000, then the index size
+index-only counts (tasks pending, cache entries: exact up to 10,000, then the index size
 Postgres last measured), the in-flight leases and the workers table, which is pruned."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service.jobs.repository import JobRepository
 from service.queue.workers import WorkerRepository
+from service.results.repository import ResultRepository
 from service.jobs.spend import NO_PRICES, Prices, cost_usd, teacher_tokens
 
 # What a remote engine's stats count beyond the local ones (workers/remote_adapter.py).
@@ -43,7 +44,7 @@ class DatabaseCollector:
         yield from self._storage()
 
     def _cache(self):
-        stats = self.jobs.cache_stats()
+        stats = ResultRepository(self.jobs.session).cache_stats()
         yield GaugeMetricFamily("teachercache_cache_entries", "cached results", value=stats["entries"])
         yield CounterMetricFamily("teachercache_cache_hits", "requests answered from the cache", value=stats["hits"])
         yield CounterMetricFamily("teachercache_cache_misses", "requests that looked in the cache and were not in it",

@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from service.cachekey import CACHE_KEY_VERSION
 from service.http.deps import Db, Who, caller
-from service.jobs.repository import JobRepository
+from service.results.repository import ResultRepository
 
 router = APIRouter(prefix="/v1/cache", tags=["cache"], dependencies=[Depends(caller)])
 
@@ -26,6 +26,6 @@ class CacheStats(BaseModel):
 
 @router.get("/stats", response_model=CacheStats)
 def cache_stats(db: Db, who: Who) -> CacheStats:
-    stats = JobRepository(db).cache_stats(who.tenant)
+    stats = ResultRepository(db).cache_stats(who.tenant)
     saved = stats["prompt_tokens_saved"] + stats["completion_tokens_saved"]
     return CacheStats(key_version=CACHE_KEY_VERSION, tokens_saved=saved, **stats)

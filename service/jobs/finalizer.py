@@ -23,6 +23,7 @@ from service.db import db_retry, transaction
 from service.jobs.repository import JobRepository
 from service.queue.repository import TaskRepository
 from service.results.assemble import AssemblyLimits, finalize_one
+from service.results.repository import ResultRepository
 from service.results.retention import sweep
 from service.runtime import Runtime
 
@@ -37,7 +38,7 @@ def reconcile(rt: Runtime) -> int:
 def reconcile_in(db: orm.Session) -> int:
     """Fail the tasks whose last lease expired and the requests waiting on them; how many tasks."""
     expired = TaskRepository(db).expire_exhausted()
-    JobRepository(db).resolve_requests(expired)
+    ResultRepository(db).resolve_requests(expired)
     return len(expired)
 
 

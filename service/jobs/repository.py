@@ -1,4 +1,5 @@
-"""Every SQL statement about jobs, their requests, results (the cache index) and shards.
+"""Every SQL statement about jobs and their requests (the cache index and result shards are the
+results domain's: service/results/repository.py).
 
 Callers own the transaction; nothing here commits.
 """
@@ -9,9 +10,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import ARRAY
 
-from service.models import Job, Request, Result, Shard, Task
+from service.models import Job, Request, Shard
 
 BUCKETS = ("pending", "completed", "cached", "failed", "cancelled")
 
@@ -72,32 +73,6 @@ def with_counters(moved_sql: str) -> sa.TextClause:
     )
 
 
-# Requests waiting on these tasks that have a result now are answered from it; those waiting on
-# a task that failed for good fail with it. Only once their task is done: while it is queued,
-# running or failed, the result there is the entry a cache refresh is replacing, and a refreshing
-# request must get the new rows. Found through ix_requests_pending_key: only the keys given.
-RESOLVE_SQL = with_counters(
-    """
-    WITH done AS (
-        UPDATE requests r SET state = 'done', result_key = r.cache_key
-          FROM results res
-         WHERE r.cache_key = ANY(CAST(:keys AS text[])) AND r.state = 'pending' AND res.cache_key = r.cache_key
-           AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.key = r.cache_key AND t.state <> 'done')
-        RETURNING r.job_id, r.cache_key, res.prompt_tokens, res.completion_tokens
-    ), failed AS (
-        UPDATE requests r SET state = 'failed', error = t.errors::text
-          FROM tasks t
-         WHERE r.cache_key = ANY(CAST(:keys AS text[])) AND r.state = 'pending' AND t.key = r.cache_key
-           AND t.state = 'failed'
-        RETURNING r.job_id, r.cache_key
-    ), moved AS (
-        SELECT job_id, cache_key, 'pending' AS from_bucket, 'completed' AS to_bucket, prompt_tokens, completion_tokens
-          FROM done
-        UNION ALL
-        SELECT job_id, cache_key, 'pending', 'failed', 0, 0 FROM failed
-    )
-    """
-)
 # Cancelling stops the job's pending requests; a task no other request waits on becomes idle.
 CANCEL_SQL = with_counters(
     """
@@ -124,53 +99,17 @@ REQUEST_STATES_SQL = sa.text(
       FROM jobs
     """
 )
-COUNT_CAP = 100_000
+COUNT_CAP = 10_000
 PENDING_TASKS_SQL = sa.text(
     "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE state = 'pending' AND NOT suspect LIMIT :cap) capped"
 )
 LEASED_TASKS_SQL = sa.text("SELECT count(*) FROM tasks WHERE state = 'leased'")  # ix_tasks_lease_expiry: in flight only
 INDEX_SIZE_SQL = sa.text("SELECT reltuples FROM pg_class WHERE relname = :index")
-# The cache as users see it. Bypass jobs index their rows under private keys that no lookup
-# can find, so those are not entries. A hit is a request answered from the cache at
-# submission; a miss is a request of a job that looked (cache "use") and was not. Summed from
-# the jobs' counters (one row per job, never per request).
-CACHE_ENTRIES_SQL = sa.text(
-    "SELECT count(*) FROM (SELECT 1 FROM results WHERE cache_key NOT LIKE 'bypass-%' LIMIT :cap) capped"
-)
-CACHE_LOOKUPS_SQL = sa.text(
-    """
-    SELECT COALESCE(sum(n_cached), 0) AS hits,
-           COALESCE(sum(total - n_cached) FILTER (WHERE cache_policy = 'use'), 0) AS misses,
-           COALESCE(sum(cached_prompt_tokens), 0) AS prompt_tokens_saved,
-           COALESCE(sum(cached_completion_tokens), 0) AS completion_tokens_saved
-      FROM jobs
-     WHERE CAST(:tenant AS text) IS NULL OR tenant = :tenant
-    """
-)
 TEACHER_SPEND_SQL = sa.text(
     """
     SELECT teacher, mode, sum(sent_prompt_tokens), sum(sent_completion_tokens), sum(cached_prompt_tokens),
            sum(cached_completion_tokens)
       FROM jobs GROUP BY teacher, mode
-    """
-)
-# A hit records its use, at most once a LAST_USED_RESOLUTION_S per entry (a hot entry is not
-# rewritten by every submission), and skips an entry another transaction is touching right now
-# (touching is best effort; waiting could deadlock two submissions that hit the same keys).
-LAST_USED_RESOLUTION_S = 60
-USE_RESULTS_SQL = sa.text(
-    """
-    WITH hit AS (
-        SELECT cache_key, last_used_at FROM results WHERE cache_key = ANY(CAST(:keys AS text[])) FOR KEY SHARE
-    ), stale AS (
-        SELECT res.cache_key FROM results res JOIN hit ON hit.cache_key = res.cache_key
-         WHERE hit.last_used_at < now() - make_interval(secs => :resolution_s)
-           FOR NO KEY UPDATE OF res SKIP LOCKED
-    ), touched AS (
-        UPDATE results res SET last_used_at = now() FROM stale WHERE res.cache_key = stale.cache_key
-    )
-    SELECT hit.cache_key, res.prompt_tokens, res.completion_tokens
-      FROM hit JOIN results res ON res.cache_key = hit.cache_key
     """
 )
 # Retention: the oldest finished jobs past the retention time (ix_jobs_finished_at).
@@ -201,6 +140,15 @@ FINALIZE_FAILED_SQL = sa.text(
     RETURNING status
     """
 )
+
+
+def bounded_count(session: orm.Session, statement: sa.TextClause, index: str) -> int:
+    """An exact count up to COUNT_CAP rows; past it, the index's size as Postgres last measured
+    it (VACUUM / ANALYZE), so a scrape never walks 10^7 index entries."""
+    exact = int(session.scalar(statement, {"cap": COUNT_CAP}))
+    if exact < COUNT_CAP:
+        return exact
+    return max(exact, int(session.scalar(INDEX_SIZE_SQL, {"index": index}) or 0))
 
 
 def any_key(keys: list[str]) -> sa.ColumnElement:
@@ -259,44 +207,11 @@ class JobRepository:
             query = query.where(sa.tuple_(Job.created_at, Job.id) < sa.tuple_(*before))
         return list(self.session.scalars(query))
 
-    def results_for(self, keys: list[str]) -> dict[str, tuple[int, int]]:
-        """The keys with a cache entry, with its (prompt, completion) tokens; each now recorded as
-        used (least-recently-used eviction) and held (FOR KEY SHARE) until this transaction ends,
-        so no eviction removes an entry a submission is answering requests from."""
-        if not keys:
-            return {}
-        rows = self.session.execute(USE_RESULTS_SQL, {"keys": keys, "resolution_s": LAST_USED_RESOLUTION_S})
-        return {key: (int(p), int(c)) for key, p, c in rows}
-
     def expired_jobs(self, retention_s: float, limit: int) -> list[tuple[str, str]]:
         """(id, tenant) of up to `limit` jobs that ended more than `retention_s` ago, oldest first,
         locked (another sweeper skips them)."""
         rows = self.session.execute(EXPIRED_JOBS_SQL, {"retention_s": retention_s, "limit": limit})
         return [(job_id, tenant) for job_id, tenant in rows]
-
-    def add_results(self, rows: list[dict[str, Any]]) -> None:
-        """Index computed rows; a recomputation (cache refresh) replaces the entry."""
-        if not rows:
-            return
-        statement = insert(Result)
-        columns = ("shard_id", "row_start", "row_count", "prompt_tokens", "completion_tokens")
-        statement = statement.on_conflict_do_update(
-            index_elements=[Result.cache_key],
-            set_={c: statement.excluded[c] for c in columns} | {"created_at": sa.func.now()},
-        )
-        self.session.execute(statement, rows)  # executemany: batched under the bind-parameter limit
-
-    def add_shard(self, shard: Shard) -> None:
-        self.session.add(shard)
-        self.session.flush()
-
-    def resolve_requests(self, keys: list[str]) -> set[str]:
-        """Answer the requests waiting on these tasks from their results, or fail them with a task
-        that failed for good, keeping the counters; the jobs touched (each moved on to
-        finalizing once nothing of it is pending)."""
-        if not keys:
-            return set()
-        return set(self.session.scalars(RESOLVE_SQL, {"keys": sorted(set(keys))}))
 
     def claim_job_to_finalize(self) -> Job | None:
         job_id = self.session.execute(CLAIM_FINALIZING_SQL).scalar_one_or_none()
@@ -344,16 +259,6 @@ class JobRepository:
         self.session.execute(sa.update(Job).where(Job.id == job_id)
                              .values(status="finalizing", cancel_requested_at=sa.func.now()))
 
-    def prompts_for(self, keys: list[str]) -> dict[str, list[int]]:
-        rows = self.session.execute(sa.select(Task.key, Task.prompt_token_ids).where(Task.key == any_key(keys)))
-        return dict(rows.all())
-
-    def cache_stats(self, tenant: str | None = None) -> dict[str, int]:
-        """Entries of the shared cache; hits and misses of one tenant's requests (all when None)."""
-        entries = self.bounded_count(CACHE_ENTRIES_SQL, "pk_results")
-        lookups = self.session.execute(CACHE_LOOKUPS_SQL, {"tenant": tenant}).mappings().one()
-        return {"entries": entries, **{name: int(value) for name, value in lookups.items()}}
-
     def spend_tokens_by_teacher(self) -> list[tuple[str, str, bool, int, int]]:
         """(teacher, mode, cached, prompt tokens, completion tokens): the jobs' spend, summed."""
         rows = []
@@ -366,15 +271,6 @@ class JobRepository:
         the jobs' counters; tasks pending and leased, by bounded index-only counts."""
         jobs = dict(self.session.execute(sa.select(Job.status, sa.func.count()).group_by(Job.status)).all())
         requests = {state: int(n or 0) for state, n in self.session.execute(REQUEST_STATES_SQL).mappings().one().items()}
-        tasks = {"pending": self.bounded_count(PENDING_TASKS_SQL, "ix_tasks_claim"),
+        tasks = {"pending": bounded_count(self.session, PENDING_TASKS_SQL, "ix_tasks_claim"),
                  "leased": int(self.session.scalar(LEASED_TASKS_SQL))}
         return {"jobs": jobs, "requests": requests, "tasks": tasks}
-
-    def bounded_count(self, statement: sa.TextClause, index: str) -> int:
-        """An exact count up to COUNT_CAP rows; past it, the index's size as Postgres last
-        measured it (VACUUM / ANALYZE), so a scrape never walks 10^7 index entries."""
-        exact = int(self.session.scalar(statement, {"cap": COUNT_CAP}))
-        if exact < COUNT_CAP:
-            return exact
-        estimate = self.session.scalar(INDEX_SIZE_SQL, {"index": index})
-        return max(exact, int(estimate or 0))

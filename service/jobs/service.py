@@ -20,6 +20,7 @@ from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend
 from service.jobs.tokenize import PreparedRequest, prepare_requests
 from service.models import Job
 from service.queue.repository import NewTask, TaskRepository
+from service.results.repository import ResultRepository
 from service.teachers.tokenizer import Teacher
 
 MAX_ATTEMPTS = 3
@@ -56,6 +57,7 @@ class JobService:
     def __init__(self, session: orm.Session, tenant: str, limits: JobLimits | None = None,
                  prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> None:
         self.jobs = JobRepository(session)
+        self.results = ResultRepository(session)
         self.tasks = TaskRepository(session)
         self.tenant = tenant
         self.limits = limits or JobLimits.defaults()
@@ -89,7 +91,7 @@ class JobService:
         job = self._add_job(body, teacher, idempotency_key, len(prepared))
         if body.cache == "bypass":
             keys = [f"bypass-{job.id}-{i}" for i in range(len(keys))]  # never shared, never found
-        hits = self.jobs.results_for(keys) if body.cache == "use" else {}
+        hits = self.results.results_for(keys) if body.cache == "use" else {}
         misses = sum(k not in hits for k in keys)
         self._check_pending(misses)
         count_submission(job, hits, misses)
@@ -98,7 +100,7 @@ class JobService:
         finished_meanwhile = self._enqueue_misses(body, teacher, prepared, keys, hits, sampling)
         # A task that finished while this job was being written (its result was not committed
         # when we looked): answer from it now, so nothing waits on a task that will not run.
-        self.jobs.resolve_requests(finished_meanwhile)
+        self.results.resolve_requests(finished_meanwhile)
         self.jobs.session.refresh(job)  # the counters, as the statements above left them
         return job
 

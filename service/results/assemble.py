@@ -85,7 +85,7 @@ def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, j
     while index == 0 or not batches.exhausted():  # an empty job still gets one (empty) shard
         stored = storage.write(f"jobs/{job.id}/part-{index:05d}.parquet",
                                lambda f: write_part(f, schema, batches, limits.shard_rows))
-        jobs.add_shard(Shard(id=new_id("shard"), kind="job", job_id=job.id, shard_index=index, path=stored.path,
+        results.add_shard(Shard(id=new_id("shard"), kind="job", job_id=job.id, shard_index=index, path=stored.path,
                              rows=stored.rows, bytes=stored.bytes, sha256=stored.sha256))
         index += 1
     job.status = "cancelled" if job.cancel_requested_at else "succeeded"
@@ -178,7 +178,7 @@ def label(table: pa.Table, wanted: list[AssemblyRow], repeat: list[int]) -> pa.T
 
 
 def error_pieces(jobs: JobRepository, failed: list[AssemblyRow]) -> pa.Table:
-    prompts = jobs.prompts_for([r.cache_key for r in failed])
+    prompts = ResultRepository(jobs.session).prompts_for([r.cache_key for r in failed])
     rows = [error_row(0, prompts.get(r.cache_key, []), r.error or r.state) for r in failed]
     table = pa.Table.from_pylist(rows, schema=pa.schema(RESULT_FIELDS))
     return label(table, failed, [1] * len(failed))

@@ -180,7 +180,7 @@ def test_an_entry_an_unfinished_job_needs_is_never_evicted(api, rt, start_worker
     (jobs_repository.EXPIRED_JOBS_SQL, {"retention_s": 86400, "limit": 10}, "ix_jobs_finished_at"),
     (results_repository.EVICTABLE_SQL, {"idle_s": 0, "limit": 10}, "ix_results_last_used_at"),
     (results_repository.OVER_BUDGET_SQL, {"max_entries": 1000, "limit": 10}, "ix_results_last_used_at"),
-    (jobs_repository.USE_RESULTS_SQL, {"keys": ["k2-a", "k2-b"], "resolution_s": 60}, "pk_results"),
+    (results_repository.USE_RESULTS_SQL, {"keys": ["k2-a", "k2-b"], "resolution_s": 60}, "pk_results"),
 ])
 def test_the_sweep_and_the_hit_lookup_are_index_scans(rt, statement, params, index):
     """Never a whole-table scan: each statement has an index path (the planner is told to avoid

@@ -191,11 +191,12 @@ def test_metrics_and_cache_stats_read_no_request_rows(api, rt, start_worker):
     api.post("/v1/jobs", json=body(range(100, 140)))  # pending
     from service.http.metrics import render_metrics
     from service.jobs.repository import JobRepository
+    from service.results.repository import ResultRepository
 
     with transaction(rt.sessions) as db:
         before = dict(db.execute(ROWS_TOUCHED_SQL).all())
         text = render_metrics(JobRepository(db)).decode()
-        stats = JobRepository(db).cache_stats("alpha")
+        stats = ResultRepository(db).cache_stats("alpha")
         after = dict(db.execute(ROWS_TOUCHED_SQL).all())
     assert after.get("requests", 0) - before.get("requests", 0) == 0
     assert 'teachercache_requests{state="pending"} 40.0' in text and 'teachercache_tasks{state="pending"} 40.0' in text
