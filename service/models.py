@@ -112,8 +112,10 @@ class Task(Base):
 
     __tablename__ = "tasks"
     __table_args__ = (
-        # The claim's walk: pending non-suspects, lowest turn first (round-robin by job).
-        sa.Index("ix_tasks_claim", "teacher", "turn", postgresql_where=sa.text("state = 'pending' AND NOT suspect")),
+        # The claim's walk: pending non-suspects, lowest turn first (round-robin by job), in the
+        # claim's exact order (turn, key), so LIMIT stops the walk: no sort of the backlog.
+        sa.Index("ix_tasks_claim", "teacher", "turn", "key",
+                 postgresql_where=sa.text("state = 'pending' AND NOT suspect")),
         sa.Index("ix_tasks_lease_expiry", "lease_expires_at", postgresql_where=sa.text("state = 'leased'")),
         sa.Index("ix_tasks_suspect", "teacher", "created_at",
                  postgresql_where=sa.text("suspect AND state IN ('pending', 'leased')")),

@@ -78,7 +78,7 @@ def upgrade() -> None:
         """
     )
     op.drop_index('ix_tasks_claimable', table_name='tasks')
-    op.create_index('ix_tasks_claim', 'tasks', ['teacher', 'turn'],
+    op.create_index('ix_tasks_claim', 'tasks', ['teacher', 'turn', 'key'],
                     postgresql_where=sa.text("state = 'pending' AND NOT suspect"))
     op.drop_column('jobs', 'spend_tokens')
     op.create_index('ix_workers_heartbeat_at', 'workers', ['heartbeat_at'])

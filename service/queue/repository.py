@@ -26,7 +26,8 @@ from sqlalchemy import orm
 
 
 # Non-suspects: pending only (expired leases were requeued just before, by REQUEUE_LOST_SQL),
-# lowest turn first, through the partial index ix_tasks_claim (teacher, turn). Suspects: the
+# lowest turn first, through the partial index ix_tasks_claim (teacher, turn, key), in its order:
+# the walk stops at :limit, whatever the backlog. Suspects: the
 # pending or expired-leased ones, oldest first, through ix_tasks_suspect.
 CLAIM_TEMPLATE = """
     WITH candidates AS (
