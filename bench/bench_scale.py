@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.bench_scale [--rows 1000000] [--small 10000] [--cached 20000]
                                           [--workers 1,2,4] [--worker-requests 4000]
-    .venv/bin/python -m bench.bench_scale --rows 10000000      # the 10^7 run (manual: ~15 min to fill)
+    .venv/bin/python -m bench.bench_scale --rows 10000000 --workers ""   # the 10^7 run (manual: ~15 min to fill)
 
 1. Hot paths. Two scratch databases are filled directly in SQL (generate_series): `--small`
    and `--rows` requests, tasks and cache entries (one running job holding all of them, a tenth
@@ -10,14 +10,14 @@
    polls), `/metrics` (20 scrapes), one claim of 16 tasks (50 claims, each released), one
    reconcile pass (20 passes); the ratio large/small is the figure (1.0: no growth).
    EXPLAIN (ANALYZE, BUFFERS) of the hot statements on the large fill goes to
-   bench/results/scale_plans.txt (kept in docs/query-plans.md).
+   bench/results/scale_plans_<rows>.txt (kept in docs/query-plans.md).
 2. Workers: `--worker-requests` new requests through 1, 2 and 4 worker processes
    (`TEACHERCACHE_ENGINE=scripted`), POST to every request indexed, requests/s.
 3. A fully cached job of `--cached` requests (computed first by the largest worker count), POST
    to downloaded shards, with the API's (this process, peak over the whole run) and the
    workers' peak RSS.
 
-Writes bench/results/scale.json.
+Writes bench/results/scale_<rows>.json, scale_workers.json, scale_cached.json.
 """
 
 from __future__ import annotations
@@ -247,14 +247,16 @@ def main() -> None:
             figures[size] = hot_paths(rt)
             if size == args.rows:
                 RESULTS.mkdir(parents=True, exist_ok=True)
-                (RESULTS / "scale_plans.txt").write_text(plans(rt))
+                (RESULTS / f"scale_plans_{size}.txt").write_text(plans(rt))
     rows = [{"figure": name, f"{args.small:,} rows": figures[args.small][name],
              f"{args.rows:,} rows": figures[args.rows][name],
              "ratio": figures[args.rows][name] / max(figures[args.small][name], 1e-9)} for name in figures[args.small]]
     report(f"hot paths, {args.rows:,} rows against {args.small:,} (fill {fills[args.rows]:.0f} s)", rows,
-           "scale.json", {"args": vars(args), "fill_s": fills})
+           f"scale_{args.rows}.json", {"args": vars(args), "fill_s": fills})
 
-    counts = [int(n) for n in args.workers.split(",")]
+    counts = [int(n) for n in args.workers.split(",") if n]
+    if not counts:  # --workers "": the hot paths only (the 10^7 run)
+        return
     with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
         worker_rows, worker_peak = worker_runs(rt, counts, args.worker_requests)
         cached = cached_job(rt, len(counts) * args.worker_requests, args.cached, max(counts))
