@@ -236,3 +236,21 @@ def test_the_hot_statements_are_index_scans(rt, name, statement, params, index):
         db.execute(sa.text("SET LOCAL enable_seqscan = off"))
         plan = "\n".join(db.execute(sa.text(f"EXPLAIN {statement.text}"), params).scalars())
     assert "Seq Scan" not in plan and index in plan, plan
+
+
+def test_a_submission_that_joins_a_task_finished_meanwhile_answers_its_requests_itself(api, rt, start_worker,
+                                                                                        monkeypatch):
+    """The race reconcile used to repair: the task finished while the submission was being written
+    (its result was not committed when the submission looked for hits). The submission sees the
+    task `done` when it joins it and answers its own requests, with no reconcile pass."""
+    from service.results.repository import ResultRepository
+
+    first = api.post("/v1/jobs", json=body(range(3))).json()
+    worker = start_worker(ScriptedEngine())
+    wait_for(api, first["id"])
+    worker.stop()
+    monkeypatch.setattr(ResultRepository, "results_for", lambda self, keys: {})  # "not committed yet"
+    late = api.post("/v1/jobs", json=body(range(3))).json()
+    assert late["counts"]["pending"] == 0 and late["counts"]["completed"] == 3
+    assert late["status"] in ("finalizing", "succeeded")
+    assert_counters_agree(rt, [first["id"], late["id"]])
