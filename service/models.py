@@ -76,6 +76,8 @@ class Job(Base):
     sent_completion_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
     cached_prompt_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
     cached_completion_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    # When it last became ready for assembly (nothing pending): the finalizer's lag in /metrics.
+    ready_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     # Set by cancel: the job is assembled with what was done, then ends `cancelled`.
     cancel_requested_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     # Assembly that failed: how often, and not again before this (a backoff), so one job that

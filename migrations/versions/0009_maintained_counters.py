@@ -28,6 +28,8 @@ def upgrade() -> None:
         op.add_column('jobs', sa.Column(name, sa.Integer(), server_default='0', nullable=False))
     for name in SPEND:
         op.add_column('jobs', sa.Column(name, sa.BigInteger(), server_default='0', nullable=False))
+    op.add_column('jobs', sa.Column('ready_at', sa.DateTime(timezone=True), nullable=True))
+    op.execute("UPDATE jobs SET ready_at = now() WHERE status = 'finalizing'")
     op.add_column('tasks', sa.Column('waiters', sa.Integer(), server_default='0', nullable=False))
     op.add_column('tasks', sa.Column('turn', sa.BigInteger(), server_default='0', nullable=False))
     op.execute(
@@ -104,3 +106,4 @@ def downgrade() -> None:
     op.drop_column('tasks', 'turn')
     for name in COUNTERS + SPEND:
         op.drop_column('jobs', name)
+    op.drop_column('jobs', 'ready_at')

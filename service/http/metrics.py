@@ -37,11 +37,28 @@ class DatabaseCollector:
             for state, n in sorted(counts.items()):
                 family.add_metric([state], n)
             yield family
+        yield from self._work()
         yield from self._cache()
         yield from self._engine()
         yield from self._spend()
         yield from self._remote()
         yield from self._storage()
+
+    def _work(self):
+        """Per teacher, what waits for it; requests that ended, by outcome; the finalizer's lag."""
+        family = GaugeMetricFamily("teachercache_pending_requests", "requests waiting for the teacher",
+                                   labels=["teacher"])
+        for teacher, n in sorted(self.jobs.pending_by_teacher().items()):
+            family.add_metric([teacher], n)
+        yield family
+        family = CounterMetricFamily("teachercache_requests_ended", "requests that ended, by outcome (of the jobs "
+                                     "still kept)", labels=["outcome"])
+        for outcome, n in self.jobs.requests_by_state().items():
+            if outcome != "pending":
+                family.add_metric([outcome], n)
+        yield family
+        yield GaugeMetricFamily("teachercache_finalizer_lag_seconds", "how long the job that has waited longest "
+                                "for its assembly has waited", value=self.jobs.finalizer_lag_s())
 
     def _cache(self):
         stats = ResultRepository(self.jobs.session).cache_stats()

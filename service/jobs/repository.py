@@ -58,6 +58,9 @@ def with_counters(moved_sql: str) -> sa.TextClause:
                        WHEN j.status = 'finalizing' AND j.n_pending + d.d_pending > 0 THEN 'running'
                        WHEN j.status = 'queued' THEN 'running'
                        ELSE j.status END,
+                   ready_at = CASE
+                       WHEN j.status IN ('queued', 'running') AND j.n_pending + d.d_pending = 0 THEN now()
+                       ELSE j.ready_at END,
                    started_at = COALESCE(j.started_at, now())
               FROM per_job d JOIN locked l ON l.id = d.job_id
              WHERE j.id = d.job_id
@@ -94,10 +97,21 @@ TENANT_PENDING_SQL = sa.text(
 # /metrics: requests by state from the jobs' counters; tasks by bounded index-only counts.
 REQUEST_STATES_SQL = sa.text(
     """
-    SELECT sum(n_pending) AS pending, sum(n_completed + n_cached) AS done, sum(n_failed) AS failed,
-           sum(n_cancelled) AS cancelled
+    SELECT sum(n_pending) AS pending, sum(n_completed) AS completed, sum(n_cached) AS cached,
+           sum(n_failed) AS failed, sum(n_cancelled) AS cancelled
       FROM jobs
     """
+)
+# Pending requests per teacher: every teacher with jobs gets a sample (0 once they are done).
+TEACHER_PENDING_SQL = sa.text(
+    """
+    SELECT teacher, COALESCE(sum(n_pending) FILTER (WHERE status IN ('queued', 'running')), 0)
+      FROM jobs GROUP BY teacher
+    """
+)
+# How long the job that has waited longest for its assembly has waited (ix_jobs_status).
+FINALIZER_LAG_SQL = sa.text(
+    "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(ready_at)), 0) FROM jobs WHERE status = 'finalizing'"
 )
 COUNT_CAP = 10_000
 PENDING_TASKS_SQL = sa.text(
@@ -257,7 +271,8 @@ class JobRepository:
         and send the job to finalizing, to be assembled with what was done."""
         self.session.execute(CANCEL_SQL, {"job_id": job_id})
         self.session.execute(sa.update(Job).where(Job.id == job_id)
-                             .values(status="finalizing", cancel_requested_at=sa.func.now()))
+                             .values(status="finalizing", cancel_requested_at=sa.func.now(),
+                                     ready_at=sa.func.coalesce(Job.ready_at, sa.func.now())))
 
     def spend_tokens_by_teacher(self) -> list[tuple[str, str, bool, int, int]]:
         """(teacher, mode, cached, prompt tokens, completion tokens): the jobs' spend, summed."""
@@ -266,11 +281,24 @@ class JobRepository:
             rows += [(teacher, mode, False, int(sent_p), int(sent_c)), (teacher, mode, True, int(cached_p), int(cached_c))]
         return rows
 
+    def requests_by_state(self) -> dict[str, int]:
+        """Requests pending, completed, cached, failed, cancelled: the jobs' counters, summed."""
+        return {state: int(n or 0) for state, n in self.session.execute(REQUEST_STATES_SQL).mappings().one().items()}
+
+    def pending_by_teacher(self) -> dict[str, int]:
+        return {teacher: int(n) for teacher, n in self.session.execute(TEACHER_PENDING_SQL)}
+
+    def finalizer_lag_s(self) -> float:
+        """Seconds the longest-waiting job ready for assembly has waited (0: none waits)."""
+        return float(self.session.scalar(FINALIZER_LAG_SQL))
+
     def state_counts(self) -> dict[str, dict[str, int]]:
         """Jobs by status (a row per job, never per request); requests by state, summed from
         the jobs' counters; tasks pending and leased, by bounded index-only counts."""
         jobs = dict(self.session.execute(sa.select(Job.status, sa.func.count()).group_by(Job.status)).all())
-        requests = {state: int(n or 0) for state, n in self.session.execute(REQUEST_STATES_SQL).mappings().one().items()}
+        ended = self.requests_by_state()
+        requests = {"pending": ended.pop("pending"), "done": ended["completed"] + ended["cached"],
+                    "failed": ended["failed"], "cancelled": ended["cancelled"]}
         tasks = {"pending": bounded_count(self.session, PENDING_TASKS_SQL, "ix_tasks_claim"),
                  "leased": int(self.session.scalar(LEASED_TASKS_SQL))}
         return {"jobs": jobs, "requests": requests, "tasks": tasks}

@@ -207,7 +207,7 @@ def count_submission(job: Job, hits: dict[str, tuple[int, int]], misses: int) ->
     job.cached_prompt_tokens = sum(p for p, _ in hits.values())
     job.cached_completion_tokens = sum(c for _, c in hits.values())
     if misses == 0:
-        job.status, job.started_at = "finalizing", sa.func.now()
+        job.status, job.started_at, job.ready_at = "finalizing", sa.func.now(), sa.func.now()
 
 
 def job_counts(job: Job) -> Counts:

@@ -165,23 +165,29 @@ def test_a_small_job_finishes_while_a_huge_one_submitted_before_it_still_runs(ap
 
 
 # -- 2: metrics and the workers table --------------------------------------------------------
-def test_gone_workers_are_pruned_in_bounded_passes_and_the_engine_counters_keep_what_they_ran(api, rt):
+def test_gone_workers_are_pruned_in_bounded_passes_and_the_engine_counters_keep_what_they_ran(rt):
+    """No app here: its finalizer would sweep too, and the passes are counted."""
+    from service.http.metrics import render_metrics
+    from service.jobs.repository import JobRepository
     from service.models import Worker
     from service.results.retention import prune_workers
+
+    def engine_requests() -> str:
+        with rt.sessions() as db:
+            return [line for line in render_metrics(JobRepository(db)).decode().splitlines()
+                    if line.startswith("teachercache_engine_requests_total ")][0]
 
     with transaction(rt.sessions) as db:
         for i in range(5):
             db.add(Worker(id=f"gone-{i}", teacher=TEACHER, hostname="h", pid=i, stats={"requests": 10, "x": i},
                           heartbeat_at=sa.func.now() - sa.text("interval '2 hours'")))
         db.add(Worker(id="alive", teacher=TEACHER, hostname="h", pid=9, stats={"requests": 1}))
-    before = api.get("/metrics").text
-    assert "teachercache_engine_requests_total 51.0" in before
-    bounded = rt.settings.model_copy(update={"retention_batch": 3})
-    assert prune_workers(type(rt)(bounded, rt.database_url)) == 3
-    assert prune_workers(rt) == 2 and prune_workers(rt) == 0
+    assert engine_requests() == "teachercache_engine_requests_total 51.0"
+    bounded = type(rt)(rt.settings.model_copy(update={"retention_batch": 3}), rt.database_url)
+    assert prune_workers(bounded) == 3 and prune_workers(bounded) == 2 and prune_workers(bounded) == 0
     with rt.sessions() as db:
         assert list(db.scalars(sa.select(Worker.id))) == ["alive"]
-    assert "teachercache_engine_requests_total 51.0" in api.get("/metrics").text  # never goes down
+    assert engine_requests() == "teachercache_engine_requests_total 51.0"  # never goes down
 
 
 def test_metrics_and_cache_stats_read_no_request_rows(api, rt, start_worker):
@@ -201,6 +207,11 @@ def test_metrics_and_cache_stats_read_no_request_rows(api, rt, start_worker):
         after = dict(db.execute(ROWS_TOUCHED_SQL).all())
     assert after.get("requests", 0) - before.get("requests", 0) == 0
     assert 'teachercache_requests{state="pending"} 40.0' in text and 'teachercache_tasks{state="pending"} 40.0' in text
+    assert f'teachercache_pending_requests{{teacher="{TEACHER}"}} 40.0' in text
+    assert 'teachercache_requests_ended_total{outcome="completed"} 30.0' in text
+    assert 'teachercache_requests_ended_total{outcome="cached"} 20.0' in text
+    [lag] = [float(line.split()[1]) for line in text.splitlines() if line.startswith("teachercache_finalizer_lag_seconds ")]
+    assert 0 <= lag < 60
     assert stats["hits"] == 20 and stats["misses"] == 70 and stats["entries"] == 30
 
 
