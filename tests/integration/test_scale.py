@@ -102,14 +102,14 @@ def test_counters_equal_a_recount_after_a_mixed_run(api, rt, start_worker):
 
 
 def test_counters_equal_a_recount_with_a_cancel_while_running(api, rt, start_worker):
-    slow = api.post("/v1/jobs", json=body(range(40))).json()
-    start_worker(ScriptedEngine(step_delay_s=0.02, tokens_per_step=1), max_inflight=4)
+    slow = api.post("/v1/jobs", json=body(range(200))).json()  # far from done when it is cancelled
+    start_worker(ScriptedEngine(step_delay_s=0.05, tokens_per_step=1), max_inflight=4)
     deadline = time.monotonic() + 30
     while api.get(f"/v1/jobs/{slow['id']}").json()["counts"]["completed"] < 3:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     api.post(f"/v1/jobs/{slow['id']}/cancel")
-    other = api.post("/v1/jobs", json=body(range(30, 45))).json()  # joins some cancelled keys
+    other = api.post("/v1/jobs", json=body(range(190, 205))).json()  # joins some cancelled keys
     slow, other = wait_for(api, slow["id"]), wait_for(api, other["id"])
     assert slow["status"] == "cancelled" and slow["counts"]["cancelled"] > 0
     assert other["status"] == "succeeded" and other["counts"]["pending"] == 0
