@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 # The machine's own Postgres, for the second pass of the database tests (CI runs both).
 EXTERNAL_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
+SCALE_ROWS ?= 1000000
+
 .PHONY: install teacher browser demo lint test test-fast test-external bench soak up clean
 
 install: $(STAMP)
@@ -62,7 +64,7 @@ demo: teacher
 # INGEST_REQUESTS: the size of bench_ingest's JSONL files (make bench INGEST_REQUESTS=100000 for a quick run).
 INGEST_REQUESTS ?= 1000000
 bench: teacher
-	$(PY) -m bench.run --ingest-requests $(INGEST_REQUESTS)
+	$(PY) -m bench.run --ingest-requests $(INGEST_REQUESTS) --scale-rows $(SCALE_ROWS)
 
 # Not part of `make test`: minutes of worker kill -9s and API kills against an external Postgres
 # (TEACHERCACHE_DATABASE_URL; the run uses a database of its own). RELIABILITY.md has the figures.

@@ -46,6 +46,8 @@ class Job(Base):
         # Retention: the oldest finished jobs first, without looking at unfinished ones.
         sa.Index("ix_jobs_finished_at", "finished_at", postgresql_where=sa.text("finished_at IS NOT NULL")),
         check_in("status", JobStatus),
+        # A tenant's pending work (its limit) sums the counters of its unfinished jobs only.
+        sa.Index("ix_jobs_tenant_active", "tenant", postgresql_where=sa.text("status IN ('queued', 'running')")),
     )
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(40), primary_key=True)
@@ -67,9 +69,22 @@ class Job(Base):
     created_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW, index=True)
     started_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     finished_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
-    # The spend's token counts ({"sent"|"cached": [prompt, completion]}), fixed when the job
-    # finishes, so reading a finished job does not sum its results again.
-    spend_tokens: orm.Mapped[dict[str, Any] | None] = orm.mapped_column(JSONB)
+    # Maintained counters: every statement that moves a request between states adjusts them in
+    # the same statement (service/jobs/repository.py), so a status poll reads this row only and
+    # they never drift from a recount. n_pending reaching 0 moves the job on to finalizing.
+    n_pending: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    n_completed: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    n_cached: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    n_failed: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    n_cancelled: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    # The spend: tokens of the distinct results that answered the job (a duplicate within the
+    # job is one computation), computed for it ("sent") or answered from the cache at submission.
+    sent_prompt_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    sent_completion_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    cached_prompt_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    cached_completion_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    # When it last became ready for assembly (nothing pending): the finalizer's lag in /metrics.
+    ready_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     # Set by cancel: the job is assembled with what was done, then ends `cancelled`.
     cancel_requested_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     # Assembly that failed: how often, and not again before this (a backoff), so one job that
@@ -110,7 +125,10 @@ class Task(Base):
 
     __tablename__ = "tasks"
     __table_args__ = (
-        sa.Index("ix_tasks_claimable", "teacher", "state", "created_at"),
+        # The claim's walk: pending non-suspects, lowest turn first (round-robin by job), in the
+        # claim's exact order (turn, key), so LIMIT stops the walk: no sort of the backlog.
+        sa.Index("ix_tasks_claim", "teacher", "turn", "key",
+                 postgresql_where=sa.text(f"state = '{TaskState.PENDING}' AND NOT suspect")),
         sa.Index("ix_tasks_lease_expiry", "lease_expires_at",
                  postgresql_where=sa.text(f"state = '{TaskState.LEASED}'")),
         sa.Index("ix_tasks_suspect", "teacher", "created_at",
@@ -120,7 +138,14 @@ class Task(Base):
 
     key: orm.Mapped[str] = orm.mapped_column(sa.String(80), primary_key=True)
     teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200))
-    state: orm.Mapped[str] = orm.mapped_column(sa.String(16))  # TaskState
+    # TaskState. `idle`: pending, but no request waits on it any more (its jobs were cancelled or
+    # expired): never claimed, never visited by a claim, pending again when a new submission waits on it.
+    state: orm.Mapped[str] = orm.mapped_column(sa.String(16))
+    # How many pending requests wait on this task, kept by the same statements that move them.
+    waiters: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    # Its place in the claim order: the claim frontier when it was queued plus its position in
+    # its submission (service/queue/repository.py: round-robin by job).
+    turn: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
     mode: orm.Mapped[str] = orm.mapped_column(sa.String(16))
     prompt_token_ids: orm.Mapped[list[int]] = orm.mapped_column(ARRAY(sa.Integer))
     response_token_ids: orm.Mapped[list[int] | None] = orm.mapped_column(ARRAY(sa.Integer))
@@ -205,6 +230,8 @@ class Worker(Base):
     """A running worker process: what it serves, when it was last seen, what its engine ran."""
 
     __tablename__ = "workers"
+    # Pruning walks the longest-gone first.
+    __table_args__ = (sa.Index("ix_workers_heartbeat_at", "heartbeat_at"),)
 
     id: orm.Mapped[str] = orm.mapped_column(sa.String(200), primary_key=True)
     teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200), index=True)
@@ -214,6 +241,15 @@ class Worker(Base):
     started_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
     heartbeat_at: orm.Mapped[datetime] = orm.mapped_column(TIMESTAMP, server_default=NOW)
     stopped_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+
+
+class EngineTotals(Base):
+    """What the engines of pruned workers ran, per teacher (so the counters never go down)."""
+
+    __tablename__ = "engine_totals"
+
+    teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200), primary_key=True)
+    stats: orm.Mapped[dict[str, Any]] = orm.mapped_column(JSONB, server_default=sa.text("'{}'::jsonb"))
 
 
 # Last, once Base is complete: tenants and the OpenAI-compatible tables (files, batches) join the

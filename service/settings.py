@@ -94,6 +94,9 @@ class ServiceSettings(BaseSettings):
     # each (it is hidden first), at most retention_delete_chunks of them per sweep.
     retention_delete_rows: int = Field(default=10_000, ge=1)
     retention_delete_chunks: int = Field(default=100, ge=1)
+    # A worker not seen for this long is deleted by the sweep (what its engine ran is kept in
+    # its teacher's totals), so the workers table holds the fleet, not its history.
+    worker_gone_s: float = Field(default=3600.0, gt=0)
 
     @property
     def shards_uri(self) -> str:

@@ -41,12 +41,14 @@ class RequestState(StrEnum):
 
 
 class TaskState(StrEnum):
-    """pending -> leased -> done | failed; leased -> pending when released."""
+    """pending -> leased -> done | failed; leased -> pending when released; pending -> idle when
+    no request waits on it any more (its jobs cancelled or expired), idle -> pending when one does."""
 
     PENDING = "pending"
     LEASED = "leased"
     DONE = "done"
     FAILED = "failed"
+    IDLE = "idle"
 
 
 class BatchStatus(StrEnum):

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from service.ids import new_id
-from service.jobs.repository import JobRepository
 from service.models import Shard
+from service.results.repository import ResultRepository
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def add_job_shard(api, rt, payload_bytes: int = 20_000) -> IndexedShard:
     stored = rt.storage.write_table(f"jobs/{job['id']}/part-00000.parquet", table, {})
     shard_id = new_id("shard")
     with rt.sessions() as db, db.begin():
-        JobRepository(db).add_shard(Shard(id=shard_id, kind="job", job_id=job["id"], shard_index=0, path=stored.path,
+        ResultRepository(db).add_shard(Shard(id=shard_id, kind="job", job_id=job["id"], shard_index=0, path=stored.path,
                                           rows=stored.rows, bytes=stored.bytes, sha256=stored.sha256))
     with rt.storage.open(stored.path) as f:
         content = f.read()

@@ -28,12 +28,10 @@ import sqlalchemy as sa
 
 from service.db import db_retry, is_transient, transaction
 from service.jobs.finalizer import Finalizer
-from service.jobs.repository import JobRepository
 from service.queue.repository import ClaimedTask, TaskRepository
 from service.queue.workers import WorkerRepository
-from service.results.index import index_result_shard
+from service.results.index import index_result_shard, record_failure, release_tasks
 from service.runtime import Runtime
-from service.states import TaskState
 from teachercache.shard_format import parquet_options, shard_metadata
 from workers.engine import Engine, EngineResult
 from workers.results import engine_request, result_table
@@ -423,10 +421,7 @@ class WorkerLoop:
         if token is None:
             return
         with transaction(self.rt.sessions) as db:
-            state = TaskRepository(db).record_failure(result.key, token, result.error or "engine error", final=final)
-            if state == TaskState.FAILED:
-                jobs = JobRepository(db)
-                jobs.advance_jobs(jobs.resolve_requests([result.key]))
+            record_failure(db, result.key, token, result.error or "engine error", final=final)
 
     # -- registration and release ----------------------------------------------------------
     def _register(self) -> None:
@@ -447,9 +442,7 @@ class WorkerLoop:
             return
         try:
             with transaction(self.rt.sessions) as db:
-                released = TaskRepository(db).release(held, engine_error)
-                jobs = JobRepository(db)
-                jobs.advance_jobs(jobs.resolve_requests(sorted(released)))  # tasks out of attempts fail
+                released = release_tasks(db, held, engine_error)
             log.info("worker %s: released %d leases", self.worker_id, len(released))
         except Exception:
             log.exception("worker %s: could not release leases; they will expire", self.worker_id)

@@ -19,7 +19,7 @@ depends_on = None
 STATES = {
     ('jobs', 'status'): ('queued', 'running', 'finalizing', 'succeeded', 'failed', 'cancelled', 'deleting'),
     ('requests', 'state'): ('pending', 'done', 'failed', 'cancelled'),
-    ('tasks', 'state'): ('pending', 'leased', 'done', 'failed'),
+    ('tasks', 'state'): ('pending', 'leased', 'done', 'failed', 'idle'),
     ('batches', 'status'): ('validating', 'in_progress', 'finalizing', 'completed', 'failed', 'cancelling',
                             'cancelled', 'expired'),
 }

@@ -1,4 +1,8 @@
-"""Prometheus metrics, read from Postgres at scrape time so every API replica agrees."""
+"""Prometheus metrics, read from Postgres at scrape time so every API replica agrees.
+
+A scrape reads maintained counters (the jobs' rows: a row per job, never per request), bounded
+index-only counts (tasks pending, cache entries: exact up to 10,000, then the index size
+Postgres last measured), the in-flight leases and the workers table, which is pruned."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service.jobs.repository import JobRepository
 from service.jobs.spend import NO_PRICES, Prices, cost_usd, teacher_tokens
+from service.queue.workers import WorkerRepository
+from service.results.repository import ResultRepository
 
 # What a remote engine's stats count beyond the local ones (workers/remote_adapter.py).
 REMOTE_COUNTERS = {
@@ -22,6 +28,7 @@ REMOTE_COUNTERS = {
 class DatabaseCollector:
     def __init__(self, jobs: JobRepository, prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> None:
         self.jobs = jobs
+        self.workers = WorkerRepository(jobs.session)
         self.prices = prices
 
     def collect(self):
@@ -30,14 +37,31 @@ class DatabaseCollector:
             for state, n in sorted(counts.items()):
                 family.add_metric([state], n)
             yield family
+        yield from self._work()
         yield from self._cache()
         yield from self._engine()
         yield from self._spend()
         yield from self._remote()
         yield from self._storage()
 
+    def _work(self):
+        """Per teacher, what waits for it; requests that ended, by outcome; the finalizer's lag."""
+        family = GaugeMetricFamily("teachercache_pending_requests", "requests waiting for the teacher",
+                                   labels=["teacher"])
+        for teacher, n in sorted(self.jobs.pending_by_teacher().items()):
+            family.add_metric([teacher], n)
+        yield family
+        family = CounterMetricFamily("teachercache_requests_ended", "requests that ended, by outcome (of the jobs "
+                                     "still kept)", labels=["outcome"])
+        for outcome, n in self.jobs.requests_by_state().items():
+            if outcome != "pending":
+                family.add_metric([outcome], n)
+        yield family
+        yield GaugeMetricFamily("teachercache_finalizer_lag_seconds", "how long the job that has waited longest "
+                                "for its assembly has waited", value=self.jobs.finalizer_lag_s())
+
     def _cache(self):
-        stats = self.jobs.cache_stats()
+        stats = ResultRepository(self.jobs.session).cache_stats()
         yield GaugeMetricFamily("teachercache_cache_entries", "cached results", value=stats["entries"])
         yield CounterMetricFamily("teachercache_cache_hits", "requests answered from the cache", value=stats["hits"])
         yield CounterMetricFamily("teachercache_cache_misses", "requests that looked in the cache and were not in it",
@@ -48,11 +72,11 @@ class DatabaseCollector:
                                       value=stats[f"{kind}_tokens_saved"])
 
     def _engine(self):
-        totals = self.jobs.engine_totals()
+        totals = self.workers.engine_totals()
         for name in ("requests", "prompt_tokens", "completion_tokens"):
             yield CounterMetricFamily(f"teachercache_engine_{name}", f"{name} the teacher engines actually ran",
                                       value=totals.get(name, 0))
-        online = self.jobs.online_workers()
+        online = self.workers.online()
         family = GaugeMetricFamily("teachercache_workers_online", "workers seen in the last minute", labels=["teacher"])
         for teacher, n in sorted(online.items()):
             family.add_metric([teacher], n)
@@ -84,7 +108,7 @@ class DatabaseCollector:
             yield family
 
     def _remote(self):
-        totals = self.jobs.engine_totals_by_teacher()
+        totals = self.workers.engine_totals_by_teacher()
         for name, help_text in REMOTE_COUNTERS.items():
             family = CounterMetricFamily(f"teachercache_remote_{name}", help_text, labels=["teacher"])
             for teacher, stats in sorted(totals.items()):
@@ -97,7 +121,7 @@ class DatabaseCollector:
         failed checks while paused: a full disk or an unreachable bucket shows here, not as failures."""
         family = CounterMetricFamily("teachercache_storage_errors", "result shard writes and writability checks "
                                      "that storage refused after retries", labels=["teacher"])
-        for teacher, stats in sorted(self.jobs.engine_totals_by_teacher().items()):
+        for teacher, stats in sorted(self.workers.engine_totals_by_teacher().items()):
             family.add_metric([teacher], stats.get("storage_errors", 0))
         yield family
 

@@ -1,9 +1,14 @@
 """A background loop, in the API and in every worker, that moves jobs to their end.
 
 It assembles the shards of jobs that are ready (any process may: the claim skips locked
-jobs), every `reconcile_s` it repairs what no single transaction could see: requests
-submitted while their task was finishing, and tasks whose last lease expired, and every
-`retention_sweep_s` it runs the retention sweep (service/results/retention.py).
+jobs), every `reconcile_s` it fails the tasks whose last lease expired (and the requests
+waiting on them), and every `retention_sweep_s` it runs the retention sweep
+(service/results/retention.py).
+
+Reconcile does work in proportion to what changed, never to what exists: every other change of
+a task resolves the requests waiting on it in its own transaction (a submission that joins a
+task finishing meanwhile answers its requests itself, and the counters on the job row move the
+job on), so all that is left is what time changes: expired leases, found through their index.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ import threading
 import time
 from collections.abc import Callable
 
+from sqlalchemy import orm
+
 from service.db import db_retry, transaction
 from service.jobs.repository import JobRepository
 from service.openai_batch.service import finish_openai_batch
 from service.queue.repository import TaskRepository
 from service.results.assemble import AssemblyLimits, finalize_one
+from service.results.repository import ResultRepository
 from service.results.retention import sweep
 from service.runtime import Runtime
 from service.status.service import StatusService
@@ -25,13 +33,16 @@ from service.status.service import StatusService
 log = logging.getLogger(__name__)
 
 
-def reconcile(rt: Runtime) -> None:
+def reconcile(rt: Runtime) -> int:
     with transaction(rt.sessions) as db:
-        TaskRepository(db).expire_exhausted()
-        jobs = JobRepository(db)
-        # Two workers indexing a job's last requests at once each still see the other's as
-        # pending, so neither moves the job on; looking at every active job here does.
-        jobs.advance_jobs(jobs.resolve_requests(None) | jobs.active_jobs())
+        return reconcile_in(db)
+
+
+def reconcile_in(db: orm.Session) -> int:
+    """Fail the tasks whose last lease expired and the requests waiting on them; how many tasks."""
+    expired = TaskRepository(db).expire_exhausted()
+    ResultRepository(db).resolve_requests(expired)
+    return len(expired)
 
 
 def record_progress(rt: Runtime) -> None:

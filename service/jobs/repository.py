@@ -1,4 +1,5 @@
-"""Every SQL statement about jobs, their requests, results (the cache index) and shards.
+"""Every SQL statement about jobs and their requests (the cache index and result shards are the
+results domain's: service/results/repository.py).
 
 Callers own the transaction; nothing here commits.
 """
@@ -10,91 +11,121 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import ARRAY
 
-from service.jobs.spend import SpendTokens
-from service.models import Job, Request, Result, Shard, Task, Worker
-from service.states import JOB_ACTIVE, RequestState, sql_list
+from service.models import Job, Request, Shard
+from service.states import JobStatus, RequestState
 
-# Requests waiting on a task that has a result now (e.g. it finished while they were being
-# submitted) are answered from it; those waiting on a task that failed for good fail with it.
-# Only once their task is done: while it is queued, running or failed, the result there is the
-# entry a cache refresh is replacing, and a refreshing request must get the new rows.
-RESOLVE_FROM_RESULTS_SQL = sa.text(
+BUCKETS = ("pending", "completed", "cached", "failed", "cancelled")
+
+
+def with_counters(moved_sql: str) -> sa.TextClause:
+    """A statement that moves requests between states and, in the same statement, keeps what
+    counts them: the counters and spend of their jobs and the waiters of their tasks.
+
+    `moved_sql` defines the CTEs up to one named `moved`, a row per request moved, with
+    (job_id, cache_key, from_bucket, to_bucket, prompt_tokens, completion_tokens): the buckets
+    are BUCKETS, and the tokens are those of the result that answers it (or answered it). A
+    job's spend counts each distinct result once (duplicates in a job are one computation),
+    and a job whose pending count reaches 0 moves on to finalizing (as a cancelled one does). Job
+    rows are locked in id order, so two of these statements never deadlock on each other's jobs.
     """
-    UPDATE requests r SET state = 'done', result_key = r.cache_key
-      FROM results res
-     WHERE r.state = 'pending' AND res.cache_key = r.cache_key
-       AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.key = r.cache_key AND t.state <> 'done')
-       AND (CAST(:keys AS text[]) IS NULL OR r.cache_key = ANY(CAST(:keys AS text[])))
-    RETURNING r.job_id
+    def delta(value: str, bucket: str) -> str:
+        return f"sum({value} * ((to_bucket = '{bucket}')::int - (from_bucket = '{bucket}')::int))"
+
+    count_deltas = ",\n".join(f"{delta('n', b)} AS d_{b}" for b in BUCKETS)
+    set_counts = ", ".join(f"n_{b} = j.n_{b} + d.d_{b}" for b in BUCKETS)
+    return sa.text(
+        f"""
+        {moved_sql},
+        per_key AS (
+            SELECT job_id, cache_key, from_bucket, to_bucket, count(*) AS n,
+                   max(prompt_tokens) AS p, max(completion_tokens) AS c
+              FROM moved GROUP BY job_id, cache_key, from_bucket, to_bucket
+        ), per_job AS (
+            SELECT job_id, {count_deltas},
+                   {delta('p', 'completed')} AS d_sent_p, {delta('c', 'completed')} AS d_sent_c,
+                   {delta('p', 'cached')} AS d_cached_p, {delta('c', 'cached')} AS d_cached_c
+              FROM per_key GROUP BY job_id
+        ), locked AS (
+            SELECT id FROM jobs WHERE id IN (SELECT job_id FROM per_job) ORDER BY id FOR NO KEY UPDATE
+        ), counted AS (
+            UPDATE jobs j SET {set_counts},
+                   sent_prompt_tokens = j.sent_prompt_tokens + d.d_sent_p,
+                   sent_completion_tokens = j.sent_completion_tokens + d.d_sent_c,
+                   cached_prompt_tokens = j.cached_prompt_tokens + d.d_cached_p,
+                   cached_completion_tokens = j.cached_completion_tokens + d.d_cached_c,
+                   status = CASE
+                       WHEN j.status IN ('queued', 'running') AND j.n_pending + d.d_pending = 0 THEN 'finalizing'
+                       WHEN j.status = 'finalizing' AND j.n_pending + d.d_pending > 0 THEN 'running'
+                       WHEN j.status = 'queued' THEN 'running'
+                       ELSE j.status END,
+                   ready_at = CASE
+                       WHEN j.status IN ('queued', 'running') AND j.n_pending + d.d_pending = 0 THEN now()
+                       ELSE j.ready_at END,
+                   started_at = COALESCE(j.started_at, now())
+              FROM per_job d JOIN locked l ON l.id = d.job_id
+             WHERE j.id = d.job_id
+            RETURNING j.id
+        ), waited AS (
+            UPDATE tasks t SET waiters = t.waiters + w.d,
+                   state = CASE WHEN t.state = 'pending' AND t.waiters + w.d <= 0 THEN 'idle' ELSE t.state END
+              FROM (SELECT cache_key, {delta('n', 'pending')} AS d FROM per_key GROUP BY cache_key) w
+             WHERE t.key = w.cache_key AND w.d <> 0
+        )
+        SELECT id FROM counted
+        """
+    )
+
+
+# Cancelling stops the job's pending requests; a task no other request waits on becomes idle.
+CANCEL_SQL = with_counters(
+    """
+    WITH cancelled AS (
+        UPDATE requests SET state = 'cancelled', error = 'cancelled'
+         WHERE job_id = :job_id AND state = 'pending'
+        RETURNING job_id, cache_key
+    ), moved AS (
+        SELECT job_id, cache_key, 'pending' AS from_bucket, 'cancelled' AS to_bucket, 0 AS prompt_tokens,
+               0 AS completion_tokens
+          FROM cancelled
+    )
     """
 )
-FAIL_FROM_TASKS_SQL = sa.text(
+# A tenant's pending work: the counters of its unfinished jobs (ix_jobs_tenant_active).
+TENANT_PENDING_SQL = sa.text(
+    "SELECT COALESCE(sum(n_pending), 0) FROM jobs WHERE tenant = :tenant AND status IN ('queued', 'running')"
+)
+# /metrics: requests by state from the jobs' counters; tasks by bounded index-only counts.
+REQUEST_STATES_SQL = sa.text(
     """
-    UPDATE requests r SET state = 'failed', error = t.errors::text
-      FROM tasks t
-     WHERE r.state = 'pending' AND t.key = r.cache_key AND t.state = 'failed'
-       AND (CAST(:keys AS text[]) IS NULL OR r.cache_key = ANY(CAST(:keys AS text[])))
-    RETURNING r.job_id
+    SELECT sum(n_pending) AS pending, sum(n_completed) AS completed, sum(n_cached) AS cached,
+           sum(n_failed) AS failed, sum(n_cancelled) AS cancelled
+      FROM jobs
     """
 )
-# The cache as users see it. Bypass jobs index their rows under private keys that no lookup
-# can find, so those are not entries. A hit is a request answered from the cache at
-# submission; a miss is a request of a job that looked (cache "use") and was not.
-CACHE_ENTRIES_SQL = sa.text("SELECT count(*) FROM results WHERE cache_key NOT LIKE 'bypass-%'")
-CACHE_LOOKUPS_SQL = sa.text(
+# Pending requests per teacher: every teacher with jobs gets a sample (0 once they are done).
+TEACHER_PENDING_SQL = sa.text(
     """
-    SELECT count(*) FILTER (WHERE r.cached) AS hits,
-           count(*) FILTER (WHERE NOT r.cached AND j.cache_policy = 'use') AS misses,
-           COALESCE(sum(res.prompt_tokens) FILTER (WHERE r.cached), 0) AS prompt_tokens_saved,
-           COALESCE(sum(res.completion_tokens) FILTER (WHERE r.cached), 0) AS completion_tokens_saved
-      FROM requests r
-      JOIN jobs j ON j.id = r.job_id
-      LEFT JOIN results res ON res.cache_key = r.result_key
-     WHERE CAST(:tenant AS text) IS NULL OR j.tenant = :tenant
+    SELECT teacher, COALESCE(sum(n_pending) FILTER (WHERE status IN ('queued', 'running')), 0)
+      FROM jobs GROUP BY teacher
     """
 )
-# Spend: what a job's answered requests cost the teacher, from the results they point at. Each
-# distinct result counts once per job (duplicates within a job are one computation), as sent
-# when it was computed after submission, as cached when it was answered from the cache then.
-JOB_SPEND_SQL = sa.text(
-    """
-    SELECT a.cached, COALESCE(sum(res.prompt_tokens), 0) AS prompt_tokens,
-           COALESCE(sum(res.completion_tokens), 0) AS completion_tokens
-      FROM (SELECT DISTINCT result_key, cached FROM requests
-             WHERE job_id = :job_id AND state = 'done' AND result_key IS NOT NULL) a
-      JOIN results res ON res.cache_key = a.result_key
-     GROUP BY a.cached
-    """
+# How long the job that has waited longest for its assembly has waited (ix_jobs_status).
+FINALIZER_LAG_SQL = sa.text(
+    "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(ready_at)), 0) FROM jobs WHERE status = 'finalizing'"
 )
+COUNT_CAP = 10_000
+PENDING_TASKS_SQL = sa.text(
+    "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE state = 'pending' AND NOT suspect LIMIT :cap) capped"
+)
+LEASED_TASKS_SQL = sa.text("SELECT count(*) FROM tasks WHERE state = 'leased'")  # ix_tasks_lease_expiry: in flight only
+INDEX_SIZE_SQL = sa.text("SELECT reltuples FROM pg_class WHERE relname = :index")
 TEACHER_SPEND_SQL = sa.text(
     """
-    SELECT j.teacher, j.mode, a.cached, COALESCE(sum(res.prompt_tokens), 0) AS prompt_tokens,
-           COALESCE(sum(res.completion_tokens), 0) AS completion_tokens
-      FROM (SELECT DISTINCT job_id, result_key, cached FROM requests
-             WHERE state = 'done' AND result_key IS NOT NULL) a
-      JOIN jobs j ON j.id = a.job_id
-      JOIN results res ON res.cache_key = a.result_key
-     GROUP BY j.teacher, j.mode, a.cached
-    """
-)
-# A hit records its use, at most once a LAST_USED_RESOLUTION_S per entry (a hot entry is not
-# rewritten by every submission), and skips an entry another transaction is touching right now
-# (touching is best effort; waiting could deadlock two submissions that hit the same keys).
-LAST_USED_RESOLUTION_S = 60
-USE_RESULTS_SQL = sa.text(
-    """
-    WITH hit AS (
-        SELECT cache_key, last_used_at FROM results WHERE cache_key = ANY(CAST(:keys AS text[])) FOR KEY SHARE
-    ), stale AS (
-        SELECT res.cache_key FROM results res JOIN hit ON hit.cache_key = res.cache_key
-         WHERE hit.last_used_at < now() - make_interval(secs => :resolution_s)
-           FOR NO KEY UPDATE OF res SKIP LOCKED
-    ), touched AS (
-        UPDATE results res SET last_used_at = now() FROM stale WHERE res.cache_key = stale.cache_key
-    )
-    SELECT cache_key FROM hit
+    SELECT teacher, mode, sum(sent_prompt_tokens), sum(sent_completion_tokens), sum(cached_prompt_tokens),
+           sum(cached_completion_tokens)
+      FROM jobs GROUP BY teacher, mode
     """
 )
 # Retention: the oldest finished jobs past the retention time (ix_jobs_finished_at).
@@ -130,20 +161,6 @@ FIRST_DUPLICATE_CUSTOM_ID_SQL = sa.text(
      ORDER BY request_index LIMIT 1
     """
 )
-# Jobs with nothing pending move on to finalizing (their output shards get assembled).
-READY_TO_FINALIZE_SQL = sa.text(
-    f"""
-    UPDATE jobs j SET status = 'finalizing', started_at = COALESCE(j.started_at, now())
-     WHERE j.id = ANY(CAST(:job_ids AS text[])) AND j.status IN ({sql_list(JOB_ACTIVE)})
-       AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.job_id = j.id AND r.state = 'pending')
-    """
-)
-MARK_RUNNING_SQL = sa.text(
-    """
-    UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, now())
-     WHERE id = ANY(CAST(:job_ids AS text[])) AND status = 'queued'
-    """
-)
 # A job another finalizer holds is skipped, and so is one backing off after a failed assembly.
 CLAIM_FINALIZING_SQL = sa.text(
     """
@@ -163,6 +180,15 @@ FINALIZE_FAILED_SQL = sa.text(
     RETURNING status
     """
 )
+
+
+def bounded_count(session: orm.Session, statement: sa.TextClause, index: str) -> int:
+    """An exact count up to COUNT_CAP rows; past it, the index's size as Postgres last measured
+    it (VACUUM / ANALYZE), so a scrape never walks 10^7 index entries."""
+    exact = int(session.scalar(statement, {"cap": COUNT_CAP}))
+    if exact < COUNT_CAP:
+        return exact
+    return max(exact, int(session.scalar(INDEX_SIZE_SQL, {"index": index}) or 0))
 
 
 def any_key(keys: list[str]) -> sa.ColumnElement:
@@ -217,13 +243,7 @@ class JobRepository:
 
     def pending_requests(self, tenant: str) -> int:
         """Requests of the tenant's unfinished jobs still waiting for the teacher."""
-        query = (
-            sa.select(sa.func.count())
-            .select_from(Request)
-            .join(Job, Job.id == Request.job_id)
-            .where(Job.tenant == tenant, Job.status.in_(JOB_ACTIVE), Request.state == RequestState.PENDING)
-        )
-        return int(self.session.scalar(query))
+        return int(self.session.scalar(TENANT_PENDING_SQL, {"tenant": tenant}))
 
     def list(self, tenant: str, limit: int, before: tuple[Any, str] | None,
              status: str | None = None) -> builtins.list[Job]:
@@ -237,64 +257,11 @@ class JobRepository:
             query = query.where(sa.tuple_(Job.created_at, Job.id) < sa.tuple_(*before))
         return list(self.session.scalars(query))
 
-    def counts(self, job_id: str) -> dict[str, int]:
-        query = (
-            sa.select(Request.state, Request.cached, sa.func.count())
-            .where(Request.job_id == job_id)
-            .group_by(Request.state, Request.cached)
-        )
-        counts = {"completed": 0, "cached": 0, "failed": 0, "pending": 0, "cancelled": 0}
-        for state, cached, n in self.session.execute(query):
-            bucket = "cached" if state == "done" and cached else {"done": "completed"}.get(state, state)
-            counts[bucket] += n
-        counts["total"] = sum(counts.values())
-        return counts
-
-    def results_for(self, keys: builtins.list[str]) -> set[str]:
-        """The keys with a cache entry, each now recorded as used (least-recently-used eviction)
-        and held (FOR KEY SHARE) until this transaction ends, so no eviction removes an entry a
-        submission is answering requests from."""
-        if not keys:
-            return set()
-        return set(self.session.scalars(USE_RESULTS_SQL, {"keys": keys, "resolution_s": LAST_USED_RESOLUTION_S}))
-
     def expired_jobs(self, retention_s: float, limit: int) -> builtins.list[tuple[str, str]]:
         """(id, tenant) of up to `limit` jobs that ended more than `retention_s` ago, oldest first,
         locked (another sweeper skips them)."""
         rows = self.session.execute(EXPIRED_JOBS_SQL, {"retention_s": retention_s, "limit": limit})
         return [(job_id, tenant) for job_id, tenant in rows]
-
-    def add_results(self, rows: builtins.list[dict[str, Any]]) -> None:
-        """Index computed rows; a recomputation (cache refresh) replaces the entry."""
-        if not rows:
-            return
-        statement = insert(Result)
-        columns = ("shard_id", "row_start", "row_count", "prompt_tokens", "completion_tokens")
-        statement = statement.on_conflict_do_update(
-            index_elements=[Result.cache_key],
-            set_={c: statement.excluded[c] for c in columns} | {"created_at": sa.func.now()},
-        )
-        self.session.execute(statement, rows)  # executemany: batched under the bind-parameter limit
-
-    def add_shard(self, shard: Shard) -> None:
-        self.session.add(shard)
-        self.session.flush()
-
-    def resolve_requests(self, keys: builtins.list[str] | None) -> set[str]:
-        """Answer pending requests from results / failed tasks; return the jobs touched."""
-        params = {"keys": keys}
-        done = self.session.execute(RESOLVE_FROM_RESULTS_SQL, params).scalars().all()
-        failed = self.session.execute(FAIL_FROM_TASKS_SQL, params).scalars().all()
-        return set(done) | set(failed)
-
-    def advance_jobs(self, job_ids: set[str]) -> None:
-        if job_ids:
-            ids = sorted(job_ids)
-            self.session.execute(MARK_RUNNING_SQL, {"job_ids": ids})
-            self.session.execute(READY_TO_FINALIZE_SQL, {"job_ids": ids})
-
-    def active_jobs(self) -> set[str]:
-        return set(self.session.scalars(sa.select(Job.id).where(Job.status.in_(JOB_ACTIVE))))
 
     def claim_job_to_finalize(self) -> Job | None:
         job_id = self.session.execute(CLAIM_FINALIZING_SQL).scalar_one_or_none()
@@ -348,60 +315,39 @@ class JobRepository:
         )
         return list(self.session.scalars(query))
 
-    def cancel_pending(self, job_id: str) -> None:
-        self.session.execute(
-            sa.update(Request)
-            .where(Request.job_id == job_id, Request.state == RequestState.PENDING)
-            .values(state=RequestState.CANCELLED, error="cancelled")
-        )
-
-    def prompts_for(self, keys: builtins.list[str]) -> dict[str, list[int]]:
-        rows = self.session.execute(sa.select(Task.key, Task.prompt_token_ids).where(Task.key == any_key(keys)))
-        return dict(rows.all())
-
-    def cache_stats(self, tenant: str | None = None) -> dict[str, int]:
-        """Entries of the shared cache; hits and misses of one tenant's requests (all when None)."""
-        entries = self.session.execute(CACHE_ENTRIES_SQL).scalar_one()
-        lookups = self.session.execute(CACHE_LOOKUPS_SQL, {"tenant": tenant}).mappings().one()
-        return {"entries": entries, **{name: int(value) for name, value in lookups.items()}}
-
-    def spend_tokens(self, job_id: str) -> SpendTokens:
-        """{cached: (prompt tokens, completion tokens)} of the results that answered the job."""
-        rows = self.session.execute(JOB_SPEND_SQL, {"job_id": job_id})
-        return {cached: (int(prompt), int(completion)) for cached, prompt, completion in rows}
+    def cancel(self, job_id: str) -> None:
+        """Cancel the job's pending requests (their tasks idle when nobody else waits on them)
+        and send the job to finalizing, to be assembled with what was done."""
+        self.session.execute(CANCEL_SQL, {"job_id": job_id})
+        self.session.execute(sa.update(Job).where(Job.id == job_id)
+                             .values(status=JobStatus.FINALIZING, cancel_requested_at=sa.func.now(),
+                                     ready_at=sa.func.coalesce(Job.ready_at, sa.func.now())))
 
     def spend_tokens_by_teacher(self) -> builtins.list[tuple[str, str, bool, int, int]]:
         """(teacher, mode, cached, prompt tokens, completion tokens): the jobs' spend, summed."""
-        return [(t, m, c, int(p), int(n)) for t, m, c, p, n in self.session.execute(TEACHER_SPEND_SQL)]
+        rows = []
+        for teacher, mode, sent_p, sent_c, cached_p, cached_c in self.session.execute(TEACHER_SPEND_SQL):
+            rows += [(teacher, mode, False, int(sent_p), int(sent_c)), (teacher, mode, True, int(cached_p), int(cached_c))]
+        return rows
 
-    def online_workers(self, within_s: int = 60) -> dict[str, int]:
-        query = (
-            sa.select(Worker.teacher, sa.func.count())
-            .where(Worker.stopped_at.is_(None),
-                   Worker.heartbeat_at > sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, within_s))
-            .group_by(Worker.teacher)
-        )
-        return dict(self.session.execute(query).all())
+    def requests_by_state(self) -> dict[str, int]:
+        """Requests pending, completed, cached, failed, cancelled: the jobs' counters, summed."""
+        return {state: int(n or 0) for state, n in self.session.execute(REQUEST_STATES_SQL).mappings().one().items()}
 
-    def engine_totals(self) -> dict[str, int]:
-        """What every worker's engine has actually run, summed over workers (alive or not)."""
-        totals: dict[str, int] = {}
-        for stats in self.session.scalars(sa.select(Worker.stats)):
-            for name, value in stats.items():
-                totals[name] = totals.get(name, 0) + int(value)
-        return totals
+    def pending_by_teacher(self) -> dict[str, int]:
+        return {teacher: int(n) for teacher, n in self.session.execute(TEACHER_PENDING_SQL)}
 
-    def engine_totals_by_teacher(self) -> dict[str, dict[str, int]]:
-        """The same, per teacher (a remote engine's stats also count its HTTP traffic)."""
-        totals: dict[str, dict[str, int]] = {}
-        for teacher, stats in self.session.execute(sa.select(Worker.teacher, Worker.stats)):
-            bucket = totals.setdefault(teacher, {})
-            for name, value in stats.items():
-                bucket[name] = bucket.get(name, 0) + int(value)
-        return totals
+    def finalizer_lag_s(self) -> float:
+        """Seconds the longest-waiting job ready for assembly has waited (0: none waits)."""
+        return float(self.session.scalar(FINALIZER_LAG_SQL))
 
     def state_counts(self) -> dict[str, dict[str, int]]:
-        def grouped(column):
-            return dict(self.session.execute(sa.select(column, sa.func.count()).group_by(column)).all())
-
-        return {"jobs": grouped(Job.status), "requests": grouped(Request.state), "tasks": grouped(Task.state)}
+        """Jobs by status (a row per job, never per request); requests by state, summed from
+        the jobs' counters; tasks pending and leased, by bounded index-only counts."""
+        jobs = dict(self.session.execute(sa.select(Job.status, sa.func.count()).group_by(Job.status)).all())
+        ended = self.requests_by_state()
+        requests = {"pending": ended.pop("pending"), "done": ended["completed"] + ended["cached"],
+                    "failed": ended["failed"], "cancelled": ended["cancelled"]}
+        tasks = {"pending": bounded_count(self.session, PENDING_TASKS_SQL, "ix_tasks_claim"),
+                 "leased": int(self.session.scalar(LEASED_TASKS_SQL))}
+        return {"jobs": jobs, "requests": requests, "tasks": tasks}

@@ -26,12 +26,13 @@ from service.jobs.limits import (
 )
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, Sampling, ShardOut
-from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend, loaded_spend
+from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend
 from service.jobs.tokenize import PreparedRequest, RejectedRequest, prepare_requests
 from service.models import Job, Shard
 from service.openai_batch.models import OpenAIFile
 from service.openai_batch.repository import OpenAIBatchRepository
 from service.queue.repository import NewTask, TaskRepository
+from service.results.repository import ResultRepository
 from service.states import JOB_FINISHED, JobStatus, RequestState
 from service.storage.port import Storage
 from service.teachers.tokenizer import Teacher
@@ -89,6 +90,7 @@ class JobService:
     def __init__(self, session: orm.Session, tenant: str, limits: JobLimits | None = None,
                  prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> None:
         self.jobs = JobRepository(session)
+        self.results = ResultRepository(session)
         self.tasks = TaskRepository(session)
         self.tenant = tenant
         self.limits = limits or JobLimits.defaults()
@@ -119,9 +121,9 @@ class JobService:
             prepared = prepare_submission(body, teacher, self.limits)
         self._spend_submission()
         job = self._add_job(body, teacher, idempotency_key, len(prepared))
-        pending = JobWriter(self, job, body, teacher, notes).write(prepared)
-        self._check_pending(pending)
-        self.jobs.advance_jobs({job.id})  # a job answered wholly from the cache is ready at once
+        writer = JobWriter(self, job, body, teacher, notes)
+        writer.write(prepared)
+        writer.finish()
         return job
 
     def _spend_submission(self) -> None:
@@ -147,9 +149,7 @@ class JobService:
                     writer.write(batch, keys)
         self._check_custom_ids(job.id, numbers, writer.gave_custom_ids)
         self._spend_submission()
-        self._check_pending(writer.pending)
-        job.total = writer.total
-        self.jobs.advance_jobs({job.id})
+        writer.finish()
         return job
 
     def _fingerprint(self, body: JobCreate) -> str:
@@ -236,10 +236,9 @@ class JobService:
             if job.cancel_requested_at is not None:
                 return job
             raise Conflict(f"job {job_id} is already finalizing; nothing is left to cancel")
-        self.jobs.cancel_pending(job_id)
         # Assembled with what was completed; the finalizer then ends it `cancelled`.
-        job.status = JobStatus.FINALIZING
-        job.cancel_requested_at = sa.func.now()
+        self.jobs.cancel(job_id)
+        self.jobs.session.refresh(job)
         return job
 
     def errors(self, job_id: str, limit: int, after: int = -1) -> tuple[list[RequestError], bool]:
@@ -259,24 +258,20 @@ class JobService:
 
     def cache_stats(self) -> dict[str, int]:
         """The shared cache's entries; the tenant's own hits, misses and tokens saved."""
-        stats = self.jobs.cache_stats(self.tenant)
+        stats = self.results.cache_stats(self.tenant)
         return {**stats, "tokens_saved": stats["prompt_tokens_saved"] + stats["completion_tokens_saved"]}
 
     def shards(self, job_id: str, shard_url: ShardUrl) -> list[ShardOut]:
         self.get(job_id)
         return [shard_out(s, shard_url) for s in self.jobs.job_shards(job_id)]
 
-    def spend_tokens(self, job: Job) -> SpendTokens:
-        # Summed over the job's results while it runs (a query that grows with the job); fixed once it ends.
-        return loaded_spend(job.spend_tokens) if job.spend_tokens is not None else self.jobs.spend_tokens(job.id)
-
     def describe(self, job: Job, shard_url: ShardUrl) -> JobOut:
         finished = job.finished_at is not None
         return JobOut(
             id=job.id, status=job.status, teacher=job.teacher, mode=job.mode, top_logprobs=job.top_logprobs,
             sampling=job.sampling, cache=job.cache_policy, soft_labels=job.soft_labels or {"encoding": "float32"},
-            metadata=job.metadata_, counts=Counts(**self.jobs.counts(job.id)),
-            spend=job_spend(job.mode, self.spend_tokens(job), self.prices(job.teacher)),
+            metadata=job.metadata_, counts=job_counts(job),
+            spend=job_spend(job.mode, spend_tokens(job), self.prices(job.teacher)),
             created_at=iso(job.created_at),
             started_at=iso(job.started_at), finished_at=iso(job.finished_at), error=job.error,
             shards=[shard_out(s, shard_url) for s in self.jobs.job_shards(job.id)] if finished else None,
@@ -285,7 +280,8 @@ class JobService:
 
 class JobWriter:
     """Writes a job's requests a batch at a time: each batch's cache lookup, its request rows
-    (COPY) and the tasks of its misses. Counts what it wrote, for the checks at the end.
+    (COPY), the tasks of its misses (joined, with their waiters) and the job's counters; at the
+    end, the tenant's pending limit and the job's start (`finish`).
 
     Requests with the job's own parameters (nearly all) are keyed by one key maker built once;
     a request with its own sampling or top_logprobs is keyed on its own."""
@@ -322,34 +318,78 @@ class JobWriter:
 
     def write(self, prepared: list[Prepared], keys: list[str | None] | None = None) -> int:
         """Write one batch; how many of its requests wait for the teacher."""
-        body, jobs = self.body, self.service.jobs
+        body, service, job = self.body, self.service, self.job
         if keys is None:
             keys = self.keyed(prepared)[1]
         live = [k for k in keys if k is not None]
-        hits = jobs.results_for(live) if body.cache == "use" else set()
-        jobs.add_requests([
-            request_row(self.job.id, r, k, k in hits, self.defaults, self.notes.get(r.index))
-            if isinstance(r, PreparedRequest) and k is not None else rejected_row(self.job.id, r, self.notes.get(r.index))
+        hits = service.results.results_for(live) if body.cache == "use" else {}
+        pending = sum(k not in hits for k in live)
+        count_batch(job, hits, hits_answered=len(live) - pending, pending=pending, refused=len(keys) - len(live))
+        service.jobs.session.flush()  # before any statement adjusts the counters in the database
+        service.jobs.add_requests([
+            request_row(job.id, r, k, k in hits, self.defaults, self.notes.get(r.index))
+            if isinstance(r, PreparedRequest) and k is not None else rejected_row(job.id, r, self.notes.get(r.index))
             for r, k in zip(prepared, keys)
         ])
-        self._enqueue_misses(prepared, keys, hits)
-        pending = sum(k not in hits for k in live)
+        # A task that finished while this job was being written (its result was not committed
+        # when we looked): answer from it now, so nothing waits on a task that will not run.
+        service.results.resolve_requests(self._enqueue_misses(prepared, keys, hits))
+        service.jobs.session.refresh(job)  # the counters, as the statements above left them
         self.total += len(prepared)
         self.pending += pending
         self.gave_custom_ids = self.gave_custom_ids or any(r.custom_id != str(r.index) for r in prepared)
         return pending
 
-    def _enqueue_misses(self, prepared: list[Prepared], keys: list[str | None], hits: set[str]) -> None:
-        # One task per key (a job's duplicates share it); a key of an earlier batch is queued already.
-        body, tasks = self.body, {}
+    def finish(self) -> None:
+        """The tenant's pending limit over what was written, the job's total, and its start: a
+        job with nothing left pending (answered wholly from the cache) is ready at once."""
+        job = self.job
+        self.service._check_pending(self.pending)
+        job.total = self.total
+        if job.n_pending == 0:
+            job.status, job.started_at, job.ready_at = JobStatus.FINALIZING, sa.func.now(), sa.func.now()
+        elif job.status == JobStatus.FINALIZING:  # an earlier batch's last pending request resolved meanwhile
+            job.status, job.ready_at = JobStatus.QUEUED, None
+        self.service.jobs.session.flush()
+
+    def _enqueue_misses(self, prepared: list[Prepared], keys: list[str | None], hits: dict) -> list[str]:
+        """Queue (or join) a task per missed key, each waited on by this batch's requests with
+        that key; the keys whose task was already done."""
+        tasks: dict[str, NewTask] = {}
+        waiters: dict[str, int] = {}
         for request, key in zip(prepared, keys):
-            if key is not None and key not in hits and key not in tasks and isinstance(request, PreparedRequest):
+            if key is None or key in hits or not isinstance(request, PreparedRequest):
+                continue
+            waiters[key] = waiters.get(key, 0) + 1
+            if key not in tasks:
                 tasks[key] = NewTask(
-                    key=key, teacher=self.teacher.name, mode=body.mode, prompt_token_ids=request.prompt_token_ids,
-                    response_token_ids=request.response_token_ids, sampling=self.sampling_of(request),
-                    top_logprobs=request.top_logprobs, max_attempts=MAX_ATTEMPTS, messages=request.messages,
+                    key=key, teacher=self.teacher.name, mode=self.body.mode,
+                    prompt_token_ids=request.prompt_token_ids, response_token_ids=request.response_token_ids,
+                    sampling=self.sampling_of(request), top_logprobs=request.top_logprobs,
+                    max_attempts=MAX_ATTEMPTS, messages=request.messages,
                 )
-        self.service.tasks.enqueue(list(tasks.values()), recompute_done=body.cache == "refresh")
+        return self.service.tasks.enqueue(list(tasks.values()), waiters, recompute_done=self.body.cache == "refresh")
+
+
+def count_batch(job: Job, hits: dict[str, tuple[int, int]], hits_answered: int, pending: int, refused: int) -> None:
+    """The job's counters for one written batch: its hits answered, its misses pending, its
+    refused requests failed, the distinct hit results' tokens as its cached spend."""
+    job.n_pending = (job.n_pending or 0) + pending
+    job.n_cached = (job.n_cached or 0) + hits_answered
+    job.n_failed = (job.n_failed or 0) + refused
+    job.cached_prompt_tokens = (job.cached_prompt_tokens or 0) + sum(p for p, _ in hits.values())
+    job.cached_completion_tokens = (job.cached_completion_tokens or 0) + sum(c for _, c in hits.values())
+
+
+def job_counts(job: Job) -> Counts:
+    """The job's maintained counters (never a recount of its requests)."""
+    return Counts(total=job.total, completed=job.n_completed, cached=job.n_cached, failed=job.n_failed,
+                  pending=job.n_pending, cancelled=job.n_cancelled)
+
+
+def spend_tokens(job: Job) -> SpendTokens:
+    return {False: (job.sent_prompt_tokens, job.sent_completion_tokens),
+            True: (job.cached_prompt_tokens, job.cached_completion_tokens)}
 
 
 def own_parameters(request: PreparedRequest, defaults: tuple[Sampling, int]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Spend accounting: the tokens a job sent to its teacher, those the cache answered instead,
 and what they cost or saved where the registry gives the teacher's prices.
 
-Derived from what is stored already: each answered request points at a result, which records
-its prompt and completion tokens, and each request records whether the cache answered it.
+Kept on the job row as its requests are answered (service/jobs/repository.py, with_counters):
+each answered request points at a result, which records its prompt and completion tokens, and
+the job adds each distinct result once, as sent or as answered from the cache.
 In score mode the teacher reads prompt + response as its prompt and generates nothing that is
 kept, so the response tokens count as prompt tokens there.
 """
@@ -37,13 +38,3 @@ def job_spend(mode: str, tokens: SpendTokens, prices: Prices) -> Spend:
     return Spend(prompt_tokens_sent=sent[0], completion_tokens_sent=sent[1], cached_prompt_tokens=cached[0],
                  cached_completion_tokens=cached[1], spent_usd=cost_usd(*sent, prices),
                  saved_usd=cost_usd(*cached, prices))
-
-
-
-def stored_spend(tokens: SpendTokens) -> dict[str, list[int]]:
-    """As kept on a finished job (JSON has no boolean keys)."""
-    return {"cached" if cached else "sent": list(counts) for cached, counts in tokens.items()}
-
-
-def loaded_spend(stored: dict[str, list[int]]) -> SpendTokens:
-    return {where == "cached": (int(p), int(c)) for where, (p, c) in stored.items()}

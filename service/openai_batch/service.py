@@ -178,9 +178,8 @@ class OpenAIBatchService:
         if self._window_ran_out(batch, job):
             self.jobs.cancel(job.id)  # what is done stays; the rest is reported expired
             batch.expired_at = now()
-        counts = JobRepository(self.session).counts(job.id)
-        batch.request_completed = counts["completed"] + counts["cached"]
-        batch.request_failed = counts["failed"]
+        batch.request_completed = job.n_completed + job.n_cached
+        batch.request_failed = job.n_failed
         if job.status in JOB_FINISHED and job.finished_at is not None:
             # Ended before the finalizer wrote batch files (a job finished by an older version).
             log.warning("batch %s: its job ended without its files; writing them now", batch.id)

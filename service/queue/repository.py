@@ -1,10 +1,18 @@
 """Every SQL statement of the task queue. Callers own the transaction.
 
-The claim is one statement: `FOR UPDATE SKIP LOCKED` over claimable tasks (pending, or leased
-with an expired lease), granting a lease with an owner, an expiry and a fencing token from a
-sequence. A task is claimable only while some request still waits on it, so cancelling a
-job stops its work being handed out. Completion and failure check the fencing token: a worker
-whose lease was re-granted to another cannot commit anything for that task.
+The claim is one statement: `FOR UPDATE SKIP LOCKED` over claimable tasks (pending, or for a
+suspect leased with an expired lease), granting a lease with an owner, an expiry and a fencing
+token from a sequence. A task is pending only while some request waits on it (`waiters`, kept by
+the statements that move requests); one nobody waits for (its jobs were cancelled or expired)
+is `idle`, outside the claim's index, so a claim never visits it. Completion and failure check
+the fencing token: a worker whose lease was re-granted to another cannot commit anything for
+that task.
+
+Fairness: round-robin by job. Each task gets a `turn` when it is queued: the claim frontier (the
+lowest turn still pending for its teacher) plus its position in its submission; the claim takes
+the lowest turns first. A job submitted while another's 10^7 tasks wait starts at the frontier,
+so from then on the two alternate, one task each, instead of the new one waiting behind the
+whole backlog; k jobs take one turn each, and no stream of new jobs can push an old one back.
 """
 
 from __future__ import annotations
@@ -19,16 +27,16 @@ from sqlalchemy import orm
 
 from service.states import TaskState
 
-CLAIM_SQL = sa.text(
-    """
+# Non-suspects: pending only (expired leases were requeued just before, by REQUEUE_LOST_SQL),
+# lowest turn first, through the partial index ix_tasks_claim (teacher, turn, key), in its order:
+# the walk stops at :limit, whatever the backlog. Suspects: the
+# pending or expired-leased ones, oldest first, through ix_tasks_suspect.
+CLAIM_TEMPLATE = """
     WITH candidates AS (
         SELECT t.key FROM tasks t
-        WHERE t.teacher = :teacher
-          AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now()))
-          AND t.attempts < t.max_attempts
-          AND t.suspect = :suspect
-          AND EXISTS (SELECT 1 FROM requests r WHERE r.cache_key = t.key AND r.state = 'pending')
-        ORDER BY t.created_at, t.key
+        WHERE t.teacher = :teacher AND {claimable}
+          AND t.attempts < t.max_attempts AND t.waiters > 0
+        ORDER BY {order}
         LIMIT :limit
         FOR UPDATE OF t SKIP LOCKED
     )
@@ -42,9 +50,13 @@ CLAIM_SQL = sa.text(
      WHERE t.key = c.key
     RETURNING t.key, t.lease_token, t.mode, t.prompt_token_ids, t.response_token_ids,
               t.sampling, t.top_logprobs, t.attempts, t.max_attempts, t.messages
-    """
-)
+"""
+CLAIM_SQL = sa.text(CLAIM_TEMPLATE.format(claimable="t.state = 'pending' AND NOT t.suspect", order="t.turn, t.key"))
+CLAIM_SUSPECT_SQL = sa.text(CLAIM_TEMPLATE.format(
+    claimable="t.suspect AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now()))",
+    order="t.created_at, t.key"))
 
+# What a task released by its worker becomes: pending while requests wait on it, else idle.
 RENEW_SQL = sa.text(
     """
     UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => :lease_s)
@@ -67,7 +79,8 @@ FINISH_SQL = sa.text(
 RECORD_FAILURE_SQL = sa.text(
     """
     UPDATE tasks SET
-        state = CASE WHEN attempts >= max_attempts OR :final THEN 'failed' ELSE 'pending' END,
+        state = CASE WHEN attempts >= max_attempts OR :final THEN 'failed' WHEN waiters > 0 THEN 'pending'
+                     ELSE 'idle' END,
         errors = errors || jsonb_build_array(jsonb_build_object('attempt', attempts, 'error', CAST(:error AS text))),
         lease_owner = NULL, lease_expires_at = NULL,
         finished_at = CASE WHEN attempts >= max_attempts OR :final THEN now() END
@@ -81,7 +94,8 @@ RECORD_FAILURE_SQL = sa.text(
 RELEASE_SQL = sa.text(
     """
     UPDATE tasks t SET
-        state = CASE WHEN CAST(:error AS text) IS NOT NULL AND t.attempts >= t.max_attempts THEN 'failed' ELSE 'pending' END,
+        state = CASE WHEN CAST(:error AS text) IS NOT NULL AND t.attempts >= t.max_attempts THEN 'failed'
+                     WHEN t.waiters > 0 THEN 'pending' ELSE 'idle' END,
         finished_at = CASE WHEN CAST(:error AS text) IS NOT NULL AND t.attempts >= t.max_attempts THEN now() END,
         lease_owner = NULL, lease_expires_at = NULL,
         suspect = t.suspect OR CAST(:error AS text) IS NOT NULL,
@@ -108,7 +122,8 @@ REQUEUE_LOST_SQL = sa.text(
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
     )
-    UPDATE tasks t SET state = 'pending', suspect = true, lease_owner = NULL, lease_expires_at = NULL,
+    UPDATE tasks t SET state = CASE WHEN t.waiters > 0 THEN 'pending' ELSE 'idle' END, suspect = true,
+        lease_owner = NULL, lease_expires_at = NULL,
         attempts = GREATEST(t.attempts - 1, 0),
         errors = t.errors || jsonb_build_array(jsonb_build_object(
             'attempt', t.attempts, 'error', 'lease lost among other tasks (the worker died); not counted, run alone next'))
@@ -121,9 +136,8 @@ SUSPECT_WAITING_SQL = sa.text(
     """
     SELECT EXISTS (
         SELECT 1 FROM tasks t
-        WHERE t.teacher = :teacher AND t.suspect AND t.attempts < t.max_attempts
-          AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now()))
-          AND EXISTS (SELECT 1 FROM requests r WHERE r.cache_key = t.key AND r.state = 'pending'))
+        WHERE t.teacher = :teacher AND t.suspect AND t.attempts < t.max_attempts AND t.waiters > 0
+          AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now())))
     """
 )
 
@@ -144,46 +158,63 @@ EXPIRE_EXHAUSTED_SQL = sa.text(
 # Tasks are COPYed into a temporary table of the transaction, then inserted from it in one
 # statement however many there are (a row per task through executemany cost 18 s for a
 # 100,000-prompt job; arrays of parameters spent most of a 10^6-request submission quoting them).
+# A task already there gains the new waiters; one that failed (or, refreshing, finished) is
+# tried afresh, and an idle one is pending again; both take their turn from the frontier.
+# Returns every task's state after: `done` means it finished while this submission was being
+# written, and its requests are answered from it at once.
 STAGE_TASKS_SQL = sa.text(
     """
     CREATE TEMPORARY TABLE IF NOT EXISTS staged_tasks (
         key text, teacher text, mode text, prompt_token_ids integer[], response_token_ids integer[],
-        sampling jsonb, top_logprobs integer, max_attempts integer, messages jsonb) ON COMMIT DROP
+        sampling jsonb, top_logprobs integer, max_attempts integer, messages jsonb, waiters integer,
+        position integer) ON COMMIT DROP
     """
 )
 COPY_STAGED_TASKS_SQL = "COPY staged_tasks FROM STDIN"
 ENQUEUE_SQL = sa.text(
     """
-    INSERT INTO tasks (key, teacher, state, mode, prompt_token_ids, response_token_ids, sampling,
-                       top_logprobs, max_attempts, messages)
-    SELECT key, teacher, 'pending', mode, prompt_token_ids, response_token_ids, sampling, top_logprobs,
-           max_attempts, messages
-      FROM staged_tasks
+    WITH frontier AS (
+        SELECT COALESCE(min(turn), 0) AS turn FROM tasks
+         WHERE teacher = :teacher AND state = 'pending' AND NOT suspect
+    )
+    INSERT INTO tasks AS t (key, teacher, state, mode, prompt_token_ids, response_token_ids, sampling,
+                            top_logprobs, max_attempts, messages, waiters, turn)
+    SELECT s.key, s.teacher, 'pending', s.mode, s.prompt_token_ids, s.response_token_ids, s.sampling,
+           s.top_logprobs, s.max_attempts, s.messages, s.waiters, frontier.turn + s.position - 1
+      FROM frontier, staged_tasks s
+     ORDER BY s.key
     ON CONFLICT (key) DO UPDATE
-       SET state = 'pending', attempts = 0, errors = '[]'::jsonb, finished_at = NULL, created_at = now()
-     WHERE tasks.state = ANY(CAST(:rerun_states AS text[]))
+       SET waiters = t.waiters + excluded.waiters,
+           state = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) OR t.state = 'idle' THEN 'pending'
+                        ELSE t.state END,
+           turn = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) OR t.state = 'idle' THEN excluded.turn
+                       ELSE t.turn END,
+           attempts = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) THEN 0 ELSE t.attempts END,
+           errors = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) THEN '[]'::jsonb ELSE t.errors END,
+           finished_at = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) THEN NULL ELSE t.finished_at END,
+           created_at = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) THEN now() ELSE t.created_at END
+    RETURNING t.key, t.state
     """
 )
 CLEAR_STAGED_TASKS_SQL = sa.text("TRUNCATE staged_tasks")
 
 
-# The fleet's autoscaling signal for one teacher: claimable tasks (pending, with a request still
-# waiting on them) and leased ones, each counted up to :cap. Both walk ix_tasks_claimable
-# (teacher, state, created_at) and stop at :cap rows, so the cost is bounded whatever the table
-# holds; a scaler only needs to know "at least enough for every replica it may start". The
-# ORDER BY is the index's own order: without it the planner, which takes teacher and state for
-# independent, may pick a sequential scan it expects to hit :cap rows early (bench_fleet_signal).
+# The fleet's autoscaling signal for one teacher: claimable tasks (pending: a request still
+# waits on them, since a task nobody waits for is idle) and leased ones, each counted up to :cap.
+# Each walks a partial index of its own (ix_tasks_claim, ix_tasks_suspect, ix_tasks_lease_expiry)
+# and stops at :cap rows, so the cost is bounded whatever the table holds; a scaler only needs
+# to know "at least enough for every replica it may start".
 PENDING_WORK_SQL = sa.text(
     """
     SELECT
       (SELECT count(*) FROM (
-          SELECT 1 FROM tasks t
-          WHERE t.teacher = :teacher AND t.state = 'pending' AND t.attempts < t.max_attempts
-            AND EXISTS (SELECT 1 FROM requests r WHERE r.cache_key = t.key AND r.state = 'pending')
-          ORDER BY t.created_at LIMIT :cap) AS p) AS pending,
+          SELECT 1 FROM tasks WHERE teacher = :teacher AND state = 'pending' AND NOT suspect
+           ORDER BY turn, key LIMIT :cap) AS p)
+      + (SELECT count(*) FROM (
+          SELECT 1 FROM tasks WHERE teacher = :teacher AND state = 'pending' AND suspect
+           ORDER BY created_at LIMIT :cap) AS s) AS pending,
       (SELECT count(*) FROM (
-          SELECT 1 FROM tasks t WHERE t.teacher = :teacher AND t.state = 'leased'
-          ORDER BY t.created_at LIMIT :cap) AS l) AS leased
+          SELECT 1 FROM tasks WHERE teacher = :teacher AND state = 'leased' LIMIT :cap) AS l) AS leased
     """
 )
 
@@ -227,11 +258,11 @@ class NewTask:
     messages: list[dict[str, Any]] | None = None
 
 
-def task_rows(tasks: list[NewTask]) -> Iterator[tuple[Any, ...]]:
-    """staged_tasks rows. Token lists go as array literals, and a job's one sampling dict is
-    encoded once, not once a task."""
+def task_rows(tasks: list[NewTask], waiters: dict[str, int]) -> Iterator[tuple[Any, ...]]:
+    """staged_tasks rows, in the given order (their position is their turn's offset). Token lists
+    go as array literals, and a job's one sampling dict is encoded once, not once a task."""
     encoded: dict[int, str] = {}
-    for t in tasks:
+    for position, t in enumerate(tasks, start=1):
         sampling = encoded.get(id(t.sampling))
         if sampling is None:
             sampling = encoded[id(t.sampling)] = json.dumps(t.sampling)
@@ -239,7 +270,7 @@ def task_rows(tasks: list[NewTask]) -> Iterator[tuple[Any, ...]]:
                None if t.response_token_ids is None else array_literal(t.response_token_ids), sampling,
                t.top_logprobs, t.max_attempts,
                # Null for every teacher but a chat endpoint's, so other jobs pay nothing for it.
-               None if t.messages is None else json.dumps(t.messages))
+               None if t.messages is None else json.dumps(t.messages), waiters[t.key], position)
 
 
 def array_literal(ids: list[int]) -> str:
@@ -259,8 +290,8 @@ class TaskRepository:
     def claim(self, teacher: str, owner: str, limit: int, lease_s: float, suspect: bool = False) -> list[ClaimedTask]:
         """Lease up to `limit` tasks; with `suspect`, only tasks that were in a dying engine."""
         self.requeue_lost(teacher)  # before the claim, so a lost lease is never re-claimed as counted work
-        params = {"teacher": teacher, "owner": owner, "limit": limit, "lease_s": lease_s, "suspect": suspect}
-        rows = self.session.execute(CLAIM_SQL, params).mappings().all()
+        params = {"teacher": teacher, "owner": owner, "limit": limit, "lease_s": lease_s}
+        rows = self.session.execute(CLAIM_SUSPECT_SQL if suspect else CLAIM_SQL, params).mappings().all()
         return [ClaimedTask(**row) for row in rows]
 
     def pending_by_teacher(self, teacher: str, cap: int) -> PendingWork:
@@ -298,22 +329,26 @@ class TaskRepository:
     def _fenced(self, statement: sa.TextClause, held: dict[str, int], **params: Any) -> list[str]:
         if not held:
             return []
-        keys, tokens = list(held), list(held.values())
+        keys = sorted(held)  # one lock order for every statement over many tasks: no deadlocks
+        tokens = [held[key] for key in keys]
         return list(self.session.execute(statement, {"keys": keys, "tokens": tokens, **params}).scalars())
 
-    def enqueue(self, tasks: list[NewTask], recompute_done: bool) -> None:
-        """Insert tasks; one already queued or leased is joined, one that failed is tried afresh.
+    def enqueue(self, tasks: list[NewTask], waiters: dict[str, int], recompute_done: bool) -> list[str]:
+        """Insert tasks, each waited on by `waiters[key]` new requests; one already queued or
+        leased is joined, one that failed is tried afresh, an idle one is pending again. With
+        `recompute_done` (cache refresh) a finished task is queued again too. `tasks` must have
+        distinct keys (one statement cannot upsert a row twice), all of one teacher.
 
-        With `recompute_done` (cache refresh) a finished task is queued again too. `tasks` must
-        have distinct keys (one statement cannot upsert a row twice).
-        """
+        Returns the keys whose task is done (it finished while this submission was written)."""
         if not tasks:
-            return
+            return []
+        tasks = sorted(tasks, key=lambda t: t.key)  # one lock order with the workers' statements
         self.session.execute(STAGE_TASKS_SQL)
         with self.session.connection().connection.cursor() as cursor:
             with cursor.copy(COPY_STAGED_TASKS_SQL) as copy:
-                for row in task_rows(tasks):
+                for row in task_rows(tasks, waiters):
                     copy.write_row(row)
         rerun = [TaskState.FAILED, TaskState.DONE] if recompute_done else [TaskState.FAILED]
-        self.session.execute(ENQUEUE_SQL, {"rerun_states": rerun})
+        states = self.session.execute(ENQUEUE_SQL, {"teacher": tasks[0].teacher, "rerun_states": rerun}).all()
         self.session.execute(CLEAR_STAGED_TASKS_SQL)
+        return [key for key, state in states if state == TaskState.DONE]

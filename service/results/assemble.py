@@ -27,7 +27,6 @@ import sqlalchemy as sa
 
 from service.ids import new_id
 from service.jobs.repository import JobRepository
-from service.jobs.spend import stored_spend
 from service.models import Job, Shard
 from service.results.repository import AssemblyRow, ResultRepository
 from service.states import JobStatus
@@ -105,13 +104,12 @@ def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, j
     while index == 0 or not batches.exhausted():  # an empty job still gets one (empty) shard
         stored = storage.write(f"jobs/{job.id}/part-{index:05d}.parquet",
                                lambda f: write_part(f, schema, encoding, batches, limits.shard_rows))
-        jobs.add_shard(Shard(id=new_id("shard"), kind="job", job_id=job.id, shard_index=index, path=stored.path,
+        results.add_shard(Shard(id=new_id("shard"), kind="job", job_id=job.id, shard_index=index, path=stored.path,
                              rows=stored.rows, bytes=stored.bytes, sha256=stored.sha256))
         index += 1
     job.status = JobStatus.CANCELLED if job.cancel_requested_at else JobStatus.SUCCEEDED
     job.error = None
     job.finished_at = sa.func.now()
-    job.spend_tokens = stored_spend(jobs.spend_tokens(job.id))
 
 
 def job_encoding(job: Job) -> Encoding:
@@ -209,7 +207,7 @@ def parameters_json(row: AssemblyRow) -> str | None:
 
 
 def error_pieces(jobs: JobRepository, failed: list[AssemblyRow]) -> pa.Table:
-    prompts = jobs.prompts_for([r.cache_key for r in failed])
+    prompts = ResultRepository(jobs.session).prompts_for([r.cache_key for r in failed])
     rows = [error_row(0, prompts.get(r.cache_key, []), r.error or r.state) for r in failed]
     table = pa.Table.from_pylist(rows, schema=pa.schema(RESULT_FIELDS))
     return label(table, failed, [1] * len(failed))

@@ -1,16 +1,21 @@
-"""Every SQL statement of the results domain that is not the submission path: the rows a job's
-assembly reads (a window at a time), the result shards it depends on, and the repair of cache
-entries whose shard is missing or damaged. Callers own the transaction; nothing here commits.
+"""Every SQL statement of the results domain: the cache index (hits, entries, stats), result
+and job shard rows, answering the requests waiting on finished tasks, the rows a job's assembly
+reads (a window at a time), the result shards it depends on, the repair of cache entries whose
+shard is missing or damaged, and retention's eviction. Callers own the transaction; nothing
+here commits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
+from sqlalchemy.dialects.postgresql import insert
 
-from service.models import Request, Result, Shard
+from service.jobs.repository import any_key, bounded_count, with_counters
+from service.models import Request, Result, Shard, Task
 from service.states import JOB_UNFINISHED, sql_list
 
 # The result shards a job's answered requests read from: verified before any row is copied.
@@ -23,31 +28,107 @@ JOB_RESULT_SHARDS_SQL = sa.text(
      WHERE r.job_id = :job_id AND r.state = 'done'
     """
 )
-# The cache is a cache: entries whose shard is gone or damaged are dropped with the shard row...
+# Requests waiting on these tasks that have a result now are answered from it; those waiting on
+# a task that failed for good fail with it. Only once their task is done: while it is queued,
+# running or failed, the result there is the entry a cache refresh is replacing, and a refreshing
+# request must get the new rows. Found through ix_requests_pending_key: only the keys given.
+RESOLVE_SQL = with_counters(
+    """
+    WITH done AS (
+        UPDATE requests r SET state = 'done', result_key = r.cache_key
+          FROM results res
+         WHERE r.cache_key = ANY(CAST(:keys AS text[])) AND r.state = 'pending' AND res.cache_key = r.cache_key
+           AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.key = r.cache_key AND t.state <> 'done')
+        RETURNING r.job_id, r.cache_key, res.prompt_tokens, res.completion_tokens
+    ), failed AS (
+        UPDATE requests r SET state = 'failed', error = t.errors::text
+          FROM tasks t
+         WHERE r.cache_key = ANY(CAST(:keys AS text[])) AND r.state = 'pending' AND t.key = r.cache_key
+           AND t.state = 'failed'
+        RETURNING r.job_id, r.cache_key
+    ), moved AS (
+        SELECT job_id, cache_key, 'pending' AS from_bucket, 'completed' AS to_bucket, prompt_tokens, completion_tokens
+          FROM done
+        UNION ALL
+        SELECT job_id, cache_key, 'pending', 'failed', 0, 0 FROM failed
+    )
+    """
+)
+# A hit records its use, at most once a LAST_USED_RESOLUTION_S per entry (a hot entry is not
+# rewritten by every submission), and skips an entry another transaction is touching right now
+# (touching is best effort; waiting could deadlock two submissions that hit the same keys).
+LAST_USED_RESOLUTION_S = 60
+USE_RESULTS_SQL = sa.text(
+    """
+    WITH hit AS (
+        SELECT cache_key, last_used_at FROM results WHERE cache_key = ANY(CAST(:keys AS text[])) FOR KEY SHARE
+    ), stale AS (
+        SELECT res.cache_key FROM results res JOIN hit ON hit.cache_key = res.cache_key
+         WHERE hit.last_used_at < now() - make_interval(secs => :resolution_s)
+           FOR NO KEY UPDATE OF res SKIP LOCKED
+    ), touched AS (
+        UPDATE results res SET last_used_at = now() FROM stale WHERE res.cache_key = stale.cache_key
+    )
+    SELECT hit.cache_key, res.prompt_tokens, res.completion_tokens
+      FROM hit JOIN results res ON res.cache_key = hit.cache_key
+    """
+)
+# The cache as users see it. Bypass jobs index their rows under private keys that no lookup
+# can find, so those are not entries. A hit is a request answered from the cache at
+# submission; a miss is a request of a job that looked (cache "use") and was not. Summed from
+# the jobs' counters (one row per job, never per request).
+CACHE_ENTRIES_SQL = sa.text(
+    "SELECT count(*) FROM (SELECT 1 FROM results WHERE cache_key NOT LIKE 'bypass-%' LIMIT :cap) capped"
+)
+CACHE_LOOKUPS_SQL = sa.text(
+    """
+    SELECT COALESCE(sum(n_cached), 0) AS hits,
+           COALESCE(sum(total - n_cached) FILTER (WHERE cache_policy = 'use'), 0) AS misses,
+           COALESCE(sum(cached_prompt_tokens), 0) AS prompt_tokens_saved,
+           COALESCE(sum(cached_completion_tokens), 0) AS completion_tokens_saved
+      FROM jobs
+     WHERE CAST(:tenant AS text) IS NULL OR tenant = :tenant
+    """
+)
+# The cache is a cache: entries whose shard is gone or damaged are dropped with the shard row.
+# First the requests of unfinished jobs that were answered by them go back to the queue (their
+# jobs' counters and spend, and their tasks' waiters, kept in the same statement; a job that
+# was finalizing goes back to running), while the entries still say what they had cost...
+REQUEUE_REQUESTS_SQL = with_counters(
+    """
+    WITH answered AS (
+        SELECT r.id, r.job_id, r.cache_key, r.cached, res.prompt_tokens, res.completion_tokens
+          FROM requests r
+          JOIN jobs j ON j.id = r.job_id
+          JOIN results res ON res.cache_key = r.result_key
+         WHERE r.result_key = ANY(CAST(:keys AS text[])) AND r.state = 'done'
+           AND j.status IN ('queued', 'running', 'finalizing')
+           FOR UPDATE OF r
+    ), requeued AS (
+        UPDATE requests r SET state = 'pending', result_key = NULL, cached = false
+          FROM answered a WHERE r.id = a.id
+        RETURNING a.job_id, a.cache_key, a.cached, a.prompt_tokens, a.completion_tokens
+    ), moved AS (
+        SELECT job_id, cache_key, CASE WHEN cached THEN 'cached' ELSE 'completed' END AS from_bucket,
+               'pending' AS to_bucket, prompt_tokens, completion_tokens
+          FROM requeued
+    )
+    """
+)
+# ...then the entries and shard rows go...
 DROP_RESULTS_SQL = sa.text("DELETE FROM results WHERE shard_id = ANY(CAST(:shard_ids AS text[])) RETURNING cache_key")
 DROP_RESULT_SHARDS_SQL = sa.text("DELETE FROM shards WHERE id = ANY(CAST(:shard_ids AS text[])) AND kind = 'result'")
-# ...the requests of unfinished jobs that were answered by them go back to the queue...
-REQUEUE_REQUESTS_SQL = sa.text(
-    f"""
-    UPDATE requests r SET state = 'pending', result_key = NULL, cached = false
-      FROM jobs j
-     WHERE j.id = r.job_id AND j.status IN ({sql_list(JOB_UNFINISHED)})
-       AND r.state = 'done' AND r.result_key = ANY(CAST(:keys AS text[]))
-    RETURNING r.job_id
-    """
-)
-# ...their tasks are run again from scratch (a fresh attempt budget: the failure was storage's)...
+# ...and their tasks are run again from scratch (a fresh attempt budget: the failure was
+# storage's) where requests wait on them, or left idle for a later submission.
 REQUEUE_TASKS_SQL = sa.text(
     """
-    UPDATE tasks SET state = 'pending', attempts = 0, errors = '[]'::jsonb, finished_at = NULL,
-           lease_owner = NULL, lease_expires_at = NULL
-     WHERE key = ANY(CAST(:keys AS text[])) AND state IN ('done', 'failed')
+    UPDATE tasks SET state = CASE WHEN waiters > 0 THEN 'pending' ELSE 'idle' END, attempts = 0,
+           errors = '[]'::jsonb, finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL
+     WHERE key = ANY(CAST(:keys AS text[])) AND state IN ('done', 'failed', 'idle')
     """
 )
-# ...and their jobs wait for them again (they move on to finalizing when those resolve).
-BACK_TO_RUNNING_SQL = sa.text(
-    "UPDATE jobs SET status = 'running' WHERE id = ANY(CAST(:job_ids AS text[])) AND status = 'finalizing'"
-)
+# Which keys these shards hold entries for (before the entries are dropped).
+SHARD_KEYS_SQL = sa.text("SELECT cache_key FROM results WHERE shard_id = ANY(CAST(:shard_ids AS text[]))")
 
 # Retention. How far the cache is over its entry budget, at most :limit: an index-only walk of
 # the newest :max_entries entries (work proportional to the budget, never to what is beyond it).
@@ -133,6 +214,49 @@ class ResultRepository:
     def __init__(self, session: orm.Session) -> None:
         self.session = session
 
+    def results_for(self, keys: list[str]) -> dict[str, tuple[int, int]]:
+        """The keys with a cache entry, with its (prompt, completion) tokens; each now recorded as
+        used (least-recently-used eviction) and held (FOR KEY SHARE) until this transaction ends,
+        so no eviction removes an entry a submission is answering requests from."""
+        if not keys:
+            return {}
+        rows = self.session.execute(USE_RESULTS_SQL, {"keys": keys, "resolution_s": LAST_USED_RESOLUTION_S})
+        return {key: (int(p), int(c)) for key, p, c in rows}
+
+    def add_results(self, rows: list[dict[str, Any]]) -> None:
+        """Index computed rows; a recomputation (cache refresh) replaces the entry."""
+        if not rows:
+            return
+        statement = insert(Result)
+        columns = ("shard_id", "row_start", "row_count", "prompt_tokens", "completion_tokens")
+        statement = statement.on_conflict_do_update(
+            index_elements=[Result.cache_key],
+            set_={c: statement.excluded[c] for c in columns} | {"created_at": sa.func.now()},
+        )
+        self.session.execute(statement, rows)  # executemany: batched under the bind-parameter limit
+
+    def add_shard(self, shard: Shard) -> None:
+        self.session.add(shard)
+        self.session.flush()
+
+    def resolve_requests(self, keys: list[str]) -> set[str]:
+        """Answer the requests waiting on these tasks from their results, or fail them with a task
+        that failed for good, keeping the counters; the jobs touched (each moved on to
+        finalizing once nothing of it is pending)."""
+        if not keys:
+            return set()
+        return set(self.session.scalars(RESOLVE_SQL, {"keys": sorted(set(keys))}))
+
+    def prompts_for(self, keys: list[str]) -> dict[str, list[int]]:
+        rows = self.session.execute(sa.select(Task.key, Task.prompt_token_ids).where(Task.key == any_key(keys)))
+        return dict(rows.all())
+
+    def cache_stats(self, tenant: str | None = None) -> dict[str, int]:
+        """Entries of the shared cache; hits and misses of one tenant's requests (all when None)."""
+        entries = bounded_count(self.session, CACHE_ENTRIES_SQL, "pk_results")
+        lookups = self.session.execute(CACHE_LOOKUPS_SQL, {"tenant": tenant}).mappings().one()
+        return {"entries": entries, **{name: int(value) for name, value in lookups.items()}}
+
     def job_result_shards(self, job_id: str) -> list[SourceShard]:
         return [SourceShard(*row) for row in self.session.execute(JOB_RESULT_SHARDS_SQL, {"job_id": job_id})]
 
@@ -153,13 +277,12 @@ class ResultRepository:
     def drop_damaged_shards(self, shard_ids: list[str]) -> set[str]:
         """Drop the cache entries of these result shards and requeue what they answered; the jobs
         sent back to wait for their requests."""
-        keys = list(self.session.scalars(DROP_RESULTS_SQL, {"shard_ids": shard_ids}))
+        keys = sorted(self.session.scalars(SHARD_KEYS_SQL, {"shard_ids": shard_ids}))
+        job_ids = set(self.session.scalars(REQUEUE_REQUESTS_SQL, {"keys": keys})) if keys else set()
+        self.session.execute(DROP_RESULTS_SQL, {"shard_ids": shard_ids})
         self.session.execute(DROP_RESULT_SHARDS_SQL, {"shard_ids": shard_ids})
-        if not keys:
-            return set()
-        job_ids = set(self.session.scalars(REQUEUE_REQUESTS_SQL, {"keys": keys}))
-        self.session.execute(REQUEUE_TASKS_SQL, {"keys": keys})
-        self.session.execute(BACK_TO_RUNNING_SQL, {"job_ids": sorted(job_ids)})
+        if keys:
+            self.session.execute(REQUEUE_TASKS_SQL, {"keys": keys})
         return job_ids
 
     def over_budget(self, max_entries: int, limit: int) -> int:

@@ -28,6 +28,7 @@ from service.db import transaction
 from service.jobs.repository import JobRepository
 from service.jobs.service import JobService
 from service.openai_batch.repository import OpenAIBatchRepository
+from service.queue.workers import WorkerRepository
 from service.results.repository import ResultRepository
 from service.runtime import Runtime
 from service.storage import Storage
@@ -41,13 +42,14 @@ class Swept:
     entries: int = 0
     request_rows: int = 0  # requests of jobs being deleted, removed in chunks
     files: int = 0
+    workers: int = 0
 
 
 def sweep(rt: Runtime) -> Swept:
-    """One round of retention: expire jobs and files, purge jobs being deleted, then evict
-    entries, each step a bounded transaction."""
+    """One round of retention: expire jobs and files, purge jobs being deleted, evict entries,
+    prune gone workers, each step a bounded transaction."""
     return Swept(jobs=expire_jobs(rt), request_rows=purge_deleting(rt), entries=evict_entries(rt),
-                 files=expire_files(rt))
+                 files=expire_files(rt), workers=prune_workers(rt))
 
 
 def expire_files(rt: Runtime) -> int:
@@ -57,6 +59,15 @@ def expire_files(rt: Runtime) -> int:
     if paths:
         log.info("retention: %d expired files removed", len(paths))
     return len(paths)
+
+
+def prune_workers(rt: Runtime) -> int:
+    """Delete up to `retention_batch` workers not seen for `worker_gone_s` (their engine totals kept)."""
+    with transaction(rt.sessions) as db:
+        pruned = WorkerRepository(db).prune(rt.settings.worker_gone_s, rt.settings.retention_batch)
+    if pruned:
+        log.info("retention: %d gone workers pruned", pruned)
+    return pruned
 
 
 def expire_jobs(rt: Runtime) -> int:

@@ -11,12 +11,24 @@ from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy import orm
-from sqlalchemy.dialects import postgresql
 
 from service.models import JobProgress, Task, Worker
+from service.states import JOB_ACTIVE, TaskState, sql_list
 
 # Progress snapshots of one job drawn at most: older points are thinned evenly.
 MAX_POINTS = 240
+# Each running job's counters (maintained on its row), at most one row per job every :every_s.
+# Two finalizers (the API's and a worker's) may snapshot in the same instant: one row is enough.
+SNAPSHOT_SQL = sa.text(
+    f"""
+    INSERT INTO job_progress (job_id, completed, cached, failed)
+    SELECT j.id, j.n_completed, j.n_cached, j.n_failed FROM jobs j
+     WHERE j.status IN ({sql_list(JOB_ACTIVE)})
+       AND NOT EXISTS (SELECT 1 FROM job_progress p WHERE p.job_id = j.id
+                        AND p.at > now() - make_interval(secs => :every_s))
+    ON CONFLICT DO NOTHING
+    """
+)
 
 
 @dataclass(frozen=True)
@@ -44,13 +56,10 @@ class StatusRepository:
     def __init__(self, session: orm.Session) -> None:
         self.session = session
 
-    def last_snapshot_at(self, job_id: str) -> datetime | None:
-        return self.session.scalar(sa.select(sa.func.max(JobProgress.at)).where(JobProgress.job_id == job_id))
-
-    def add_snapshot(self, job_id: str, completed: int, cached: int, failed: int) -> None:
-        row = {"job_id": job_id, "completed": completed, "cached": cached, "failed": failed}
-        # Two finalizers (API and a worker) may snapshot in the same instant: one row is enough.
-        self.session.execute(postgresql.insert(JobProgress).values(**row).on_conflict_do_nothing())
+    def snapshot_active_jobs(self, every_s: float) -> int:
+        """A snapshot of each active job's counters whose last one is older than `every_s`; how
+        many were written (bounded by the active jobs, never by their requests)."""
+        return self.session.execute(SNAPSHOT_SQL, {"every_s": every_s}).rowcount
 
     def progress(self, job_id: str) -> list[ProgressPoint]:
         """The job's snapshots, oldest first, thinned to at most MAX_POINTS (the last one kept)."""
@@ -83,7 +92,7 @@ class StatusRepository:
             return {}
         query = (
             sa.select(Task.lease_owner, sa.func.count())
-            .where(Task.state == "leased", Task.lease_owner.in_(worker_ids))
+            .where(Task.state == TaskState.LEASED, Task.lease_owner.in_(worker_ids))
             .group_by(Task.lease_owner)
         )
         return dict(self.session.execute(query).all())

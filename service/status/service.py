@@ -8,11 +8,10 @@ Services never commit: the request handler or the finalizer loop does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from sqlalchemy import orm
 
-from service.jobs.repository import JobRepository
 from service.jobs.schemas import JobOut
 from service.results.repository import ResultRepository
 from service.status.repository import ProgressPoint, StatusRepository, WorkerRow
@@ -66,7 +65,6 @@ class CacheView:
 class StatusService:
     def __init__(self, session: orm.Session) -> None:
         self.status = StatusRepository(session)
-        self.jobs = JobRepository(session)
         self.results = ResultRepository(session)
 
     def progress(self, job_id: str) -> list[ProgressPoint]:
@@ -74,16 +72,7 @@ class StatusService:
 
     def record_progress(self, every_s: float) -> int:
         """A snapshot of each active job whose last one is older than `every_s`; how many."""
-        now = datetime.now(UTC)
-        recorded = 0
-        for job_id in sorted(self.jobs.active_jobs()):
-            last = self.status.last_snapshot_at(job_id)
-            if last is not None and now - last < timedelta(seconds=every_s):
-                continue
-            counts = self.jobs.counts(job_id)
-            self.status.add_snapshot(job_id, counts["completed"], counts["cached"], counts["failed"])
-            recorded += 1
-        return recorded
+        return self.status.snapshot_active_jobs(every_s)
 
     def workers(self, seen_within_s: int, alive_within_s: int) -> list[WorkerView]:
         now = datetime.now(UTC)
@@ -96,7 +85,7 @@ class StatusService:
         return views
 
     def cache(self, tenant: str) -> CacheView:
-        stats = self.jobs.cache_stats(tenant)
+        stats = self.results.cache_stats(tenant)
         lookups = stats["hits"] + stats["misses"]
         return CacheView(entries=stats["entries"], bytes=self.results.cache_bytes(), hits=stats["hits"],
                          misses=stats["misses"], hit_rate=stats["hits"] / lookups if lookups else None,

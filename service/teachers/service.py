@@ -6,10 +6,10 @@ from typing import Any
 
 from sqlalchemy import orm
 
-from service.jobs.repository import JobRepository
+from service.queue.workers import WorkerRepository
 from service.teachers.catalog import TeacherCatalog
 
 
 def available_teachers(catalog: TeacherCatalog, session: orm.Session) -> list[dict[str, Any]]:
-    online = JobRepository(session).online_workers()
+    online = WorkerRepository(session).online()
     return [{**teacher.describe(), "workers": online.get(teacher.name, 0)} for teacher in catalog.available()]

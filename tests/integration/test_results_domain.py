@@ -15,8 +15,10 @@ TEACHER = "smollm2-135m-instruct"
 
 
 def batch(tag: str, n: int = 4) -> dict:
+    # Distinct per tag in every process (hash() of a str changes with PYTHONHASHSEED, and two tags
+    # could collide mod 1000).
     return {"teacher": TEACHER, "top_logprobs": 3, "sampling": {"max_tokens": 6},
-            "requests": [{"custom_id": f"{tag}{i}", "prompt_token_ids": [1, 2, hash(tag) % 1000, i]} for i in range(n)]}
+            "requests": [{"custom_id": f"{tag}{i}", "prompt_token_ids": [1, 2, 100 + sum(map(ord, tag)), i]} for i in range(n)]}
 
 
 @pytest.fixture

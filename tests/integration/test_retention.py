@@ -276,7 +276,7 @@ def test_the_byte_budget_evicts_least_recently_used_entries_until_their_shards_a
     (results_repository.LRU_SHARES_SQL, {"limit": 10}, "ix_results_last_used_at"),
     (jobs_repository.DELETING_JOBS_SQL, {"limit": 10}, "ix_jobs_status"),
     (jobs_repository.DELETE_REQUESTS_CHUNK_SQL, {"job_id": "j", "rows": 10}, "requests_job_id"),
-    (jobs_repository.USE_RESULTS_SQL, {"keys": ["k2-a", "k2-b"], "resolution_s": 60}, "pk_results"),
+    (results_repository.USE_RESULTS_SQL, {"keys": ["k2-a", "k2-b"], "resolution_s": 60}, "pk_results"),
 ])
 def test_the_sweep_and_the_hit_lookup_are_index_scans(rt, statement, params, index):
     """Never a whole-table scan: each statement has an index path (the planner is told to avoid

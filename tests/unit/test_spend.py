@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.jobs.spend import NO_PRICES, cost_usd, job_spend, loaded_spend, stored_spend, teacher_tokens
+from service.jobs.spend import NO_PRICES, cost_usd, job_spend, teacher_tokens
 
 
 def test_score_mode_counts_the_response_as_prompt_tokens():
@@ -29,9 +29,3 @@ def test_a_job_s_spend_separates_sent_from_cached():
 def test_a_job_nothing_answered_yet_has_spent_nothing():
     spend = job_spend("score", {}, NO_PRICES)
     assert spend.prompt_tokens_sent == spend.cached_prompt_tokens == 0 and spend.spent_usd is None
-
-
-def test_the_stored_form_round_trips():
-    tokens = {False: (100, 40), True: (30, 10)}
-    stored = stored_spend(tokens)
-    assert stored == {"sent": [100, 40], "cached": [30, 10]} and loaded_spend(stored) == tokens
