@@ -13,8 +13,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service.jobs.repository import JobRepository
 from service.jobs.spend import NO_PRICES, Prices, cost_usd, teacher_tokens
+from service.queue.repository import TaskRepository
 from service.queue.workers import WorkerRepository
 from service.results.repository import ResultRepository
+
+QUEUE_HEAD_CAP = 10_000  # tasks at the head of a teacher's queue a scrape reads, at most
 
 # What a remote engine's stats count beyond the local ones (workers/remote_adapter.py).
 REMOTE_COUNTERS = {
@@ -59,6 +62,34 @@ class DatabaseCollector:
         yield family
         yield GaugeMetricFamily("teachercache_finalizer_lag_seconds", "how long the job that has waited longest "
                                 "for its assembly has waited", value=self.jobs.finalizer_lag_s())
+        yield from self._autoscaling()
+
+    def _autoscaling(self):
+        """What the fleet's autoscalers read per teacher (KEDA, the Ray controller): leases running,
+        the pending tokens and the age of the oldest task at the head of the queue. Pending tokens
+        are exact up to QUEUE_HEAD_CAP tasks; past that, the head's tokens per task times the
+        teacher's pending requests (an estimate, documented in docs/scaling.md)."""
+        tasks = TaskRepository(self.jobs.session)
+        pending = self.jobs.pending_by_teacher()
+        leases = tasks.leases_by_teacher()
+        teachers = sorted(set(pending) | set(leases))
+        heads = {teacher: tasks.queue_head(teacher, QUEUE_HEAD_CAP) for teacher in teachers}
+        family = GaugeMetricFamily("teachercache_running_leases", "tasks a worker holds now", labels=["teacher"])
+        for teacher in teachers:
+            family.add_metric([teacher], leases.get(teacher, 0))
+        yield family
+        family = GaugeMetricFamily("teachercache_pending_tokens", "teacher tokens the pending work can cost "
+                                   "(prompts + max_tokens x n)", labels=["teacher"])
+        for teacher, head in heads.items():
+            exact = head.tasks < QUEUE_HEAD_CAP
+            per_task = head.tokens / head.tasks if head.tasks else 0.0
+            family.add_metric([teacher], head.tokens if exact else per_task * pending.get(teacher, head.tasks))
+        yield family
+        family = GaugeMetricFamily("teachercache_oldest_pending_age_seconds", "how long the oldest task at the head "
+                                   "of the queue has waited", labels=["teacher"])
+        for teacher, head in heads.items():
+            family.add_metric([teacher], head.oldest_age_s)
+        yield family
 
     def _cache(self):
         stats = ResultRepository(self.jobs.session).cache_stats()

@@ -219,6 +219,32 @@ PENDING_WORK_SQL = sa.text(
 )
 
 
+# The autoscalers' per-teacher figures (/metrics), each bounded: leases are in flight only (the
+# partial lease index); the queue's head is the first :cap tasks in claim order (ix_tasks_claim).
+LEASES_BY_TEACHER_SQL = sa.text(f"SELECT teacher, count(*) FROM tasks WHERE state = '{TaskState.LEASED}' GROUP BY teacher")
+QUEUE_HEAD_SQL = sa.text(
+    f"""
+    SELECT count(*) AS tasks, EXTRACT(EPOCH FROM now() - min(created_at)) AS oldest_age_s,
+           COALESCE(sum(cardinality(prompt_token_ids) + COALESCE(cardinality(response_token_ids), 0)
+                        + CASE WHEN mode = 'generate'
+                               THEN CAST(sampling->>'max_tokens' AS bigint) * CAST(sampling->>'n' AS bigint)
+                               ELSE 0 END), 0) AS tokens
+      FROM (SELECT created_at, prompt_token_ids, response_token_ids, mode, sampling FROM tasks
+             WHERE teacher = :teacher AND state = '{TaskState.PENDING}' AND NOT suspect
+             ORDER BY turn, key LIMIT :cap) head
+    """
+)
+
+
+@dataclass(frozen=True)
+class QueueHead:
+    """The first tasks (at most a cap) a teacher's workers will claim next."""
+
+    tasks: int
+    oldest_age_s: float  # how long the oldest of them has waited (0: none waits)
+    tokens: int  # the most teacher tokens they can cost: prompts (+ responses) + max_tokens x n
+
+
 @dataclass(frozen=True)
 class PendingWork:
     """One teacher's outstanding work, each count capped (see PENDING_WORK_SQL)."""
@@ -298,6 +324,13 @@ class TaskRepository:
         """The teacher's pending and leased task counts, each at most `cap` (the autoscaling signal)."""
         row = self.session.execute(PENDING_WORK_SQL, {"teacher": teacher, "cap": cap}).one()
         return PendingWork(pending=row.pending, leased=row.leased)
+
+    def leases_by_teacher(self) -> dict[str, int]:
+        return {teacher: int(n) for teacher, n in self.session.execute(LEASES_BY_TEACHER_SQL)}
+
+    def queue_head(self, teacher: str, cap: int) -> QueueHead:
+        row = self.session.execute(QUEUE_HEAD_SQL, {"teacher": teacher, "cap": cap}).one()
+        return QueueHead(tasks=int(row.tasks), oldest_age_s=float(row.oldest_age_s or 0.0), tokens=int(row.tokens))
 
     def requeue_lost(self, teacher: str, limit: int = 1000) -> list[str]:
         return list(self.session.execute(REQUEUE_LOST_SQL, {"teacher": teacher, "limit": limit}).scalars())

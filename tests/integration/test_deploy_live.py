@@ -1,4 +1,4 @@
-"""The dashboards and alert rules in deploy/ against the /metrics of a live run: every series an
+"""The dashboards, alert rules and KEDA scalers in deploy/ against the /metrics of a live run: every series an
 expression uses exists (declared, with samples), and carries every label the expression groups,
 joins or filters by. A rule over a series the service does not export would never fire."""
 
@@ -17,6 +17,7 @@ from workers.scripted_engine import ScriptedEngine
 
 ALERTS = PROJECT_ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = PROJECT_ROOT / "deploy" / "grafana" / "teachercache.json"
+K8S = PROJECT_ROOT / "deploy" / "k8s"
 SERIES = re.compile(r"\b(teachercache_[a-z_]+)(\{[^}]*\})?")
 GROUPING = re.compile(r"\b(?:by|on|without|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 MATCHER = re.compile(r"([a-z_]+)\s*(?:=~|!~|!=|=)")
@@ -29,7 +30,10 @@ def expressions() -> list[tuple[str, str]]:
              for rule in group["rules"]]
     panels = [(panel["title"], target["expr"]) for panel in json.loads(DASHBOARD.read_text())["panels"]
               for target in panel["targets"]]
-    return rules + panels
+    scalers = [(f"{path.name}: {doc['metadata']['name']}", trigger["metadata"]["query"])
+               for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text())
+               if doc and doc.get("kind") == "ScaledObject" for trigger in doc["spec"]["triggers"]]
+    return rules + panels + scalers
 
 
 def uses(expr: str) -> dict[str, set[str]]:
@@ -84,4 +88,4 @@ def test_the_parser_sees_what_the_rules_use():
     """The checker itself: a made-up series and label are reported, not silently passed."""
     assert uses('sum by (teacher) (rate(teachercache_x_total{outcome="failed"}[5m]))') == {
         "teachercache_x_total": {"teacher", "outcome"}}
-    assert len(expressions()) >= 6 + 10
+    assert len(expressions()) >= 6 + 10 + 2  # alerts, panels, KEDA scalers

@@ -49,4 +49,4 @@ def test_sql_text_names_only_defined_states():
 def test_sql_list_and_check_constraint_come_from_the_enum():
     assert states.sql_list(states.JOB_ACTIVE) == "'queued', 'running'"
     check = states.check_in("state", states.TaskState)
-    assert str(check.sqltext) == "state IN ('pending', 'leased', 'done', 'failed')"
+    assert str(check.sqltext) == "state IN ('pending', 'leased', 'done', 'failed', 'idle')"
