@@ -176,9 +176,10 @@ class Client:
         for attempt in retrying(self.retry):
             with attempt, open(jsonl_path, "rb") as file:  # from the start on every attempt
                 timeout = _http.without_read_timeout(self._http.timeout)
-                return self._send_once(
+                uploaded: dict[str, Any] = self._send_once(
                     "POST", "/v1/files", timeout=timeout, **_http.upload_fields(jsonl_path, file)
                 ).json()
+                return uploaded
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     def get(self, job: JobRef) -> Job:
@@ -403,7 +404,8 @@ class AsyncClient:
                 response = await self._send_once(
                     "POST", "/v1/files", timeout=timeout, **_http.upload_fields(jsonl_path, file)
                 )
-                return response.json()
+                uploaded: dict[str, Any] = response.json()
+                return uploaded
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def get(self, job: JobRef) -> Job:

@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
+from sqlalchemy import orm
 
 from service.errors import Unauthenticated
 from service.http.auth_first import authenticate
@@ -76,7 +77,7 @@ def logout() -> Response:
     return response
 
 
-def jobs_context(request: Request, db, who: Caller, status: str | None, after: str | None) -> dict[str, Any]:
+def jobs_context(request: Request, db: orm.Session, who: Caller, status: str | None, after: str | None) -> dict[str, Any]:
     jobs = JobService(db, who.tenant, prices=runtime(request).teachers.prices)
     found, has_more = jobs.page(JOBS_PER_PAGE, after, status)
     urls = shard_url_builder(request)
@@ -103,7 +104,7 @@ def jobs_table(request: Request, db: Db, who: UiCaller, status: StatusFilter = N
     return page(request, "jobs_table.html", who, **jobs_context(request, db, who, status or None, after))
 
 
-def live_context(request: Request, db, who: Caller, job_id: str) -> dict[str, Any]:
+def live_context(request: Request, db: orm.Session, who: Caller, job_id: str) -> dict[str, Any]:
     jobs = JobService(db, who.tenant, prices=runtime(request).teachers.prices)
     job = jobs.describe(jobs.get(job_id), shard_url_builder(request))  # NotFound for another tenant's
     return {"job": job, "pace": pace(job), "refresh": job.status in ACTIVE,
@@ -148,7 +149,7 @@ def chart(points: list[ProgressPoint], job: JobOut) -> dict[str, Any] | None:
     start = series[0][0]
     span = max((now - start).total_seconds(), 1e-3)
 
-    def xy(at, value) -> str:
+    def xy(at: datetime, value: int) -> str:
         x = CHART_PAD + (at - start).total_seconds() / span * (CHART_WIDTH - 2 * CHART_PAD)
         y = CHART_HEIGHT - CHART_PAD - value / counts.total * (CHART_HEIGHT - 2 * CHART_PAD)
         return f"{x:.1f},{y:.1f}"

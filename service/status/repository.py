@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -59,7 +60,8 @@ class StatusRepository:
     def snapshot_active_jobs(self, every_s: float) -> int:
         """A snapshot of each active job's counters whose last one is older than `every_s`; how
         many were written (bounded by the active jobs, never by their requests)."""
-        return self.session.execute(SNAPSHOT_SQL, {"every_s": every_s}).rowcount
+        written: sa.CursorResult[Any] = self.session.execute(SNAPSHOT_SQL, {"every_s": every_s})  # type: ignore[assignment]
+        return int(written.rowcount)
 
     def progress(self, job_id: str) -> list[ProgressPoint]:
         """The job's snapshots, oldest first, thinned to at most MAX_POINTS (the last one kept)."""
@@ -95,4 +97,4 @@ class StatusRepository:
             .where(Task.state == TaskState.LEASED, Task.lease_owner.in_(worker_ids))
             .group_by(Task.lease_owner)
         )
-        return dict(self.session.execute(query).all())
+        return {owner: int(n) for owner, n in self.session.execute(query).all() if owner is not None}

@@ -14,7 +14,8 @@ from sqlalchemy import orm
 
 from service.jobs.schemas import JobOut
 from service.results.repository import ResultRepository
-from service.status.repository import ProgressPoint, StatusRepository, WorkerRow
+from service.status.repository import ProgressPoint as ProgressPoint  # re-exported for the routes
+from service.status.repository import StatusRepository, WorkerRow
 
 WORKERS_SHOWN = 200
 
