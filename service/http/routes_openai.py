@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, Query, Request, Response, UploadFile
 
 from service.http.deps import Db, Limits, Rt, Who, caller
+from service.http.json_body import body_schema, json_body
 from service.http.params import BatchCursor, BatchId, FileCursor, FileId
 from service.http.ranges import RANGE_HEADERS, RangeFileResponse, StoredFileResponse, file_responses
 from service.openai_batch.schemas import BatchCreate, BatchList, BatchObject, FileDeleted, FileList, FileObject
@@ -62,8 +63,10 @@ def file_content(file_id: FileId, db: Db, rt: Rt, who: Who) -> Response:
     return RangeFileResponse(path, media_type=OCTET_STREAM)
 
 
-@router.post("/batches", response_model=BatchObject)
-def create_batch(body: BatchCreate, request: Request, db: Db, rt: Rt, who: Who, limits: Limits) -> BatchObject:
+@router.post("/batches", response_model=BatchObject, openapi_extra=body_schema(BatchCreate))
+def create_batch(body: Annotated[BatchCreate, Depends(json_body(BatchCreate))], request: Request, db: Db, rt: Rt,
+                 who: Who, limits: Limits) -> BatchObject:
+    """The body is parsed and validated off the event loop (json_body.py), as a job's is."""
     batch = describe_batch(OpenAIBatchService(db, rt, who.tenant, limits).create(body))
     request.app.state.finalizer.wake()  # a batch answered wholly from the cache is ready at once
     return batch

@@ -351,6 +351,7 @@ class JobWriter:
         elif job.status == JobStatus.FINALIZING:  # an earlier batch's last pending request resolved meanwhile
             job.status, job.ready_at = JobStatus.QUEUED, None
         self.service.jobs.session.flush()
+        self.service.jobs.session.refresh(job)  # now() as the database set it: the job is read after commit
 
     def _enqueue_misses(self, prepared: list[Prepared], keys: list[str | None], hits: dict) -> list[str]:
         """Queue (or join) a task per missed key, each waited on by this batch's requests with

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
 
-import pyarrow.parquet as pq
 from sqlalchemy import orm
 
 from service.errors import LimitExceeded, NotFound, ValidationFailed
@@ -46,6 +45,7 @@ from service.runtime import Runtime
 from service.states import BATCH_FINISHED, JOB_ACTIVE, JOB_FINISHED, BatchStatus, JobStatus
 from service.storage.port import Storage, StoredShard, storage_retry
 from service.text import storable_text
+from teachercache.shard_format import open_shard
 
 log = logging.getLogger(__name__)
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file (a native job's has none)
@@ -272,7 +272,8 @@ class OpenAIBatchService:
         """The job's rows in request order (as its shards hold them), a row group at a time."""
         for shard in JobRepository(self.session).job_shards(job_id):
             with self.rt.storage.open(shard.path) as f:
-                for rows in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                parquet, _ = open_shard(f, where=shard.path)  # its schema version checked, as every reader does
+                for rows in parquet.iter_batches(batch_size=1024):
                     yield from rows.to_pylist()
 
     def list_files(self, limit: int, after: str | None, purpose: str | None, order: str) -> tuple[list[OpenAIFile], bool]:

@@ -114,14 +114,16 @@ def test_traversals_and_malformed_ids_are_not_found_on_every_route(app, rt, stor
     secrets = [str(rt.storage.root), str(rt.settings.state_dir)]
     failures = []
     for method, template in routes_with_path_parameters(app):
+        page = template.startswith("/ui/")  # the status page: its key is a cookie, its 404 a page
+        headers_sent = {"Cookie": f"teachercache_key={api_key}"} if page else auth
         for value in TRAVERSALS:
             raw = fill(template, value)
-            status, headers, body = asgi_call(app, method, raw, auth)
+            status, headers, body = asgi_call(app, method, raw, headers_sent)
             text = body.decode("utf-8", "replace")
             problems = []
             if status != 404:
                 problems.append(f"status {status}")
-            if method != "HEAD" and json.loads(body)["error"]["code"] != "not_found":
+            if method != "HEAD" and not page and json.loads(body)["error"]["code"] != "not_found":
                 problems.append(f"body {text[:200]}")
             problems += [f"body shows {s!r}" for s in secrets + FORBIDDEN_IN_BODY if s in text]
             if problems:

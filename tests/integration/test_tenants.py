@@ -42,8 +42,14 @@ def concrete(path: str) -> str:
 
 
 def protected_operations(app) -> list[tuple[str, str]]:
+    """The API's operations (the status page's, which take the key as a cookie, apart)."""
     return sorted({(method, route.path) for route in app.routes if isinstance(route, APIRoute)
-                   for method in route.methods if route.path not in OPEN_PATHS})
+                   for method in route.methods if route.path not in OPEN_PATHS and not route.path.startswith("/ui")})
+
+
+def status_pages(app) -> list[str]:
+    return sorted({route.path for route in app.routes if isinstance(route, APIRoute)
+                   and route.path.startswith("/ui") and "GET" in route.methods and route.path != "/ui/login"})
 
 
 # -- keys ------------------------------------------------------------------------------------
@@ -64,6 +70,21 @@ def test_every_route_but_health_refuses_a_missing_or_unknown_key(app, api, heade
             assert response.json()["error"]["code"] == "unauthenticated"
         assert response.headers["www-authenticate"].startswith("Bearer")
     assert anonymous.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("cookie", [None, "", "nonsense", "tck_0123456789abcdef_" + "A" * 43])
+def test_every_status_page_sends_a_browser_without_a_valid_key_to_the_login_form(app, cookie):
+    from fastapi.testclient import TestClient
+
+    anonymous = TestClient(app, follow_redirects=False)
+    if cookie is not None:
+        anonymous.cookies.set("teachercache_key", cookie)
+    pages = status_pages(app)
+    assert len(pages) >= 6  # jobs (twice), a job, its live part, workers, cache
+    for path in pages:
+        response = anonymous.get(concrete(path))
+        assert response.status_code == 303 and response.headers["location"] == "/ui/login", (path, response.status_code)
+    assert anonymous.get("/ui/login").status_code == 200
 
 
 def test_a_revoked_key_stops_working_on_the_next_request(api, rt):
