@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ["bench_pipeline.py", "bench_score.py", "bench_cache.py", "bench_loader.py", "bench_remote.py", "bench_assembly.py",
               "bench_download.py", "bench_soft_labels.py", "bench_ingest.py",
-              "bench_fleet_signal.py", "bench_scale.py"]
+              "bench_fleet_signal.py", "bench_scale.py", "bench_status_page.py"]
 
 
 def arguments_of(name: str, args: argparse.Namespace) -> list[str]:
