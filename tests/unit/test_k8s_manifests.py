@@ -14,12 +14,11 @@ import re
 from pathlib import Path
 
 import pytest
-import typer
 import yaml
 
 from service.settings import PROJECT_ROOT, ServiceSettings
 from service.teachers.registry import load_registry
-from tests.unit.test_deploy_files import ENV_NAME, KNOWN_ENV, is_group, load_settings, resolve_cli
+from tests.unit.test_deploy_files import ENV_NAME, KNOWN_ENV, cli, load_settings, resolve_cli  # noqa: F401 (cli: a fixture)
 from workers.fleet.settings import FleetSettings
 from workers.settings import WorkerSettings
 
@@ -49,19 +48,6 @@ def manifests(kustomization) -> list[dict]:
 
 def of_kind(manifests, kind: str) -> dict[str, dict]:
     return {m["metadata"]["name"]: m for m in manifests if m["kind"] == kind}
-
-
-@pytest.fixture(scope="module")
-def cli():
-    from service.cli import register as register_service
-    from workers.cli import register as register_worker
-
-    app = typer.Typer()
-    register_service(app)
-    register_worker(app)
-    command = typer.main.get_command(app)
-    assert is_group(command)
-    return command
 
 
 def pod_specs(manifests) -> list[tuple[str, dict]]:
