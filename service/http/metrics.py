@@ -49,9 +49,10 @@ class DatabaseCollector:
 
     def _work(self):
         """Per teacher, what waits for it; requests that ended, by outcome; the finalizer's lag."""
+        pending = self.jobs.pending_by_teacher()  # read once per scrape: the autoscaling figures use it too
         family = GaugeMetricFamily("teachercache_pending_requests", "requests waiting for the teacher",
                                    labels=["teacher"])
-        for teacher, n in sorted(self.jobs.pending_by_teacher().items()):
+        for teacher, n in sorted(pending.items()):
             family.add_metric([teacher], n)
         yield family
         family = CounterMetricFamily("teachercache_requests_ended", "requests that ended, by outcome (of the jobs "
@@ -62,15 +63,14 @@ class DatabaseCollector:
         yield family
         yield GaugeMetricFamily("teachercache_finalizer_lag_seconds", "how long the job that has waited longest "
                                 "for its assembly has waited", value=self.jobs.finalizer_lag_s())
-        yield from self._autoscaling()
+        yield from self._autoscaling(pending)
 
-    def _autoscaling(self):
+    def _autoscaling(self, pending: dict[str, int]):
         """What the fleet's autoscalers read per teacher (KEDA, the Ray controller): leases running,
         the pending tokens and the age of the oldest task at the head of the queue. Pending tokens
         are exact up to QUEUE_HEAD_CAP tasks; past that, the head's tokens per task times the
         teacher's pending requests (an estimate, documented in docs/scaling.md)."""
         tasks = TaskRepository(self.jobs.session)
-        pending = self.jobs.pending_by_teacher()
         leases = tasks.leases_by_teacher()
         teachers = sorted(set(pending) | set(leases))
         heads = {teacher: tasks.queue_head(teacher, QUEUE_HEAD_CAP) for teacher in teachers}

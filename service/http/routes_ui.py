@@ -24,13 +24,13 @@ from service.http.params import JobCursor, JobId
 from service.http.ui_pages import COOKIE, templates
 from service.jobs.schemas import JobOut
 from service.jobs.service import JobService
+from service.states import JOB_HIDDEN, JOB_UNFINISHED, JobStatus
 from service.status.service import ProgressPoint, StatusService, pace
 from service.tenants.service import Caller
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
-STATUSES = ("queued", "running", "finalizing", "succeeded", "failed", "cancelled")
-ACTIVE = ("queued", "running", "finalizing")
+STATUSES = tuple(s.value for s in JobStatus if s not in JOB_HIDDEN)  # the filter's choices
 JOBS_PER_PAGE = 50
 ERRORS_PER_PAGE = 50
 WORKERS_SEEN_S = 3600
@@ -85,7 +85,7 @@ def jobs_context(request: Request, db: orm.Session, who: Caller, status: str | N
     query = {k: v for k, v in {"status": status, "after": after}.items() if v}
     next_query = {**query, "after": described[-1].id} if has_more else None
     return {"rows": [(job, pace(job)) for job in described], "status": status or "", "statuses": STATUSES,
-            "refresh": any(job.status in ACTIVE for job in described),
+            "refresh": any(job.status in JOB_UNFINISHED for job in described),
             "self_url": "/ui/jobs/table" + (f"?{urlencode(query)}" if query else ""),
             "next_url": f"/ui/jobs?{urlencode(next_query)}" if next_query else None}
 
@@ -107,7 +107,7 @@ def jobs_table(request: Request, db: Db, who: UiCaller, status: StatusFilter = N
 def live_context(request: Request, db: orm.Session, who: Caller, job_id: str) -> dict[str, Any]:
     jobs = JobService(db, who.tenant, prices=runtime(request).teachers.prices)
     job = jobs.describe(jobs.get(job_id), shard_url_builder(request))  # NotFound for another tenant's
-    return {"job": job, "pace": pace(job), "refresh": job.status in ACTIVE,
+    return {"job": job, "pace": pace(job), "refresh": job.status in JOB_UNFINISHED,
             "chart": chart(StatusService(db).progress(job_id), job)}
 
 
