@@ -192,8 +192,9 @@ def test_gone_workers_are_pruned_in_bounded_passes_and_the_engine_counters_keep_
 
 def test_metrics_and_cache_stats_read_no_request_rows(api, rt, start_worker):
     done = api.post("/v1/jobs", json=body(range(30))).json()
-    start_worker(ScriptedEngine())
+    worker = start_worker(ScriptedEngine())
     wait_for(api, done["id"])
+    worker.stop()  # the last job's 40 requests must stay pending while metrics are read
     api.post("/v1/jobs", json=body(range(20)))  # all hits
     api.post("/v1/jobs", json=body(range(100, 140)))  # pending
     from service.http.metrics import render_metrics
