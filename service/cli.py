@@ -154,12 +154,12 @@ def run_api(settings: ServiceSettings, host: str | None, port: int | None, embed
     import uvicorn
 
     from service.http.app import create_app
-    from service.migrate import upgrade as run_upgrade
+    from service.migrate import upgrade_on_start
     from service.runtime import Runtime
 
     logging.basicConfig(level=logging.INFO)
     rt = Runtime.from_settings(settings)
-    run_upgrade(rt.database_url)
+    upgrade_on_start(rt.database_url, settings.db_startup_wait_s)
     if embedded:
         announce_local_key(rt)
     uvicorn.run(create_app(rt), host=host or settings.host, port=port or settings.port, log_level="warning")

