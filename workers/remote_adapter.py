@@ -66,7 +66,7 @@ class RetryAfterOrBackoff:
     """Wait what the server's `Retry-After` asked for, else exponential backoff with jitter."""
 
     def __init__(self, initial_s: float, max_s: float) -> None:
-        self.backoff = wait_exponential_jitter(initial=initial_s, max=max_s, jitter=initial_s)
+        self.backoff = wait_exponential_jitter(multiplier=initial_s, max=max_s, jitter=initial_s)
 
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
