@@ -131,6 +131,8 @@ class Task(Base):
                  postgresql_where=sa.text(f"state = '{TaskState.PENDING}' AND NOT suspect")),
         sa.Index("ix_tasks_lease_expiry", "lease_expires_at",
                  postgresql_where=sa.text(f"state = '{TaskState.LEASED}'")),
+        # Retention's walk over idle tasks, oldest first (service/results/retention.py).
+        sa.Index("ix_tasks_idle", "created_at", postgresql_where=sa.text(f"state = '{TaskState.IDLE}'")),
         sa.Index("ix_tasks_suspect", "teacher", "created_at",
                  postgresql_where=sa.text(f"suspect AND state IN ({sql_list((TaskState.PENDING, TaskState.LEASED))})")),
         check_in("state", TaskState),

@@ -100,6 +100,9 @@ class ServiceSettings(BaseSettings):
     # A worker not seen for this long is deleted by the sweep (what its engine ran is kept in
     # its teacher's totals), so the workers table holds the fleet, not its history.
     worker_gone_s: float = Field(default=3600.0, gt=0)
+    # An idle task (no request waits on it: its jobs were cancelled or expired) is deleted this
+    # long after it was queued; 0 or unset keeps idle tasks. A resubmission queues it again.
+    idle_task_retention_s: float | None = Field(default=7 * 24 * 3600, ge=0)
 
     @property
     def shards_uri(self) -> str:

@@ -221,6 +221,19 @@ PENDING_WORK_SQL = sa.text(
 
 # The autoscalers' per-teacher figures (/metrics), each bounded: leases are in flight only (the
 # partial lease index); the queue's head is the first :cap tasks in claim order (ix_tasks_claim).
+# Idle tasks (nobody waits on them: their jobs were cancelled or expired) older than the
+# retention: deleted a bounded batch at a time, by their own partial index. A later submission of
+# the same request queues it afresh (its prompt comes with it), so nothing is lost but attempts.
+# The batch is chosen once (MATERIALIZED): as `key IN (SELECT ... LIMIT)` the planner may rescan
+# the subquery per row, and tasks tied on created_at then make each rescan pick others.
+DELETE_IDLE_TASKS_SQL = sa.text(
+    f"""
+    WITH doomed AS MATERIALIZED (
+        SELECT key FROM tasks WHERE state = '{TaskState.IDLE}' AND created_at < now() - make_interval(secs => :age_s)
+         ORDER BY created_at LIMIT :limit FOR UPDATE SKIP LOCKED)
+    DELETE FROM tasks t USING doomed d WHERE t.key = d.key AND t.state = '{TaskState.IDLE}'
+    """
+)
 LEASES_BY_TEACHER_SQL = sa.text(f"SELECT teacher, count(*) FROM tasks WHERE state = '{TaskState.LEASED}' GROUP BY teacher")
 QUEUE_HEAD_SQL = sa.text(
     f"""
@@ -319,6 +332,11 @@ class TaskRepository:
         params = {"teacher": teacher, "owner": owner, "limit": limit, "lease_s": lease_s}
         rows = self.session.execute(CLAIM_SUSPECT_SQL if suspect else CLAIM_SQL, params).mappings().all()
         return [ClaimedTask(**row) for row in rows]
+
+    def delete_idle(self, age_s: float, limit: int) -> int:
+        """Delete up to `limit` idle tasks created more than `age_s` seconds ago."""
+        result = self.session.execute(DELETE_IDLE_TASKS_SQL, {"age_s": age_s, "limit": limit})
+        return int(result.rowcount)  # type: ignore[attr-defined]
 
     def pending_by_teacher(self, teacher: str, cap: int) -> PendingWork:
         """The teacher's pending and leased task counts, each at most `cap` (the autoscaling signal)."""

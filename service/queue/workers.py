@@ -15,13 +15,17 @@ from service.models import EngineTotals, Worker
 # Workers gone for a while (no heartbeat for :gone_s) are deleted, at most :limit a pass, oldest
 # first (ix_workers_heartbeat_at); what their engines ran is added to their teacher's totals
 # first, so the engine counters in /metrics never go down.
+# The batch is chosen once (a MATERIALIZED CTE): as `id IN (SELECT ... LIMIT)` the planner may
+# rescan the subquery per row, and rows tied on heartbeat_at then make each rescan pick others,
+# deleting more than :limit.
 PRUNE_WORKERS_SQL = sa.text(
     """
-    WITH gone AS (
-        DELETE FROM workers WHERE id IN (
-            SELECT id FROM workers WHERE heartbeat_at < now() - make_interval(secs => :gone_s)
-             ORDER BY heartbeat_at LIMIT :limit FOR UPDATE SKIP LOCKED)
-        RETURNING teacher, stats
+    WITH doomed AS MATERIALIZED (
+        SELECT id FROM workers WHERE heartbeat_at < now() - make_interval(secs => :gone_s)
+         ORDER BY heartbeat_at LIMIT :limit FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM workers w USING doomed d WHERE w.id = d.id
+        RETURNING w.teacher, w.stats
     ), summed AS (
         SELECT g.teacher, jsonb_object_agg(s.name, s.total) AS stats
           FROM (SELECT g.teacher, e.key AS name, sum(CAST(e.value AS bigint)) AS total

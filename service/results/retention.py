@@ -13,6 +13,8 @@ What each removal keeps:
   are deleted a bounded chunk per transaction by later steps, its row last.
 - an expired OpenAI file (a batch's output or error file past its `output_expires_after`) goes
   as `DELETE /v1/files/{id}` removes it: its row and its object; the batch keeps the id.
+- an idle task (no request waits on it) older than `idle_task_retention_s` goes: a later
+  submission of the same request queues it again, with its attempts counted from zero.
 - an evicted entry (over the entry, idle or byte budget) loses its `results` row and its
   finished task; its result shard's row and object go once no entry points at it (only then do
   its bytes leave the byte budget's count). Jobs that already have their shards keep them (a job shard is a
@@ -28,6 +30,7 @@ from service.db import transaction
 from service.jobs.repository import JobRepository
 from service.jobs.service import JobService
 from service.openai_batch.repository import OpenAIBatchRepository
+from service.queue.repository import TaskRepository
 from service.queue.workers import WorkerRepository
 from service.results.repository import ResultRepository
 from service.runtime import Runtime
@@ -43,13 +46,14 @@ class Swept:
     request_rows: int = 0  # requests of jobs being deleted, removed in chunks
     files: int = 0
     workers: int = 0
+    idle_tasks: int = 0
 
 
 def sweep(rt: Runtime) -> Swept:
     """One round of retention: expire jobs and files, purge jobs being deleted, evict entries,
-    prune gone workers, each step a bounded transaction."""
+    prune gone workers and old idle tasks, each step a bounded transaction."""
     return Swept(jobs=expire_jobs(rt), request_rows=purge_deleting(rt), entries=evict_entries(rt),
-                 files=expire_files(rt), workers=prune_workers(rt))
+                 files=expire_files(rt), workers=prune_workers(rt), idle_tasks=purge_idle_tasks(rt))
 
 
 def expire_files(rt: Runtime) -> int:
@@ -68,6 +72,17 @@ def prune_workers(rt: Runtime) -> int:
     if pruned:
         log.info("retention: %d gone workers pruned", pruned)
     return pruned
+
+
+def purge_idle_tasks(rt: Runtime) -> int:
+    """Delete up to `retention_batch` idle tasks queued more than `idle_task_retention_s` ago."""
+    if not rt.settings.idle_task_retention_s:
+        return 0
+    with transaction(rt.sessions) as db:
+        purged = TaskRepository(db).delete_idle(rt.settings.idle_task_retention_s, rt.settings.retention_batch)
+    if purged:
+        log.info("retention: %d idle tasks deleted", purged)
+    return purged
 
 
 def expire_jobs(rt: Runtime) -> int:

@@ -10,9 +10,10 @@ import pytest
 import sqlalchemy as sa
 
 import service.jobs.repository as jobs_repository
+import service.queue.repository as queue_repository
 import service.results.repository as results_repository
 from service.models import Job, Request, Result, Shard, Task
-from service.results.retention import evict_entries, expire_jobs, sweep
+from service.results.retention import evict_entries, expire_jobs, purge_idle_tasks, sweep
 from tests.jobs import download_rows, wait_for
 from workers.scripted_engine import ScriptedEngine
 
@@ -269,6 +270,30 @@ def test_the_byte_budget_evicts_least_recently_used_entries_until_their_shards_a
     assert again["counts"]["cached"] == 4
 
 
+def test_old_idle_tasks_are_deleted_in_bounded_rounds_and_a_resubmission_queues_them_again(
+        api, rt, start_worker, with_settings):
+    cancelled = api.post("/v1/jobs", json=batch("idle", 5)).json()
+    api.post(f"/v1/jobs/{cancelled['id']}/cancel")
+    young = api.post("/v1/jobs", json=batch("young", 2)).json()
+    api.post(f"/v1/jobs/{young['id']}/cancel")
+    age(rt, sa.text("UPDATE tasks SET created_at = now() - interval '2 days' WHERE state = 'idle' "
+                    "AND prompt_token_ids[3] = " + str(sum(map(ord, "idle")))))
+
+    def idle_count() -> int:
+        with rt.sessions() as db:
+            return db.scalar(sa.select(sa.func.count()).select_from(Task).where(Task.state == "idle"))
+
+    assert idle_count() == 7
+    bounded = with_settings(idle_task_retention_s=86400.0, retention_batch=3)
+    assert [purge_idle_tasks(bounded) for _ in range(4)] == [3, 2, 0, 0]
+    assert idle_count() == 2  # the young ones stay
+    assert purge_idle_tasks(with_settings(idle_task_retention_s=0)) == 0  # 0 keeps them
+    start_worker(ScriptedEngine())
+    again = run_job(api, batch("idle", 5))
+    assert again["status"] == "succeeded" and again["counts"]["completed"] == 5
+    assert len(download_rows(api, again)) == 5
+
+
 @pytest.mark.parametrize("statement, params, index", [
     (jobs_repository.EXPIRED_JOBS_SQL, {"retention_s": 86400, "limit": 10}, "ix_jobs_finished_at"),
     (results_repository.EVICTABLE_SQL, {"idle_s": 0, "limit": 10}, "ix_results_last_used_at"),
@@ -277,6 +302,7 @@ def test_the_byte_budget_evicts_least_recently_used_entries_until_their_shards_a
     (jobs_repository.DELETING_JOBS_SQL, {"limit": 10}, "ix_jobs_status"),
     (jobs_repository.DELETE_REQUESTS_CHUNK_SQL, {"job_id": "j", "rows": 10}, "requests_job_id"),
     (results_repository.USE_RESULTS_SQL, {"keys": ["k2-a", "k2-b"], "resolution_s": 60}, "pk_results"),
+    (queue_repository.DELETE_IDLE_TASKS_SQL, {"age_s": 86400, "limit": 10}, "ix_tasks_idle"),
 ])
 def test_the_sweep_and_the_hit_lookup_are_index_scans(rt, statement, params, index):
     """Never a whole-table scan: each statement has an index path (the planner is told to avoid
