@@ -254,6 +254,27 @@ class EngineTotals(Base):
     stats: orm.Mapped[dict[str, Any]] = orm.mapped_column(JSONB, server_default=sa.text("'{}'::jsonb"))
 
 
+class JobTotals(Base):
+    """What ended jobs counted, per teacher, mode and final status: kept by a trigger on jobs
+    (migration 0017) as a job ends, and kept when the job's row is deleted, so /metrics sums the
+    unfinished jobs and these rows, never every job, and its counters never go down."""
+
+    __tablename__ = "job_totals"
+
+    teacher: orm.Mapped[str] = orm.mapped_column(sa.String(200), primary_key=True)
+    mode: orm.Mapped[str] = orm.mapped_column(sa.String(16), primary_key=True)
+    status: orm.Mapped[str] = orm.mapped_column(sa.String(16), primary_key=True)  # JobStatus, one of JOB_FINISHED
+    jobs: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    n_completed: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    n_cached: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    n_failed: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    n_cancelled: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    sent_prompt_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    sent_completion_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    cached_prompt_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+    cached_completion_tokens: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, server_default="0")
+
+
 # Last, once Base is complete: tenants and the OpenAI-compatible tables (files, batches) join the
 # same metadata.
 from service.openai_batch import models as _openai_models  # noqa: E402,F401

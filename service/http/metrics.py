@@ -55,8 +55,8 @@ class DatabaseCollector:
         for teacher, n in sorted(pending.items()):
             family.add_metric([teacher], n)
         yield family
-        family = CounterMetricFamily("teachercache_requests_ended", "requests that ended, by outcome (of the jobs "
-                                     "still kept)", labels=["outcome"])
+        family = CounterMetricFamily("teachercache_requests_ended", "requests that ended, by outcome (ended jobs "
+                                     "count after they are deleted)", labels=["outcome"])
         for outcome, n in self.jobs.requests_by_state().items():
             if outcome != "pending":
                 family.add_metric([outcome], n)

@@ -14,7 +14,7 @@ from sqlalchemy import orm
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from service.models import Job, Request, Shard
-from service.states import JobStatus, RequestState
+from service.states import JOB_ACTIVE, JOB_UNFINISHED, JobStatus, RequestState, sql_list
 
 BUCKETS = ("pending", "completed", "cached", "failed", "cancelled")
 
@@ -97,18 +97,37 @@ TENANT_PENDING_SQL = sa.text(
     "SELECT COALESCE(sum(n_pending), 0) FROM jobs WHERE tenant = :tenant AND status IN ('queued', 'running')"
 )
 # /metrics: requests by state from the jobs' counters; tasks by bounded index-only counts.
+# The scrape's sums are O(unfinished jobs), never O(jobs): unfinished jobs are summed live (by
+# ix_jobs_status), and what ended jobs counted is read from job_totals, which a trigger on jobs
+# keeps (migration 0017) as a job ends, so an ended job's counts outlive its row (counters that
+# never go down when retention deletes jobs).
+UNFINISHED = sql_list(JOB_UNFINISHED)
 REQUEST_STATES_SQL = sa.text(
+    f"""
+    SELECT sum(pending) AS pending, sum(completed) AS completed, sum(cached) AS cached,
+           sum(failed) AS failed, sum(cancelled) AS cancelled
+      FROM (SELECT n_pending AS pending, n_completed AS completed, n_cached AS cached, n_failed AS failed,
+                   n_cancelled AS cancelled FROM jobs WHERE status IN ({UNFINISHED})
+            UNION ALL
+            SELECT 0, n_completed, n_cached, n_failed, n_cancelled FROM job_totals) counted
     """
-    SELECT sum(n_pending) AS pending, sum(n_completed) AS completed, sum(n_cached) AS cached,
-           sum(n_failed) AS failed, sum(n_cancelled) AS cancelled
-      FROM jobs
+)
+# Jobs by status: unfinished ones counted live; ended ones as job_totals counted them.
+JOB_STATES_SQL = sa.text(
+    f"""
+    SELECT status, sum(n) FROM (SELECT status, count(*) AS n FROM jobs WHERE status IN ({UNFINISHED}) GROUP BY status
+                                UNION ALL SELECT status, jobs FROM job_totals) counted
+     GROUP BY status
     """
 )
 # Pending requests per teacher: every teacher with jobs gets a sample (0 once they are done).
 TEACHER_PENDING_SQL = sa.text(
-    """
-    SELECT teacher, COALESCE(sum(n_pending) FILTER (WHERE status IN ('queued', 'running')), 0)
-      FROM jobs GROUP BY teacher
+    f"""
+    SELECT teacher, sum(n) FROM (
+        SELECT teacher, COALESCE(sum(n_pending) FILTER (WHERE status IN ({sql_list(JOB_ACTIVE)})), 0) AS n
+          FROM jobs WHERE status IN ({UNFINISHED}) GROUP BY teacher
+        UNION ALL SELECT teacher, 0 FROM job_totals) counted
+     GROUP BY teacher
     """
 )
 # How long the job that has waited longest for its assembly has waited (ix_jobs_status).
@@ -122,10 +141,14 @@ PENDING_TASKS_SQL = sa.text(
 LEASED_TASKS_SQL = sa.text("SELECT count(*) FROM tasks WHERE state = 'leased'")  # ix_tasks_lease_expiry: in flight only
 INDEX_SIZE_SQL = sa.text("SELECT reltuples FROM pg_class WHERE relname = :index")
 TEACHER_SPEND_SQL = sa.text(
-    """
-    SELECT teacher, mode, sum(sent_prompt_tokens), sum(sent_completion_tokens), sum(cached_prompt_tokens),
-           sum(cached_completion_tokens)
-      FROM jobs GROUP BY teacher, mode
+    f"""
+    SELECT teacher, mode, sum(sp), sum(sc), sum(cp), sum(cc) FROM (
+        SELECT teacher, mode, sent_prompt_tokens AS sp, sent_completion_tokens AS sc, cached_prompt_tokens AS cp,
+               cached_completion_tokens AS cc FROM jobs WHERE status IN ({UNFINISHED})
+        UNION ALL
+        SELECT teacher, mode, sent_prompt_tokens, sent_completion_tokens, cached_prompt_tokens,
+               cached_completion_tokens FROM job_totals) spent
+     GROUP BY teacher, mode
     """
 )
 # Retention: the oldest finished jobs past the retention time (ix_jobs_finished_at).
@@ -342,9 +365,10 @@ class JobRepository:
         return float(self.session.scalar(FINALIZER_LAG_SQL))
 
     def state_counts(self) -> dict[str, dict[str, int]]:
-        """Jobs by status (a row per job, never per request); requests by state, summed from
-        the jobs' counters; tasks pending and leased, by bounded index-only counts."""
-        jobs = dict(self.session.execute(sa.select(Job.status, sa.func.count()).group_by(Job.status)).all())
+        """Jobs by status and requests by state, from the unfinished jobs' counters and the ended
+        jobs' totals (never a row per request, nor per ended job); tasks pending and leased, by
+        bounded index-only counts."""
+        jobs = {status: int(n) for status, n in self.session.execute(JOB_STATES_SQL)}
         ended = self.requests_by_state()
         requests = {"pending": ended.pop("pending"), "done": ended["completed"] + ended["cached"],
                     "failed": ended["failed"], "cancelled": ended["cancelled"]}
