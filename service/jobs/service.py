@@ -261,6 +261,10 @@ class JobService:
         stats = self.results.cache_stats(self.tenant)
         return {**stats, "tokens_saved": stats["prompt_tokens_saved"] + stats["completion_tokens_saved"]}
 
+    def stored_shards(self, job_id: str) -> list[Shard]:
+        """The output shards of a job the caller already holds, in order, with their storage paths."""
+        return self.jobs.job_shards(job_id)
+
     def shards(self, job_id: str, shard_url: ShardUrl) -> list[ShardOut]:
         self.get(job_id)
         return [shard_out(s, shard_url) for s in self.jobs.job_shards(job_id)]

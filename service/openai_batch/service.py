@@ -23,7 +23,6 @@ from sqlalchemy import orm
 from service.errors import LimitExceeded, NotFound, ValidationFailed
 from service.ids import new_id
 from service.jobs.limits import JobLimits
-from service.jobs.repository import JobRepository
 from service.jobs.schemas import RequestIn
 from service.jobs.service import JobService, prepare_submission
 from service.jobs.tokenize import RejectedRequest
@@ -41,9 +40,9 @@ from service.openai_batch.schemas import (
     FileObject,
     RequestCounts,
 )
-from service.runtime import Runtime
 from service.states import BATCH_FINISHED, JOB_ACTIVE, JOB_FINISHED, BatchStatus, JobStatus
 from service.storage.port import Storage, StoredShard, storage_retry
+from service.teachers.catalog import TeacherCatalog
 from service.text import storable_text
 from teachercache.shard_format import open_shard
 
@@ -72,11 +71,14 @@ class StoredLines:
 
 
 class OpenAIBatchService:
-    """A tenant's files and batches: another tenant's are not found."""
+    """A tenant's files and batches: another tenant's are not found. `storage` holds the files,
+    `teachers` tokenizes the inputs and decodes the outputs."""
 
-    def __init__(self, session: orm.Session, rt: Runtime, tenant: str, limits: JobLimits | None = None) -> None:
+    def __init__(self, session: orm.Session, tenant: str, storage: Storage, teachers: TeacherCatalog,
+                 limits: JobLimits | None = None) -> None:
         self.session = session
-        self.rt = rt
+        self.storage = storage
+        self.teachers = teachers
         self.tenant = tenant
         self.repo = OpenAIBatchRepository(session)
         self.jobs = JobService(session, tenant, limits)
@@ -97,7 +99,7 @@ class OpenAIBatchService:
         # Written before its row: a crash in between leaves an unreferenced file, never a dangling row.
         file_id = new_id("file")
         path = f"files/{file_id}.jsonl"
-        stored = copy_into(self.rt.storage, path, source)  # atomic, like a shard: a crash leaves no half file
+        stored = copy_into(self.storage, path, source)  # atomic, like a shard: a crash leaves no half file
         row = OpenAIFile(id=file_id, tenant=self.tenant, purpose=purpose, filename=filename[:500], bytes=stored.bytes,
                          path=path, sha256=stored.sha256, created_at=now())
         self.repo.add(row)
@@ -110,7 +112,7 @@ class OpenAIBatchService:
         return row
 
     def content(self, file_id: str) -> bytes:
-        return self.rt.storage.read_bytes(self.file(file_id).path)
+        return self.storage.read_bytes(self.file(file_id).path)
 
     # batches
 
@@ -128,7 +130,7 @@ class OpenAIBatchService:
                             output_expires_after_s=body.output_expires_after.seconds if body.output_expires_after
                             else None)
         self.repo.add(batch)
-        parsed = parse_input(self.rt.storage.read_bytes(source.path), body.endpoint, set(self.rt.teachers.registry.teachers))
+        parsed = parse_input(self.storage.read_bytes(source.path), body.endpoint, self.teachers.names())
         if isinstance(parsed, list):
             self._fail(batch, parsed)
         else:
@@ -139,7 +141,7 @@ class OpenAIBatchService:
         # The default (the first line's); a line that asks otherwise is noted on its request.
         parsed.job.metadata = {"openai_batch_id": batch.id, "openai_endpoint": batch.endpoint,
                                "openai_logprobs": parsed.logprobs}
-        teacher = self.rt.teachers.get(parsed.teacher)
+        teacher = self.teachers.get(parsed.teacher)
         try:
             prepared = line_requests(parsed, prepare_submission(parsed.job, teacher, self.jobs.limits,
                                                                 reject_alone=True))
@@ -235,9 +237,9 @@ class OpenAIBatchService:
                 f.write(line.encode() + b"\n")
                 count += 1
 
-        stored = self.rt.storage.write(path, fill)
+        stored = self.storage.write(path, fill)
         if count == 0:
-            self.rt.storage.delete(path)
+            self.storage.delete(path)
             return None
         row = OpenAIFile(id=file_id, tenant=self.tenant, purpose="batch_output", filename=filename, bytes=stored.bytes,
                          path=path, created_at=now(), expires_at=expires_at)
@@ -245,7 +247,7 @@ class OpenAIBatchService:
         return StoredLines(row, count)
 
     def _result_lines(self, batch: OpenAIBatch, job: Job, errors: bool, usage: BatchUsage) -> Iterator[str]:
-        teacher = self.rt.teachers.get(job.teacher)
+        teacher = self.teachers.get(job.teacher)
         decoded: dict[int, str] = {}
 
         def decode(token_id: int) -> str:
@@ -270,8 +272,8 @@ class OpenAIBatchService:
 
     def _job_rows(self, job_id: str) -> Iterator[dict]:
         """The job's rows in request order (as its shards hold them), a row group at a time."""
-        for shard in JobRepository(self.session).job_shards(job_id):
-            with self.rt.storage.open(shard.path) as f:
+        for shard in self.jobs.stored_shards(job_id):
+            with self.storage.open(shard.path) as f:
                 parquet, _ = open_shard(f, where=shard.path)  # its schema version checked, as every reader does
                 for rows in parquet.iter_batches(batch_size=1024):
                     yield from rows.to_pylist()
@@ -312,13 +314,13 @@ def copy_into(storage: Storage, path: str, source: BinaryIO) -> StoredShard:
     return storage.write(path, fill)
 
 
-def finish_openai_batch(session: orm.Session, rt: Runtime, job: Job) -> None:
+def finish_openai_batch(session: orm.Session, storage: Storage, teachers: TeacherCatalog, job: Job) -> None:
     """The finalizer's step once a job has ended: if it is a batch's, write the batch's output and
     error files and end the batch, in the finalizer's transaction (so exactly once)."""
     batch_id = (job.metadata_ or {}).get("openai_batch_id")
     if not batch_id:
         return
-    service = OpenAIBatchService(session, rt, job.tenant)
+    service = OpenAIBatchService(session, job.tenant, storage, teachers)
     batch = service.repo.batch(batch_id, job.tenant, lock=True)
     if batch is not None and batch.status not in BATCH_FINISHED:
         service._finish(batch, job)
