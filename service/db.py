@@ -8,7 +8,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import psycopg
 import sqlalchemy as sa
@@ -22,7 +23,7 @@ T = TypeVar("T")
 _embedded_lock = threading.Lock()
 
 
-def embedded_database_url(state_dir, stop_at_exit: bool = False) -> str:
+def embedded_database_url(state_dir: Path, stop_at_exit: bool = False) -> str:
     """Start (or reuse) the embedded PostgreSQL server under `state_dir/pgdata`.
 
     By default the server outlives this process, so API, workers and CLI share it; the
@@ -69,6 +70,12 @@ async def database_answers(url: str, timeout_s: float = 2.0) -> bool:
     except (psycopg.Error, OSError, TimeoutError):
         return False
     return True
+
+
+def copy_cursor(session: orm.Session) -> psycopg.Cursor[Any]:
+    """A cursor on the session's own connection (so in its transaction), for COPY. The driver is
+    always psycopg 3 (normalize_url); SQLAlchemy types its cursor as a bare DB-API one."""
+    return cast(psycopg.Cursor[Any], session.connection().connection.cursor())
 
 
 def session_factory(engine: sa.Engine) -> orm.sessionmaker[orm.Session]:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sqlalchemy import orm
 
@@ -25,7 +25,7 @@ from service.ids import new_id
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import RequestIn
 from service.jobs.service import JobService, prepare_submission
-from service.jobs.tokenize import RejectedRequest
+from service.jobs.tokenize import Prepared, RejectedRequest
 from service.models import Job
 from service.openai_batch import output_file
 from service.openai_batch.input_file import LineFailure, ParsedInput, parse_input
@@ -231,7 +231,7 @@ class OpenAIBatchService:
         path = f"files/{file_id}.jsonl"
         count = 0
 
-        def fill(f) -> None:
+        def fill(f: BinaryIO) -> None:
             nonlocal count
             for line in lines:
                 f.write(line.encode() + b"\n")
@@ -270,7 +270,7 @@ class OpenAIBatchService:
                 expired = batch.expired_at is not None and problem == "cancelled"
                 yield output_file.error_line(samples[0]["custom_id"], problem, expired)
 
-    def _job_rows(self, job_id: str) -> Iterator[dict]:
+    def _job_rows(self, job_id: str) -> Iterator[dict[str, Any]]:
         """The job's rows in request order (as its shards hold them), a row group at a time."""
         for shard in self.jobs.stored_shards(job_id):
             with self.storage.open(shard.path) as f:
@@ -326,10 +326,10 @@ def finish_openai_batch(session: orm.Session, storage: Storage, teachers: Teache
         service._finish(batch, job)
 
 
-def line_requests(parsed: ParsedInput, prepared: list) -> list:
+def line_requests(parsed: ParsedInput, prepared: list[Prepared]) -> list[Prepared]:
     """The job's requests in file order: each runnable line's prepared request, and a rejected
     one for each line that cannot run (it fails alone, with its reason)."""
-    out: list = [None] * len(parsed.lines)
+    out: list[Any] = [None] * len(parsed.lines)  # every position is filled below
     for item, position in zip(prepared, parsed.runnable):
         if isinstance(item, RejectedRequest):  # named as the line's body field, not the native request's
             native = f"requests[{item.index}]."
@@ -348,7 +348,7 @@ def body_field_of(native: str) -> str:
     return "body." + ("prompt" if name == "prompt_token_ids" else name)
 
 
-def line_notes(parsed: ParsedInput) -> dict[int, dict]:
+def line_notes(parsed: ParsedInput) -> dict[int, dict[str, Any]]:
     """What a line asked of its output beyond the native parameters, where it differs from the
     job's default: whether to carry logprobs."""
     return {position: {"logprobs": line.logprobs} for position, line in enumerate(parsed.lines)
@@ -365,7 +365,7 @@ def error_from_submission(exc: ValidationFailed | LimitExceeded, line_numbers: l
                       line=line_numbers[index] if index is not None and index < len(line_numbers) else None)
 
 
-def add_usage(usage: BatchUsage, samples: list[dict]) -> None:
+def add_usage(usage: BatchUsage, samples: list[dict[str, Any]]) -> None:
     """One request's tokens, as its output line's usage counts them (prompt once, every sample)."""
     prompt = len(samples[0]["prompt_token_ids"])
     usage.input_tokens += prompt
@@ -375,7 +375,7 @@ def add_usage(usage: BatchUsage, samples: list[dict]) -> None:
 
 
 def describe_file(row: OpenAIFile) -> FileObject:
-    return FileObject(id=row.id, bytes=row.bytes, created_at=unix(row.created_at), filename=row.filename,
+    return FileObject(id=row.id, bytes=row.bytes, created_at=int(row.created_at.timestamp()), filename=row.filename,
                       purpose=row.purpose, expires_at=unix(row.expires_at))
 
 
@@ -384,8 +384,8 @@ def describe_batch(batch: OpenAIBatch) -> BatchObject:
     metadata = {**(batch.metadata_ or {}), **({"teachercache_job_id": batch.job_id} if batch.job_id else {})}
     return BatchObject(
         id=batch.id, endpoint=batch.endpoint, errors=errors, input_file_id=batch.input_file_id,
-        completion_window=batch.completion_window, status=batch.status, output_file_id=batch.output_file_id,
-        error_file_id=batch.error_file_id, created_at=unix(batch.created_at),
+        completion_window=batch.completion_window, status=BatchStatus(batch.status), output_file_id=batch.output_file_id,
+        error_file_id=batch.error_file_id, created_at=int(batch.created_at.timestamp()),
         in_progress_at=unix(batch.in_progress_at), finalizing_at=unix(batch.finalizing_at),
         completed_at=unix(batch.completed_at), failed_at=unix(batch.failed_at),
         cancelling_at=unix(batch.cancelling_at), cancelled_at=unix(batch.cancelled_at),
