@@ -201,7 +201,7 @@ def profile_submission(args: argparse.Namespace, folder: Path, top: int = 25) ->
     with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
         bench_key(rt)  # creates the tenant
         with rt.sessions() as db, db.begin(), path.open("rb") as f:
-            file_id = OpenAIBatchService(db, rt, "bench").upload(path.name, "batch", f).id
+            file_id = OpenAIBatchService(db, "bench", rt.storage, rt.teachers).upload(path.name, "batch", f).id
         body = JobCreate(teacher=TEACHER, input_file_id=file_id, top_logprobs=8, sampling={"max_tokens": 32})
         teacher = rt.teachers.get(TEACHER)
         profiler = cProfile.Profile()

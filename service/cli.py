@@ -12,11 +12,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from service.settings import ServiceSettings
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without the server's modules
+    from service.runtime import Runtime
 
 teacher_app = typer.Typer(help="Teachers: prepare model folders, list the registry.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
@@ -135,7 +138,7 @@ def refusals_reported() -> Iterator[None]:
         raise typer.Exit(2) from exc
 
 
-def admin_runtime():
+def admin_runtime() -> Runtime:
     """The configured database (or the embedded server), migrated."""
     from service.migrate import upgrade as run_upgrade
     from service.runtime import Runtime
@@ -165,7 +168,7 @@ def run_api(settings: ServiceSettings, host: str | None, port: int | None, embed
     uvicorn.run(create_app(rt), host=host or settings.host, port=port or settings.port, log_level="warning")
 
 
-def announce_local_key(rt) -> None:
+def announce_local_key(rt: Runtime) -> None:
     """The embedded stack needs no set-up: a key for tenant `local` waits in the state folder."""
     from service.tenants.local_key import ensure_local_key
 
@@ -232,7 +235,7 @@ class WorkerSupervisor:
         logging.error("the worker keeps failing; stopping the stack")
         os.kill(os.getpid(), signal.SIGINT)
 
-    def _start(self) -> subprocess.Popen:
+    def _start(self) -> subprocess.Popen[bytes]:
         if self.log_file is None:
             return subprocess.Popen(self.command, env=self.env)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy import orm
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential_jitter
@@ -20,7 +23,7 @@ T = TypeVar("T")
 _embedded_lock = threading.Lock()
 
 
-def embedded_database_url(state_dir, stop_at_exit: bool = False) -> str:
+def embedded_database_url(state_dir: Path, stop_at_exit: bool = False) -> str:
     """Start (or reuse) the embedded PostgreSQL server under `state_dir/pgdata`.
 
     By default the server outlives this process, so API, workers and CLI share it; the
@@ -54,6 +57,25 @@ def make_engine(url: str, pool_timeout_s: float = 5.0) -> sa.Engine:
     # A short pool timeout: a request that cannot get a connection answers 503 with Retry-After
     # in seconds rather than holding its caller (and a threadpool thread) for SQLAlchemy's 30 s.
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=pool_timeout_s)
+
+
+async def database_answers(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether the database answers a query within `timeout_s`, on a connection of its own
+    (async: the health probe must not wait on the pool or the threadpool)."""
+    conninfo = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with await psycopg.AsyncConnection.connect(conninfo, connect_timeout=max(1, int(timeout_s))) as db:
+                await db.execute("SELECT 1")
+    except (psycopg.Error, OSError, TimeoutError):
+        return False
+    return True
+
+
+def copy_cursor(session: orm.Session) -> psycopg.Cursor[Any]:
+    """A cursor on the session's own connection (so in its transaction), for COPY. The driver is
+    always psycopg 3 (normalize_url); SQLAlchemy types its cursor as a bare DB-API one."""
+    return cast(psycopg.Cursor[Any], session.connection().connection.cursor())
 
 
 def session_factory(engine: sa.Engine) -> orm.sessionmaker[orm.Session]:

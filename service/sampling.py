@@ -15,7 +15,7 @@ before it was added are still found (see `service/cachekey.py`).
 from __future__ import annotations
 
 import copy
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
@@ -83,17 +83,21 @@ def engine_only_names(definition: type[Sampling] = Sampling) -> tuple[str, ...]:
 
 def override_model(definition: type[Sampling]) -> type[BaseModel]:
     """The same fields, bounds and validators, each optional: what one request may change."""
-    fields = {}
+    fields: dict[str, Any] = {}
     for name, info in definition.model_fields.items():
         optional = copy.copy(info)
         optional.default, optional.default_factory = None, None
-        fields[name] = (info.annotation | None, optional)
+        annotation: Any = info.annotation  # a type at run time (`int`, `list[int]`): `| None` makes it optional
+        fields[name] = (annotation | None, optional)
     return create_model(f"{definition.__name__}Override", __config__=ConfigDict(extra="forbid", frozen=True),
                         **fields)
 
 
-SamplingOverride = override_model(Sampling)
-SamplingOverride.__doc__ = "A request's own sampling parameters: each one given replaces the job's."
+if TYPE_CHECKING:
+    SamplingOverride = Any  # built at run time (below), so mypy knows none of its fields
+else:
+    SamplingOverride = override_model(Sampling)
+    SamplingOverride.__doc__ = "A request's own sampling parameters: each one given replaces the job's."
 
 
 def apply_override(base: Sampling, override: BaseModel | None) -> Sampling:

@@ -193,7 +193,8 @@ def _position_max(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     finite_values = np.where(np.isfinite(values), values, -np.inf)
     width = _uniform_width(k)
     if width:
-        return finite_values.reshape(-1, width).max(axis=1)
+        uniform: np.ndarray = finite_values.reshape(-1, width).max(axis=1)
+        return uniform
     best = np.full(len(k), -np.inf)
     nonempty = k > 0
     if nonempty.any():
@@ -221,7 +222,8 @@ def _rank_deltas(q: np.ndarray, ok: np.ndarray, starts: np.ndarray, k: np.ndarra
         previous[1:] = filled[:-1]
         previous[0] = 0
     previous[is_start] = 0
-    return filled - previous
+    steps: np.ndarray = filled - previous
+    return steps
 
 
 # -- decoding (every reader) -------------------------------------------------------------------
@@ -266,13 +268,13 @@ def decode(data: pa.Table | pa.RecordBatch, encoding: Encoding, where: str | Non
     return pa.Table.from_arrays(out_arrays, schema=schema)
 
 
-def _decode_float16(data) -> dict[str, pa.Array]:
+def _decode_float16(data: pa.Table | pa.RecordBatch) -> dict[str, pa.Array]:
     return {"token_logprobs": _array(data.column("token_logprobs")).cast(FLOAT32_TYPES["token_logprobs"]),
             "top_token_ids": _array(data.column("top_token_ids")),
             "top_logprobs": _array(data.column("top_logprobs")).cast(FLOAT32_TYPES["top_logprobs"])}
 
 
-def _decode_compact(data, where: str | None) -> dict[str, pa.Array]:
+def _decode_compact(data: pa.Table | pa.RecordBatch, where: str | None) -> dict[str, pa.Array]:
     missing = [n for n in COMPACT_COLUMNS if n not in data.schema.names]
     if missing:
         raise ShardFormatError(f"compact soft labels without {', '.join(missing)}", where)
@@ -332,15 +334,17 @@ def _uniform_width(k: np.ndarray) -> int:
     return int(k[0]) if len(k) and k[0] > 0 and (k == k[0]).all() else 0
 
 
-def _checksum(ids, steps, ref16, token_steps, row_offsets, offsets) -> np.ndarray:
+def _checksum(ids: np.ndarray, steps: np.ndarray, ref16: np.ndarray, token_steps: np.ndarray,
+              row_offsets: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Per row, a weighted sum (mod 2^32) of every encoded value: any one changed value changes
     it (each weight is odd, so invertible mod 2^32), and so does a value moved within its row."""
     lo, hi = np.asarray(row_offsets[:-1], np.int64), np.asarray(row_offsets[1:], np.int64)
     with np.errstate(over="ignore"):
-        return (_entry_sums(ids.view(np.uint32), row_offsets, offsets, 0x9E3779B1)
-                + _entry_sums(steps, row_offsets, offsets, 0x85EBCA77)
-                + _row_sums(ref16.view(np.uint16).astype(np.uint32), lo, hi, 0xC2B2AE3D)
-                + _row_sums(token_steps, lo, hi, 0x27D4EB2F))
+        checksum: np.ndarray = (_entry_sums(ids.view(np.uint32), row_offsets, offsets, 0x9E3779B1)
+                                + _entry_sums(steps, row_offsets, offsets, 0x85EBCA77)
+                                + _row_sums(ref16.view(np.uint16).astype(np.uint32), lo, hi, 0xC2B2AE3D)
+                                + _row_sums(token_steps, lo, hi, 0x27D4EB2F))
+    return checksum
 
 
 def _entry_sums(values: np.ndarray, row_offsets: np.ndarray, offsets: np.ndarray, salt: int) -> np.ndarray:
@@ -360,7 +364,8 @@ def _entry_sums(values: np.ndarray, row_offsets: np.ndarray, offsets: np.ndarray
         per_position = weighted + np.uint32(2 * width) * local * plain
         running = np.zeros(len(per_position) + 1, np.uint32)
         np.cumsum(per_position, dtype=np.uint32, out=running[1:])
-        return running[row_offsets[1:]] - running[row_offsets[:-1]]
+        sums: np.ndarray = running[row_offsets[1:]] - running[row_offsets[:-1]]
+    return sums
 
 
 def _row_sums(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, salt: int) -> np.ndarray:
@@ -373,7 +378,8 @@ def _row_sums(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, salt: int) -> 
         np.cumsum(weighted, dtype=np.uint32, out=running[1:])
         plain = np.zeros(len(values) + 1, np.uint32)
         np.cumsum(shifted, dtype=np.uint32, out=plain[1:])
-        return (running[hi] - running[lo]) - np.uint32(2) * lo.astype(np.uint32) * (plain[hi] - plain[lo])
+        sums: np.ndarray = (running[hi] - running[lo]) - np.uint32(2) * lo.astype(np.uint32) * (plain[hi] - plain[lo])
+    return sums
 
 
 def _zigzag(v: np.ndarray) -> np.ndarray:
@@ -411,8 +417,9 @@ def _array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
 def _offsets(array: pa.ListArray) -> np.ndarray:
     if array.null_count:
         raise ValueError("null soft-label lists")
-    offsets = array.offsets.to_numpy().astype(np.int64)
-    return offsets - offsets[0]
+    offsets: np.ndarray = array.offsets.to_numpy().astype(np.int64)
+    from_zero: np.ndarray = offsets - offsets[0]
+    return from_zero
 
 
 def _flat_lists(array: pa.ListArray) -> _Flat:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,7 +17,7 @@ def worker(teacher: Annotated[str | None, typer.Option(help="default: the regist
     from workers.settings import WorkerSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in {"teacher": teacher, "engine": engine}.items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in {"teacher": teacher, "engine": engine}.items() if v is not None}
     try:
         code = run_worker(WorkerSettings(**overrides))
     except EngineStartFailed as exc:
@@ -41,7 +41,7 @@ def fleet(teacher: Annotated[list[str], typer.Option(help="a teacher to serve; r
     from workers.fleet.settings import FleetSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    given = {"min_replicas": min_replicas, "max_replicas": max_replicas, "gpus_per_replica": gpus_per_replica,
+    given: dict[str, Any] = {"min_replicas": min_replicas, "max_replicas": max_replicas, "gpus_per_replica": gpus_per_replica,
              "ray_address": address, "engine": engine}
     try:
         settings = FleetSettings(**{k: v for k, v in given.items() if v is not None})

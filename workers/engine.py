@@ -7,7 +7,7 @@ the writer and the tests see these types alone, so a scripted engine can stand i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from service.sampling import Sampling
 
@@ -27,7 +27,7 @@ class EngineRequest:
     mode: str = "generate"  # or "score"
     response_token_ids: list[int] | None = None
     # The chat messages the prompt was rendered from; only a remote chat endpoint needs them.
-    messages: list[dict] | None = None
+    messages: list[dict[str, Any]] | None = None
 
 
 @dataclass

@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -51,14 +52,14 @@ class Holdings:
         with self.lock:
             self.tasks.update({t.key: t for t in claimed})
 
-    def tokens(self, keys=None) -> dict[str, int]:
+    def tokens(self, keys: Iterable[str] | None = None) -> dict[str, int]:
         """Fencing tokens of the held tasks (of `keys` only, when given)."""
         with self.lock:
             if keys is None:
                 return {k: t.lease_token for k, t in self.tasks.items()}
             return {k: self.tasks[k].lease_token for k in keys if k in self.tasks}
 
-    def drop(self, keys) -> None:
+    def drop(self, keys: Iterable[str]) -> None:
         with self.lock:
             for key in keys:
                 self.tasks.pop(key, None)

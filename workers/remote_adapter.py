@@ -72,7 +72,7 @@ class RetryAfterOrBackoff:
         exc = state.outcome.exception() if state.outcome else None
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
-            return retry_after  # honoured in full, never shortened
+            return float(retry_after)  # honoured in full, never shortened
         return self.backoff(state)
 
 
@@ -144,7 +144,8 @@ class RemoteClient:
         if response.status_code >= 400:
             raise RemoteRequestFailed(f"remote teacher HTTP {response.status_code}: {self._excerpt(response)}")
         try:
-            return response.json()
+            answer: dict[str, Any] = response.json()
+            return answer
         except ValueError:
             raise RemoteRequestFailed(f"remote teacher sent a body that is not JSON: {self._excerpt(response)}") \
                 from None
@@ -407,7 +408,7 @@ class RemoteEngine:
         if UNMAPPED in ids:
             return server_text
         with self._decode_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
+            return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _count(self, request: EngineRequest, samples: list[Sample]) -> None:
         prompt = len(request.prompt_token_ids) + len(request.response_token_ids or ())

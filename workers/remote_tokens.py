@@ -65,7 +65,7 @@ def byte_level_vocabulary(pieces: dict[str, int]) -> dict[bytes, int | None]:
     None marks bytes several ids share. Empty for other vocabularies."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}  # type: ignore[no-untyped-call]  # unannotated in transformers
     by_bytes: dict[bytes, int | None] = {}
     for piece, token_id in pieces.items():
         if all(char in byte_of for char in piece):

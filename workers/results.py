@@ -30,7 +30,7 @@ def result_rows(result: EngineResult, prompt: list[int]) -> list[dict[str, Any]]
     ]
 
 
-def result_table(results: list[EngineResult], prompts: dict[str, list[int]]) -> tuple[pa.Table, list[dict]]:
+def result_table(results: list[EngineResult], prompts: dict[str, list[int]]) -> tuple[pa.Table, list[dict[str, Any]]]:
     """The shard's rows, and for each result its index entry (row range, token counts)."""
     rows: list[dict[str, Any]] = []
     index = []

@@ -185,7 +185,7 @@ class VllmEngine:
             return list(request.prompt_token_ids), _generate_params(request)
         if request.mode == "score":
             _check_score_request(request)
-            prompt_ids = list(request.prompt_token_ids) + list(request.response_token_ids)
+            prompt_ids = list(request.prompt_token_ids) + list(request.response_token_ids)  # type: ignore[arg-type]  # checked above
             return prompt_ids, _score_params(request.top_logprobs)
         raise ValueError(f"unknown mode {request.mode!r}")
 

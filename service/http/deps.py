@@ -15,6 +15,7 @@ from service.http.auth_first import authenticate
 from service.http.ui_pages import COOKIE
 from service.jobs.limits import JobLimits
 from service.jobs.service import JobService
+from service.openai_batch.service import OpenAIBatchService
 from service.runtime import Runtime
 from service.settings import ServiceSettings
 from service.tenants.service import Caller
@@ -75,6 +76,13 @@ def job_service(request: Request, db: Db, who: Annotated[Caller, Depends(caller)
     return jobs_of(db, runtime(request), who)
 
 
+def batch_service(request: Request, db: Db, who: Annotated[Caller, Depends(caller)]) -> OpenAIBatchService:
+    """The caller's OpenAI files and batches, in the request's transaction, with the caller's limits
+    (a batch is submitted as a job)."""
+    rt = runtime(request)
+    return OpenAIBatchService(db, who.tenant, rt.storage, rt.teachers, limits_of(rt, who))
+
+
 def shard_url_builder(request: Request) -> Callable[[str], str]:
     base = public_base_url(runtime(request).settings, request)
     return lambda shard_id: f"{base}/v1/shards/{shard_id}"
@@ -95,3 +103,4 @@ Rt = Annotated[Runtime, Depends(runtime)]
 Who = Annotated[Caller, Depends(caller)]
 Limits = Annotated[JobLimits, Depends(job_limits)]
 Jobs = Annotated[JobService, Depends(job_service)]
+Batches = Annotated[OpenAIBatchService, Depends(batch_service)]

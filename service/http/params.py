@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Path, Query
+from fastapi import Query, params
 
 from service.ids import id_pattern
 
 
-def path_id(kind: str) -> Path:
-    return Path(pattern=id_pattern(kind), description=f"a {kind} id, as the API returned it")
+def path_id(kind: str) -> params.Path:
+    return params.Path(pattern=id_pattern(kind), description=f"a {kind} id, as the API returned it")
 
 
 JobId = Annotated[str, path_id("job")]

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import anyio
 from starlette.responses import FileResponse
+from starlette.types import Receive, Scope, Send
 
 from service.errors import RangeNotSatisfiable
 
@@ -116,7 +118,7 @@ RANGE_HEADERS = {"parameters": [
 ]}
 
 
-def file_responses(media_type: str) -> dict[int | str, dict]:
+def file_responses(media_type: str) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI description of a route answered by RangeFileResponse."""
     binary = {"schema": {"type": "string", "format": "binary"}}
     return {
@@ -139,18 +141,19 @@ class StoredFileResponse(RangeFileResponse):
     # request per 64 KiB (a few MiB/s); 8 MiB per GET keeps a proxied download near the store's speed.
     chunk_size = 8 * 1024 * 1024
 
-    def __init__(self, opener, size: int, **kwargs) -> None:
+    def __init__(self, opener: Callable[[], BinaryIO], size: int, **kwargs: Any) -> None:
         self._opener = opener
         stat_result = os.stat_result((0o100644, 0, 0, 1, 0, 0, size, 0, 0, 0))
         super().__init__(path="stored-object", stat_result=stat_result, **kwargs)
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # There is no local path to hand the server (the pathsend extension).
         extensions = {k: v for k, v in scope.get("extensions", {}).items() if k != "http.response.pathsend"}
         await super().__call__({**scope, "extensions": extensions}, receive, send)
 
+    # Starlette types the file as anyio's AsyncFile; it calls only seek and read, which AsyncReader has.
     @asynccontextmanager
-    async def _open_file(self):
+    async def _open_file(self) -> AsyncIterator[AsyncReader]:  # type: ignore[override]
         file = await anyio.to_thread.run_sync(self._opener)
         try:
             yield AsyncReader(file)
@@ -162,7 +165,7 @@ class StoredFileResponse(RangeFileResponse):
 class AsyncReader:
     """The two calls Starlette makes on a file, off the event loop."""
 
-    def __init__(self, file) -> None:
+    def __init__(self, file: BinaryIO) -> None:
         self.file = file
 
     async def seek(self, offset: int) -> None:

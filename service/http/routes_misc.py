@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
-import psycopg
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import RedirectResponse
 
+from service.db import database_answers
 from service.errors import ShardDamaged, Unavailable
 from service.http.deps import Db, Jobs, Rt, caller
-from service.http.metrics import render_metrics
 from service.http.params import ShardId
 from service.http.ranges import RANGE_HEADERS, RangeFileResponse, StoredFileResponse, file_responses
-from service.jobs.repository import JobRepository
+from service.status.metrics import render_metrics
 from service.storage import ShardCheckFailed
 from service.teachers.service import available_teachers
 
@@ -78,19 +75,8 @@ async def healthz(request: Request) -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def database_answers(url: str, timeout_s: float = 2.0) -> bool:
-    conninfo = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    try:
-        async with asyncio.timeout(timeout_s):
-            async with await psycopg.AsyncConnection.connect(conninfo, connect_timeout=max(1, int(timeout_s))) as db:
-                await db.execute("SELECT 1")
-    except (psycopg.Error, OSError, TimeoutError):
-        return False
-    return True
-
-
 # The default response class keeps the error responses documented as JSON; 200 is text.
 @router.get("/metrics", tags=["health"],
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}})
 def metrics(db: Db, rt: Rt) -> Response:
-    return Response(render_metrics(JobRepository(db), rt.teachers.prices), media_type="text/plain; version=0.0.4")
+    return Response(render_metrics(db, rt.teachers.prices), media_type="text/plain; version=0.0.4")

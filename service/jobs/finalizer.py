@@ -58,7 +58,7 @@ def finalize_ready(rt: Runtime) -> int:
         with transaction(rt.sessions) as db:
             job = finalize_one(JobRepository(db), rt.storage, rt.teacher_metadata(),
                                AssemblyLimits.from_settings(rt.settings),
-                               on_end=lambda ended: finish_openai_batch(db, rt, ended))
+                               on_end=lambda ended: finish_openai_batch(db, rt.storage, rt.teachers, ended))
         if job is None:
             return done
         log.info("job %s finalized (%s)", job.id, job.status)  # or counted a failed attempt

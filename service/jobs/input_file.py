@@ -11,9 +11,9 @@ from __future__ import annotations
 import bisect
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -26,7 +26,7 @@ from service.jobs.limits import (
     request_tokens,
 )
 from service.jobs.schemas import JobCreate, RequestIn
-from service.jobs.tokenize import PreparedRequest, prepare_one
+from service.jobs.tokenize import Prepared, prepare_one
 from service.jsonl import LineTooLong, Readable, raw_lines
 from service.teachers.tokenizer import Teacher
 
@@ -106,11 +106,11 @@ def on_line(number: int) -> Iterator[None]:
 
 
 def prepared_batches(body: JobCreate, teacher: Teacher, lines: Iterator[tuple[int, bytes]],
-                     limits: JobLimits) -> Iterator[list[PreparedRequest]]:
+                     limits: JobLimits) -> Iterator[list[Prepared]]:
     """The file's requests, validated and tokenized, BATCH_REQUESTS at a time; the job's request
     count and token budget are checked as they grow, so an oversized file is refused at the line
     that passes the limit."""
-    batch: list[PreparedRequest] = []
+    batch: list[Prepared] = []
     index = tokens = 0
     check = request_checks(body, limits)  # as a body's requests: texts' lengths, own parameters
     for number, line in lines:
@@ -135,12 +135,12 @@ def prepared_batches(body: JobCreate, teacher: Teacher, lines: Iterator[tuple[in
 _DONE = object()
 
 
-def read_ahead(items: Iterator[T], depth: int = READ_AHEAD_BATCHES) -> Iterator[T]:
+def read_ahead(items: Iterator[T], depth: int = READ_AHEAD_BATCHES) -> Generator[T, None, None]:
     """`items`, produced in a thread up to `depth` ahead of the consumer: the file is parsed and
     tokenized while the caller's thread waits on Postgres for the batch before (the driver
     releases the GIL while it waits), instead of one after the other. An error in the producer
     is raised here, in order; a consumer that stops early stops the producer at its next item."""
-    ready: queue.Queue = queue.Queue(maxsize=depth)
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)  # items, then _DONE or the exception
     stopped = threading.Event()
 
     def produce() -> None:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from service.db import copy_cursor
 from service.models import Job, Request, Shard
 from service.states import JOB_ACTIVE, JOB_UNFINISHED, JobStatus, RequestState, sql_list
 
@@ -214,7 +215,7 @@ def bounded_count(session: orm.Session, statement: sa.TextClause, index: str) ->
     return max(exact, int(session.scalar(INDEX_SIZE_SQL, {"index": index}) or 0))
 
 
-def any_key(keys: list[str]) -> sa.ColumnElement:
+def any_key(keys: list[str]) -> sa.ColumnElement[Any]:
     """`= ANY(:keys)`: one array parameter however many keys (IN takes one per key, at most 65,535)."""
     return sa.any_(sa.bindparam("keys", keys, type_=ARRAY(sa.String)))
 
@@ -232,7 +233,7 @@ class JobRepository:
         if not rows:
             return
         columns = list(rows[0])  # every row has the same keys: the service's request_row()
-        with self.session.connection().connection.cursor() as cursor:
+        with copy_cursor(self.session) as cursor:
             with cursor.copy(COPY_REQUESTS_SQL.format(columns=", ".join(columns))) as copy:
                 for row in rows:
                     copy.write_row([row[column] for column in columns])
@@ -293,7 +294,7 @@ class JobRepository:
     def record_finalize_failure(self, job_id: str, reason: str, max_attempts: int, backoff_s: float) -> str:
         """Count a failed assembly on the job; its status after (`failed` once out of attempts)."""
         params = {"job_id": job_id, "reason": reason[:2000], "max_attempts": max_attempts, "backoff_s": backoff_s}
-        return self.session.execute(FINALIZE_FAILED_SQL, params).scalar_one()
+        return str(self.session.execute(FINALIZE_FAILED_SQL, params).scalar_one())
 
     def delete_job(self, job_id: str) -> None:
         """The job row; its requests and job shards go with it (ON DELETE CASCADE), a batch's link
@@ -311,7 +312,9 @@ class JobRepository:
 
     def delete_requests_chunk(self, job_id: str, rows: int) -> int:
         """Delete at most `rows` of the job's requests; how many went."""
-        return self.session.execute(DELETE_REQUESTS_CHUNK_SQL, {"job_id": job_id, "rows": rows}).rowcount
+        deleted: sa.CursorResult[Any] = self.session.execute(  # type: ignore[assignment]  # a DELETE's
+            DELETE_REQUESTS_CHUNK_SQL, {"job_id": job_id, "rows": rows})
+        return int(deleted.rowcount)
 
     def job_shards(self, job_id: str) -> builtins.list[Shard]:
         query = sa.select(Shard).where(Shard.job_id == job_id, Shard.kind == "job").order_by(Shard.shard_index)

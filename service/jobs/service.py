@@ -27,7 +27,7 @@ from service.jobs.limits import (
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, Sampling, ShardOut
 from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend
-from service.jobs.tokenize import PreparedRequest, RejectedRequest, prepare_requests
+from service.jobs.tokenize import Prepared, PreparedRequest, RejectedRequest, prepare_requests
 from service.models import Job, Shard
 from service.openai_batch.models import OpenAIFile
 from service.openai_batch.repository import OpenAIBatchRepository
@@ -66,9 +66,6 @@ def check_one_source(body: JobCreate) -> None:
     if (body.requests is None) == (body.input_file_id is None):
         raise ValidationFailed("requests: give exactly one of requests (the requests themselves) or input_file_id "
                                "(an uploaded JSONL file, one request per line)", field="requests")
-
-
-Prepared = PreparedRequest | RejectedRequest
 
 
 def prepare_submission(body: JobCreate, teacher: Teacher, limits: JobLimits,
@@ -110,7 +107,7 @@ class JobService:
         return job
 
     def submit(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None = None,
-               prepared: list | None = None, notes: dict[int, dict[str, Any]] | None = None) -> Job:
+               prepared: list[Prepared] | None = None, notes: dict[int, dict[str, Any]] | None = None) -> Job:
         """Validate and tokenize (unless `prepared` already is), spend one of the tenant's
         submissions (after validation, so an invalid body spends nothing; in this transaction, so
         a refused one spends nothing either), then write the whole job. Every submission, a
@@ -137,6 +134,7 @@ class JobService:
         and written a batch at a time in this one transaction: a refused line rolls all of it back
         (the caller's transaction), so nothing is left of it, the rate-limit spend included."""
         check_parameters(body, teacher, self.limits)
+        assert body.input_file_id is not None  # check_one_source: a job without its requests names a file
         source = self._input_file(body.input_file_id)
         job = self._add_job(body, teacher, idempotency_key, total=0, source=source)
         writer = JobWriter(self, job, body, teacher)
@@ -261,6 +259,10 @@ class JobService:
         stats = self.results.cache_stats(self.tenant)
         return {**stats, "tokens_saved": stats["prompt_tokens_saved"] + stats["completion_tokens_saved"]}
 
+    def stored_shards(self, job_id: str) -> list[Shard]:
+        """The output shards of a job the caller already holds, in order, with their storage paths."""
+        return self.jobs.job_shards(job_id)
+
     def shards(self, job_id: str, shard_url: ShardUrl) -> list[ShardOut]:
         self.get(job_id)
         return [shard_out(s, shard_url) for s in self.jobs.job_shards(job_id)]
@@ -268,11 +270,11 @@ class JobService:
     def describe(self, job: Job, shard_url: ShardUrl) -> JobOut:
         finished = job.finished_at is not None
         return JobOut(
-            id=job.id, status=job.status, teacher=job.teacher, mode=job.mode, top_logprobs=job.top_logprobs,
+            id=job.id, status=JobStatus(job.status), teacher=job.teacher, mode=job.mode, top_logprobs=job.top_logprobs,
             sampling=job.sampling, cache=job.cache_policy, soft_labels=job.soft_labels or {"encoding": "float32"},
             metadata=job.metadata_, counts=job_counts(job),
             spend=job_spend(job.mode, spend_tokens(job), self.prices(job.teacher)),
-            created_at=iso(job.created_at),
+            created_at=job.created_at.isoformat(),
             started_at=iso(job.started_at), finished_at=iso(job.finished_at), error=job.error,
             shards=[shard_out(s, shard_url) for s in self.jobs.job_shards(job.id)] if finished else None,
         )
@@ -326,11 +328,7 @@ class JobWriter:
         pending = sum(k not in hits for k in live)
         count_batch(job, hits, hits_answered=len(live) - pending, pending=pending, refused=len(keys) - len(live))
         service.jobs.session.flush()  # before any statement adjusts the counters in the database
-        service.jobs.add_requests([
-            request_row(job.id, r, k, k in hits, self.defaults, self.notes.get(r.index))
-            if isinstance(r, PreparedRequest) and k is not None else rejected_row(job.id, r, self.notes.get(r.index))
-            for r, k in zip(prepared, keys)
-        ])
+        service.jobs.add_requests([self._row(r, k, hits) for r, k in zip(prepared, keys)])
         # A task that finished while this job was being written (its result was not committed
         # when we looked): answer from it now, so nothing waits on a task that will not run.
         service.results.resolve_requests(self._enqueue_misses(prepared, keys, hits))
@@ -353,7 +351,15 @@ class JobWriter:
         self.service.jobs.session.flush()
         self.service.jobs.session.refresh(job)  # now() as the database set it: the job is read after commit
 
-    def _enqueue_misses(self, prepared: list[Prepared], keys: list[str | None], hits: dict) -> list[str]:
+    def _row(self, request: Prepared, key: str | None, hits: dict[str, tuple[int, int]]) -> dict[str, Any]:
+        """A request's row: answered from the cache or pending, or (refused alone) failed from the start."""
+        if isinstance(request, RejectedRequest):
+            return rejected_row(self.job.id, request, self.notes.get(request.index))
+        assert key is not None  # keyed() keys every request that runs
+        return request_row(self.job.id, request, key, key in hits, self.defaults, self.notes.get(request.index))
+
+    def _enqueue_misses(self, prepared: list[Prepared], keys: list[str | None],
+                        hits: dict[str, tuple[int, int]]) -> list[str]:
         """Queue (or join) a task per missed key, each waited on by this batch's requests with
         that key; the keys whose task was already done."""
         tasks: dict[str, NewTask] = {}
@@ -427,7 +433,8 @@ def rejected_row(job_id: str, request: RejectedRequest, notes: dict[str, Any] | 
     }
 
 
-def shard_out(shard, shard_url: ShardUrl) -> ShardOut:
+def shard_out(shard: Shard, shard_url: ShardUrl) -> ShardOut:
+    assert shard.shard_index is not None  # a job shard's (only a result shard has none)
     return ShardOut(index=shard.shard_index, url=shard_url(shard.id), rows=shard.rows, bytes=shard.bytes,
                     sha256=shard.sha256)
 

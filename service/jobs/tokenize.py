@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from jinja2 import TemplateError
 
@@ -18,7 +20,7 @@ class PreparedRequest:
     custom_id: str
     prompt_token_ids: list[int]
     response_token_ids: list[int] | None
-    messages: list[dict] | None = None  # kept only for a chat-endpoint teacher, which is sent them
+    messages: list[dict[str, Any]] | None = None  # kept only for a chat-endpoint teacher, which is sent them
     # This request's parameters: the job's, with the request's own overrides applied.
     sampling: Sampling = Sampling()
     top_logprobs: int = 0
@@ -32,6 +34,9 @@ class RejectedRequest:
     custom_id: str
     error: str
     field: str | None = None  # the field at fault, where one is
+
+
+Prepared = PreparedRequest | RejectedRequest  # a request ready to write: to run, or failed on its own
 
 
 def request_parameters(request: RequestIn, job: JobCreate) -> tuple[Sampling, int]:
@@ -53,14 +58,17 @@ def invalid(index: int, field: str, message: str) -> ValidationFailed:
     return ValidationFailed(f"{where}: {message}", request_index=index, field=where)
 
 
-def prepare_requests(job: JobCreate, teacher: Teacher, check=lambda index, request: None,
-                     reject_alone: bool = False) -> list[PreparedRequest | RejectedRequest]:
+def prepare_requests(job: JobCreate, teacher: Teacher,
+                     check: Callable[[int, RequestIn], None] = lambda index, request: None,
+                     reject_alone: bool = False) -> list[Prepared]:
     """Each request checked (`check`, then its parameters and tokens) and tokenized. With
     `reject_alone` a request that fails its checks becomes a RejectedRequest instead of
     refusing the job (OpenAI's batches fail such a line alone)."""
     seen: dict[str, int] = {}
-    prepared: list[PreparedRequest | RejectedRequest] = []
+    prepared: list[Prepared] = []
+    assert job.requests is not None  # a file's job is prepared a batch of requests at a time
     for index, request in enumerate(job.requests):
+        item: Prepared
         try:
             check(index, request)
             item = prepare_one(index, request, job, teacher)
@@ -90,6 +98,7 @@ def prepare_one(index: int, request: RequestIn, job: JobCreate, teacher: Teacher
     messages = None
     if teacher.spec.takes_messages_only:
         check_chat_request(index, request, job.mode)
+        assert request.messages is not None  # check_chat_request refuses a request without
         messages = [m.model_dump() for m in request.messages]
     return PreparedRequest(index, custom_id, prompt, response, messages, sampling, top_logprobs)
 
@@ -136,10 +145,11 @@ def prompt_ids(index: int, request: RequestIn, teacher: Teacher) -> list[int]:
         return list(request.prompt_token_ids)
     if request.messages is not None:
         return chat_ids(index, teacher, [m.model_dump() for m in request.messages])
+    assert request.prompt is not None  # split_prompt: exactly one of the three is given
     return teacher.encode_text(request.prompt)
 
 
-def chat_ids(index: int, teacher: Teacher, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def chat_ids(index: int, teacher: Teacher, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
     """The chat template's tokens; a template that refuses the conversation (Llama's and Mistral's
     raise on roles that do not alternate, or on a `tool` role) is the caller's 422, not a 500."""
     try:
@@ -167,6 +177,7 @@ def score_pair(index: int, request: RequestIn, teacher: Teacher) -> tuple[list[i
 
 def transcript_pair(index: int, request: RequestIn, teacher: Teacher) -> tuple[list[int], list[int]]:
     """A whole conversation: the last (assistant) turn exactly as the chat template renders it."""
+    assert request.messages is not None  # score_pair sends only a conversation here
     messages = [m.model_dump() for m in request.messages]
     if len(messages) < 2:  # the template renders no prompt from an empty conversation
         raise invalid(index, "messages", "a conversation to score needs a turn before the assistant's")

@@ -39,7 +39,7 @@ CHAT = "/v1/chat/completions"
 # Body fields OpenAI accepts that map onto native sampling parameters (same names, one definition).
 SAMPLING_FIELDS = tuple(name for name in openai_names() if name != "max_tokens")
 # Options this service cannot honour: a line that sets one (to other than its no-op value) fails alone.
-UNSUPPORTED = {"stream": (None, False), "echo": (None, False), "suffix": (None,), "logit_bias": (None, {}),
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {"stream": (None, False), "echo": (None, False), "suffix": (None,), "logit_bias": (None, {}),
                "tools": (None, []), "functions": (None, []), "best_of": (None, 1), "audio": (None,),
                "prediction": (None,)}
 HONOURED_RESPONSE_FORMATS = ("text",)
@@ -177,7 +177,7 @@ def request_of(custom_id: str, body: dict[str, Any], endpoint: str, top_logprobs
             from None
 
 
-def body_field(loc: tuple, body: dict[str, Any]) -> str:
+def body_field(loc: tuple[int | str, ...], body: dict[str, Any]) -> str:
     """The body field a native validation error is about (`sampling.max_tokens` is the line's
     max_completion_tokens when it gave that)."""
     path = [str(p) for p in loc]
@@ -249,7 +249,7 @@ def to_job(lines: list[ParsedLine], line_numbers: list[int]) -> ParsedInput:
     so a file whose lines agree is a job of one parameter set (as before lines could differ) and
     only lines that differ carry parameters of their own."""
     runnable = [i for i, line in enumerate(lines) if isinstance(line.request, RequestIn)]
-    requests = [lines[i].request for i in runnable]
+    requests = [line.request for line in lines if isinstance(line.request, RequestIn)]  # in `runnable`'s order
     first = requests[0] if requests else RequestIn()
     sampling = apply_override(Sampling(), first.sampling)
     job = JobCreate.model_construct(teacher=lines[0].model, mode="generate", top_logprobs=first.top_logprobs or 0,

@@ -16,6 +16,7 @@ from itertools import groupby
 from typing import Any
 
 Decode = Callable[[int], str]
+Row = dict[str, Any]  # one sample of a job shard, as pyarrow's to_pylist gives it
 CHAT = "/v1/chat/completions"
 
 
@@ -63,7 +64,8 @@ def error_line(custom_id: str, message: str, expired: bool = False) -> str:
     return json.dumps(line)
 
 
-def response_body(samples, endpoint, model, created, wants_logprobs, decode, request_id) -> dict[str, Any]:
+def response_body(samples: list[Row], endpoint: str, model: str, created: int, wants_logprobs: bool, decode: Decode,
+                  request_id: str) -> dict[str, Any]:
     chat = endpoint == CHAT
     choices = [chat_choice(s, wants_logprobs, decode) if chat else text_choice(s, wants_logprobs, decode)
                for s in samples]
@@ -77,13 +79,13 @@ def response_body(samples, endpoint, model, created, wants_logprobs, decode, req
     }
 
 
-def chat_choice(sample, wants_logprobs: bool, decode: Decode) -> dict[str, Any]:
+def chat_choice(sample: Row, wants_logprobs: bool, decode: Decode) -> dict[str, Any]:
     return {"index": sample["sample_index"], "message": {"role": "assistant", "content": sample["completion_text"]},
             "logprobs": chat_logprobs(sample, decode) if wants_logprobs else None,
             "finish_reason": sample["finish_reason"]}
 
 
-def text_choice(sample, wants_logprobs: bool, decode: Decode) -> dict[str, Any]:
+def text_choice(sample: Row, wants_logprobs: bool, decode: Decode) -> dict[str, Any]:
     return {"index": sample["sample_index"], "text": sample["completion_text"],
             "logprobs": completion_logprobs(sample, decode) if wants_logprobs else None,
             "finish_reason": sample["finish_reason"]}
@@ -104,7 +106,7 @@ def token_entry(token_id: int, logprob: float, decode: Decode) -> dict[str, Any]
     return {"token": token, "logprob": openai_logprob(logprob), "bytes": list(token.encode("utf-8"))}
 
 
-def chat_logprobs(sample, decode: Decode) -> dict[str, Any]:
+def chat_logprobs(sample: Row, decode: Decode) -> dict[str, Any]:
     content = []
     for position, (token_id, logprob) in enumerate(zip(sample["completion_token_ids"], sample["token_logprobs"])):
         entry = token_entry(token_id, logprob, decode)
@@ -113,9 +115,10 @@ def chat_logprobs(sample, decode: Decode) -> dict[str, Any]:
     return {"content": content}
 
 
-def completion_logprobs(sample, decode: Decode) -> dict[str, Any]:
+def completion_logprobs(sample: Row, decode: Decode) -> dict[str, Any]:
     tokens = [decode(t) for t in sample["completion_token_ids"]]
-    offsets, offset = [], 0
+    offsets: list[int] = []
+    offset = 0
     for token in tokens:
         offsets.append(offset)
         offset += len(token)
@@ -125,7 +128,7 @@ def completion_logprobs(sample, decode: Decode) -> dict[str, Any]:
             "top_logprobs": top, "text_offset": offsets}
 
 
-def top_pairs(sample, position: int) -> list[tuple[int, float]]:
+def top_pairs(sample: Row, position: int) -> list[tuple[int, float]]:
     ids = sample["top_token_ids"][position] if position < len(sample["top_token_ids"]) else []
     logprobs = sample["top_logprobs"][position] if position < len(sample["top_logprobs"]) else []
     return list(zip(ids, logprobs))

@@ -16,17 +16,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sqlalchemy import orm
 
 from service.errors import LimitExceeded, NotFound, ValidationFailed
 from service.ids import new_id
 from service.jobs.limits import JobLimits
-from service.jobs.repository import JobRepository
 from service.jobs.schemas import RequestIn
 from service.jobs.service import JobService, prepare_submission
-from service.jobs.tokenize import RejectedRequest
+from service.jobs.tokenize import Prepared, RejectedRequest
 from service.models import Job
 from service.openai_batch import output_file
 from service.openai_batch.input_file import LineFailure, ParsedInput, parse_input
@@ -41,9 +40,9 @@ from service.openai_batch.schemas import (
     FileObject,
     RequestCounts,
 )
-from service.runtime import Runtime
 from service.states import BATCH_FINISHED, JOB_ACTIVE, JOB_FINISHED, BatchStatus, JobStatus
 from service.storage.port import Storage, StoredShard, storage_retry
+from service.teachers.catalog import TeacherCatalog
 from service.text import storable_text
 from teachercache.shard_format import open_shard
 
@@ -72,11 +71,14 @@ class StoredLines:
 
 
 class OpenAIBatchService:
-    """A tenant's files and batches: another tenant's are not found."""
+    """A tenant's files and batches: another tenant's are not found. `storage` holds the files,
+    `teachers` tokenizes the inputs and decodes the outputs."""
 
-    def __init__(self, session: orm.Session, rt: Runtime, tenant: str, limits: JobLimits | None = None) -> None:
+    def __init__(self, session: orm.Session, tenant: str, storage: Storage, teachers: TeacherCatalog,
+                 limits: JobLimits | None = None) -> None:
         self.session = session
-        self.rt = rt
+        self.storage = storage
+        self.teachers = teachers
         self.tenant = tenant
         self.repo = OpenAIBatchRepository(session)
         self.jobs = JobService(session, tenant, limits)
@@ -97,7 +99,7 @@ class OpenAIBatchService:
         # Written before its row: a crash in between leaves an unreferenced file, never a dangling row.
         file_id = new_id("file")
         path = f"files/{file_id}.jsonl"
-        stored = copy_into(self.rt.storage, path, source)  # atomic, like a shard: a crash leaves no half file
+        stored = copy_into(self.storage, path, source)  # atomic, like a shard: a crash leaves no half file
         row = OpenAIFile(id=file_id, tenant=self.tenant, purpose=purpose, filename=filename[:500], bytes=stored.bytes,
                          path=path, sha256=stored.sha256, created_at=now())
         self.repo.add(row)
@@ -110,7 +112,7 @@ class OpenAIBatchService:
         return row
 
     def content(self, file_id: str) -> bytes:
-        return self.rt.storage.read_bytes(self.file(file_id).path)
+        return self.storage.read_bytes(self.file(file_id).path)
 
     # batches
 
@@ -128,7 +130,7 @@ class OpenAIBatchService:
                             output_expires_after_s=body.output_expires_after.seconds if body.output_expires_after
                             else None)
         self.repo.add(batch)
-        parsed = parse_input(self.rt.storage.read_bytes(source.path), body.endpoint, set(self.rt.teachers.registry.teachers))
+        parsed = parse_input(self.storage.read_bytes(source.path), body.endpoint, self.teachers.names())
         if isinstance(parsed, list):
             self._fail(batch, parsed)
         else:
@@ -139,7 +141,7 @@ class OpenAIBatchService:
         # The default (the first line's); a line that asks otherwise is noted on its request.
         parsed.job.metadata = {"openai_batch_id": batch.id, "openai_endpoint": batch.endpoint,
                                "openai_logprobs": parsed.logprobs}
-        teacher = self.rt.teachers.get(parsed.teacher)
+        teacher = self.teachers.get(parsed.teacher)
         try:
             prepared = line_requests(parsed, prepare_submission(parsed.job, teacher, self.jobs.limits,
                                                                 reject_alone=True))
@@ -229,15 +231,15 @@ class OpenAIBatchService:
         path = f"files/{file_id}.jsonl"
         count = 0
 
-        def fill(f) -> None:
+        def fill(f: BinaryIO) -> None:
             nonlocal count
             for line in lines:
                 f.write(line.encode() + b"\n")
                 count += 1
 
-        stored = self.rt.storage.write(path, fill)
+        stored = self.storage.write(path, fill)
         if count == 0:
-            self.rt.storage.delete(path)
+            self.storage.delete(path)
             return None
         row = OpenAIFile(id=file_id, tenant=self.tenant, purpose="batch_output", filename=filename, bytes=stored.bytes,
                          path=path, created_at=now(), expires_at=expires_at)
@@ -245,7 +247,7 @@ class OpenAIBatchService:
         return StoredLines(row, count)
 
     def _result_lines(self, batch: OpenAIBatch, job: Job, errors: bool, usage: BatchUsage) -> Iterator[str]:
-        teacher = self.rt.teachers.get(job.teacher)
+        teacher = self.teachers.get(job.teacher)
         decoded: dict[int, str] = {}
 
         def decode(token_id: int) -> str:
@@ -268,10 +270,10 @@ class OpenAIBatchService:
                 expired = batch.expired_at is not None and problem == "cancelled"
                 yield output_file.error_line(samples[0]["custom_id"], problem, expired)
 
-    def _job_rows(self, job_id: str) -> Iterator[dict]:
+    def _job_rows(self, job_id: str) -> Iterator[dict[str, Any]]:
         """The job's rows in request order (as its shards hold them), a row group at a time."""
-        for shard in JobRepository(self.session).job_shards(job_id):
-            with self.rt.storage.open(shard.path) as f:
+        for shard in self.jobs.stored_shards(job_id):
+            with self.storage.open(shard.path) as f:
                 parquet, _ = open_shard(f, where=shard.path)  # its schema version checked, as every reader does
                 for rows in parquet.iter_batches(batch_size=1024):
                     yield from rows.to_pylist()
@@ -312,22 +314,22 @@ def copy_into(storage: Storage, path: str, source: BinaryIO) -> StoredShard:
     return storage.write(path, fill)
 
 
-def finish_openai_batch(session: orm.Session, rt: Runtime, job: Job) -> None:
+def finish_openai_batch(session: orm.Session, storage: Storage, teachers: TeacherCatalog, job: Job) -> None:
     """The finalizer's step once a job has ended: if it is a batch's, write the batch's output and
     error files and end the batch, in the finalizer's transaction (so exactly once)."""
     batch_id = (job.metadata_ or {}).get("openai_batch_id")
     if not batch_id:
         return
-    service = OpenAIBatchService(session, rt, job.tenant)
+    service = OpenAIBatchService(session, job.tenant, storage, teachers)
     batch = service.repo.batch(batch_id, job.tenant, lock=True)
     if batch is not None and batch.status not in BATCH_FINISHED:
         service._finish(batch, job)
 
 
-def line_requests(parsed: ParsedInput, prepared: list) -> list:
+def line_requests(parsed: ParsedInput, prepared: list[Prepared]) -> list[Prepared]:
     """The job's requests in file order: each runnable line's prepared request, and a rejected
     one for each line that cannot run (it fails alone, with its reason)."""
-    out: list = [None] * len(parsed.lines)
+    out: list[Any] = [None] * len(parsed.lines)  # every position is filled below
     for item, position in zip(prepared, parsed.runnable):
         if isinstance(item, RejectedRequest):  # named as the line's body field, not the native request's
             native = f"requests[{item.index}]."
@@ -346,7 +348,7 @@ def body_field_of(native: str) -> str:
     return "body." + ("prompt" if name == "prompt_token_ids" else name)
 
 
-def line_notes(parsed: ParsedInput) -> dict[int, dict]:
+def line_notes(parsed: ParsedInput) -> dict[int, dict[str, Any]]:
     """What a line asked of its output beyond the native parameters, where it differs from the
     job's default: whether to carry logprobs."""
     return {position: {"logprobs": line.logprobs} for position, line in enumerate(parsed.lines)
@@ -363,7 +365,7 @@ def error_from_submission(exc: ValidationFailed | LimitExceeded, line_numbers: l
                       line=line_numbers[index] if index is not None and index < len(line_numbers) else None)
 
 
-def add_usage(usage: BatchUsage, samples: list[dict]) -> None:
+def add_usage(usage: BatchUsage, samples: list[dict[str, Any]]) -> None:
     """One request's tokens, as its output line's usage counts them (prompt once, every sample)."""
     prompt = len(samples[0]["prompt_token_ids"])
     usage.input_tokens += prompt
@@ -373,7 +375,7 @@ def add_usage(usage: BatchUsage, samples: list[dict]) -> None:
 
 
 def describe_file(row: OpenAIFile) -> FileObject:
-    return FileObject(id=row.id, bytes=row.bytes, created_at=unix(row.created_at), filename=row.filename,
+    return FileObject(id=row.id, bytes=row.bytes, created_at=int(row.created_at.timestamp()), filename=row.filename,
                       purpose=row.purpose, expires_at=unix(row.expires_at))
 
 
@@ -382,8 +384,8 @@ def describe_batch(batch: OpenAIBatch) -> BatchObject:
     metadata = {**(batch.metadata_ or {}), **({"teachercache_job_id": batch.job_id} if batch.job_id else {})}
     return BatchObject(
         id=batch.id, endpoint=batch.endpoint, errors=errors, input_file_id=batch.input_file_id,
-        completion_window=batch.completion_window, status=batch.status, output_file_id=batch.output_file_id,
-        error_file_id=batch.error_file_id, created_at=unix(batch.created_at),
+        completion_window=batch.completion_window, status=BatchStatus(batch.status), output_file_id=batch.output_file_id,
+        error_file_id=batch.error_file_id, created_at=int(batch.created_at.timestamp()),
         in_progress_at=unix(batch.in_progress_at), finalizing_at=unix(batch.finalizing_at),
         completed_at=unix(batch.completed_at), failed_at=unix(batch.failed_at),
         cancelling_at=unix(batch.cancelling_at), cancelled_at=unix(batch.cancelled_at),

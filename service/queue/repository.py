@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import orm
 
+from service.db import copy_cursor
 from service.states import TaskState
 
 # Non-suspects: pending only (expired leases were requeued just before, by REQUEUE_LOST_SQL),
@@ -395,7 +396,7 @@ class TaskRepository:
             return []
         tasks = sorted(tasks, key=lambda t: t.key)  # one lock order with the workers' statements
         self.session.execute(STAGE_TASKS_SQL)
-        with self.session.connection().connection.cursor() as cursor:
+        with copy_cursor(self.session) as cursor:
             with cursor.copy(COPY_STAGED_TASKS_SQL) as copy:
                 for row in task_rows(tasks, waiters):
                     copy.write_row(row)

@@ -18,7 +18,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,6 +29,7 @@ from service.ids import new_id
 from service.jobs.repository import JobRepository
 from service.models import Job, Shard
 from service.results.repository import AssemblyRow, ResultRepository
+from service.settings import ServiceSettings
 from service.states import JobStatus
 from service.storage import ShardCheckFailed, Storage
 from teachercache.shard_format import JOB_SCHEMA, RESULT_FIELDS, error_row, open_shard, parquet_options, shard_metadata
@@ -45,7 +46,7 @@ class AssemblyLimits:
     backoff_s: float
 
     @classmethod
-    def from_settings(cls, settings) -> AssemblyLimits:
+    def from_settings(cls, settings: ServiceSettings) -> AssemblyLimits:
         return cls(settings.shard_rows, settings.assembly_batch_rows, settings.finalize_max_attempts,
                    settings.finalize_backoff_s)
 
@@ -53,7 +54,7 @@ class AssemblyLimits:
 JOB_ENDED = ("succeeded", "failed", "cancelled")
 
 
-def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict, limits: AssemblyLimits,
+def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict[str, dict[str, str]], limits: AssemblyLimits,
                  on_end: Callable[[Job], None] = lambda job: None) -> Job | None:
     """Claim one job that is ready (all requests resolved, or cancelled) and assemble it.
 
@@ -87,8 +88,8 @@ def ended(jobs: JobRepository, job: Job, on_end: Callable[[Job], None]) -> None:
         on_end(job)
 
 
-def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, job: Job, teacher_meta: dict,
-             limits: AssemblyLimits) -> None:
+def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, job: Job,
+             teacher_meta: dict[str, dict[str, str]], limits: AssemblyLimits) -> None:
     damaged = damaged_sources(results, storage, job.id)
     if damaged:  # recompute them: the job moves back to running and is finalized when they resolve
         requeued = results.drop_damaged_shards(damaged)
@@ -117,7 +118,7 @@ def job_encoding(job: Job) -> Encoding:
     return Encoding.named((job.soft_labels or {}).get("encoding", DEFAULT_ENCODING))
 
 
-def job_parameters(job: Job) -> dict:
+def job_parameters(job: Job) -> dict[str, Any]:
     return {"job_id": job.id, "mode": job.mode, "top_logprobs": job.top_logprobs, "sampling": job.sampling}
 
 
@@ -160,31 +161,41 @@ def window_table(jobs: JobRepository, storage: Storage, window: list[AssemblyRow
 def computed_pieces(storage: Storage, rows: list[AssemblyRow]) -> list[pa.Table]:
     by_shard: dict[str, list[AssemblyRow]] = defaultdict(list)
     for row in rows:
-        by_shard[row.shard_path].append(row)
+        if row.shard_path is not None:  # the caller passes answered requests only
+            by_shard[row.shard_path].append(row)
     return [rows_from_shard(storage, path, wanted) for path, wanted in by_shard.items()]
 
 
 def rows_from_shard(storage: Storage, path: str, wanted: list[AssemblyRow]) -> pa.Table:
     """The wanted rows of one result shard, reading only the row groups that hold them."""
-    wanted = sorted(wanted, key=lambda r: r.row_start)
+    wanted = sorted(wanted, key=lambda r: span(r)[0])
+    spans = [span(r) for r in wanted]
     with storage.open(path) as f:
         parquet, _ = open_shard(f, f"result shard {path}")
         starts = row_group_starts(parquet.metadata)
-        indices = [i for r in wanted for i in range(r.row_start, r.row_start + r.row_count)]
+        indices = [i for start, count in spans for i in range(start, start + count)]
         groups = sorted({bisect.bisect_right(starts, i) - 1 for i in indices})
         columns = [name for name in parquet.schema_arrow.names if name != "cache_key"]
         read = parquet.read_row_groups(groups, columns=columns)
     # Positions within the row groups read: each group's rows follow the previous group's.
-    offset, base = {}, 0
+    offset: dict[int, int] = {}
+    base = 0
     for group in groups:
         offset[group] = base - starts[group]
         base += parquet.metadata.row_group(group).num_rows
     local = [i + offset[bisect.bisect_right(starts, i) - 1] for i in indices]
-    return label(read.take(pa.array(local, pa.int64())), wanted, [r.row_count for r in wanted])
+    return label(read.take(pa.array(local, pa.int64())), wanted, [count for _, count in spans])
+
+
+def span(row: AssemblyRow) -> tuple[int, int]:
+    """An answered request's (first row, rows) in its result shard."""
+    assert row.row_start is not None and row.row_count is not None  # answered: it has a shard and its rows
+    return row.row_start, row.row_count
 
 
 def row_group_starts(metadata: pq.FileMetaData) -> list[int]:
-    starts, total = [], 0
+    starts: list[int] = []
+    total = 0
     for group in range(metadata.num_row_groups):
         starts.append(total)
         total += metadata.row_group(group).num_rows
@@ -193,7 +204,7 @@ def row_group_starts(metadata: pq.FileMetaData) -> list[int]:
 
 def label(table: pa.Table, wanted: list[AssemblyRow], repeat: list[int]) -> pa.Table:
     """Add the job's own columns, each request's value repeated over its samples."""
-    def spread(values, type_):
+    def spread(values: list[Any], type_: pa.DataType) -> pa.Array:
         return pa.array([v for v, n in zip(values, repeat) for _ in range(n)], type_)
 
     table = table.append_column("custom_id", spread([r.custom_id for r in wanted], pa.string()))
@@ -230,6 +241,7 @@ class RowBuffer:
     def take(self, n: int) -> pa.Table | None:
         if self.exhausted():
             return None
+        assert self.current is not None  # not exhausted: a table with rows is there
         piece, self.current = self.current.slice(0, n), self.current.slice(n)
         return piece
 

@@ -207,7 +207,7 @@ class AssemblyRow:
     shard_path: str | None
     row_start: int | None
     row_count: int | None
-    parameters: dict | None = None  # the request's own parameters, where they differ from the job's
+    parameters: dict[str, Any] | None = None  # the request's own parameters, where they differ from the job's
 
 
 class ResultRepository:

@@ -28,6 +28,10 @@ class TeacherCatalog:
                 self._teachers[spec.name] = Teacher(spec, spec.model_dir(self.models_dir))
             return self._teachers[spec.name]
 
+    def names(self) -> set[str]:
+        """Every teacher the registry lists, prepared or not."""
+        return set(self.registry.teachers)
+
     def prices(self, name: str) -> tuple[float | None, float | None]:
         """USD per million prompt / completion tokens; (None, None) when unpriced or unknown."""
         spec = self.registry.teachers.get(name)

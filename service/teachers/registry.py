@@ -95,6 +95,7 @@ class TeacherSpec:
     def model_dir(self, models_dir: Path) -> Path:
         """The local folder: the weights, or for a remote teacher the tokenizer's folder."""
         if self.is_remote:
+            assert self.tokenizer is not None  # a remote teacher without one fails validation
             path = Path(self.tokenizer)
             return path if path.is_absolute() or len(path.parts) > 1 else models_dir / self.tokenizer
         return Path(self.model) if self.model else models_dir / self.name

@@ -38,7 +38,8 @@ class Teacher:
     def info(self) -> dict[str, Any]:
         path = self.folder / TEACHER_INFO_FILE
         if path.exists():
-            return json.loads(path.read_text())
+            info: dict[str, Any] = json.loads(path.read_text())
+            return info
         if not self.folder.exists():
             raise Unavailable(f"teacher {self.spec.name!r} is not prepared (run `teachercache teacher prepare`)")
         config = json.loads((self.folder / "config.json").read_text())
@@ -55,14 +56,14 @@ class Teacher:
 
     @property
     def tokenizer_hash(self) -> str:
-        return self.info["tokenizer_hash"]
+        return str(self.info["tokenizer_hash"])
 
     @property
     def vocab_size(self) -> int:
         return int(self.info["vocab_size"])
 
     @cached_property
-    def _tokenizer(self):
+    def _tokenizer(self) -> Any:  # a transformers fast tokenizer (its stubs type the calls below loosely)
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.folder)
@@ -91,7 +92,7 @@ class Teacher:
 
     def decode(self, ids: list[int]) -> str:
         with self._lock:
-            return self._tokenizer.decode(ids)
+            return str(self._tokenizer.decode(ids))
 
     def describe(self) -> dict[str, Any]:
         return {

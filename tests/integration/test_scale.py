@@ -168,14 +168,13 @@ def test_a_small_job_finishes_while_a_huge_one_submitted_before_it_still_runs(ap
 # -- 2: metrics and the workers table --------------------------------------------------------
 def test_gone_workers_are_pruned_in_bounded_passes_and_the_engine_counters_keep_what_they_ran(rt):
     """No app here: its finalizer would sweep too, and the passes are counted."""
-    from service.http.metrics import render_metrics
-    from service.jobs.repository import JobRepository
     from service.models import Worker
     from service.results.retention import prune_workers
+    from service.status.metrics import render_metrics
 
     def engine_requests() -> str:
         with rt.sessions() as db:
-            return [line for line in render_metrics(JobRepository(db)).decode().splitlines()
+            return [line for line in render_metrics(db).decode().splitlines()
                     if line.startswith("teachercache_engine_requests_total ")][0]
 
     with transaction(rt.sessions) as db:
@@ -198,13 +197,12 @@ def test_metrics_and_cache_stats_read_no_request_rows(api, rt, start_worker):
     worker.stop()  # the last job's 40 requests must stay pending while metrics are read
     api.post("/v1/jobs", json=body(range(20)))  # all hits
     api.post("/v1/jobs", json=body(range(100, 140)))  # pending
-    from service.http.metrics import render_metrics
-    from service.jobs.repository import JobRepository
     from service.results.repository import ResultRepository
+    from service.status.metrics import render_metrics
 
     with transaction(rt.sessions) as db:
         before = dict(db.execute(ROWS_TOUCHED_SQL).all())
-        text = render_metrics(JobRepository(db)).decode()
+        text = render_metrics(db).decode()
         stats = ResultRepository(db).cache_stats("alpha")
         after = dict(db.execute(ROWS_TOUCHED_SQL).all())
     assert after.get("requests", 0) - before.get("requests", 0) == 0
@@ -250,11 +248,10 @@ def test_ended_jobs_counts_live_in_job_totals_and_outlive_the_jobs(api, rt, star
     assert api.delete(f"/v1/jobs/{computed['id']}").status_code in (200, 204)
     assert api.delete(f"/v1/jobs/{cached['id']}").status_code in (200, 204)
     assert totals() == before  # the counters never go down
-    from service.http.metrics import render_metrics
-    from service.jobs.repository import JobRepository
+    from service.status.metrics import render_metrics
 
     with rt.sessions() as db:
-        text = render_metrics(JobRepository(db)).decode()
+        text = render_metrics(db).decode()
     assert 'teachercache_requests_ended_total{outcome="completed"} 12.0' in text
     assert 'teachercache_jobs{state="succeeded"} 2.0' in text and 'teachercache_jobs{state="cancelled"} 1.0' in text
 

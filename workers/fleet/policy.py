@@ -47,6 +47,7 @@ class ScalePolicy:
         if self._below_since is None:
             self._below_since = now
         if outstanding == 0:
+            assert self._idle_since is not None  # set above whenever nothing is outstanding
             settled = now - self._idle_since >= self.idle_s
         else:
             settled = now - self._below_since >= self.scale_down_after_s

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
@@ -27,6 +28,10 @@ from service.runtime import Runtime
 from workers.fleet.policy import ScalePolicy
 from workers.fleet.settings import FleetSettings
 from workers.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from service.teachers.registry import TeacherSpec
+    from workers.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,7 @@ class WorkerReplica:
         self.thread = threading.Thread(target=self._run, args=(engine, settings), name="worker-loop", daemon=True)
         self.thread.start()
 
-    def _run(self, engine, settings: WorkerSettings) -> None:
+    def _run(self, engine: Engine, settings: WorkerSettings) -> None:
         from workers.main import run_loop
 
         try:
@@ -78,9 +83,9 @@ class WorkerReplica:
 
 @dataclass
 class Replica:
-    actor: ray.actor.ActorHandle
+    actor: ray.actor.ActorHandle[WorkerReplica]
     name: str
-    ping: ray.ObjectRef | None = None
+    ping: ray.ObjectRef[str] | None = None
 
 
 @dataclass
@@ -93,9 +98,9 @@ class ReplicaPool:
     num_gpus: float
     num_cpus: float
     max_restarts: int
-    runtime_env: dict | None = None
+    runtime_env: dict[str, Any] | None = None
     active: list[Replica] = field(default_factory=list)
-    draining: dict[ray.ObjectRef, Replica] = field(default_factory=dict)
+    draining: dict[ray.ObjectRef[int | None], Replica] = field(default_factory=dict)
     replaced: int = 0  # replicas found dead for good (restart budget spent) and started anew
 
     @property
@@ -122,7 +127,8 @@ class ReplicaPool:
         actor_class = ray.remote(WorkerReplica).options(
             name=name, namespace=NAMESPACE, num_gpus=self.num_gpus, num_cpus=self.num_cpus,
             max_restarts=self.max_restarts, runtime_env=self.runtime_env)
-        self.active.append(Replica(actor=actor_class.remote(self.worker_settings), name=name))
+        actor = cast("ray.actor.ActorHandle[WorkerReplica]", actor_class.remote(self.worker_settings))
+        self.active.append(Replica(actor=actor, name=name))
 
     def _drain(self, replica: Replica) -> None:
         log.info("fleet %s: draining replica %s", self.teacher, replica.name)
@@ -155,7 +161,7 @@ class ReplicaPool:
         dead = []
         for replica in [r for r in self.active if r.ping in done]:
             try:
-                ray.get(replica.ping)
+                ray.get(replica.ping)  # type: ignore[arg-type]  # in `done`: a ping was sent
             except ActorDiedError as exc:
                 if not _restarting(exc):
                     dead.append(replica)
@@ -243,7 +249,7 @@ class Fleet:
             pool.shutdown(self.settings.drain_s + 30)
 
 
-def remote_key_env(spec) -> dict | None:
+def remote_key_env(spec: TeacherSpec) -> dict[str, Any] | None:
     """A remote teacher's API key travels to its replicas (on other nodes) in the actor's
     environment, from the fleet's: the registry names the variable, never the key."""
     name = spec.remote.api_key_env if spec.is_remote else None

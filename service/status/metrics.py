@@ -6,10 +6,11 @@ Postgres last measured), the in-flight leases and the workers table, which is pr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from sqlalchemy import orm
 
 from service.jobs.repository import JobRepository
 from service.jobs.spend import NO_PRICES, Prices, cost_usd, teacher_tokens
@@ -29,12 +30,14 @@ REMOTE_COUNTERS = {
 
 
 class DatabaseCollector:
-    def __init__(self, jobs: JobRepository, prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> None:
-        self.jobs = jobs
-        self.workers = WorkerRepository(jobs.session)
+    def __init__(self, session: orm.Session, prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> None:
+        self.jobs = JobRepository(session)
+        self.tasks = TaskRepository(session)
+        self.results = ResultRepository(session)
+        self.workers = WorkerRepository(session)
         self.prices = prices
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         for table, counts in self.jobs.state_counts().items():
             family = GaugeMetricFamily(f"teachercache_{table}", f"{table} by state", labels=["state"])
             for state, n in sorted(counts.items()):
@@ -47,7 +50,7 @@ class DatabaseCollector:
         yield from self._remote()
         yield from self._storage()
 
-    def _work(self):
+    def _work(self) -> Iterator[Metric]:
         """Per teacher, what waits for it; requests that ended, by outcome; the finalizer's lag."""
         pending = self.jobs.pending_by_teacher()  # read once per scrape: the autoscaling figures use it too
         family = GaugeMetricFamily("teachercache_pending_requests", "requests waiting for the teacher",
@@ -55,25 +58,24 @@ class DatabaseCollector:
         for teacher, n in sorted(pending.items()):
             family.add_metric([teacher], n)
         yield family
-        family = CounterMetricFamily("teachercache_requests_ended", "requests that ended, by outcome (ended jobs "
-                                     "count after they are deleted)", labels=["outcome"])
+        ended = CounterMetricFamily("teachercache_requests_ended", "requests that ended, by outcome (of the jobs "
+                                    "still kept)", labels=["outcome"])
         for outcome, n in self.jobs.requests_by_state().items():
             if outcome != "pending":
-                family.add_metric([outcome], n)
-        yield family
+                ended.add_metric([outcome], n)
+        yield ended
         yield GaugeMetricFamily("teachercache_finalizer_lag_seconds", "how long the job that has waited longest "
                                 "for its assembly has waited", value=self.jobs.finalizer_lag_s())
         yield from self._autoscaling(pending)
 
-    def _autoscaling(self, pending: dict[str, int]):
+    def _autoscaling(self, pending: dict[str, int]) -> Iterator[Metric]:
         """What the fleet's autoscalers read per teacher (KEDA, the Ray controller): leases running,
         the pending tokens and the age of the oldest task at the head of the queue. Pending tokens
         are exact up to QUEUE_HEAD_CAP tasks; past that, the head's tokens per task times the
         teacher's pending requests (an estimate, documented in docs/scaling.md)."""
-        tasks = TaskRepository(self.jobs.session)
-        leases = tasks.leases_by_teacher()
+        leases = self.tasks.leases_by_teacher()
         teachers = sorted(set(pending) | set(leases))
-        heads = {teacher: tasks.queue_head(teacher, QUEUE_HEAD_CAP) for teacher in teachers}
+        heads = {teacher: self.tasks.queue_head(teacher, QUEUE_HEAD_CAP) for teacher in teachers}
         family = GaugeMetricFamily("teachercache_running_leases", "tasks a worker holds now", labels=["teacher"])
         for teacher in teachers:
             family.add_metric([teacher], leases.get(teacher, 0))
@@ -91,8 +93,8 @@ class DatabaseCollector:
             family.add_metric([teacher], head.oldest_age_s)
         yield family
 
-    def _cache(self):
-        stats = ResultRepository(self.jobs.session).cache_stats()
+    def _cache(self) -> Iterator[Metric]:
+        stats = self.results.cache_stats()
         yield GaugeMetricFamily("teachercache_cache_entries", "cached results", value=stats["entries"])
         yield CounterMetricFamily("teachercache_cache_hits", "requests answered from the cache", value=stats["hits"])
         yield CounterMetricFamily("teachercache_cache_misses", "requests that looked in the cache and were not in it",
@@ -102,7 +104,7 @@ class DatabaseCollector:
                                       f"{kind} tokens served from the cache instead of the teacher",
                                       value=stats[f"{kind}_tokens_saved"])
 
-    def _engine(self):
+    def _engine(self) -> Iterator[Metric]:
         totals = self.workers.engine_totals()
         for name in ("requests", "prompt_tokens", "completion_tokens"):
             yield CounterMetricFamily(f"teachercache_engine_{name}", f"{name} the teacher engines actually ran",
@@ -114,7 +116,7 @@ class DatabaseCollector:
         yield family
 
 
-    def _spend(self):
+    def _spend(self) -> Iterator[Metric]:
         """Per teacher, the sum of its jobs' spend (see service/jobs/spend.py)."""
         tokens: dict[tuple[str, str, str], int] = {}
         for teacher, mode, cached, prompt, completion in self.jobs.spend_tokens_by_teacher():
@@ -138,7 +140,7 @@ class DatabaseCollector:
                     family.add_metric([teacher], usd)
             yield family
 
-    def _remote(self):
+    def _remote(self) -> Iterator[Metric]:
         totals = self.workers.engine_totals_by_teacher()
         for name, help_text in REMOTE_COUNTERS.items():
             family = CounterMetricFamily(f"teachercache_remote_{name}", help_text, labels=["teacher"])
@@ -147,7 +149,7 @@ class DatabaseCollector:
                     family.add_metric([teacher], stats[name])
             yield family
 
-    def _storage(self):
+    def _storage(self) -> Iterator[Metric]:
         """Storage writes workers gave up on (each released its tasks and paused claiming), and
         failed checks while paused: a full disk or an unreachable bucket shows here, not as failures."""
         family = CounterMetricFamily("teachercache_storage_errors", "result shard writes and writability checks "
@@ -157,7 +159,8 @@ class DatabaseCollector:
         yield family
 
 
-def render_metrics(jobs: JobRepository, prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> bytes:
+def render_metrics(session: orm.Session, prices: Callable[[str], Prices] = lambda teacher: NO_PRICES) -> bytes:
+    """The Prometheus text of one scrape, read in `session` (the handler's transaction)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector(jobs, prices))
+    registry.register(DatabaseCollector(session, prices))
     return generate_latest(registry)
