@@ -8,11 +8,13 @@ for cross the network, so ``columns=[...]`` saves bandwidth, not just memory.
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from teachercache.client import Client
 from teachercache.errors import TransportError
@@ -22,7 +24,8 @@ from teachercache.soft_labels import decode, encoding_of, stored_columns
 DEFAULT_BATCH_SIZE = 1024
 _TOTAL_SIZE = re.compile(r"/(\d+)$")
 
-ShardRef = str | dict[str, Any]
+# A job id, a shard URL, a manifest entry, or a local shard file (or folder of them) as a Path.
+ShardRef = str | dict[str, Any] | os.PathLike[str]
 
 
 class HTTPRangeFile(io.RawIOBase):
@@ -121,17 +124,36 @@ def stream(
             client.close()
 
 
-def resolve_shards(job_or_urls: ShardRef | Iterable[ShardRef], client: Client) -> list[dict[str, Any]]:
-    """Manifest entries (at least ``url``, maybe ``bytes``) for whatever stream() was given."""
+def resolve_shards(job_or_urls: ShardRef | Iterable[ShardRef], client: Client | None) -> list[dict[str, Any]]:
+    """Manifest entries (``url``, maybe ``bytes``; or a local file's ``path``) for whatever stream()
+    was given. ``client`` asks the service for a job's manifest; local files need none."""
     if isinstance(job_or_urls, str) and not is_url(job_or_urls):
-        return client.shards(job_or_urls)
-    if isinstance(job_or_urls, dict) and "url" not in job_or_urls:
+        return _service(client).shards(job_or_urls)
+    if isinstance(job_or_urls, dict) and "url" not in job_or_urls and "path" not in job_or_urls:
         # A job object: its embedded manifest once finished, otherwise ask the service.
         manifest: list[dict[str, Any]] | None = job_or_urls.get("shards")
-        return manifest or client.shards(job_or_urls)
-    if isinstance(job_or_urls, (str, dict)):
+        return manifest or _service(client).shards(job_or_urls)
+    if isinstance(job_or_urls, (str, dict, os.PathLike)):
         job_or_urls = [job_or_urls]
-    return [{"url": item} if isinstance(item, str) else item for item in job_or_urls]
+    return [entry for item in job_or_urls for entry in _entries(item)]
+
+
+def _entries(item: str | dict[str, Any] | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Manifest entries for one reference: a local folder stands for its shard files, in name order."""
+    if isinstance(item, str):
+        return [{"url": item}]
+    if isinstance(item, os.PathLike):
+        path = os.fspath(item)
+        if os.path.isdir(path):
+            return [{"path": os.path.join(path, name)} for name in sorted(os.listdir(path)) if name.endswith(".parquet")]
+        return [{"path": path}]
+    return [item]
+
+
+def _service(client: Client | None) -> Client:
+    if client is None:
+        raise TypeError("a job's shards are listed by the service: pass a client")
+    return client
 
 
 def is_url(text: str) -> bool:
@@ -139,12 +161,13 @@ def is_url(text: str) -> bool:
 
 
 def read_shard(
-    client: Client,
+    client: Client | None,
     shard: dict[str, Any],
     columns: list[str] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> Iterator[pa.RecordBatch]:
-    """The record batches of one shard (a manifest entry with ``url`` and maybe ``bytes``).
+    """The record batches of one shard (a manifest entry with ``url`` and maybe ``bytes``, or a
+    local file's ``path``).
 
     pyarrow reads each needed column chunk with one ``read`` (one range request) as it
     decodes, so memory stays bounded by a row group. pre_buffer stays off: its reads run
@@ -153,8 +176,17 @@ def read_shard(
     footer before any row is read (ShardFormatError for one this client does not know), and
     its soft labels are decoded from whatever encoding the job chose into the float32 columns.
     """
-    with HTTPRangeFile(client, shard["url"], shard.get("bytes")) as file:
+    if "path" in shard:
+        parquet, _ = open_shard(shard["path"])
+        yield from _decoded_batches(parquet, shard["path"], columns, batch_size)
+        return
+    with HTTPRangeFile(_service(client), shard["url"], shard.get("bytes")) as file:
         parquet, _ = open_shard(file, shard["url"], pre_buffer=False)
-        encoding = encoding_of(parquet.schema_arrow.metadata, shard["url"])
-        for batch in parquet.iter_batches(batch_size=batch_size, columns=stored_columns(columns, encoding)):
-            yield decode(batch, encoding, shard["url"], columns)
+        yield from _decoded_batches(parquet, shard["url"], columns, batch_size)
+
+
+def _decoded_batches(parquet: pq.ParquetFile, where: str, columns: list[str] | None,
+                     batch_size: int) -> Iterator[pa.RecordBatch]:
+    encoding = encoding_of(parquet.schema_arrow.metadata, where)
+    for batch in parquet.iter_batches(batch_size=batch_size, columns=stored_columns(columns, encoding)):
+        yield decode(batch, encoding, where, columns)
