@@ -136,7 +136,8 @@ class Ragged:
 def _numpy(array: pa.Array) -> np.ndarray:
     if array.null_count:
         array = array.fill_null(0)
-    return array.to_numpy(zero_copy_only=False)
+    values: np.ndarray = array.to_numpy(zero_copy_only=False)
+    return values
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,8 @@ class Columns:
     @property
     def lengths(self) -> np.ndarray:
         """Each row's sequence length: prompt + completion tokens."""
-        return self.prompt.lengths + self.completion.lengths
+        lengths: np.ndarray = self.prompt.lengths + self.completion.lengths
+        return lengths
 
     def slice(self, start: int, stop: int) -> Columns:
         return Columns(self.custom_id[start:stop], *(getattr(self, name).slice(start, stop) for name in _RAGGED))
@@ -198,8 +200,8 @@ def _destinations(offsets: np.ndarray, starts: np.ndarray) -> np.ndarray:
     One repeat over all values: value ``v`` belongs to list ``r`` with ``offsets[r] <= v``, so its
     place is ``v + starts[r] - offsets[r]``.
     """
-    lengths = np.diff(offsets)
-    return np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], lengths)
+    places: np.ndarray = np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], np.diff(offsets))
+    return places
 
 
 def _filled(shape: tuple[int, ...], value: float, dtype: Any) -> np.ndarray:
