@@ -43,6 +43,7 @@ class HTTPRangeFile(io.RawIOBase):
         self.url = url
         self.size = size if size is not None else self._probe_size()
         self._position = 0
+        self._blocks: list[tuple[int, bytes]] = []  # prefetched (start, bytes), see prefetch()
 
     def readable(self) -> bool:
         return True
@@ -65,9 +66,24 @@ class HTTPRangeFile(io.RawIOBase):
         end = self.size if size is None or size < 0 else min(self._position + size, self.size)
         if end <= self._position:
             return b""  # at or past the end of the file
-        data = self._fetch(self._position, end)
+        data = self._prefetched(self._position, end)
+        if data is None:
+            data = self._fetch(self._position, end)
         self._position += len(data)
         return data
+
+    def prefetch(self, spans: list[tuple[int, int]]) -> None:
+        """Fetch these [start, end) spans now, one request per span, and answer the reads that
+        fall inside them from memory until the next prefetch (which forgets them). pyarrow reads
+        a row group's column chunks one request each; a span covering them all costs one
+        round trip instead of one per column."""
+        self._blocks = [(start, self._fetch(start, end)) for start, end in spans]
+
+    def _prefetched(self, start: int, end: int) -> bytes | None:
+        for block_start, block in self._blocks:
+            if block_start <= start and end <= block_start + len(block):
+                return block[start - block_start:end - block_start]
+        return None
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
@@ -182,7 +198,36 @@ def read_shard(
         return
     with HTTPRangeFile(_service(client), shard["url"], shard.get("bytes")) as file:
         parquet, _ = open_shard(file, shard["url"], pre_buffer=False)
-        yield from _decoded_batches(parquet, shard["url"], columns, batch_size)
+        encoding = encoding_of(parquet.schema_arrow.metadata, shard["url"])
+        stored = stored_columns(columns, encoding)
+        for group in range(parquet.metadata.num_row_groups):
+            file.prefetch(column_spans(parquet.metadata.row_group(group), stored))
+            for batch in parquet.iter_batches(batch_size=batch_size, row_groups=[group], columns=stored):
+                yield decode(batch, encoding, shard["url"], columns)
+        file.prefetch([])
+
+
+# Column chunks closer than this are fetched in one span: a round trip costs more than the gap's bytes.
+SPAN_GAP = 1 << 20
+
+
+def column_spans(row_group: pq.RowGroupMetaData, columns: list[str] | None) -> list[tuple[int, int]]:
+    """The byte spans [start, end) of a row group's column chunks for these top-level columns
+    (all if None), neighbours closer than SPAN_GAP merged."""
+    chunks = []
+    for index in range(row_group.num_columns):
+        chunk = row_group.column(index)
+        if columns is not None and chunk.path_in_schema.split(".")[0] not in columns:
+            continue
+        start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+        chunks.append((start, start + chunk.total_compressed_size))
+    spans: list[tuple[int, int]] = []
+    for start, end in sorted(chunks):
+        if spans and start - spans[-1][1] <= SPAN_GAP:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+        else:
+            spans.append((start, end))
+    return spans
 
 
 def _decoded_batches(parquet: pq.ParquetFile, where: str, columns: list[str] | None,
