@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 import teachercache as tc
-from tests.unit.test_loader import JOB_ID, ShardServerDouble
 from teachercache.testing import SyncASGITransport
+from tests.unit.test_loader import JOB_ID, ShardServerDouble
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
