@@ -213,14 +213,21 @@ def _scatter(out: np.ndarray, where: np.ndarray, values: np.ndarray) -> None:
     out.reshape(-1)[where] = values  # one fancy-index assignment, casting as it copies
 
 
-def _top_k(rows: Columns, positions: np.ndarray, slots: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """[slots, k] arrays of the top-k, completion position ``i`` of the batch in slot ``positions[i]``;
-    every other slot holds pad_id / 0.0, and a short position's missing entries pad_id / -inf."""
+def _top_k(rows: Columns, positions: np.ndarray | None, slots: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """[slots, k] arrays of the top-k, completion position ``i`` of the batch in slot ``positions[i]``
+    (``None``: in slot ``i``); every other slot holds pad_id / 0.0, and a short position's missing
+    entries pad_id / -inf."""
     ids, lps = rows.top_ids.flat, rows.top_logprobs.flat
     widths = ids.lengths
     k = int(widths.max()) if len(widths) else 0
+    uniform = ids.offsets[-1] == len(widths) * k
+    if uniform and slots == len(widths) and positions is None:
+        # Packed and uniform: the flat values already are the [N, k] arrays; one converting copy each.
+        return ids.values.reshape(slots, k).astype(np.int64), lps.values.reshape(slots, k).astype(np.float32)
+    if positions is None:
+        positions = np.arange(slots, dtype=np.int64)
     top_ids, top_logprobs = _filled((slots, k), pad_id, np.int64), np.zeros((slots, k), dtype=np.float32)
-    if ids.offsets[-1] == len(widths) * k:  # the usual case: every position has k entries, a row of k each
+    if uniform:  # the usual case: every position has k entries, a row of k each
         top_ids[positions] = ids.values.reshape(len(widths), k)
         top_logprobs[positions] = lps.values.reshape(len(widths), k)
         return top_ids, top_logprobs
@@ -243,16 +250,20 @@ def packed_batch(table: pa.Table, pad_id: int = 0) -> dict[str, Any]:
 
 def padded_layout(rows: Columns, pad_id: int = 0) -> dict[str, Any]:
     """padded_batch's tensors for rows already in numpy (and without failed rows)."""
-    prompt_lengths, lengths = rows.prompt.lengths, rows.lengths
+    prompt_lengths = rows.prompt.lengths
+    lengths = prompt_lengths + rows.completion.lengths
     width = int(lengths.max()) if rows.count else 0
     row_starts = np.arange(rows.count, dtype=np.int64) * width
     completion_starts = row_starts + prompt_lengths
     input_ids = _filled((rows.count, width), pad_id, np.int64)
     _scatter(input_ids, _destinations(rows.prompt.offsets, row_starts), rows.prompt.values)
-    _scatter(input_ids, _destinations(rows.completion.offsets, completion_starts), rows.completion.values)
+    completion = _destinations(rows.completion.offsets, completion_starts)
+    _scatter(input_ids, completion, rows.completion.values)
     token_logprobs = np.zeros((rows.count, width), dtype=np.float32)
-    _scatter(token_logprobs, _destinations(rows.token_logprobs.offsets, completion_starts), rows.token_logprobs.values)
-    top_ids, top_logprobs = _top_k(rows, _destinations(rows.top_ids.offsets, completion_starts),
+    # The completion's own places, unless a column's lists disagree with it in length.
+    _scatter(token_logprobs, _places_like(completion, rows.completion, rows.token_logprobs, completion_starts),
+             rows.token_logprobs.values)
+    top_ids, top_logprobs = _top_k(rows, _places_like(completion, rows.completion, rows.top_ids, completion_starts),
                                    rows.count * width, pad_id)
     k = top_ids.shape[1]
     position = torch.arange(width)
@@ -266,6 +277,13 @@ def padded_layout(rows: Columns, pad_id: int = 0) -> dict[str, Any]:
         "token_logprobs": torch.from_numpy(token_logprobs),
         "custom_id": rows.custom_id,
     }
+
+
+def _places_like(places: np.ndarray, reference: Ragged, column: Ragged, starts: np.ndarray) -> np.ndarray:
+    """``column``'s destinations: the reference column's ``places`` when their lists have the same lengths."""
+    if np.array_equal(column.offsets, reference.offsets):
+        return places
+    return _destinations(column.offsets, starts)
 
 
 def packed_layout(rows: Columns, pad_id: int = 0) -> dict[str, Any]:
@@ -282,7 +300,7 @@ def packed_layout(rows: Columns, pad_id: int = 0) -> dict[str, Any]:
     # Targets are stored compactly, one per completion position, in the order of the positions.
     target_positions = _destinations(rows.top_ids.offsets, completion_starts)
     positions = len(target_positions)
-    top_ids, top_logprobs = _top_k(rows, np.arange(positions, dtype=np.int64), positions, pad_id)
+    top_ids, top_logprobs = _top_k(rows, None, positions, pad_id)
     token_logprobs = np.zeros(positions, dtype=np.float32)
     _scatter(token_logprobs, _destinations(rows.token_logprobs.offsets, rows.top_ids.offsets[:-1]),
              rows.token_logprobs.values)
