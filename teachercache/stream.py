@@ -11,6 +11,7 @@ import io
 import os
 import re
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -73,11 +74,20 @@ class HTTPRangeFile(io.RawIOBase):
         return data
 
     def prefetch(self, spans: list[tuple[int, int]]) -> None:
-        """Fetch these [start, end) spans now, one request per span, and answer the reads that
-        fall inside them from memory until the next prefetch (which forgets them). pyarrow reads
-        a row group's column chunks one request each; a span covering them all costs one
-        round trip instead of one per column."""
-        self._blocks = [(start, self._fetch(start, end)) for start, end in spans]
+        """Fetch these [start, end) spans now and answer the reads inside them from memory (see
+        fetch_spans and use_blocks; prefetch is both at once)."""
+        self.use_blocks(self.fetch_spans(spans))
+
+    def fetch_spans(self, spans: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+        """The bytes of these [start, end) spans, one request each. pyarrow reads a row group's
+        column chunks one request each; a span covering them all costs one round trip instead
+        of one per column. Safe to call from another thread while this file is being read."""
+        return [(start, self._fetch(start, end)) for start, end in spans]
+
+    def use_blocks(self, blocks: list[tuple[int, bytes]]) -> None:
+        """Answer reads that fall inside these (start, bytes) blocks from memory, forgetting the
+        previous ones."""
+        self._blocks = blocks
 
     def _prefetched(self, start: int, end: int) -> bytes | None:
         for block_start, block in self._blocks:
@@ -185,10 +195,11 @@ def read_shard(
     """The record batches of one shard (a manifest entry with ``url`` and maybe ``bytes``, or a
     local file's ``path``).
 
-    pyarrow reads each needed column chunk with one ``read`` (one range request) as it
-    decodes, so memory stays bounded by a row group. pre_buffer stays off: its reads run
-    on Arrow's I/O threads, which call back into Python and can abort the interpreter at
-    exit when one is still releasing the file. The shard's schema version is checked from its
+    Each row group's needed column chunks are fetched as merged spans (one range request
+    each, usually one per row group), the next row group's while this one decodes, so memory
+    stays bounded by two row groups. Arrow's own pre_buffer stays off: its reads run on
+    Arrow's I/O threads, which call back into Python and can abort the interpreter at exit
+    when one is still releasing the file. The shard's schema version is checked from its
     footer before any row is read (ShardFormatError for one this client does not know), and
     its soft labels are decoded from whatever encoding the job chose into the float32 columns.
     """
@@ -196,15 +207,21 @@ def read_shard(
         parquet, _ = open_shard(shard["path"])
         yield from _decoded_batches(parquet, shard["path"], columns, batch_size)
         return
-    with HTTPRangeFile(_service(client), shard["url"], shard.get("bytes")) as file:
+    # One thread fetches row group g + 1 while this one decodes row group g: the round trip and
+    # the transfer overlap the decoding (both release the GIL). At most two row groups in memory.
+    with HTTPRangeFile(_service(client), shard["url"], shard.get("bytes")) as file, \
+            ThreadPoolExecutor(1, thread_name_prefix="teachercache-prefetch") as fetcher:
         parquet, _ = open_shard(file, shard["url"], pre_buffer=False)
         encoding = encoding_of(parquet.schema_arrow.metadata, shard["url"])
         stored = stored_columns(columns, encoding)
-        for group in range(parquet.metadata.num_row_groups):
-            file.prefetch(column_spans(parquet.metadata.row_group(group), stored))
+        spans = [column_spans(parquet.metadata.row_group(g), stored) for g in range(parquet.metadata.num_row_groups)]
+        upcoming = fetcher.submit(file.fetch_spans, spans[0]) if spans else None
+        for group in range(len(spans)):
+            file.use_blocks(upcoming.result() if upcoming else [])
+            upcoming = fetcher.submit(file.fetch_spans, spans[group + 1]) if group + 1 < len(spans) else None
             for batch in parquet.iter_batches(batch_size=batch_size, row_groups=[group], columns=stored):
                 yield decode(batch, encoding, shard["url"], columns)
-        file.prefetch([])
+        file.use_blocks([])
 
 
 # Column chunks closer than this are fetched in one span: a round trip costs more than the gap's bytes.
