@@ -83,8 +83,10 @@ def without_errors(table: pa.Table) -> pa.Table:
 
 
 def table_from_rows(rows: list[dict[str, Any]]) -> pa.Table:
-    """Python rows (dicts, as ShardDataset yields them) as the table the layouts read."""
-    present = [field for field in LAYOUT_SCHEMA if any(field.name in row for row in rows[:1])] or list(LAYOUT_SCHEMA)
+    """Python rows (dicts, as ShardDataset yields them) as the table the layouts read: the
+    layout columns the first row has (a projection may have left some out)."""
+    first = rows[0] if rows else {}
+    present = [field for field in LAYOUT_SCHEMA if field.name in first] or list(LAYOUT_SCHEMA)
     return pa.Table.from_pylist(rows, schema=pa.schema(present))
 
 
