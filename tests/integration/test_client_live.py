@@ -276,6 +276,26 @@ def test_hf_datasets_streams_the_shard_urls(
 
 
 @ALL_STORAGES
+def test_polars_scans_the_shard_urls_through_a_pyarrow_dataset(client: tc.Client, scripted_worker,
+                                                                tmp_path: Path) -> None:
+    """Polars' own HTTP reader sends no custom headers (pola-rs/polars#17197), so the key goes
+    with fsspec's HTTP filesystem under a pyarrow dataset, which Polars scans lazily."""
+    import fsspec
+    import polars as pl
+    import pyarrow.dataset as ds
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    job = finished_job(client, 12)
+    http = fsspec.filesystem("http", headers={"Authorization": f"Bearer {os.environ['TEACHERCACHE_API_KEY']}"})
+    shards = ds.dataset([shard["url"] for shard in job["shards"]], format="parquet",
+                        filesystem=PyFileSystem(FSSpecHandler(http)))
+    columns = ["custom_id", "completion_token_ids", "top_logprobs"]
+    frame = pl.scan_pyarrow_dataset(shards).select(columns).collect()
+    expected = read_rows(client.download(job, tmp_path / "out"))
+    assert frame.to_dicts() == [{name: row[name] for name in columns} for row in expected]
+
+
+@ALL_STORAGES
 def test_shard_url_answers_head_with_size_and_etag(client: tc.Client, scripted_worker) -> None:
     # What fsspec (under datasets, pandas, polars) asks first; without it, a GET of the whole file.
     shard = finished_job(client, 3)["shards"][0]
