@@ -331,6 +331,12 @@ def test_every_reader_decodes_an_encoded_job_into_the_same_arrays(tmp_path: Path
         assert rows_b == rows_a
         batch_a, batch_b = tc.collate_topk(rows_a), tc.collate_topk(rows_b)
         assert all(torch.equal(batch_a[name], batch_b[name]) for name in batch_a if name != "custom_id")
+        for layout in ("padded", "packed"):  # the columnar layouts read the same decoded arrays
+            packs_a = list(tc.ShardDataset(job=JOB_ID, client=a, shuffle=False, layout=layout))
+            packs_b = list(tc.ShardDataset(job=JOB_ID, client=b, shuffle=False, layout=layout))
+            assert len(packs_a) == len(packs_b) == 1
+            assert all(torch.equal(packs_a[0][name], packs_b[0][name]) for name in packs_a[0]
+                       if isinstance(packs_a[0][name], torch.Tensor))
 
 
 # -- the columnar layouts ------------------------------------------------------------
