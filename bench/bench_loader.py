@@ -1,26 +1,33 @@
-"""Student-side loading: streaming and downloading a job's shards over loopback HTTP, against
-reading the same files from local disk, in the same run.
+"""Student-side loading: the columnar loader's padded and packed batches from local shards and
+streamed over loopback HTTP, against Arrow decoding the same files alone, in the same run; and
+downloading a job's shards.
 
-    .venv/bin/python -m bench.bench_loader [--requests 2000] [--max-tokens 64] [--top-logprobs 20]
-                                           [--shard-rows 500] [--batch-size 32] [--repeats 5]
+    .venv/bin/python -m bench.bench_loader [--requests 8000] [--max-tokens 64] [--top-logprobs 20]
+                                           [--shard-rows 2000] [--batch-size 32] [--tokens-per-batch 8192]
+                                           [--repeats 5]
 
 The shards come from a scripted-engine job (no model: the figures are the loader's, not the
 teacher's) of requests x max_tokens completion tokens with their top-k, computed into a
 scratch database. The API runs as its own process (`teachercache serve` on 127.0.0.1), as it
 would on another host, so serving does not share this process's GIL. Then, in this one
-process (no DataLoader workers):
+process with one torch thread:
 
-- loader: ShardDataset + collate_topk over the job's shards streamed with HTTP range
-  requests, against the same shard files read from local disk through the same DataLoader
-  and collate (the reference, marked *), and against Arrow decoding them alone (no Python
-  rows, no tensors: what a columnar collate could approach). The rate is top-k tokens per
-  second: completion positions, each with its k alternatives, landed in torch tensors.
+- loader: the rate is top-k tokens per second: completion positions, each with its k
+  alternatives, landed in torch tensors. The reference (marked *) is Arrow decoding the local
+  files alone: the same reader, columns and soft-label decoding as the loader's, no tensors;
+  the ceiling of any loader over these files. Against it: ShardDataset(layout="padded",
+  rows_per_batch=--batch-size) and (layout="packed", tokens_per_batch=--tokens-per-batch) from
+  local disk and streamed with HTTP range requests; the padded layout with DataLoader workers 1
+  and 2 (from local disk; process start-up included); and the row path of before
+  (ShardDataset rows + collate_topk, local disk), for comparison.
 - download: Client.download (resumable, sha256-verified) into a fresh folder, against
   reading the same files from local disk (the reference), and reading and hashing them
   (what the download also does).
 
-Each figure is the median of --repeats runs; "local disk" is the page cache (the files were
-just written), the best case a local copy can give. Writes bench/results/loader.json.
+The cases run in rounds (each case once per round), and each figure is the median of --repeats
+rounds, so a load that drifts over the run weighs on every case alike. "Local disk" is the page
+cache (the files were just written), the best case a local copy can give.
+Writes bench/results/loader.json.
 """
 
 from __future__ import annotations
@@ -40,13 +47,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 import teachercache as tc
 from bench.processes import free_port, wait_until_answering
-from teachercache.stream import DEFAULT_BATCH_SIZE
+from teachercache.layouts import LAYOUT_COLUMNS
+from teachercache.stream import read_shard
 
 TEACHER = "smollm2-135m-instruct"
 MB = 1e6
@@ -104,21 +111,20 @@ def produce_job(client: tc.Client, args: argparse.Namespace) -> dict[str, Any]:
 # -- what is measured -------------------------------------------------------------------
 
 
-class LocalShardRows(IterableDataset):
-    """The rows of local shard files, read as ShardDataset reads a remote one (iter_batches,
-    to_pylist), so only the source differs between the two loader runs."""
-
-    def __init__(self, files: list[Path], batch_size: int = DEFAULT_BATCH_SIZE) -> None:
-        self.files, self.batch_size = files, batch_size
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for file in self.files:
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=self.batch_size):
-                yield from batch.to_pylist()
+def targets_of(batch: dict[str, Any]) -> int:
+    """The top-k tokens a batch carries, in either layout."""
+    return len(batch["target_positions"]) if "target_positions" in batch else int(batch["labels_mask"].sum())
 
 
-def load_all(dataset: IterableDataset, batch_size: int) -> int:
-    """Run a DataLoader with collate_topk over the dataset; the top-k tokens it produced."""
+def load_batches(dataset: IterableDataset, workers: int = 0) -> int:
+    """Iterate ShardDataset's own batches (DataLoader only moves them); the top-k tokens they held."""
+    if workers == 0:
+        return sum(targets_of(batch) for batch in dataset)
+    return sum(targets_of(batch) for batch in DataLoader(dataset, batch_size=None, num_workers=workers))
+
+
+def load_rows(dataset: IterableDataset, batch_size: int) -> int:
+    """The row path: a DataLoader with collate_topk over the dataset's Python rows."""
     tokens = 0
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=tc.collate_topk):
         tokens += int(batch["labels_mask"].sum())
@@ -143,46 +149,54 @@ def read_and_hash_files(files: list[Path]) -> int:
     return total
 
 
-def median_seconds(run: Callable[[], int], repeats: int) -> tuple[float, int]:
-    """(median seconds, what one run returned: tokens or bytes)."""
-    timings, amount = [], 0
-    for _ in range(repeats):
-        started = time.perf_counter()
-        amount = run()
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings), amount
-
-
-# -- the run --------------------------------------------------------------------------
-
-
 def decode_only(files: list[Path]) -> int:
-    """The Arrow-level ceiling: decode the files, build no Python rows and no tensors."""
+    """The ceiling: the loader's own reader (schema check, page checksums, soft-label decoding) over
+    the columns a layout reads, and nothing after it: no numpy, no tensors."""
     tokens = 0
     for file in files:
-        table = pq.read_table(file)  # every column, as the row readers decode them
-        tokens += pc.sum(pc.list_value_length(table.column("completion_token_ids"))).as_py() or 0
+        for batch in read_shard(None, {"path": str(file)}, LAYOUT_COLUMNS):
+            tokens += pc.sum(pc.list_value_length(batch.column("completion_token_ids"))).as_py() or 0
     return tokens
 
 
 def measure(client: tc.Client, job: dict[str, Any], files: list[Path], args: argparse.Namespace,
             scratch: Path) -> list[dict[str, Any]]:
     """Every case's median time and rate, and its rate against its reference (marked *)."""
-    remote = tc.ShardDataset(job=job, client=client, shuffle=False)
+    padded, packed = ({"layout": "padded", "rows_per_batch": args.batch_size},
+                      {"layout": "packed", "tokens_per_batch": args.tokens_per_batch})
+
+    def dataset(source: str, **options: Any) -> tc.ShardDataset:
+        where = {"job": job, "client": client} if source == "http" else {"shards": files}
+        return tc.ShardDataset(**where, shuffle=False, **options)
+
     tokens, megabytes = "top-k tokens/s", "MB/s"
-    local = LocalShardRows(files)
-    cases = [
-        ("loader", "HTTP loopback: ShardDataset", lambda: load_all(remote, args.batch_size), tokens),
-        ("loader", "local disk*: same rows, same collate", lambda: load_all(local, args.batch_size), tokens),
-        ("loader", "local disk: Arrow decode only", lambda: decode_only(files), tokens),
+    cases: list[tuple[str, str, Callable[[], int], str]] = [
+        ("loader", "local disk*: Arrow decode only (the ceiling)", lambda: decode_only(files), tokens),
+        ("loader", "local disk: padded", lambda: load_batches(dataset("local", **padded)), tokens),
+        ("loader", "local disk: packed", lambda: load_batches(dataset("local", **packed)), tokens),
+        ("loader", "HTTP loopback: padded", lambda: load_batches(dataset("http", **padded)), tokens),
+        ("loader", "HTTP loopback: packed", lambda: load_batches(dataset("http", **packed)), tokens),
+        ("loader", "local disk: padded, 1 DataLoader worker", lambda: load_batches(dataset("local", **padded), 1),
+         tokens),
+        ("loader", "local disk: padded, 2 DataLoader workers", lambda: load_batches(dataset("local", **padded), 2),
+         tokens),
+        ("loader", "local disk: rows + collate_topk (the row path)",
+         lambda: load_rows(dataset("local", columns=LAYOUT_COLUMNS), args.batch_size), tokens),
         ("download", "HTTP loopback: Client.download", lambda: download_into_fresh_folder(client, job, scratch),
          megabytes),
         ("download", "local disk*: read", lambda: read_files(files), megabytes),
         ("download", "local disk: read + sha256", lambda: read_and_hash_files(files), megabytes),
     ]
+    timings: list[list[float]] = [[] for _ in cases]
+    amounts = [0] * len(cases)
+    for _ in range(args.repeats):
+        for index, (_, _, run, _) in enumerate(cases):
+            started = time.perf_counter()
+            amounts[index] = run()
+            timings[index].append(time.perf_counter() - started)
     rows = []
-    for measure_name, source, run, unit in cases:
-        seconds, amount = median_seconds(run, args.repeats)
+    for (measure_name, source, _, unit), seconds_each, amount in zip(cases, timings, amounts):
+        seconds = statistics.median(seconds_each)
         rate = amount / seconds / (MB if unit == megabytes else 1)
         rows.append({"measure": measure_name, "source": source, "seconds": seconds, "rate": rate, "unit": unit})
     for row in rows:
@@ -191,13 +205,17 @@ def measure(client: tc.Client, job: dict[str, Any], files: list[Path], args: arg
     return rows
 
 
+# -- the run --------------------------------------------------------------------------
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=8000)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--top-logprobs", type=int, default=20)
-    parser.add_argument("--shard-rows", type=int, default=500, help="rows per job shard")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per collated batch")
+    parser.add_argument("--shard-rows", type=int, default=2000, help="rows per job shard")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per padded batch")
+    parser.add_argument("--tokens-per-batch", type=int, default=8192, help="tokens per packed batch")
     parser.add_argument("--repeats", type=int, default=5)
     return parser.parse_args()
 

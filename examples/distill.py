@@ -2,13 +2,18 @@
 
     python examples/distill.py --job JOB_ID --url http://127.0.0.1:8080 --steps 300
     python examples/distill.py --shards out/          # downloaded shards: a folder or .parquet files
+    python examples/distill.py --shards out/ --layout packed --tokens-per-batch 2048
 
 The student is a randomly initialised 2-layer LlamaForCausalLM (hidden size 64) built from
 the teacher's own config, so it shares the teacher's tokenizer and vocabulary: the token ids
 in the shards are the student's ids. With ``--job`` the shards are streamed from the service
 (ShardDataset, range requests); with ``--shards`` they are read from local disk. Either way
 collate_topk lays each batch out so that position ``t`` holds the teacher's top-k for the
-token at ``t``, which the student predicts from position ``t - 1``.
+token at ``t``, which the student predicts from position ``t - 1``. With ``--layout packed``
+ShardDataset builds packed batches instead (the sequences of a batch concatenated, with
+``position_ids`` restarting per sequence, which transformers turns into a block-diagonal causal
+mask, and the targets only at ``target_positions``): no padding is computed, and on the same rows
+both layouts give the same loss (``distillation_loss`` and ``packed_distillation_loss``).
 
 The loss, per completion position (README: "Students: client, streaming, distillation"):
 
@@ -62,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", help="the service's base URL (default: $TEACHERCACHE_URL)")
     parser.add_argument("--teacher-dir", type=Path, default=TEACHER_DIR, help="the teacher's model folder")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per padded batch")
+    parser.add_argument("--layout", choices=["padded", "packed"], default="padded")
+    parser.add_argument("--tokens-per-batch", type=int, default=1024, help="tokens per packed batch")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--alpha", type=float, default=0.0, help="weight of the cross-entropy on the tokens")
     parser.add_argument("--seed", type=int, default=0)
@@ -125,20 +132,45 @@ def logits_at(student: LlamaForCausalLM, hidden: torch.Tensor, token_ids: torch.
 def distillation_loss(
     student: LlamaForCausalLM, batch: dict[str, Any], alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, kl): the mean top-k KL over the batch's completion positions, plus alpha x CE."""
+    """(loss, kl) of a padded batch (collate_topk): the mean top-k KL over the batch's completion
+    positions, plus alpha x CE."""
     hidden = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     # The hidden state at t predicts the token at t + 1, where collate_topk put the teacher's top-k.
     predicts = batch["labels_mask"][:, 1:]
-    hidden = hidden[:, :-1][predicts]
-    top_ids = batch["top_token_ids"][:, 1:][predicts]
-    top_logprobs = batch["top_logprobs"][:, 1:][predicts]
+    return loss_at(student, hidden[:, :-1][predicts], batch["top_token_ids"][:, 1:][predicts],
+                   batch["top_logprobs"][:, 1:][predicts], batch["input_ids"][:, 1:][predicts], alpha)
+
+
+def packed_distillation_loss(
+    student: LlamaForCausalLM, batch: dict[str, Any], alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, kl) of a packed batch (ShardDataset(layout="packed")), the same as distillation_loss
+    on the same rows. transformers reads the restarts of ``position_ids`` as sequence boundaries
+    (a block-diagonal causal mask; flash-attention's varlen kernel takes ``cu_seqlens`` instead)."""
+    # use_cache=False: transformers builds the packed mask only when there is no KV cache.
+    hidden = student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                           use_cache=False).last_hidden_state[0]
+    targets = batch["target_positions"]
+    # The hidden state at t - 1 predicts the target at t; a sequence's first token has no t - 1.
+    predicted = batch["position_ids"][0, targets] > 0
+    targets = targets[predicted]
+    return loss_at(student, hidden[targets - 1], batch["top_token_ids"][predicted],
+                   batch["top_logprobs"][predicted], batch["input_ids"][0, targets], alpha)
+
+
+def loss_at(student: LlamaForCausalLM, hidden: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
+            tokens: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, kl) from the hidden states [N,H] that predict N targets: their top-k [N,k] and tokens [N]."""
     kl = topk_forward_kl(top_logprobs, logits_at(student, hidden, top_ids), torch.isfinite(top_logprobs)).mean()
     if alpha == 0:
         return kl, kl
     # The cross-entropy does need the whole vocabulary, at the completion positions only.
-    tokens = batch["input_ids"][:, 1:][predicts]
     cross_entropy = torch.nn.functional.cross_entropy(student.lm_head(hidden), tokens)
     return kl + alpha * cross_entropy, kl
+
+
+def has_targets(batch: dict[str, Any]) -> bool:
+    return bool(batch["labels_mask"].any()) if "labels_mask" in batch else len(batch["target_positions"]) > 0
 
 
 # -- the data -------------------------------------------------------------------------
@@ -162,9 +194,20 @@ def streaming_loader(job: str, url: str | None, batch_size: int, seed: int) -> t
     return DataLoader(dataset, batch_size=batch_size, collate_fn=tc.collate_topk), dataset
 
 
+def packed_loader(args: argparse.Namespace) -> tuple[DataLoader, tc.ShardDataset]:
+    """Packed batches, built by ShardDataset itself from the Arrow buffers (DataLoader only iterates)."""
+    source = {"job": args.job, "base_url": args.url} if args.job else {"shards": local_shard_files(args.shards)}
+    dataset = tc.ShardDataset(**source, seed=args.seed, shuffle_buffer=256, layout="packed",
+                              tokens_per_batch=args.tokens_per_batch)
+    return DataLoader(dataset, batch_size=None), dataset
+
+
 def batches(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """Collated batches, epoch after epoch, without end; batches of only failed rows are skipped."""
-    if args.job:
+    dataset: tc.ShardDataset | None
+    if args.layout == "packed":
+        loader, dataset = packed_loader(args)
+    elif args.job:
         loader, dataset = streaming_loader(args.job, args.url, args.batch_size, args.seed)
     else:
         loader, dataset = local_loader(args.shards, args.batch_size, args.seed), None
@@ -174,7 +217,7 @@ def batches(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             dataset.set_epoch(epoch)  # a new shard order each epoch, as with DistributedSampler
         seen = 0
         for batch in loader:
-            if batch["labels_mask"].any():
+            if has_targets(batch):
                 seen += 1
                 yield batch
         if seen == 0:
@@ -189,8 +232,9 @@ def train(student: LlamaForCausalLM, data: Iterator[dict[str, Any]], args: argpa
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     student.train()
     losses = []
+    loss_of = packed_distillation_loss if args.layout == "packed" else distillation_loss
     for step, batch in zip(range(1, args.steps + 1), data, strict=False):
-        loss, kl = distillation_loss(student, batch, args.alpha)
+        loss, kl = loss_of(student, batch, args.alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

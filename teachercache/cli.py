@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -249,19 +250,42 @@ def _show_errors(failed: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-def register_plugins(target: typer.Typer) -> None:
+def register_plugins(target: typer.Typer) -> dict[str, str]:
     """Let installed packages add commands: each ``teachercache.cli`` entry point is a
-    ``register(app)`` function. One whose package cannot be imported is skipped."""
+    ``register(app)`` function. One whose package cannot be imported is skipped (e.g. the
+    server's, where only the client is installed); returns those, with why: {name: error}."""
+    skipped = {}
     for entry_point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
         try:
             register = entry_point.load()
-        except ImportError:
-            continue  # e.g. the server's dependencies are not installed on this machine
+        except ImportError as exc:
+            skipped[entry_point.name] = str(exc)
+            continue
         register(target)
+    return skipped
+
+
+def _command_names(target: typer.Typer) -> set[str]:
+    names = {info.name or info.callback.__name__.replace("_", "-") for info in target.registered_commands
+             if info.callback is not None}
+    return names | {info.name for info in target.registered_groups if info.name}
+
+
+def _refuse_missing_command(argv: list[str], skipped: dict[str, str]) -> None:
+    """A command that is not here while a plugin could not load is most likely one of its
+    commands: say which extra brings it instead of typer's bare "No such command"."""
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command is None or not skipped or command in _command_names(app):
+        return
+    reasons = "; ".join(dict.fromkeys(skipped.values()))  # the server's plugins fail for one reason
+    # Plain print: rich would wrap the pip command across lines.
+    print(f"error: no command {command!r} in this installation. {reasons}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main() -> None:
-    register_plugins(app)
+    skipped = register_plugins(app)
+    _refuse_missing_command(sys.argv[1:], skipped)
     app()
 
 

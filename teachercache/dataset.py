@@ -6,11 +6,14 @@ and ``teachercache.collate_topk`` import it on first use).
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import httpx
+import numpy as np
+import pyarrow as pa
 
 try:
     import torch
@@ -19,16 +22,29 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("teachercache.dataset needs torch: pip install 'teachercache[loader]'") from exc
 
 from teachercache.client import Client
+from teachercache.layouts import (
+    LAYOUT_COLUMNS,
+    LAYOUTS,
+    Columns,
+    pack_boundaries,
+    packed_layout,
+    padded_batch,
+    padded_layout,
+    table_from_rows,
+    without_errors,
+)
 from teachercache.stream import DEFAULT_BATCH_SIZE, ShardRef, read_shard, resolve_shards
 
 Row = dict[str, Any]
 
 
-class ShardDataset(IterableDataset[Row]):
-    """The rows of a job's shards, read over HTTP, split across ranks and DataLoader workers.
+class ShardDataset(IterableDataset[Any]):
+    """The rows of a job's shards, read over HTTP (or from local files), split across ranks and
+    DataLoader workers; as Python rows, or as ready tensor batches built from the Arrow buffers.
 
-    ``shards``: shard URLs or manifest entries; or ``job`` (id or job object) with
-    ``client`` (or ``base_url``). The manifest is resolved once, here, in the main process.
+    ``shards``: shard URLs, manifest entries or local shard files / folders (``pathlib.Path``);
+    or ``job`` (id or job object) with ``client`` (or ``base_url``). The manifest is resolved
+    once, here, in the main process.
 
     Every epoch each row is yielded exactly once across all ranks and workers: the shard
     list is shuffled with ``seed`` and the epoch (the same order on every rank), then
@@ -38,14 +54,21 @@ class ShardDataset(IterableDataset[Row]):
     fewer readers. Call ``set_epoch(e)`` before each epoch, as with DistributedSampler
     (DataLoader copies the dataset into its workers each epoch unless
     ``persistent_workers=True``). ``shuffle_buffer > 0`` also shuffles rows within each
-    reader through a buffer of that many rows. ``rank``/``world_size`` default to
-    torch.distributed's when it is initialized, else 0/1.
+    reader through a buffer of that many rows (it moves row indices, not rows).
+    ``rank``/``world_size`` default to torch.distributed's when it is initialized, else 0/1.
 
     Each reader (worker process) makes its own Client from ``client``'s settings; a
     ``transport`` given to that client is shared with the workers, so it must be safe to
     use after fork (httpx's default transport is made fresh in each worker).
 
-    Yields one dict per row (columns as in the shard, or the ``columns`` projection).
+    ``layout=None`` (the default) yields one dict per row (columns as in the shard, or the
+    ``columns`` projection), for ``DataLoader(..., batch_size=B, collate_fn=collate_topk)``.
+    ``layout="padded"`` yields the batches of ``collate_topk`` of ``rows_per_batch`` rows, and
+    ``layout="packed"`` the packed batches of ``teachercache.layouts`` of at most
+    ``tokens_per_batch`` tokens (a longer row is a batch of its own), both built column-wise
+    from the Arrow buffers (no Python object per row): use ``DataLoader(dataset,
+    batch_size=None)``. Batches never hold failed rows, and every row is in exactly one batch;
+    a reader's last batch may be smaller.
     """
 
     def __init__(
@@ -63,18 +86,27 @@ class ShardDataset(IterableDataset[Row]):
         world_size: int | None = None,
         skip_errors: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        layout: str | None = None,
+        rows_per_batch: int = 32,
+        tokens_per_batch: int = 8192,
+        pad_id: int = 0,
     ) -> None:
         if (shards is None) == (job is None):
             raise TypeError("ShardDataset takes exactly one of shards= or job=")
+        if layout is not None and layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)} or None, not {layout!r}")
         # Workers rebuild the client from its options: a live connection pool must not
         # be shared across fork, and cannot be pickled for spawn.
         self.client_options = client._options if client is not None else {"base_url": base_url}
         self.shards = self._resolve(job, client) if job is not None else self._resolve(shards or [], client)
-        self.columns = columns
+        # A layout reads only its own columns: the others need not be fetched or decoded.
+        self.columns = columns if columns is not None or layout is None else LAYOUT_COLUMNS
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
         self.rank, self.world_size = _distributed_position(rank, world_size)
-        self.skip_errors = skip_errors
+        self.skip_errors = skip_errors or layout is not None
         self.batch_size = batch_size
+        self.layout, self.rows_per_batch, self.tokens_per_batch = layout, rows_per_batch, tokens_per_batch
+        self.pad_id = pad_id
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -88,23 +120,35 @@ class ShardDataset(IterableDataset[Row]):
             random.Random(f"teachercache:{self.seed}:{self.epoch}").shuffle(order)
         return [self.shards[i] for i in order[slot::slots]]
 
-    def __iter__(self) -> Iterator[Row]:
+    def __iter__(self) -> Iterator[Any]:
         slot, slots = self._reader_slot()
-        rows = self._read_rows(self.shards_for_reader(slot, slots))
+        tables = self._read_tables(self.shards_for_reader(slot, slots))
         if self.shuffle_buffer > 0:
-            rows = _buffer_shuffle(
-                rows, self.shuffle_buffer, random.Random(f"rows:{self.seed}:{self.epoch}:{slot}")
-            )
-        yield from rows
+            seed = random.Random(f"rows:{self.seed}:{self.epoch}:{slot}").getrandbits(64)
+            tables = shuffled_rows(tables, self.shuffle_buffer, np.random.default_rng(seed))
+        if self.layout == "padded":
+            runs = row_groups(map(Columns.of, tables), self.rows_per_batch)
+            yield from (padded_layout(run, self.pad_id) for run in runs)
+        elif self.layout == "packed":
+            runs = token_groups(map(Columns.of, tables), self.tokens_per_batch)
+            yield from (packed_layout(run, self.pad_id) for run in runs)
+        else:
+            for table in tables:
+                yield from table.to_pylist()
 
-    def _read_rows(self, shards: list[dict[str, Any]]) -> Iterator[Row]:
-        with _reader_client(self.client_options) as client:
+    def _read_tables(self, shards: list[dict[str, Any]]) -> Iterator[pa.Table]:
+        """The shards' record batches as tables, failed rows dropped if asked (a vectorised mask)."""
+        client: Client | None = None  # made on the first remote shard: local files need none
+        try:
             for shard in shards:
+                if client is None and "path" not in shard:
+                    client = _reader_client(self.client_options)
                 for batch in read_shard(client, shard, self.columns, self.batch_size):
-                    yield from (row for row in batch.to_pylist() if not self._skipped(row))
-
-    def _skipped(self, row: Row) -> bool:
-        return self.skip_errors and row.get("finish_reason") == "error"
+                    table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
+                    yield without_errors(table) if self.skip_errors else table
+        finally:
+            if client is not None:
+                client.close()
 
     def _reader_slot(self) -> tuple[int, int]:
         worker = get_worker_info()
@@ -112,10 +156,101 @@ class ShardDataset(IterableDataset[Row]):
         return self.rank * num_workers + worker_id, self.world_size * num_workers
 
     def _resolve(self, refs: ShardRef | Iterable[ShardRef], client: Client | None) -> list[dict[str, Any]]:
-        if client is not None:
+        if client is not None or _local_files(refs):
             return resolve_shards(refs, client)
         with Client(**self.client_options) as temporary:
             return resolve_shards(refs, temporary)
+
+
+def _local_files(refs: ShardRef | Iterable[ShardRef]) -> bool:
+    if isinstance(refs, (str, dict)):
+        return False
+    return isinstance(refs, os.PathLike) or all(isinstance(ref, os.PathLike) for ref in refs)
+
+
+def shuffled_rows(tables: Iterator[pa.Table], size: int, rng: np.random.Generator) -> Iterator[pa.Table]:
+    """Approximate shuffle in bounded memory: a pool of ``size`` buffered row indices; each table
+    read adds its rows to the pool and takes as many random ones out (one ``take`` per table)."""
+    held: list[pa.Table] = []  # the tables whose rows are (partly) in the pool
+    pool = np.zeros(0, dtype=np.int64)  # indices into the concatenation of `held`
+    for table in tables:
+        held.append(table)
+        pool = np.concatenate([pool, np.arange(table.num_rows) + (sum(t.num_rows for t in held) - table.num_rows)])
+        excess = len(pool) - size
+        if excess <= 0:
+            continue
+        chosen = rng.choice(len(pool), excess, replace=False)
+        combined = pa.concat_tables(held)
+        yield combined.take(pool[chosen])
+        pool = np.delete(pool, chosen)
+        held, pool = _compact(combined, pool)
+    if len(pool):
+        yield pa.concat_tables(held).take(rng.permutation(pool))
+
+
+def _compact(combined: pa.Table, pool: np.ndarray) -> tuple[list[pa.Table], np.ndarray]:
+    """Drop the rows no longer in the pool from the buffer, once they are most of it, so the
+    buffer stays near ``size`` rows."""
+    if len(pool) * 2 >= combined.num_rows:
+        return [combined], pool
+    return [combined.take(np.sort(pool))], np.argsort(np.argsort(pool))
+
+
+class _RowQueue:
+    """Rows waiting to be batched, as the parts they came in; taking rows copies only the rows
+    taken, and only when a batch spans two parts."""
+
+    def __init__(self) -> None:
+        self.parts: list[Columns] = []
+        self.lengths = np.zeros(0, dtype=np.int64)  # each waiting row's sequence length
+
+    @property
+    def count(self) -> int:
+        return len(self.lengths)
+
+    def push(self, part: Columns) -> None:
+        if part.count:
+            self.parts.append(part)
+            self.lengths = np.concatenate([self.lengths, part.lengths])
+
+    def take(self, rows: int) -> Columns:
+        taken: list[Columns] = []
+        needed = rows
+        while needed:
+            head = self.parts[0]
+            if head.count <= needed:
+                taken.append(self.parts.pop(0))
+            else:
+                taken.append(head.slice(0, needed))
+                self.parts[0] = head.slice(needed, head.count)
+            needed -= taken[-1].count
+        self.lengths = self.lengths[rows:]
+        return Columns.concat(taken)
+
+
+def row_groups(parts: Iterable[Columns], rows: int) -> Iterator[Columns]:
+    """The rows of ``parts``, in order, regrouped into runs of ``rows`` rows (the last may be smaller)."""
+    queue = _RowQueue()
+    for part in parts:
+        queue.push(part)
+        while queue.count >= rows:
+            yield queue.take(rows)
+    if queue.count:
+        yield queue.take(queue.count)
+
+
+def token_groups(parts: Iterable[Columns], max_tokens: int) -> Iterator[Columns]:
+    """The rows of ``parts``, in order, regrouped greedily into runs of at most ``max_tokens``
+    prompt + completion tokens (a longer row alone)."""
+    queue = _RowQueue()
+    for part in parts:
+        queue.push(part)
+        taken = 0
+        for cut in pack_boundaries(queue.lengths, max_tokens):
+            yield queue.take(cut - taken)
+            taken = cut
+    if queue.count:
+        yield queue.take(queue.count)
 
 
 def _reader_client(options: dict[str, Any]) -> Client:
@@ -150,19 +285,6 @@ def _distributed_position(rank: int | None, world_size: int | None) -> tuple[int
     return rank, world_size
 
 
-def _buffer_shuffle(rows: Iterator[Row], size: int, rng: random.Random) -> Iterator[Row]:
-    """Approximate shuffle in bounded memory: emit a random buffered row per row read."""
-    buffer: list[Row] = []
-    for row in rows:
-        buffer.append(row)
-        if len(buffer) >= size:
-            index = rng.randrange(len(buffer))
-            buffer[index], buffer[-1] = buffer[-1], buffer[index]
-            yield buffer.pop()
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 def collate_topk(rows: Sequence[Row], pad_id: int = 0) -> dict[str, Any]:
     """Pad a list of shard rows into the tensors of a top-k distillation step.
 
@@ -186,57 +308,4 @@ def collate_topk(rows: Sequence[Row], pad_id: int = 0) -> dict[str, Any]:
     logits at ``t`` predict token ``t + 1`` compares ``student_logits[:, :-1]`` with
     ``top_*[:, 1:]`` under ``labels_mask[:, 1:]``.
     """
-    kept = [row for row in rows if row.get("finish_reason") != "error"]
-    length = max((_row_length(row) for row in kept), default=0)
-    k = max((len(top) for row in kept for top in row["top_token_ids"]), default=0)
-    batch = _empty_batch(len(kept), length, k, pad_id)
-    for index, row in enumerate(kept):
-        _fill_row(batch, index, row)
-    batch["custom_id"] = [row.get("custom_id") for row in kept]
-    return batch
-
-
-def _row_length(row: Row) -> int:
-    return len(row["prompt_token_ids"]) + len(row["completion_token_ids"])
-
-
-def _empty_batch(size: int, length: int, k: int, pad_id: int) -> dict[str, Any]:
-    return {
-        "input_ids": torch.full((size, length), pad_id, dtype=torch.int64),
-        "attention_mask": torch.zeros((size, length), dtype=torch.int64),
-        "labels_mask": torch.zeros((size, length), dtype=torch.bool),
-        "top_token_ids": torch.full((size, length, k), pad_id, dtype=torch.int64),
-        "top_logprobs": torch.zeros((size, length, k), dtype=torch.float32),
-        "token_logprobs": torch.zeros((size, length), dtype=torch.float32),
-    }
-
-
-def _fill_row(batch: dict[str, Any], index: int, row: Row) -> None:
-    prompt, completion = row["prompt_token_ids"], row["completion_token_ids"]
-    start, end = len(prompt), len(prompt) + len(completion)
-    batch["input_ids"][index, :end] = torch.tensor(list(prompt) + list(completion), dtype=torch.int64)
-    batch["attention_mask"][index, :end] = 1
-    batch["labels_mask"][index, start:end] = True
-    if end > start:
-        batch["token_logprobs"][index, start:end] = torch.tensor(row["token_logprobs"], dtype=torch.float32)
-        _fill_top_k(batch, index, start, row)
-
-
-def _fill_top_k(batch: dict[str, Any], index: int, start: int, row: Row) -> None:
-    ids, logprobs = row["top_token_ids"], row["top_logprobs"]
-    k = batch["top_token_ids"].shape[-1]
-    if all(len(position) == k for position in ids):
-        # The usual case: one tensor per row instead of one per position.
-        end = start + len(ids)
-        batch["top_token_ids"][index, start:end] = torch.tensor(ids, dtype=torch.int64).reshape(len(ids), k)
-        batch["top_logprobs"][index, start:end] = torch.tensor(logprobs, dtype=torch.float32).reshape(
-            len(ids), k
-        )
-        return
-    for offset, (position_ids, position_logprobs) in enumerate(zip(ids, logprobs, strict=True)):
-        width = len(position_ids)
-        batch["top_logprobs"][index, start + offset] = float("-inf")
-        batch["top_token_ids"][index, start + offset, :width] = torch.tensor(position_ids, dtype=torch.int64)
-        batch["top_logprobs"][index, start + offset, :width] = torch.tensor(
-            position_logprobs, dtype=torch.float32
-        )
+    return padded_batch(table_from_rows(list(rows)), pad_id)

@@ -52,7 +52,7 @@ def fleet(teacher: Annotated[list[str], typer.Option(help="a teacher to serve; r
     try:
         from workers.fleet.ray_pool import run_fleet
     except ImportError as exc:
-        typer.echo(f"teachercache fleet: Ray is not installed ({exc}); pip install 'teachercache[ray]'", err=True)
+        typer.echo(f"teachercache fleet: Ray is not installed ({exc}); pip install 'teachercache[server,ray]'", err=True)
         raise typer.Exit(2) from None
     try:
         run_fleet(settings, teacher)

@@ -276,6 +276,26 @@ def test_hf_datasets_streams_the_shard_urls(
 
 
 @ALL_STORAGES
+def test_polars_scans_the_shard_urls_through_a_pyarrow_dataset(client: tc.Client, scripted_worker,
+                                                                tmp_path: Path) -> None:
+    """Polars' own HTTP reader sends no custom headers (pola-rs/polars#17197), so the key goes
+    with fsspec's HTTP filesystem under a pyarrow dataset, which Polars scans lazily."""
+    import fsspec
+    import polars as pl
+    import pyarrow.dataset as ds
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    job = finished_job(client, 12)
+    http = fsspec.filesystem("http", headers={"Authorization": f"Bearer {os.environ['TEACHERCACHE_API_KEY']}"})
+    shards = ds.dataset([shard["url"] for shard in job["shards"]], format="parquet",
+                        filesystem=PyFileSystem(FSSpecHandler(http)))
+    columns = ["custom_id", "completion_token_ids", "top_logprobs"]
+    frame = pl.scan_pyarrow_dataset(shards).select(columns).collect()
+    expected = read_rows(client.download(job, tmp_path / "out"))
+    assert frame.to_dicts() == [{name: row[name] for name in columns} for row in expected]
+
+
+@ALL_STORAGES
 def test_shard_url_answers_head_with_size_and_etag(client: tc.Client, scripted_worker) -> None:
     # What fsspec (under datasets, pandas, polars) asks first; without it, a GET of the whole file.
     shard = finished_job(client, 3)["shards"][0]
@@ -305,3 +325,29 @@ def test_two_ranks_with_two_workers_each_read_every_row_exactly_once(
         per_rank.append([row_key(row) for row in DataLoader(dataset, batch_size=None, num_workers=2)])
     assert Counter(per_rank[0] + per_rank[1]) == expected
     assert sum(expected.values()) == 23 and all(per_rank)
+
+
+@ALL_STORAGES
+def test_packed_batches_over_two_ranks_with_two_workers_hold_every_row_once(
+    client: tc.Client, scripted_worker, tmp_path: Path
+) -> None:
+    """The packed layout over the live service: small budgets cut packs inside shards; each row is in
+    one pack, whole (its sequence and its targets), across ranks and workers."""
+    from torch.utils.data import DataLoader
+
+    job = finished_job(client, 23)
+    rows = {row["custom_id"]: row for row in read_rows(client.download(job, tmp_path / "out"))}
+    seen = []
+    for rank in (0, 1):
+        dataset = tc.ShardDataset(job=job["id"], client=client, rank=rank, world_size=2, seed=1, layout="packed",
+                                  tokens_per_batch=40, shuffle_buffer=4)
+        for batch in DataLoader(dataset, batch_size=None, num_workers=2):
+            cu = batch["cu_seqlens"].tolist()
+            for i, custom_id in enumerate(batch["custom_id"]):
+                row = rows[custom_id]
+                assert batch["input_ids"][0, cu[i]:cu[i + 1]].tolist() == (
+                    row["prompt_token_ids"] + row["completion_token_ids"])
+                mine = batch["target_sequence"] == i
+                assert batch["top_token_ids"][mine].tolist() == row["top_token_ids"]
+            seen += batch["custom_id"]
+    assert Counter(seen) == Counter(custom_id for custom_id, row in rows.items() if row["finish_reason"] != "error")

@@ -70,15 +70,17 @@ def test_loss_falls_on_the_real_teachers_top_k_streamed_from_the_service(
     assert "loss: first 10 steps" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("layout", [["--batch-size", "4"], ["--layout", "packed", "--tokens-per-batch", "64"]],
+                         ids=["padded", "packed"])
 def test_loss_falls_on_local_shards_with_cross_entropy(
-    live_url: str, start_worker, tmp_path: Path
+    live_url: str, start_worker, tmp_path: Path, layout: list[str]
 ) -> None:
     start_worker(ScriptedEngine())
     requests = [{"custom_id": f"s{i}", "prompt_token_ids": [1, 2, 3, 50 + i]} for i in range(4)]
     with tc.Client(live_url) as client:
         job = finished_job(client, requests, top_logprobs=8, sampling={"max_tokens": 12})
         client.download(job, tmp_path / "shards")
-    args = ["--shards", str(tmp_path / "shards"), "--steps", "40", "--alpha", "0.5", "--batch-size", "4"]
+    args = ["--shards", str(tmp_path / "shards"), "--steps", "40", "--alpha", "0.5", *layout]
     losses = distill.main(args)
     first, last = first_and_last(losses)
     assert all(math.isfinite(loss) for loss in losses) and last < 0.8 * first, (first, last)

@@ -638,8 +638,9 @@ def test_cli_status_list_cancel_errors_as_json(cli_runner: CliRunner, double: Co
 
 
 class FakeEntryPoint:
-    def __init__(self, register: Any) -> None:
+    def __init__(self, register: Any, name: str = "server") -> None:
         self._register = register
+        self.name = name
 
     def load(self) -> Any:
         if isinstance(self._register, Exception):
@@ -657,5 +658,26 @@ def test_main_adds_plugin_commands_and_skips_uninstalled_ones(monkeypatch: pytes
         cli.importlib.metadata, "entry_points", lambda group: plugins if group == "teachercache.cli" else []
     )
     monkeypatch.setattr(cli, "app", lambda: registered.append("ran"))
+    monkeypatch.setattr(cli.sys, "argv", ["teachercache"])
     cli.main()
     assert registered == [cli.app, "ran"]  # the plugin registered on the app, then the app ran
+
+
+def test_a_server_command_without_the_server_extra_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = ImportError("teachercache's server needs the `server` extra: pip install 'teachercache[server]'")
+    plugins = [FakeEntryPoint(missing, "server"), FakeEntryPoint(missing, "worker")]
+    monkeypatch.setattr(
+        cli.importlib.metadata, "entry_points", lambda group: plugins if group == "teachercache.cli" else []
+    )
+    monkeypatch.setattr(cli.sys, "argv", ["teachercache", "serve", "--port", "1"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "'serve'" in error and error.count("pip install 'teachercache[server]'") == 1
+    monkeypatch.setattr(cli.sys, "argv", ["teachercache", "status", "--help"])  # a client command still runs
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 0 and "Show a job" in capsys.readouterr().out

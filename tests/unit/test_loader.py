@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -330,3 +331,121 @@ def test_every_reader_decodes_an_encoded_job_into_the_same_arrays(tmp_path: Path
         assert rows_b == rows_a
         batch_a, batch_b = tc.collate_topk(rows_a), tc.collate_topk(rows_b)
         assert all(torch.equal(batch_a[name], batch_b[name]) for name in batch_a if name != "custom_id")
+        for layout in ("padded", "packed"):  # the columnar layouts read the same decoded arrays
+            packs_a = list(tc.ShardDataset(job=JOB_ID, client=a, shuffle=False, layout=layout))
+            packs_b = list(tc.ShardDataset(job=JOB_ID, client=b, shuffle=False, layout=layout))
+            assert len(packs_a) == len(packs_b) == 1
+            assert all(torch.equal(packs_a[0][name], packs_b[0][name]) for name in packs_a[0]
+                       if isinstance(packs_a[0][name], torch.Tensor))
+
+
+# -- the columnar layouts ------------------------------------------------------------
+
+
+def kept_rows(server: ShardServerDouble) -> list[dict[str, Any]]:
+    return [row for row in server.rows if row["finish_reason"] != "error"]
+
+
+def test_padded_layout_batches_equal_collate_topk_of_the_same_rows(
+    client: tc.Client, server: ShardServerDouble
+) -> None:
+    dataset = tc.ShardDataset(job=JOB_ID, client=client, shuffle=False, layout="padded", rows_per_batch=4, pad_id=-1,
+                              batch_size=3)  # batches span record batches and shards
+    batches = list(dataset)
+    rows = kept_rows(server)  # failed rows are dropped before batching: every batch is full but the last
+    assert [len(batch["custom_id"]) for batch in batches] == [4, 4, 4, 4]  # 17 rows, one failed
+    for index, batch in enumerate(batches):
+        expected = tc.collate_topk(rows[4 * index:4 * index + 4], pad_id=-1)
+        assert batch["custom_id"] == expected["custom_id"]
+        for name, tensor in expected.items():
+            if name != "custom_id":
+                assert batch[name].dtype == tensor.dtype and torch.equal(batch[name], tensor), name
+
+
+def assert_packed_layout(batch: dict[str, Any], rows_by_id: dict[str, dict[str, Any]], pad_id: int = 0) -> None:
+    """Every sequence of the packed batch is its row's prompt + completion, with its targets."""
+    cu, ids, positions = batch["cu_seqlens"].tolist(), batch["input_ids"][0].tolist(), batch["position_ids"][0]
+    assert batch["cu_seqlens"].dtype == torch.int32 and len(cu) == len(batch["custom_id"]) + 1 and cu[0] == 0
+    assert batch["input_ids"].shape == (1, cu[-1]) and batch["max_seqlen"] == max(b - a for a, b in zip(cu, cu[1:]))
+    targets = 0
+    for i, custom_id in enumerate(batch["custom_id"]):
+        row = rows_by_id[custom_id]
+        p, c = len(row["prompt_token_ids"]), len(row["completion_token_ids"])
+        start, end = cu[i], cu[i + 1]
+        assert ids[start:end] == row["prompt_token_ids"] + row["completion_token_ids"]
+        assert positions[start:end].tolist() == list(range(end - start))
+        mine = (batch["target_sequence"] == i).nonzero().flatten()
+        assert batch["target_positions"][mine].tolist() == list(range(start + p, start + p + c))
+        assert batch["top_token_ids"][mine].tolist() == row["top_token_ids"]
+        assert batch["top_logprobs"][mine].tolist() == row["top_logprobs"]
+        assert batch["token_logprobs"][mine].tolist() == row["token_logprobs"]
+        targets += c
+    assert batch["top_token_ids"].shape == (targets, K) and batch["top_logprobs"].dtype == torch.float32
+    # The shift: each target is the teacher's view of the token at its own position.
+    assert torch.equal(batch["top_token_ids"][:, 0], batch["input_ids"][0, batch["target_positions"]])
+
+
+def test_packed_layout_holds_each_sequence_and_its_targets(client: tc.Client, server: ShardServerDouble) -> None:
+    dataset = tc.ShardDataset(job=JOB_ID, client=client, shuffle=False, layout="packed", tokens_per_batch=16)
+    batches = list(dataset)
+    rows_by_id = {row["custom_id"]: row for row in server.rows}
+    assert [i for batch in batches for i in batch["custom_id"]] == [row["custom_id"] for row in kept_rows(server)]
+    for batch in batches:
+        assert batch["input_ids"].shape[1] <= 16 or len(batch["custom_id"]) == 1
+        assert_packed_layout(batch, rows_by_id)
+
+
+def test_packed_batches_hold_every_row_once_across_ranks_and_workers(
+    client: tc.Client, server: ShardServerDouble
+) -> None:
+    """Small budgets put pack boundaries inside shards and record batches: no row is lost or repeated."""
+    rows_by_id = {row["custom_id"]: row for row in server.rows}
+    for budget, shuffle_buffer in ((9, 0), (20, 3)):
+        seen: list[str] = []
+        for rank in (0, 1):
+            dataset = tc.ShardDataset(job=JOB_ID, client=client, rank=rank, world_size=2, seed=5, layout="packed",
+                                      tokens_per_batch=budget, shuffle_buffer=shuffle_buffer, batch_size=2)
+            for batch in DataLoader(dataset, batch_size=None, num_workers=2):
+                assert_packed_layout(batch, rows_by_id)
+                seen += batch["custom_id"]
+        assert Counter(seen) == Counter(row["custom_id"] for row in kept_rows(server)), budget
+
+
+def test_pack_boundaries_cut_greedily_and_put_a_long_row_alone() -> None:
+    from teachercache.layouts import pack_boundaries
+
+    lengths = np.array([3, 4, 2, 9, 1, 1])
+    assert pack_boundaries(lengths, 8) == [2, 3, 4]  # [3,4] [2] [9 alone]; [1,1] wait for more rows
+    assert pack_boundaries(lengths, 100) == []
+    assert pack_boundaries(np.array([10, 10]), 5) == [1, 2]  # a row over the budget can share with none
+
+
+def test_packed_layout_pads_a_ragged_top_k_with_minus_infinity() -> None:
+    from teachercache.layouts import packed_batch, table_from_rows
+
+    row = {"custom_id": "r", "prompt_token_ids": [5], "completion_token_ids": [6, 7], "token_logprobs": [-1.0, -2.0],
+           "top_token_ids": [[6, 9], [7]], "top_logprobs": [[-1.0, -3.0], [-2.0]], "finish_reason": "stop"}
+    batch = packed_batch(table_from_rows([row, {**row, "custom_id": "failed", "finish_reason": "error"}]))
+    assert batch["custom_id"] == ["r"] and batch["target_positions"].tolist() == [1, 2]
+    assert batch["top_token_ids"].tolist() == [[6, 9], [7, 0]]
+    assert batch["top_logprobs"].tolist() == [[-1.0, -3.0], [-2.0, float("-inf")]]
+
+
+def test_local_shard_files_need_no_service(server: ShardServerDouble) -> None:
+    folder_rows = [key(row) for row in tc.ShardDataset([server.folder], shuffle=False)]
+    assert folder_rows == [key(row) for row in server.rows]
+    files = sorted(server.folder.glob("*.parquet"))
+    batches = list(tc.ShardDataset(files, layout="packed", shuffle=False))
+    assert [i for batch in batches for i in batch["custom_id"]] == [row["custom_id"] for row in kept_rows(server)]
+
+
+def test_shuffle_buffer_moves_rows_and_keeps_each_once(client: tc.Client, server: ShardServerDouble) -> None:
+    plain = [key(row) for row in tc.ShardDataset(job=JOB_ID, client=client, shuffle=False)]
+    shuffled = [key(row) for row in tc.ShardDataset(job=JOB_ID, client=client, shuffle=False, shuffle_buffer=5,
+                                                     batch_size=2)]
+    assert sorted(shuffled) == sorted(plain) and shuffled != plain
+
+
+def test_an_unknown_layout_is_refused(client: tc.Client) -> None:
+    with pytest.raises(ValueError, match="layout"):
+        tc.ShardDataset(job=JOB_ID, client=client, layout="ragged")
