@@ -65,6 +65,10 @@ class ServiceSettings(BaseSettings):
     submission_burst: int = 30
     shard_rows: int = 10_000
     finalizer_poll_s: float = 0.5
+    # The synchronous endpoints (service/online): how long a request waits for the teacher before
+    # a 504 (its jobs are then cancelled), and the first interval of its wait's polls.
+    online_timeout_s: float = 600.0
+    online_poll_s: float = 0.005
     # A job whose assembly fails is retried after finalize_backoff_s x 2^attempt (at most 5 min),
     # and ends `failed` with the reason after finalize_max_attempts.
     finalize_max_attempts: int = Field(default=5, ge=1)

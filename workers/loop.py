@@ -15,6 +15,7 @@ own short transaction.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import socket
@@ -71,6 +72,15 @@ class Holdings:
     def __len__(self) -> int:
         with self.lock:
             return len(self.tasks)
+
+    def batch_count(self) -> int:
+        """Held tasks of batch work (the room kept for interactive work is what they may not fill)."""
+        with self.lock:
+            return sum(not t.interactive for t in self.tasks.values())
+
+    def any_interactive(self, keys: Iterable[str]) -> bool:
+        with self.lock:
+            return any(key in self.tasks and self.tasks[key].interactive for key in keys)
 
     def token_count(self) -> int:
         with self.lock:
@@ -232,11 +242,14 @@ class WorkerLoop:
                 continue
             suspect_turn = True
             room = self._room()
-            claimed = self._claim(room) if room and (len(self.held) <= low_water or room >= low_water) else []
+            # Claims are batched (at the low-water mark) while the worker is busy, except for the
+            # interactive lane: a trainer's request is claimed as soon as there is room for it.
+            batched = len(self.held) <= low_water or room >= low_water
+            claimed = self._claim(room, batch_limit=self._batch_room(room) if batched else 0) if room else []
             for task in claimed:
                 self.incoming.put(task)
             if not claimed:
-                time.sleep(self.settings.claim_poll_s)
+                time.sleep(self.settings.interactive_poll_s)
 
     def _check_storage(self) -> None:
         """While paused, try a small write when the backoff says so; success resumes claiming."""
@@ -266,6 +279,12 @@ class WorkerLoop:
             room = min(room, (self.settings.max_inflight_tokens - tokens) * held // tokens)
         return max(room, 0) if held else max(room, 1)
 
+    def _batch_room(self, room: int) -> int:
+        """Of `room`, what batch work may take: never the last `interactive_reserve` places (at
+        most a quarter of them, so a small worker still does batch work at three quarters)."""
+        reserve = min(self.settings.interactive_reserve, self.settings.max_inflight // 4)
+        return max(0, min(room, self.settings.max_inflight - reserve - self.held.batch_count()))
+
     def _run_one_suspect(self) -> bool:
         """A task that was in a dying engine runs alone: nothing else is claimed until it ends."""
         claimed = self._claim(1, suspect=True)
@@ -283,11 +302,15 @@ class WorkerLoop:
             log.exception("worker %s: could not look for suspect tasks", self.worker_id)
             return False
 
-    def _claim(self, limit: int, suspect: bool = False) -> list[ClaimedTask]:
+    def _claim(self, limit: int, suspect: bool = False, batch_limit: int | None = None) -> list[ClaimedTask]:
+        # Interactive tasks take at most their share of a claim, so batch work still progresses.
+        interactive_limit = max(1, math.ceil(limit * (1 - self.settings.batch_share))) if limit > 1 else limit
+
         @self._db
         def claim() -> list[ClaimedTask]:
             with transaction(self.rt.sessions) as db:
-                claimed = TaskRepository(db).claim(self.teacher, self.worker_id, limit, self.settings.lease_s, suspect)
+                claimed = TaskRepository(db).claim(self.teacher, self.worker_id, limit, self.settings.lease_s, suspect,
+                                                   interactive_limit=interactive_limit, batch_limit=batch_limit)
             self.held.add(claimed)
             return claimed
 
@@ -338,8 +361,9 @@ class WorkerLoop:
     def _should_flush(self, buffer: list[EngineResult], first_at: float) -> bool:
         rows = sum(max(1, len(r.samples)) for r in buffer)
         idle = self.finished.empty() and not self.engine.has_unfinished()
+        # A synchronous request waits on an interactive task: its shard is written at once.
         return rows >= self.settings.result_shard_rows or time.monotonic() - first_at >= self.settings.flush_s \
-            or idle or self.done.is_set()
+            or idle or self.done.is_set() or self.held.any_interactive(r.key for r in buffer)
 
     def _flush(self, results: list[EngineResult]) -> None:
         failures = [r for r in results if r.error is not None]
