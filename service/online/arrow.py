@@ -11,6 +11,17 @@ from service.online.service import Answer, Plan
 from teachercache.online_format import schema_with, write_stream
 
 
+def flat_ranks(ranks: pa.ChunkedArray, lengths: np.ndarray) -> pa.Array:
+    """Each row's ranks, a row without (an engine that gives none) as nulls of its length."""
+    column = ranks.combine_chunks()
+    if column.null_count == 0:
+        return column.flatten()
+    values: list[int | None] = []
+    for row, length in zip(column.to_pylist(), lengths):
+        values.extend(row if row is not None else [None] * int(length))
+    return pa.array(values, pa.int32())
+
+
 def positions_table(table: pa.Table, prompt_of_row: np.ndarray, first_position: np.ndarray,
                     sample_index: np.ndarray, ranks: pa.ChunkedArray | None = None) -> pa.Table:
     """One row per token of each row's completion_token_ids."""
@@ -20,7 +31,7 @@ def positions_table(table: pa.Table, prompt_of_row: np.ndarray, first_position: 
     within = np.arange(len(parents), dtype=np.int64) - offsets[:-1][parents]
     flat = {name: table.column(name).combine_chunks().flatten()
             for name in ("token_logprobs", "top_token_ids", "top_logprobs")}
-    rank = ranks.combine_chunks().flatten() if ranks is not None else pa.nulls(len(parents), pa.int32())
+    rank = flat_ranks(ranks, np.diff(offsets)) if ranks is not None else pa.nulls(len(parents), pa.int32())
     return pa.table({
         "prompt_index": pa.array(prompt_of_row[parents], pa.int32()),
         "sample_index": pa.array(sample_index[parents], pa.int32()),

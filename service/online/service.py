@@ -23,17 +23,17 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import OpenAIError, TeachercacheError
 from service.jobs.limits import JobLimits
-from service.jobs.repository import JobRepository
 from service.jobs.schemas import JobCreate, RequestIn
 from service.jobs.service import JobService, prepare_submission
 from service.online.repository import OnlineRepository
 from service.online.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
-from service.results.assemble import window_table
+from service.results.assemble import computed_pieces
 from service.results.repository import ResultRepository
 from service.runtime import Runtime
 from service.sampling import Sampling
@@ -291,17 +291,19 @@ class OnlineService:
         answer = Answer()
         with self.rt.sessions() as db:
             for mode, job_id in jobs.items():
-                table = job_rows(db, self.rt, job_id, len(plan.prompts) * (plan.generate.n if plan.generate else 1))
-                failed = [e for e in table.column("error").to_pylist() if e]
-                if failed:
-                    raise OpenAIError(f"the teacher failed this request: {failed[0]}", None, 500,
-                                      "InternalServerError")
-                answer.tables[mode] = table
+                answer.tables[mode] = job_rows(db, self.rt, job_id, len(plan.prompts))
         cached = [c for t in answer.tables.values() for c in t.column("cached").to_pylist()]
         answer.cached = bool(cached) and all(cached)
         return answer
 
 
 def job_rows(db: Any, rt: Runtime, job_id: str, limit: int) -> pa.Table:
+    """A job's rows in request and sample order, from its result shards, with the result shards'
+    own columns (token_ranks) that job shards drop. A failed request is the caller's error."""
     rows = ResultRepository(db).assembly_rows(job_id, -1, max(limit, 1))
-    return window_table(JobRepository(db), rt.storage, rows)
+    failed = [r for r in rows if r.shard_path is None]
+    if failed:
+        raise OpenAIError(f"the teacher failed this request: {failed[0].error or failed[0].state}", None, 500,
+                          "InternalServerError")
+    table = pa.concat_tables(computed_pieces(rt.storage, rows), promote_options="default")
+    return table.take(pc.sort_indices(table, [("request_index", "ascending"), ("sample_index", "ascending")]))

@@ -157,3 +157,24 @@ def test_interactive_requests_overtake_a_busy_batch_job(api, rt, start_worker):
     response = api.post("/v1/completions", json=score_body([3, 4, 5]))
     assert response.status_code == 200
     assert api.get(f"/v1/jobs/{job['id']}").json()["counts"]["pending"] > 0  # the batch job is still running
+
+
+def test_client_score_returns_padded_arrays_from_the_live_service(rt, api_key, start_worker):
+    import teachercache as tc
+    from service.http.app import create_app
+    from tests.integration.test_client_live import serve_on_loopback
+
+    start_worker(ScriptedEngine())
+    sequences = [[1, 2, 3, 4], [9, 8]]
+    with serve_on_loopback(create_app(rt)) as url, tc.Client(url, api_key=api_key) as client:
+        scores = client.score(sequences, top_logprobs=3)
+        as_json = client._json("POST", "/v1/completions", json=score_body(sequences, k=3))
+    assert scores.token_logprobs.shape == (2, 4) and scores.top_ids.shape == (2, 4, 3)
+    assert scores.lengths.tolist() == [4, 2]
+    entries = as_json["choices"][0]["prompt_logprobs"][1]
+    ranked = sorted((e["rank"], int(tid)) for tid, e in entries.items() if e["rank"] is not None and e["rank"] <= 3)
+    assert scores.top_ids[0, 1].tolist() == [tid for _, tid in ranked]
+    np.testing.assert_array_equal(scores.token_logprobs[0, 1:],
+                                  np.float32(as_json["choices"][0]["logprobs"]["token_logprobs"][1:]))
+    tensors = scores.torch()
+    assert tuple(tensors["top_logprobs"].shape) == (2, 4, 3)
