@@ -7,12 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.http.deps import Limits, Rt, Who, caller
 from service.online.arrow import render_arrow
-from service.online.render import models_list, render_chat, render_completion
+from service.online.render import JSON, json_bytes, models_list, render_chat, render_completion
 from service.online.schemas import ChatCompletionRequest, CompletionRequest
 from service.online.service import OnlineService, parse_body, plan_chat, plan_completion
 from teachercache.online_format import MEDIA_TYPE
@@ -28,7 +27,8 @@ async def completions(request: Request, rt: Rt, who: Who, limits: Limits) -> Res
     answer = await OnlineService(rt, who.tenant, limits).answer(plan)
     if MEDIA_TYPE in request.headers.get("accept", ""):
         return Response(await run_in_threadpool(render_arrow, plan, answer, body.model), media_type=MEDIA_TYPE)
-    return JSONResponse(await run_in_threadpool(render_completion, plan, answer, body.model))
+    payload = await run_in_threadpool(lambda: json_bytes(render_completion(plan, answer, body.model)))
+    return Response(payload, media_type=JSON)
 
 
 @router.post("/chat/completions")
@@ -36,7 +36,8 @@ async def chat_completions(request: Request, rt: Rt, who: Who, limits: Limits) -
     body = await run_in_threadpool(parse_body, ChatCompletionRequest, await request.body())
     plan = await run_in_threadpool(plan_chat, body, rt)
     answer = await OnlineService(rt, who.tenant, limits).answer(plan)
-    return JSONResponse(await run_in_threadpool(render_chat, plan, answer, body.model))
+    payload = await run_in_threadpool(lambda: json_bytes(render_chat(plan, answer, body.model)))
+    return Response(payload, media_type=JSON)
 
 
 @router.get("/models")

@@ -13,11 +13,20 @@ import time
 import uuid
 from typing import Any
 
+from pydantic_core import to_json
+
 from service.online.service import Answer, Plan
 from service.teachers.tokenizer import Teacher
 
+JSON = "application/json"
 FLOOR = -9999.0
 FINGERPRINT = "teachercache"
+
+
+def json_bytes(payload: dict[str, Any]) -> bytes:
+    """pydantic-core's serializer (Rust; vLLM's server serializes with it too): a scored batch of
+    64 x 256 positions at top-20 is 330,000 small objects, which json.dumps takes seconds over."""
+    return to_json(payload)
 
 
 def clamp(value: float) -> float:
