@@ -108,7 +108,7 @@ def run_direct(args: argparse.Namespace, batches: list[list[list[int]]], model_d
     from bench.vllm_serve import SERVED_NAME, vllm_serve
 
     with tempfile.TemporaryDirectory() as tmp, vllm_serve(model_dir, Path(tmp) / "serve.log",
-                                                           kv_cache_gb=str(args.kv_cache_gb)) as base_url:
+                                                           kv_cache_gb=f"{args.kv_cache_gb:g}") as base_url:
         with httpx.Client(timeout=900) as client:
             timed_batches(client, f"{base_url}/completions", SERVED_NAME, batches[:1], args.top_logprobs)  # warm-up
             return timed_batches(client, f"{base_url}/completions", SERVED_NAME, batches, args.top_logprobs)
