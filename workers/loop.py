@@ -243,9 +243,10 @@ class WorkerLoop:
             suspect_turn = True
             room = self._room()
             # Claims are batched (at the low-water mark) while the worker is busy, except for the
-            # interactive lane: a trainer's request is claimed as soon as there is room for it.
+            # interactive lane: a trainer's request is claimed at once, into the places kept for it.
             batched = len(self.held) <= low_water or room >= low_water
-            claimed = self._claim(room, batch_limit=self._batch_room(room) if batched else 0) if room else []
+            limit = self._interactive_room(room)
+            claimed = self._claim(limit, batch_limit=room if batched else 0) if limit else []
             for task in claimed:
                 self.incoming.put(task)
             if not claimed:
@@ -279,11 +280,11 @@ class WorkerLoop:
             room = min(room, (self.settings.max_inflight_tokens - tokens) * held // tokens)
         return max(room, 0) if held else max(room, 1)
 
-    def _batch_room(self, room: int) -> int:
-        """Of `room`, what batch work may take: never the last `interactive_reserve` places (at
-        most a quarter of them, so a small worker still does batch work at three quarters)."""
-        reserve = min(self.settings.interactive_reserve, self.settings.max_inflight // 4)
-        return max(0, min(room, self.settings.max_inflight - reserve - self.held.batch_count()))
+    def _interactive_room(self, room: int) -> int:
+        """Room for interactive work: `room` plus `interactive_reserve` places on top of
+        `max_inflight` that batch work never takes, so a worker full of a batch job still takes a
+        trainer's batch at once (the engine runs it beside the batch work)."""
+        return max(room, self.settings.max_inflight + self.settings.interactive_reserve - len(self.held))
 
     def _run_one_suspect(self) -> bool:
         """A task that was in a dying engine runs alone: nothing else is claimed until it ends."""

@@ -17,11 +17,12 @@ class WorkerSettings(ServiceSettings):
     renew_fraction: float = 0.33
     claim_poll_s: float = 0.2
     # The interactive lane (the synchronous OpenAI/vLLM endpoints): how often an idle claimer
-    # looks for work (one index probe of an empty partial index when there is none), places
-    # batch work never fills, and the share of each claim kept for batch work however many
-    # interactive tasks wait (so batch jobs progress).
+    # looks for work (one index probe of an empty partial index when there is none), the places
+    # beyond max_inflight only interactive tasks take (a trainer's batch: 64 sequences), and the
+    # share of each claim kept for batch work however many interactive tasks wait (so batch
+    # jobs progress).
     interactive_poll_s: float = 0.05
-    interactive_reserve: int = 16
+    interactive_reserve: int = 64
     batch_share: float = Field(default=0.25, ge=0.0, le=1.0)
     # Tasks held at once (claimed, in the engine, or waiting to be indexed): keeps the engine fed.
     max_inflight: int = 256

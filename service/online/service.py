@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import OpenAIError, TeachercacheError
+from service.errors import Conflict, OpenAIError, TeachercacheError
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import JobCreate, RequestIn
 from service.jobs.service import JobService, prepare_submission
@@ -280,10 +280,13 @@ class OnlineService:
             return OnlineRepository(db).pending(job_ids)
 
     def cancel(self, job_ids: list[str]) -> None:
-        with self.rt.sessions() as db, db.begin():
-            service = JobService(db, self.tenant, self.limits)
-            for job_id in job_ids:
-                service.cancel(job_id)
+        """Stop handing out the jobs' requests; a job that finished meanwhile is left as it is."""
+        for job_id in job_ids:
+            try:
+                with self.rt.sessions() as db, db.begin():
+                    JobService(db, self.tenant, self.limits).cancel(job_id)
+            except Conflict:
+                pass
 
     def read(self, plan: Plan, jobs: dict[str, str]) -> Answer:
         """The jobs' rows, straight from the result shards (the job's own shards are assembled
