@@ -60,10 +60,11 @@ def run_service(engine, token_prompts, args, rt) -> dict:
     """POST -> worker loop on the same engine -> shards assembled -> downloaded."""
     from bench.common import timed_service_job
 
+    profile = args.profile / "service.txt" if args.profile else None
     body = {"top_logprobs": args.top_logprobs, "cache": "bypass",
             "sampling": {"max_tokens": args.max_tokens, "temperature": 1.0, "seed": 0, "ignore_eos": args.ignore_eos},
             "requests": [{"custom_id": str(i), "prompt_token_ids": p} for i, p in enumerate(token_prompts)]}
-    return timed_service_job(rt, engine, body, args.flush_s, args.poll_s)
+    return timed_service_job(rt, engine, body, args.flush_s, args.poll_s, profile)
 
 
 def main() -> None:
@@ -74,9 +75,10 @@ def main() -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens per request")
     parser.add_argument("--flush-s", type=float, default=3.0, help="the worker's result-shard flush interval")
     parser.add_argument("--poll-s", type=float, default=0.2, help="how often the waiting client polls the job")
+    parser.add_argument("--profile", type=Path, help="a folder for py-spy's samples of each run (raw format)")
     args = parser.parse_args()
 
-    from bench.common import report_ratio, scratch_runtime
+    from bench.common import report_ratio, scratch_runtime, timed_baseline
     from service.settings import ServiceSettings
     from service.teachers.catalog import TeacherCatalog
     from workers.vllm_adapter import VllmEngine
@@ -87,10 +89,11 @@ def main() -> None:
     token_prompts = prompts(teacher, args.requests)
     requests = engine_requests(token_prompts, args)
     run_baseline(engine, requests[:8])  # warm-up: the first batch after load is several times slower
-    before = run_baseline(engine, requests)
+    label = "LLM.generate (vLLM frontend, main thread)"
+    before = timed_baseline(lambda: run_baseline(engine, requests), label, args.profile and args.profile / "before.txt")
     with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
         service = run_service(engine, token_prompts, args, rt)
-    after = run_baseline(engine, requests)
+    after = timed_baseline(lambda: run_baseline(engine, requests), label, args.profile and args.profile / "after.txt")
     report_ratio(f"generation throughput, {args.requests} requests x {args.max_tokens} tokens, top-{args.top_logprobs}",
                  "LLM.generate", before, service, after, "pipeline.json", args)
     engine.close()

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 
 from service.db import db_retry, is_transient, transaction
 from service.jobs.finalizer import Finalizer
+from service.notify import TASKS_QUEUED
 from service.queue.repository import ClaimedTask, TaskRepository
 from service.queue.workers import WorkerRepository
 from service.results.index import index_result_shard, record_failure, release_tasks
@@ -138,6 +139,7 @@ class WorkerLoop:
         self.lost: queue.Queue[str] = queue.Queue()
         self.finished: queue.Queue[EngineResult] = queue.Queue()
         self.stopping = stopping or threading.Event()  # stop claiming (SIGTERM, or the engine died)
+        self._queued = threading.Event()  # tasks may have been queued for this teacher: claim now
         self.done = threading.Event()  # the engine thread has ended; writer drains and exits
         self.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
         self.engine_error: str | None = None
@@ -149,6 +151,7 @@ class WorkerLoop:
     def run(self) -> int:
         """Run until stopped; return the process exit code (non-zero when the engine died)."""
         self._register()
+        self.rt.listener.subscribe(TASKS_QUEUED, self._queued, self.teacher)
         threads = [threading.Thread(target=f, name=f.__name__, daemon=True)
                    for f in (self._claimer, self._writer, self._heartbeat)]
         for thread in threads:
@@ -159,6 +162,7 @@ class WorkerLoop:
         for thread in threads:
             thread.join(timeout=self.settings.drain_s + 30)
         self._release_all(self.engine_error)
+        self.rt.listener.unsubscribe(self._queued)
         self.finalizer.stop()
         self._unregister()
         return code
@@ -166,6 +170,7 @@ class WorkerLoop:
     def request_stop(self, *_: object) -> None:
         log.info("worker %s: stop requested, draining", self.worker_id)
         self.stopping.set()
+        self._queued.set()  # the claimer stops waiting for work
 
     # -- the engine thread -----------------------------------------------------------------
     def _engine_loop(self) -> int:
@@ -232,11 +237,22 @@ class WorkerLoop:
                 continue
             suspect_turn = True
             room = self._room()
-            claimed = self._claim(room) if room and (len(self.held) <= low_water or room >= low_water) else []
+            claiming = bool(room) and (len(self.held) <= low_water or room >= low_water)
+            if claiming:
+                self._queued.clear()  # before the claim: tasks queued during it wake the next one
+            claimed = self._claim(room) if claiming else []
             for task in claimed:
                 self.incoming.put(task)
-            if not claimed:
-                time.sleep(self.settings.claim_poll_s)
+            if not claimed and claiming:
+                self._wait_for_tasks()
+            elif not claimed:
+                time.sleep(self.settings.claim_poll_s)  # full: room comes back as results are indexed
+
+    def _wait_for_tasks(self) -> None:
+        """The queue had nothing for this teacher: wait until Postgres says tasks were queued,
+        or claim_idle_poll_s (claim_poll_s while the listening connection is down)."""
+        listening = self.rt.listener.connected
+        self._queued.wait(self.settings.claim_idle_poll_s if listening else self.settings.claim_poll_s)
 
     def _check_storage(self) -> None:
         """While paused, try a small write when the backoff says so; success resumes claiming."""

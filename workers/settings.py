@@ -13,7 +13,11 @@ class WorkerSettings(ServiceSettings):
     # Leases: renewed every lease_s * renew_fraction while the worker holds the task.
     lease_s: float = 60.0
     renew_fraction: float = 0.33
+    # A claim that found nothing waits for Postgres to notify that tasks were queued (service/
+    # notify.py), at most claim_idle_poll_s (expired leases of dead workers are taken back then);
+    # claim_poll_s is the wait while full, and while the listening connection is down.
     claim_poll_s: float = 0.2
+    claim_idle_poll_s: float = 2.0
     # Tasks held at once (claimed, in the engine, or waiting to be indexed): keeps the engine fed.
     max_inflight: int = 256
     # ...and at most this many prompt + response tokens: score requests ask for logprobs over
