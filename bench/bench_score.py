@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--top-logprobs", type=int, default=20)
     args = parser.parse_args()
 
-    from bench.common import report_ratio, scratch_runtime
+    from bench.common import report_ratio, scratch_runtime, timed_baseline
     from service.settings import ServiceSettings
     from service.teachers.catalog import TeacherCatalog
     from workers.vllm_adapter import VllmEngine
@@ -71,10 +71,11 @@ def main() -> None:
                              max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype)
     data = make_data(engine, teacher, args)
     run_baseline(engine, data[:8], args.top_logprobs)  # warm-up
-    before = run_baseline(engine, data, args.top_logprobs)
+    label = "LLM.generate prompt_logprobs (vLLM frontend, main thread)"
+    before = timed_baseline(lambda: run_baseline(engine, data, args.top_logprobs), label)
     with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
         service = run_service(engine, data, args.top_logprobs, rt)
-    after = run_baseline(engine, data, args.top_logprobs)
+    after = timed_baseline(lambda: run_baseline(engine, data, args.top_logprobs), label)
     report_ratio(f"scoring throughput, {args.requests} x {args.response_tokens} response tokens, top-{args.top_logprobs}",
                  "LLM.generate prompt_logprobs", before, service, after, "score.json", args)
     engine.close()

@@ -54,7 +54,7 @@ def report(title: str, rows: list[dict], filename: str, extra: dict | None = Non
         table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
     Console().print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / filename).write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2) + "\n")
+    (RESULTS / filename).write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2, default=str) + "\n")
 
 
 def timed_service_job(rt, engine, body: dict, flush_s: float = 3.0, poll_s: float = 0.2,

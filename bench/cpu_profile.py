@@ -42,7 +42,7 @@ def _component(name: str) -> str:
     key = name.split(" (")[-1].rstrip(")") if name.startswith("Thread-") else name
     if key in COMPONENTS:
         return COMPONENTS[key]
-    if "AnyIO" in name or "asyncio" in name or name.startswith("ThreadPoolExecutor") or key in ("portal",):
+    if "AnyIO" in name or "asyncio" in name:
         return "API (ASGI event loop + handler threads)"
     return f"other Python thread: {key}"
 
@@ -86,7 +86,7 @@ class CpuAccount:
                 if "py-spy" in child.name():
                     continue
                 times = child.cpu_times()
-                seconds["vLLM engine core (child process)"] += times.user + times.system
+                seconds["vLLM (child processes: the engine core, or vllm serve)"] += times.user + times.system
         for pid in self._backend_pids():
             with contextlib.suppress(psutil.Error):
                 times = psutil.Process(pid).cpu_times()
@@ -161,19 +161,30 @@ class CpuAccount:
                 "statements": self.statements}
 
 
-def top_functions(raw: Path, limit: int = 25) -> list[dict[str, Any]]:
-    """The functions with most samples (as the innermost frame of a project or library file),
-    per thread, from py-spy's raw output."""
-    self_counts: Counter[tuple[str, str]] = Counter()
+PROJECT_DIRS = ("service/", "workers/", "teachercache/", "bench/")
+
+
+def top_functions(raw: Path, limit: int = 25, skip_process: str = "EngineCore") -> list[dict[str, Any]]:
+    """Where this process's threads spent their samples, from py-spy's raw output (`--threads
+    --subprocesses`): per thread, the innermost frame of the project's own code (else the
+    innermost frame), with its share of all samples outside `skip_process` (vLLM's engine core,
+    measured apart)."""
+    counts: Counter[tuple[str, str]] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        thread = frames[1] if len(frames) > 1 and frames[0].startswith(("thread", "process")) else "?"
-        if frames and frames[0].startswith("process") and len(frames) > 2:
-            thread = frames[0].split(":")[0] + "/" + frames[2] if frames[1].startswith("thread") else thread
+        if frames[0].startswith("process"):
+            if skip_process in frames[0]:
+                continue
+            frames = frames[1:]
+        if not frames or not frames[0].startswith("thread"):
+            continue
+        thread = frames[0].split(": ", 1)[-1]
+        own = [f for f in frames[1:] if any(f"({d}" in f for d in PROJECT_DIRS)]
+        where = own[-1] if own else frames[-1]
         n = int(count)
         total += n
-        self_counts[(thread, frames[-1])] += n
-    return [{"thread": t, "function": f, "samples": n, "share": round(n / total, 4)}
-            for (t, f), n in self_counts.most_common(limit)]
+        counts[(_component(thread), where)] += n
+    return [{"component": t, "function": f, "samples": n, "share": round(n / total, 4)}
+            for (t, f), n in counts.most_common(limit)]
