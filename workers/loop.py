@@ -36,7 +36,7 @@ from service.results.index import index_result_shard, record_failure, release_ta
 from service.runtime import Runtime
 from teachercache.shard_format import parquet_options, shard_metadata
 from workers.engine import Engine, EngineResult
-from workers.results import engine_request, result_table
+from workers.results import engine_request, result_table, warm_up
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -447,6 +447,7 @@ class WorkerLoop:
             with transaction(self.rt.sessions) as db:
                 WorkerRepository(db).register(self.worker_id, self.teacher)
         register()
+        warm_up()
         swept = self.rt.storage.sweep_temporary_files()
         log.info("worker %s serving %s (swept %d temporary files)", self.worker_id, self.teacher, swept)
 
