@@ -38,12 +38,17 @@ COMPONENTS = {
 }
 
 
+ENDED = "threads of this process that ended during the run"
+
+
 def _component(name: str) -> str:
     key = name.split(" (")[-1].rstrip(")") if name.startswith("Thread-") else name
     if key in COMPONENTS:
         return COMPONENTS[key]
     if "AnyIO" in name or "asyncio" in name:
         return "API (ASGI event loop + handler threads)"
+    if name.startswith("remote-teacher"):
+        return "worker remote-teacher HTTP threads"
     return f"other Python thread: {key}"
 
 
@@ -72,15 +77,18 @@ class CpuAccount:
         seconds: dict[str, float] = defaultdict(float)
         me = psutil.Process()
         names = self._threads()
+        times = me.cpu_times()
+        seconds[ENDED] = times.user + times.system  # less the live threads' below: those that ended
         for thread in me.threads():
             name = names.get(thread.id)
             if name == "__main__":
                 component = self.main_thread_component or COMPONENTS["MainThread"]
             elif name is None:
-                component = "native threads of this process (vLLM frontend's, torch's, ZMQ's)"
+                component = "threads Python does not name (native: vLLM's, torch's, ZMQ's; or ended)"
             else:
                 component = _component(name)
             seconds[component] += thread.user_time + thread.system_time
+            seconds[ENDED] -= thread.user_time + thread.system_time
         for child in me.children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 if "py-spy" in child.name():
