@@ -75,10 +75,11 @@ def main() -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens per request")
     parser.add_argument("--flush-s", type=float, default=3.0, help="the worker's result-shard flush interval")
     parser.add_argument("--poll-s", type=float, default=0.2, help="how often the waiting client polls the job")
+    parser.add_argument("--rounds", type=int, default=1, help="before/service/after rounds on one engine; median ratio")
     parser.add_argument("--profile", type=Path, help="a folder for py-spy's samples of each run (raw format)")
     args = parser.parse_args()
 
-    from bench.common import report_ratio, scratch_runtime, timed_baseline
+    from bench.common import report_rounds, scratch_runtime, timed_baseline
     from service.settings import ServiceSettings
     from service.teachers.catalog import TeacherCatalog
     from workers.vllm_adapter import VllmEngine
@@ -90,12 +91,15 @@ def main() -> None:
     requests = engine_requests(token_prompts, args)
     run_baseline(engine, requests[:8])  # warm-up: the first batch after load is several times slower
     label = "LLM.generate (vLLM frontend, main thread)"
-    before = timed_baseline(lambda: run_baseline(engine, requests), label, args.profile and args.profile / "before.txt")
-    with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
-        service = run_service(engine, token_prompts, args, rt)
-    after = timed_baseline(lambda: run_baseline(engine, requests), label, args.profile and args.profile / "after.txt")
-    report_ratio(f"generation throughput, {args.requests} requests x {args.max_tokens} tokens, top-{args.top_logprobs}",
-                 "LLM.generate", before, service, after, "pipeline.json", args)
+    rounds = []
+    for _ in range(args.rounds):
+        before = timed_baseline(lambda: run_baseline(engine, requests), label, args.profile and args.profile / "before.txt")
+        with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
+            service = run_service(engine, token_prompts, args, rt)
+        after = timed_baseline(lambda: run_baseline(engine, requests), label, args.profile and args.profile / "after.txt")
+        rounds.append((before, service, after))
+    report_rounds(f"generation throughput, {args.requests} requests x {args.max_tokens} tokens, top-{args.top_logprobs}",
+                  "LLM.generate", rounds, "pipeline.json", args)
     engine.close()
 
 

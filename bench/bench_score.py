@@ -59,9 +59,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--response-tokens", type=int, default=64)
     parser.add_argument("--top-logprobs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1, help="before/service/after rounds on one engine; median ratio")
     args = parser.parse_args()
 
-    from bench.common import report_ratio, scratch_runtime, timed_baseline
+    from bench.common import report_rounds, scratch_runtime, timed_baseline
     from service.settings import ServiceSettings
     from service.teachers.catalog import TeacherCatalog
     from workers.vllm_adapter import VllmEngine
@@ -72,12 +73,15 @@ def main() -> None:
     data = make_data(engine, teacher, args)
     run_baseline(engine, data[:8], args.top_logprobs)  # warm-up
     label = "LLM.generate prompt_logprobs (vLLM frontend, main thread)"
-    before = timed_baseline(lambda: run_baseline(engine, data, args.top_logprobs), label)
-    with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
-        service = run_service(engine, data, args.top_logprobs, rt)
-    after = timed_baseline(lambda: run_baseline(engine, data, args.top_logprobs), label)
-    report_ratio(f"scoring throughput, {args.requests} x {args.response_tokens} response tokens, top-{args.top_logprobs}",
-                 "LLM.generate prompt_logprobs", before, service, after, "score.json", args)
+    rounds = []
+    for _ in range(args.rounds):
+        before = timed_baseline(lambda: run_baseline(engine, data, args.top_logprobs), label)
+        with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
+            service = run_service(engine, data, args.top_logprobs, rt)
+        after = timed_baseline(lambda: run_baseline(engine, data, args.top_logprobs), label)
+        rounds.append((before, service, after))
+    report_rounds(f"scoring throughput, {args.requests} x {args.response_tokens} response tokens, top-{args.top_logprobs}",
+                  "LLM.generate prompt_logprobs", rounds, "score.json", args)
     engine.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,14 +48,22 @@ def scratch_runtime(state_dir: Path, **settings):
 
 def report(title: str, rows: list[dict], filename: str, extra: dict | None = None) -> None:
     """Print a table and write the figures as JSON under bench/results/."""
+    print_table(title, rows)
+    write_results(filename, {"rows": rows, **(extra or {})})
+
+
+def print_table(title: str, rows: list[dict]) -> None:
     table = Table(title=title)
     for column in rows[0]:
         table.add_column(column)
     for row in rows:
         table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
     Console().print(table)
+
+
+def write_results(filename: str, figures: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / filename).write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2, default=str) + "\n")
+    (RESULTS / filename).write_text(json.dumps(figures, indent=2, default=str) + "\n")
 
 
 def timed_service_job(rt, engine, body: dict, flush_s: float = 3.0, poll_s: float = 0.2,
@@ -103,18 +112,33 @@ def timed_baseline(run, label: str, profile: Path | None = None) -> dict:
     return {**figures, "cpu": cpu.result()}
 
 
-def report_ratio(title: str, baseline: str, before: dict, service: dict, after: dict, filename: str,
-                 args: Any) -> float:
-    """The service's tokens/s over the mean of a baseline run before and after it: print, write, return."""
-    ratio = service["tokens_per_s"] / ((before["tokens_per_s"] + after["tokens_per_s"]) / 2)
-    runs = [{"run": f"{baseline} (before)", **before}, {"run": "service end-to-end", **service},
-            {"run": f"{baseline} (after)", **after}]
-    rows = [{k: v for k, v in r.items() if k != "cpu"} for r in runs]
-    cpu = {r["run"]: r["cpu"] for r in runs if "cpu" in r}
-    report(f"{title} — ratio {ratio:.3f}", rows, filename, {"ratio": ratio, "args": vars(args), "cpu": cpu})
-    for run, account in cpu.items():
-        report_cpu(f"CPU during {run}: {account['cpu_s']} CPU s in {account['wall_s']} s", account)
-    return ratio
+def ratio_of(before: dict, service: dict, after: dict) -> float:
+    return float(service["tokens_per_s"] / ((before["tokens_per_s"] + after["tokens_per_s"]) / 2))
+
+
+def report_rounds(title: str, baseline: str, rounds: list[tuple[dict, dict, dict]], filename: str,
+                  args: Any) -> float:
+    """Each round (a baseline, the service, the baseline again) as a table with where the CPU
+    went; then the median of the rounds' ratios. Writes every round to `filename`; returns the median."""
+    ratios, written = [], []
+    for number, (before, service, after) in enumerate(rounds, start=1):
+        ratio = ratio_of(before, service, after)
+        ratios.append(ratio)
+        runs = [{"run": f"{baseline} (before)", **before}, {"run": "service end-to-end", **service},
+                {"run": f"{baseline} (after)", **after}]
+        rows = [{k: v for k, v in r.items() if k != "cpu"} for r in runs]
+        cpu = {r["run"]: r["cpu"] for r in runs if "cpu" in r}
+        label = f" (round {number} of {len(rounds)})" if len(rounds) > 1 else ""
+        print_table(f"{title}{label} — ratio {ratio:.3f}", rows)
+        for run, account in cpu.items():
+            report_cpu(f"CPU during {run}: {account['cpu_s']} CPU s in {account['wall_s']} s", account)
+        written.append({"ratio": ratio, "rows": rows, "cpu": cpu})
+    median = statistics.median(ratios)
+    if len(rounds) > 1:
+        Console().print(f"{title}: median ratio {median:.3f} of {len(rounds)} rounds "
+                        f"({', '.join(f'{r:.3f}' for r in ratios)})")
+    write_results(filename, {"ratio": median, "ratios": ratios, "rounds": written, "args": vars(args)})
+    return median
 
 
 def report_cpu(title: str, account: dict) -> None:
