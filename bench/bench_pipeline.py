@@ -86,7 +86,8 @@ def main() -> None:
 
     teacher = TeacherCatalog.from_settings(ServiceSettings()).get(None)
     engine = VllmEngine.load(str(teacher.folder), max_model_len=teacher.spec.max_model_len,
-                             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype)
+                             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype,
+                             keep_off_engine_cores=True)  # as a worker does (TEACHERCACHE_KEEP_OFF_ENGINE_CORES)
     token_prompts = prompts(teacher, args.requests)
     requests = engine_requests(token_prompts, args)
     run_baseline(engine, requests[:8])  # warm-up: the first batch after load is several times slower

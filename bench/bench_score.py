@@ -69,7 +69,8 @@ def main() -> None:
 
     teacher = TeacherCatalog.from_settings(ServiceSettings()).get(None)
     engine = VllmEngine.load(str(teacher.folder), max_model_len=teacher.spec.max_model_len,
-                             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype)
+                             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype,
+                             keep_off_engine_cores=True)  # as a worker does (TEACHERCACHE_KEEP_OFF_ENGINE_CORES)
     data = make_data(engine, teacher, args)
     run_baseline(engine, data[:8], args.top_logprobs)  # warm-up
     label = "LLM.generate prompt_logprobs (vLLM frontend, main thread)"

@@ -37,6 +37,8 @@ class WorkerSettings(ServiceSettings):
     kv_cache_gb: float | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    # CPU build: move this process's own threads off the cores vLLM binds its model to (workers/cpus.py).
+    keep_off_engine_cores: bool = True
     # The engine registry's key (workers/main.py ENGINES): vllm | remote | scripted (a deterministic
     # stand-in for control-plane tests); unset, the teacher's source decides (remote, else vllm).
     engine: Literal["vllm", "remote", "scripted"] | None = None

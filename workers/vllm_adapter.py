@@ -30,7 +30,7 @@ from vllm.inputs import tokens_input
 from vllm.logprobs import FlatLogprobs
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-from workers import memory
+from workers import cpus, memory
 from workers.engine import EngineRequest, EngineResult, Sample, SamplingSpec
 
 _GIB = 1 << 30
@@ -86,9 +86,12 @@ class VllmEngine:
         kv_cache_gb: float | None = None,
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
+        keep_off_engine_cores: bool = False,
         **llm_kwargs: Any,
     ) -> VllmEngine:
-        """Build the vLLM engine; extra keyword arguments go to `vllm.LLM` unchanged."""
+        """Build the vLLM engine; extra keyword arguments go to `vllm.LLM` unchanged. With
+        `keep_off_engine_cores` (a worker's default) on the CPU build, this process's threads then
+        move off the cores vLLM computes on (workers/cpus.py)."""
         kv_cache_gb = _kv_cache_gb(kv_cache_gb)
         optional = {
             "max_model_len": max_model_len,
@@ -106,6 +109,10 @@ class VllmEngine:
             **_platform_defaults(),
             **llm_kwargs,
         )
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu() and keep_off_engine_cores:
+            cpus.keep_off_engine_cpus()
         return cls(llm, max_top_logprobs=max_top_logprobs)
 
     # -- what the worker and the teacher registry may want to know -----------------
