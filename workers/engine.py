@@ -40,6 +40,7 @@ class Sample:
     top_token_ids: list[list[int]]
     top_logprobs: list[list[float]]
     finish_reason: str  # stop | length | scored
+    token_ranks: list[int] | None = None  # each token's rank in the whole vocabulary, where the engine knows it
 
 
 @dataclass

@@ -15,6 +15,7 @@ own short transaction.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import socket
@@ -72,6 +73,15 @@ class Holdings:
     def __len__(self) -> int:
         with self.lock:
             return len(self.tasks)
+
+    def batch_count(self) -> int:
+        """Held tasks of batch work (the room kept for interactive work is what they may not fill)."""
+        with self.lock:
+            return sum(not t.interactive for t in self.tasks.values())
+
+    def any_interactive(self, keys: Iterable[str]) -> bool:
+        with self.lock:
+            return any(key in self.tasks and self.tasks[key].interactive for key in keys)
 
     def token_count(self) -> int:
         with self.lock:
@@ -237,22 +247,25 @@ class WorkerLoop:
                 continue
             suspect_turn = True
             room = self._room()
-            claiming = bool(room) and (len(self.held) <= low_water or room >= low_water)
-            if claiming:
+            # Claims are batched (at the low-water mark) while the worker is busy, except for the
+            # interactive lane: a trainer's request is claimed at once, into the places kept for it.
+            batched = len(self.held) <= low_water or room >= low_water
+            limit = self._interactive_room(room)
+            if limit:
                 self._queued.clear()  # before the claim: tasks queued during it wake the next one
-            claimed = self._claim(room) if claiming else []
+            claimed = self._claim(limit, batch_limit=room if batched else 0) if limit else []
             for task in claimed:
                 self.incoming.put(task)
-            if not claimed and claiming:
-                self._wait_for_tasks()
-            elif not claimed:
-                time.sleep(self.settings.claim_poll_s)  # full: room comes back as results are indexed
+            if not claimed:
+                self._wait_for_tasks(idle=bool(limit) and batched)
 
-    def _wait_for_tasks(self) -> None:
-        """The queue had nothing for this teacher: wait until Postgres says tasks were queued,
-        or claim_idle_poll_s (claim_poll_s while the listening connection is down)."""
+    def _wait_for_tasks(self, idle: bool) -> None:
+        """Nothing claimed. `idle`: the queue had nothing this worker could take, so wait until
+        Postgres says tasks were queued (an interactive one wakes it at once), at most
+        claim_idle_poll_s; otherwise (waiting for room, or the listening connection is down)
+        at most claim_poll_s."""
         listening = self.rt.listener.connected
-        self._queued.wait(self.settings.claim_idle_poll_s if listening else self.settings.claim_poll_s)
+        self._queued.wait(self.settings.claim_idle_poll_s if idle and listening else self.settings.claim_poll_s)
 
     def _check_storage(self) -> None:
         """While paused, try a small write when the backoff says so; success resumes claiming."""
@@ -282,6 +295,12 @@ class WorkerLoop:
             room = min(room, (self.settings.max_inflight_tokens - tokens) * held // tokens)
         return max(room, 0) if held else max(room, 1)
 
+    def _interactive_room(self, room: int) -> int:
+        """Room for interactive work: `room` plus `interactive_reserve` places on top of
+        `max_inflight` that batch work never takes, so a worker full of a batch job still takes a
+        trainer's batch at once (the engine runs it beside the batch work)."""
+        return max(room, self.settings.max_inflight + self.settings.interactive_reserve - len(self.held))
+
     def _run_one_suspect(self) -> bool:
         """A task that was in a dying engine runs alone: nothing else is claimed until it ends."""
         claimed = self._claim(1, suspect=True)
@@ -299,11 +318,15 @@ class WorkerLoop:
             log.exception("worker %s: could not look for suspect tasks", self.worker_id)
             return False
 
-    def _claim(self, limit: int, suspect: bool = False) -> list[ClaimedTask]:
+    def _claim(self, limit: int, suspect: bool = False, batch_limit: int | None = None) -> list[ClaimedTask]:
+        # Interactive tasks take at most their share of a claim, so batch work still progresses.
+        interactive_limit = max(1, math.ceil(limit * (1 - self.settings.batch_share))) if limit > 1 else limit
+
         @self._db
         def claim() -> list[ClaimedTask]:
             with transaction(self.rt.sessions) as db:
-                claimed = TaskRepository(db).claim(self.teacher, self.worker_id, limit, self.settings.lease_s, suspect)
+                claimed = TaskRepository(db).claim(self.teacher, self.worker_id, limit, self.settings.lease_s, suspect,
+                                                   interactive_limit=interactive_limit, batch_limit=batch_limit)
             self.held.add(claimed)
             return claimed
 
@@ -354,8 +377,9 @@ class WorkerLoop:
     def _should_flush(self, buffer: list[EngineResult], first_at: float) -> bool:
         rows = sum(max(1, len(r.samples)) for r in buffer)
         idle = self.finished.empty() and not self.engine.has_unfinished()
+        # A synchronous request waits on an interactive task: its shard is written at once.
         return rows >= self.settings.result_shard_rows or time.monotonic() - first_at >= self.settings.flush_s \
-            or idle or self.done.is_set()
+            or idle or self.done.is_set() or self.held.any_interactive(r.key for r in buffer)
 
     def _flush(self, results: list[EngineResult]) -> None:
         failures = [r for r in results if r.error is not None]

@@ -25,7 +25,7 @@ def result_rows(result: EngineResult, prompt: list[int]) -> list[dict[str, Any]]
         {"cache_key": result.key, "sample_index": i, "prompt_token_ids": prompt,
          "completion_token_ids": s.completion_token_ids, "completion_text": s.completion_text,
          "token_logprobs": s.token_logprobs, "top_token_ids": s.top_token_ids, "top_logprobs": s.top_logprobs,
-         "finish_reason": s.finish_reason, "error": None}
+         "finish_reason": s.finish_reason, "error": None, "token_ranks": s.token_ranks}
         for i, s in enumerate(result.samples)
     ]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from service.settings import ServiceSettings
 
 
@@ -18,6 +20,13 @@ class WorkerSettings(ServiceSettings):
     # claim_poll_s is the wait while full, and while the listening connection is down.
     claim_poll_s: float = 0.2
     claim_idle_poll_s: float = 2.0
+    # The interactive lane (the synchronous OpenAI/vLLM endpoints): an idle claimer is woken by
+    # the notification of a trainer's tasks like any others; these are the places beyond
+    # max_inflight only interactive tasks take (a trainer's batch: 64 sequences), and the share
+    # of each claim kept for batch work however many interactive tasks wait (so batch jobs
+    # progress).
+    interactive_reserve: int = 64
+    batch_share: float = Field(default=0.25, ge=0.0, le=1.0)
     # Tasks held at once (claimed, in the engine, or waiting to be indexed): keeps the engine fed.
     max_inflight: int = 256
     # ...and at most this many prompt + response tokens: score requests ask for logprobs over

@@ -53,6 +53,7 @@ class _Position:
 
     token_id: int
     logprob: float
+    rank: int | None  # in the whole vocabulary
     top_ids: list[int]
     top_logprobs: list[float]
 
@@ -246,6 +247,7 @@ class VllmEngine:
             top_token_ids=[p.top_ids for p in positions],
             top_logprobs=[p.top_logprobs for p in positions],
             finish_reason=reason,
+            token_ranks=_ranks(positions),
         )
 
     def _count(self, output: Any, samples: list[Sample], request: EngineRequest) -> None:
@@ -253,6 +255,11 @@ class VllmEngine:
         self._stats["prompt_tokens"] += len(output.prompt_token_ids)
         if request.mode == "generate":
             self._stats["completion_tokens"] += sum(len(s.completion_token_ids) for s in samples)
+
+
+def _ranks(positions: list[_Position]) -> list[int] | None:
+    ranks = [p.rank for p in positions if p.rank is not None]
+    return ranks if len(ranks) == len(positions) else None
 
 
 class _EngineRequestFailed(Exception):
@@ -334,7 +341,7 @@ def _read_position(container: Any, pos: int, k: int) -> _Position:
     if end - start != k + 1:
         raise _EngineRequestFailed(f"expected {k + 1} logprobs at {pos}, got {end - start}")
     ids, lps = container.token_ids, container.logprobs
-    return _Position(ids[start], lps[start], ids[start + 1 : end], lps[start + 1 : end])
+    return _Position(ids[start], lps[start], container.ranks[start], ids[start + 1 : end], lps[start + 1 : end])
 
 
 def _check_tokens(positions: list[_Position], token_ids: list[int]) -> None:

@@ -6,13 +6,13 @@ from the cache) moves its row to `finalizing`; this trigger sends `teachercache_
 querying every half second (service/notify.py).
 
 Revision ID: 0020
-Revises: 0017
+Revises: 0018
 """
 
 from alembic import op
 
 revision = '0020'
-down_revision = '0017'
+down_revision = '0018'
 branch_labels = None
 depends_on = None
 
