@@ -17,6 +17,17 @@ SamplingSpec = Sampling
 
 
 @dataclass(frozen=True)
+class Draws:
+    """Sampled soft labels: `draws` tokens drawn with replacement at each position from the
+    teacher's full raw distribution at `temperature`, by a generator seeded with `seed` (its
+    own: what is generated does not change)."""
+
+    draws: int
+    temperature: float
+    seed: int
+
+
+@dataclass(frozen=True)
 class EngineRequest:
     """One unit of teacher work. `key` is unique among the requests an engine holds."""
 
@@ -28,6 +39,8 @@ class EngineRequest:
     response_token_ids: list[int] | None = None
     # The chat messages the prompt was rendered from; only a remote chat endpoint needs them.
     messages: list[dict[str, Any]] | None = None
+    # Sampled soft labels at every position, beside the top-k; None: top-k only.
+    draws: Draws | None = None
 
 
 @dataclass
@@ -40,6 +53,9 @@ class Sample:
     top_token_ids: list[list[int]]
     top_logprobs: list[list[float]]
     finish_reason: str  # stop | length | scored
+    # With draws: per position the unique drawn ids (most drawn first) and their counts.
+    sample_token_ids: list[list[int]] | None = None
+    sample_counts: list[list[int]] | None = None
 
 
 @dataclass
