@@ -36,6 +36,7 @@ The decoder is vectorised numpy over whole record batches (no Python loop per po
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -437,3 +438,11 @@ def _lists(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
 
 def _nested(row_offsets: np.ndarray, offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(row_offsets.astype(np.int32)), _lists(offsets, values))
+
+
+def tail_logprob(top_logprobs: list[float]) -> float:
+    """The ghost token: log(1 - sum of the top-k probabilities), from the teacher's float32
+    top-k logprobs (the engine's values from its full float32 distribution, not a delivery
+    encoding's rounded ones), summed in float64; -inf when the top-k holds all the mass."""
+    mass = math.fsum(math.exp(v) for v in top_logprobs)
+    return math.log1p(-mass) if mass < 1.0 else -math.inf
