@@ -9,22 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from service.sampling import Sampling
+from service.sampling import Draws, Sampling
 
 # What reaches an engine is the one definition of the sampling parameters (already normalised
 # by the service); adapters map it field by field (vLLM's names are its names).
 SamplingSpec = Sampling
-
-
-@dataclass(frozen=True)
-class Draws:
-    """Sampled soft labels: `draws` tokens drawn with replacement at each position from the
-    teacher's full raw distribution at `temperature`, by a generator seeded with `seed` (its
-    own: what is generated does not change)."""
-
-    draws: int
-    temperature: float
-    seed: int
+__all__ = ["Draws", "Engine", "EngineRequest", "EngineResult", "Sample", "SamplingSpec"]
 
 
 @dataclass(frozen=True)

@@ -326,8 +326,7 @@ def _width(request: EngineRequest) -> int:
 def _logprob_params(request: EngineRequest, name: str) -> dict[str, Any]:
     params: dict[str, Any] = {name: _width(request)}
     if request.draws is not None:
-        spec = vllm_draws.DrawSpec(request.draws.draws, request.draws.temperature, request.draws.seed)
-        params["extra_args"] = spec.extra_args()
+        params["extra_args"] = vllm_draws.extra_args(request.draws)
     return params
 
 

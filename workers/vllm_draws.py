@@ -37,17 +37,18 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
+
+from service.sampling import MAX_DRAWS, Draws
+
+__all__ = ["MAX_DRAWS", "PLUGIN_NAME", "apply", "check_hooked_sources", "draw_counts", "extra_args", "plugin_registered", "spec_of"]
 
 PLUGIN_NAME = "teachercache_draws"
 EXTRA_ARG = "teachercache_draws"
-MAX_DRAWS = 256
-MIN_TEMPERATURE = 0.05
-MAX_TEMPERATURE = 10.0
 
 SUPPORTED_VLLM = ("0.32.0",)
 # sha256 of inspect.getsource(...) of each function whose behaviour (call sites, local names)
@@ -63,31 +64,19 @@ HOOKED_SOURCES = {
 _APPLIED = False
 
 
-@dataclass(frozen=True)
-class DrawSpec:
-    """What one request asked for: N draws at temperature T with seed S."""
+def spec_of(extra: dict[str, Any] | None) -> Draws | None:
+    """The draws a request carries in its extra_args; None without any or with malformed ones
+    (the hook never raises in the engine step; the adapter then finds no draws and says so)."""
+    if not extra or EXTRA_ARG not in extra:
+        return None
+    try:
+        return Draws.model_validate(extra[EXTRA_ARG])
+    except ValidationError:
+        return None
 
-    draws: int
-    temperature: float
-    seed: int
 
-    @classmethod
-    def from_extra_args(cls, extra: dict[str, Any] | None) -> DrawSpec | None:
-        """The spec a request carries; None without one or with a malformed one (the hook
-        never raises in the engine step; the adapter then finds no draws and says so)."""
-        if not extra or EXTRA_ARG not in extra:
-            return None
-        raw = extra[EXTRA_ARG]
-        try:
-            spec = cls(int(raw["draws"]), float(raw["temperature"]), int(raw["seed"]))
-        except (KeyError, TypeError, ValueError):
-            return None
-        if not 1 <= spec.draws <= MAX_DRAWS or not MIN_TEMPERATURE <= spec.temperature <= MAX_TEMPERATURE:
-            return None
-        return spec
-
-    def extra_args(self) -> dict[str, Any]:
-        return {EXTRA_ARG: {"draws": self.draws, "temperature": self.temperature, "seed": self.seed}}
+def extra_args(draws: Draws) -> dict[str, Any]:
+    return {EXTRA_ARG: draws.model_dump()}
 
 
 # -- the draws themselves (pure torch; tested without an engine) ------------------------
@@ -104,7 +93,7 @@ def position_seed(seed: int, position: int) -> int:
 
 
 def draw_counts(
-    logprobs: torch.Tensor, specs: list[DrawSpec], positions: list[int]
+    logprobs: torch.Tensor, specs: list[Draws], positions: list[int]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each row of `logprobs` (raw, [rows, vocab]), `specs[i].draws` tokens drawn with
     replacement from softmax(logprobs[i] / T_i); returns per row (unique ids, counts), most
@@ -134,7 +123,7 @@ def write_draws(
     token_ids: torch.Tensor,
     logprobs_out: torch.Tensor,
     full_logprobs: torch.Tensor,
-    rows: list[tuple[int, int, DrawSpec, int]],
+    rows: list[tuple[int, int, Draws, int]],
 ) -> None:
     """Overwrite, for each (row, top-k, spec, position), the spec.draws columns after the
     row's sampled token and top-k with the drawn ids and counts (zero-padded)."""
@@ -167,13 +156,13 @@ def _context(kind: str, runner: Any) -> Iterator[None]:
         _state.context = previous
 
 
-def _generated_rows(runner: Any, width: int) -> list[tuple[int, int, DrawSpec, int]]:
+def _generated_rows(runner: Any, width: int) -> list[tuple[int, int, Draws, int]]:
     """The batch rows whose request asked for draws: (row, its top-k, spec, position)."""
     rows = []
     for row, req_id in enumerate(runner.input_batch.req_ids):
         state: Any = runner.requests.get(req_id) if req_id is not None else None
         params: Any = getattr(state, "sampling_params", None)
-        spec = DrawSpec.from_extra_args(getattr(params, "extra_args", None))
+        spec = spec_of(getattr(params, "extra_args", None))
         # A scoring request's one generated token is discarded and asks for no logprobs.
         if spec is None or params.logprobs is None:
             continue
@@ -186,13 +175,13 @@ def _generated_rows(runner: Any, width: int) -> list[tuple[int, int, DrawSpec, i
     return rows
 
 
-def _prompt_rows(runner: Any, width: int, num_rows: int) -> list[tuple[int, int, DrawSpec, int]]:
+def _prompt_rows(runner: Any, width: int, num_rows: int) -> list[tuple[int, int, Draws, int]]:
     caller = sys._getframe(2)  # _get_prompt_logprobs_dict, through the patched gather
     if caller.f_code.co_name != "_get_prompt_logprobs_dict" or "req_id" not in caller.f_locals:
         raise RuntimeError("teachercache draws: the prompt-logprob gather moved (vLLM upgrade?)")
     req_id, start = caller.f_locals["req_id"], int(caller.f_locals["start_idx"])
     params = runner.requests[req_id].sampling_params
-    spec = DrawSpec.from_extra_args(params.extra_args)
+    spec = spec_of(params.extra_args)
     if spec is None:
         return []
     k = width - 1 - spec.draws

@@ -33,6 +33,7 @@ from service.openai_batch.models import OpenAIFile
 from service.openai_batch.repository import OpenAIBatchRepository
 from service.queue.repository import NewTask, TaskRepository
 from service.results.repository import ResultRepository
+from service.sampling import with_draws
 from service.states import JOB_FINISHED, JobStatus, RequestState
 from service.storage.port import Storage
 from service.teachers.tokenizer import Teacher
@@ -58,6 +59,10 @@ def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> No
     if body.top_logprobs > limit:
         raise ValidationFailed(f"top_logprobs: {body.top_logprobs} is above this teacher's maximum of {limit}",
                                field="top_logprobs")
+    if body.soft_labels.kind == "sampled" and teacher.spec.is_remote:
+        raise ValidationFailed(f"soft_labels.kind: teacher {teacher.name!r} is a remote endpoint, which cannot draw "
+                               "from its full distribution; use kind 'topk' or a teacher served by a worker's vLLM",
+                               field="soft_labels.kind")
     if body.mode == "score" and body.sampling.n != 1:
         raise ValidationFailed("sampling.n: score mode is teacher-forced and takes n = 1", field="sampling.n")
 
@@ -185,7 +190,7 @@ class JobService:
         job = Job(
             id=new_id("job"), tenant=self.tenant, status=JobStatus.QUEUED, teacher=teacher.name, mode=body.mode,
             top_logprobs=body.top_logprobs, sampling=body.sampling.values(), cache_policy=body.cache,
-            soft_labels=body.soft_labels.model_dump(), metadata_=body.metadata, total=total,
+            soft_labels=body.soft_labels.stored(), metadata_=body.metadata, total=total,
             idempotency_key=idempotency_key, body_sha256=body_sha256(body, source),
         )
         self.jobs.add_job(job)
@@ -293,7 +298,8 @@ class JobWriter:
         self.service, self.job, self.body, self.teacher = service, job, body, teacher
         self.notes = notes or {}
         self.defaults = (body.sampling, body.top_logprobs)
-        self.sampling = normalize_sampling(body.mode, body.sampling.values())
+        self.draws = body.soft_labels.sampled()
+        self.sampling = with_draws(normalize_sampling(body.mode, body.sampling.values()), self.draws)
         self.identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision,
                                          teacher.tokenizer_hash, teacher.spec.dtype)
         self.key_of = key_maker(self.identity, body.mode, self.sampling, body.top_logprobs)
@@ -303,7 +309,7 @@ class JobWriter:
     def sampling_of(self, request: PreparedRequest) -> dict[str, Any]:
         if request.sampling == self.body.sampling:
             return self.sampling
-        return normalize_sampling(self.body.mode, request.sampling.values())
+        return with_draws(normalize_sampling(self.body.mode, request.sampling.values()), self.draws)
 
     def key(self, request: PreparedRequest) -> str:
         if self.body.cache == "bypass":  # never shared, never found

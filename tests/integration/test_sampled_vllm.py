@@ -106,7 +106,7 @@ def test_generated_position_draws_fit_the_oracle(vllm_engine, tokenizer, hf_mode
         EngineRequest(
             key=f"fit-gen-{temperature}-{seed}", prompt_token_ids=prompt,
             sampling=SamplingSpec(max_tokens=1, temperature=1.0, seed=0), top_logprobs=K,
-            draws=Draws(DRAWS, temperature, seed),
+            draws=Draws(draws=DRAWS, temperature=temperature, seed=seed),
         )
         for seed in range(REPEATS)
     ]
@@ -122,7 +122,7 @@ def test_scored_position_draws_fit_the_oracle(vllm_engine, tokenizer, hf_model):
     requests = [
         EngineRequest(
             key=f"fit-score-{seed}", prompt_token_ids=prompt, sampling=SamplingSpec(), top_logprobs=K,
-            mode="score", response_token_ids=response, draws=Draws(DRAWS, 1.0, seed),
+            mode="score", response_token_ids=response, draws=Draws(draws=DRAWS, temperature=1.0, seed=seed),
         )
         for seed in range(REPEATS)
     ]
@@ -146,7 +146,7 @@ def job(vllm_engine, tokenizer):
     plain = [EngineRequest(key=f"job-plain-{i}", prompt_token_ids=p, sampling=spec, top_logprobs=20)
              for i, p in enumerate(prompts)]
     drawn = [EngineRequest(key=f"job-drawn-{i}", prompt_token_ids=p, sampling=spec, top_logprobs=20,
-                           draws=Draws(JOB_DRAWS, 1.0, 5)) for i, p in enumerate(prompts)]
+                           draws=Draws(draws=JOB_DRAWS, temperature=1.0, seed=5)) for i, p in enumerate(prompts)]
     return prompts, run(vllm_engine, plain + drawn)
 
 
@@ -229,12 +229,12 @@ def test_same_request_same_draws_whatever_its_batch(vllm_engine, tokenizer, job)
     prompts, results = job
     spec = SamplingSpec(max_tokens=24, temperature=1.0, seed=11, n=2)
     alone = run(vllm_engine, [EngineRequest(key="alone", prompt_token_ids=prompts[0], sampling=spec,
-                                            top_logprobs=20, draws=Draws(JOB_DRAWS, 1.0, 5))])["alone"]
+                                            top_logprobs=20, draws=Draws(draws=JOB_DRAWS, temperature=1.0, seed=5))])["alone"]
     batched = results["job-drawn-0"]
     assert [s.sample_token_ids for s in alone.samples] == [s.sample_token_ids for s in batched.samples]
     assert [s.sample_counts for s in alone.samples] == [s.sample_counts for s in batched.samples]
     other_seed = run(vllm_engine, [EngineRequest(key="seed6", prompt_token_ids=prompts[0], sampling=spec,
-                                                 top_logprobs=20, draws=Draws(JOB_DRAWS, 1.0, 6))])["seed6"]
+                                                 top_logprobs=20, draws=Draws(draws=JOB_DRAWS, temperature=1.0, seed=6))])["seed6"]
     assert other_seed.samples[0].completion_token_ids == batched.samples[0].completion_token_ids
     assert other_seed.samples[0].sample_counts != batched.samples[0].sample_counts
 
@@ -244,7 +244,7 @@ def test_score_mode_draws_beside_top_k(vllm_engine, tokenizer):
     plain = EngineRequest(key="s-plain", prompt_token_ids=prompt, sampling=SamplingSpec(), top_logprobs=K,
                           mode="score", response_token_ids=response)
     drawn = EngineRequest(key="s-drawn", prompt_token_ids=prompt, sampling=SamplingSpec(), top_logprobs=K,
-                          mode="score", response_token_ids=response, draws=Draws(30, 1.0, 0))
+                          mode="score", response_token_ids=response, draws=Draws(draws=30, temperature=1.0, seed=0))
     results = run(vllm_engine, [plain, drawn])
     a, b = results["s-plain"].samples[0], results["s-drawn"].samples[0]
     assert a.top_token_ids == b.top_token_ids and a.token_logprobs == b.token_logprobs
@@ -273,7 +273,7 @@ def test_the_pin_check_can_fail(monkeypatch):
 def test_an_engine_without_the_plugin_refuses_draws(vllm_engine, tokenizer, monkeypatch):
     monkeypatch.setattr(vllm_engine, "can_draw", False)
     request = EngineRequest(key="no-plugin", prompt_token_ids=tokenizer.encode("Hi"),
-                            sampling=SamplingSpec(max_tokens=2), top_logprobs=K, draws=Draws(10, 1.0, 0))
+                            sampling=SamplingSpec(max_tokens=2), top_logprobs=K, draws=Draws(draws=10, temperature=1.0, seed=0))
     vllm_engine.add(request)
     (result,) = vllm_engine.step()
     assert result.error is not None and vllm_draws.PLUGIN_NAME in result.error
