@@ -171,7 +171,7 @@ def _generated_rows(runner: Any, width: int) -> list[tuple[int, int, Draws, int]
         # a row without room keeps plain logprobs, which the adapter refuses as "no draws".
         if k < 0 or 1 + k + spec.draws > width:
             continue
-        rows.append((row, k, spec, len(state.output_token_ids)))
+        rows.append((row, k, _per_sample(spec, params.seed), len(state.output_token_ids)))
     return rows
 
 
@@ -187,7 +187,14 @@ def _prompt_rows(runner: Any, width: int, num_rows: int) -> list[tuple[int, int,
     k = width - 1 - spec.draws
     if k < 0:
         return []
+    spec = _per_sample(spec, params.seed)
     return [(i, k, spec, start + i) for i in range(num_rows)]
+
+
+def _per_sample(spec: Draws, sampling_seed: int | None) -> Draws:
+    """The draws' seed for one of a request's n samples: vLLM gives sample i the sampling seed
+    seed + i, which is mixed in, so the samples' draws are independent (and still reproducible)."""
+    return spec.model_copy(update={"seed": position_seed(spec.seed, -1 - (sampling_seed or 0))})
 
 
 def _patched_gather(original: Callable[..., Any]) -> Callable[..., Any]:

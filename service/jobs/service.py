@@ -46,10 +46,14 @@ ShardUrl = Callable[[str], str]
 def body_sha256(body: JobCreate, source: OpenAIFile | None = None) -> str:
     """The submission's fingerprint, which a retry with its Idempotency-Key must match. A job from a
     file is fingerprinted by the file's content, so the same file uploaded again is the same job."""
+    # A top-k job's soft_labels hash as they did before sampled labels existed (a retry across the upgrade matches).
+    added: dict[str, Any] = {} if body.soft_labels.kind == "sampled" else {
+        "soft_labels": {"kind", "draws", "temperature", "seed"}}
     if source is None:  # without input_file_id: a body's hash is what it was before the field existed
-        return hashlib.sha256(body.model_dump_json(exclude={"input_file_id"}).encode()).hexdigest()
+        return hashlib.sha256(body.model_dump_json(exclude={"input_file_id": True, **added}).encode()).hexdigest()
     content = f"sha256:{source.sha256}" if source.sha256 else source.id
-    return hashlib.sha256(body.model_copy(update={"input_file_id": content}).model_dump_json().encode()).hexdigest()
+    copy = body.model_copy(update={"input_file_id": content})
+    return hashlib.sha256(copy.model_dump_json(exclude=added or None).encode()).hexdigest()
 
 
 def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> None:

@@ -117,3 +117,16 @@ def test_padded_and_packed_sampled_targets():
     assert packed["sample_token_ids"][0].tolist() == [5, 7, 9] and packed["sample_targets"][1].tolist() == [1, 0, 0]
     assert packed["tail_logprob"].tolist() == [-1.5, -2.5, -3.0]
     assert padded["sample_token_ids"][0, 2].tolist() == [5, 7, 9]  # at the completion token's own position
+
+
+def test_a_top_k_jobs_idempotency_fingerprint_is_what_it_was():
+    """Computed by the service before sampled labels existed (main at e6865b9): a retry with the
+    same Idempotency-Key across the upgrade still matches its job."""
+    from service.jobs.schemas import JobCreate
+    from service.jobs.service import body_sha256
+
+    body = JobCreate.model_validate({"requests": [{"prompt": "hi"}], "soft_labels": {"encoding": "compact"},
+                                     "top_logprobs": 5})
+    assert body_sha256(body) == "f3eb02774eb31b3be643c190fe01a29b21a2fce7c21a9d049d88b03e27c37a21"
+    sampled = body.model_copy(update={"soft_labels": SoftLabels(kind="sampled")})
+    assert body_sha256(sampled) != body_sha256(body)
