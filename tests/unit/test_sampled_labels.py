@@ -130,3 +130,32 @@ def test_a_top_k_jobs_idempotency_fingerprint_is_what_it_was():
     assert body_sha256(body) == "f3eb02774eb31b3be643c190fe01a29b21a2fce7c21a9d049d88b03e27c37a21"
     sampled = body.model_copy(update={"soft_labels": SoftLabels(kind="sampled")})
     assert body_sha256(sampled) != body_sha256(body)
+
+
+@pytest.mark.parametrize("kind", ["topk", "topk-ghost", "sampled"])
+def test_the_distill_examples_losses_on_sampled_rows(tmp_path, kind):
+    """Each --soft-labels loss of examples/distill.py on the same rows, padded and packed alike; the
+    sampled one is the cross-entropy of the student's full softmax against counts / draws."""
+    transformers = pytest.importorskip("transformers")
+    from teachercache.layouts import packed_batch, padded_batch
+    from tests.unit.test_distill_layouts import load_example
+
+    distill = load_example()
+    (tmp_path / "teacher").mkdir()
+    transformers.LlamaConfig(vocab_size=64).save_pretrained(tmp_path / "teacher")
+    student = distill.build_student(tmp_path / "teacher", layers=1, hidden=16, seed=0)
+    table = layout_table()
+    padded, _ = distill.distillation_loss(student, padded_batch(table), 0.0, kind)
+    packed, _ = distill.packed_distillation_loss(student, packed_batch(table), 0.0, kind)
+    assert torch.isfinite(padded) and padded.item() == pytest.approx(packed.item(), rel=1e-5)
+    if kind == "sampled":
+        batch = packed_batch(table)
+        hidden = student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               use_cache=False).last_hidden_state[0]
+        targets = batch["target_positions"]
+        keep = batch["position_ids"][0, targets] > 0
+        log_q = student.lm_head(hidden[targets[keep] - 1]).log_softmax(-1)
+        want = -(batch["sample_targets"][keep] * log_q.gather(-1, batch["sample_token_ids"][keep])).sum(-1).mean()
+        assert packed.item() == pytest.approx(want.item(), rel=1e-6)
+    padded.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
