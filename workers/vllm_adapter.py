@@ -184,6 +184,10 @@ class VllmEngine:
     def _to_vllm(self, request: EngineRequest) -> tuple[list[int], SamplingParams]:
         if request.top_logprobs < 0:
             raise ValueError("top_logprobs must be >= 0")
+        # vLLM's own max_logprobs leaves room for the draws' columns, so the top-k bound is ours.
+        if request.top_logprobs > self.max_top_logprobs:
+            raise ValueError(f"top_logprobs {request.top_logprobs} is above this engine's maximum of "
+                             f"{self.max_top_logprobs}")
         if request.draws is not None and not self.can_draw:
             raise ValueError(f"sampled soft labels need the vLLM plugin {vllm_draws.PLUGIN_NAME!r} (reinstall teachercache)")
         if request.mode == "generate":
