@@ -124,10 +124,10 @@ def run_service(args: argparse.Namespace, batches: list[list[list[int]]], busy_b
     from workers.vllm_adapter import VllmEngine
 
     engine = VllmEngine.load(str(model_dir), max_model_len=2048, max_top_logprobs=20, dtype="float32",
-                             kv_cache_gb=args.kv_cache_gb)
+                             kv_cache_gb=args.kv_cache_gb, keep_off_engine_cores=True)  # as a worker does
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp, scratch_runtime(Path(tmp)) as rt:
-        settings = WorkerSettings(**{**rt.settings.model_dump(), "interactive_poll_s": 0.02})
+        settings = WorkerSettings(**rt.settings.model_dump())
         worker = WorkerLoop(rt, engine, settings, TEACHER)
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()

@@ -15,13 +15,25 @@ ShardDataset builds packed batches instead (the sequences of a batch concatenate
 mask, and the targets only at ``target_positions``): no padding is computed, and on the same rows
 both layouts give the same loss (``distillation_loss`` and ``packed_distillation_loss``).
 
-The loss, per completion position (README: "Students: client, streaming, distillation"):
+The loss, per completion position (README: "Students: client, streaming, distillation"),
+chosen with ``--soft-labels``:
+
+``topk`` (default), today's renormalised top-k KL:
 
     p = softmax(teacher top-k logprobs)                         the teacher, renormalised over its k
     log q = s - logsumexp(s),  s = student log-probs at the k ids   the student, renormalised over the same k
     KL(p || q) = sum_k p (log p - log q)
 
-averaged over the completion positions of the batch, plus ``alpha`` times the cross-entropy
+``topk-ghost``: the same k entries unrenormalised plus one "ghost" bucket holding the rest of
+the mass on both sides (the shard's ``tail_logprob`` for the teacher, log(1 - sum of the k
+student probabilities) for the student, from its full softmax): KL over k + 1 buckets.
+
+``sampled`` (a job with ``soft_labels: {"kind": "sampled"}``): random-sampling KD (Anshumann et
+al., ACL 2025): the cross-entropy -sum_i (c_i / N) log q(i) of the student's full softmax against
+the teacher's draw counts over the drawn ids, an unbiased estimate of the full-distribution
+cross-entropy.
+
+The loss is averaged over the completion positions of the batch, plus ``alpha`` times the cross-entropy
 of the completion tokens themselves. It prints the loss every ``--log-every`` steps and the
 first and last averages; ``main()`` returns the per-step losses.
 """
@@ -53,6 +65,9 @@ COLUMNS = [
     "top_logprobs",
     "finish_reason",
 ]
+# What each --soft-labels reads beyond COLUMNS.
+EXTRA_COLUMNS = {"topk": [], "topk-ghost": ["tail_logprob"], "sampled": ["sample_token_ids", "sample_counts"]}
+SOFT_LABELS = tuple(EXTRA_COLUMNS)
 # Stands in for -inf on masked top-k entries: exp() of it is exactly 0, and unlike -inf it
 # never turns into NaN in (log p - log q) or in the gradients.
 MASKED = -1e4
@@ -71,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layout", choices=["padded", "packed"], default="padded")
     parser.add_argument("--tokens-per-batch", type=int, default=1024, help="tokens per packed batch")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--soft-labels", choices=SOFT_LABELS, default="topk",
+                        help="the targets and their loss (module docstring)")
     parser.add_argument("--alpha", type=float, default=0.0, help="weight of the cross-entropy on the tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=2)
@@ -130,19 +147,20 @@ def logits_at(student: LlamaForCausalLM, hidden: torch.Tensor, token_ids: torch.
 
 
 def distillation_loss(
-    student: LlamaForCausalLM, batch: dict[str, Any], alpha: float
+    student: LlamaForCausalLM, batch: dict[str, Any], alpha: float, kind: str = "topk"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, kl) of a padded batch (collate_topk): the mean top-k KL over the batch's completion
-    positions, plus alpha x CE."""
+    """(loss, kl) of a padded batch (collate_topk): the mean distillation term (--soft-labels)
+    over the batch's completion positions, plus alpha x CE."""
     hidden = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     # The hidden state at t predicts the token at t + 1, where collate_topk put the teacher's top-k.
     predicts = batch["labels_mask"][:, 1:]
-    return loss_at(student, hidden[:, :-1][predicts], batch["top_token_ids"][:, 1:][predicts],
-                   batch["top_logprobs"][:, 1:][predicts], batch["input_ids"][:, 1:][predicts], alpha)
+    targets = {name: batch[name][:, 1:][predicts] for name in TARGETS if name in batch}
+    return soft_label_loss(student, hidden[:, :-1][predicts], targets, batch["input_ids"][:, 1:][predicts],
+                           kind, alpha)
 
 
 def packed_distillation_loss(
-    student: LlamaForCausalLM, batch: dict[str, Any], alpha: float
+    student: LlamaForCausalLM, batch: dict[str, Any], alpha: float, kind: str = "topk"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, kl) of a packed batch (ShardDataset(layout="packed")), the same as distillation_loss
     on the same rows. transformers reads the restarts of ``position_ids`` as sequence boundaries
@@ -154,8 +172,8 @@ def packed_distillation_loss(
     # The hidden state at t - 1 predicts the target at t; a sequence's first token has no t - 1.
     predicted = batch["position_ids"][0, targets] > 0
     targets = targets[predicted]
-    return loss_at(student, hidden[targets - 1], batch["top_token_ids"][predicted],
-                   batch["top_logprobs"][predicted], batch["input_ids"][0, targets], alpha)
+    wanted = {name: batch[name][predicted] for name in TARGETS if name in batch}
+    return soft_label_loss(student, hidden[targets - 1], wanted, batch["input_ids"][0, targets], kind, alpha)
 
 
 def loss_at(student: LlamaForCausalLM, hidden: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
@@ -167,6 +185,44 @@ def loss_at(student: LlamaForCausalLM, hidden: torch.Tensor, top_ids: torch.Tens
     # The cross-entropy does need the whole vocabulary, at the completion positions only.
     cross_entropy = torch.nn.functional.cross_entropy(student.lm_head(hidden), tokens)
     return kl + alpha * cross_entropy, kl
+
+
+def ghost_kl(teacher_logprobs: torch.Tensor, tail: torch.Tensor, student_logprobs: torch.Tensor,
+             valid: torch.Tensor) -> torch.Tensor:
+    """KL over the k entries and the ghost bucket, per position; the student's log-probs [N,k] are
+    from its full softmax, so its ghost is log(1 - their sum)."""
+    log_p = torch.cat([teacher_logprobs.masked_fill(~valid, MASKED), tail[:, None]], dim=1)
+    student = student_logprobs.masked_fill(~valid, MASKED)
+    student_ghost = torch.log1p(-student.exp().sum(-1).clamp(max=1 - 1e-6))
+    log_q = torch.cat([student, student_ghost[:, None]], dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def sampled_cross_entropy(sample_ids: torch.Tensor, targets: torch.Tensor, student_log_softmax: torch.Tensor
+                          ) -> torch.Tensor:
+    """-sum_i (c_i / N) log q(i) per position: targets [N,m] (counts / draws, 0 on padding)."""
+    return -(targets * student_log_softmax.gather(-1, sample_ids)).sum(-1)
+
+
+def soft_label_loss(student: LlamaForCausalLM, hidden: torch.Tensor, targets: dict[str, torch.Tensor],
+                    tokens: torch.Tensor, kind: str, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, distillation term) for --soft-labels `kind` from the hidden states [N,H] and the
+    N positions' targets (top_token_ids, top_logprobs, and tail_logprob / sample_*)."""
+    if kind == "topk":
+        return loss_at(student, hidden, targets["top_token_ids"], targets["top_logprobs"], tokens, alpha)
+    log_softmax = student.lm_head(hidden).log_softmax(-1)  # these need the whole vocabulary
+    if kind == "sampled":
+        term = sampled_cross_entropy(targets["sample_token_ids"], targets["sample_targets"], log_softmax).mean()
+    else:
+        top_lps = targets["top_logprobs"]
+        term = ghost_kl(top_lps, targets["tail_logprob"], log_softmax.gather(-1, targets["top_token_ids"]),
+                        torch.isfinite(top_lps)).mean()
+    if alpha == 0:
+        return term, term
+    return term + alpha * torch.nn.functional.nll_loss(log_softmax, tokens), term
+
+
+TARGETS = ("top_token_ids", "top_logprobs", "tail_logprob", "sample_token_ids", "sample_targets")
 
 
 def has_targets(batch: dict[str, Any]) -> bool:
@@ -183,14 +239,17 @@ def local_shard_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def local_loader(paths: list[Path], batch_size: int, seed: int) -> DataLoader:
-    rows = [row for file in local_shard_files(paths) for row in read_table(file, columns=COLUMNS).to_pylist()]
+def local_loader(paths: list[Path], batch_size: int, seed: int, kind: str = "topk") -> DataLoader:
+    columns = COLUMNS + EXTRA_COLUMNS[kind]
+    rows = [row for file in local_shard_files(paths) for row in read_table(file, columns=columns).to_pylist()]
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=tc.collate_topk)
 
 
-def streaming_loader(job: str, url: str | None, batch_size: int, seed: int) -> tuple[DataLoader, tc.ShardDataset]:
-    dataset = tc.ShardDataset(job=job, base_url=url, columns=COLUMNS, seed=seed, shuffle_buffer=256)
+def streaming_loader(job: str, url: str | None, batch_size: int, seed: int,
+                     kind: str = "topk") -> tuple[DataLoader, tc.ShardDataset]:
+    dataset = tc.ShardDataset(job=job, base_url=url, columns=COLUMNS + EXTRA_COLUMNS[kind], seed=seed,
+                              shuffle_buffer=256)
     return DataLoader(dataset, batch_size=batch_size, collate_fn=tc.collate_topk), dataset
 
 
@@ -198,7 +257,7 @@ def packed_loader(args: argparse.Namespace) -> tuple[DataLoader, tc.ShardDataset
     """Packed batches, built by ShardDataset itself from the Arrow buffers (DataLoader only iterates)."""
     source = {"job": args.job, "base_url": args.url} if args.job else {"shards": local_shard_files(args.shards)}
     dataset = tc.ShardDataset(**source, seed=args.seed, shuffle_buffer=256, layout="packed",
-                              tokens_per_batch=args.tokens_per_batch)
+                              columns=COLUMNS + EXTRA_COLUMNS[args.soft_labels], tokens_per_batch=args.tokens_per_batch)
     return DataLoader(dataset, batch_size=None), dataset
 
 
@@ -208,9 +267,9 @@ def batches(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     if args.layout == "packed":
         loader, dataset = packed_loader(args)
     elif args.job:
-        loader, dataset = streaming_loader(args.job, args.url, args.batch_size, args.seed)
+        loader, dataset = streaming_loader(args.job, args.url, args.batch_size, args.seed, args.soft_labels)
     else:
-        loader, dataset = local_loader(args.shards, args.batch_size, args.seed), None
+        loader, dataset = local_loader(args.shards, args.batch_size, args.seed, args.soft_labels), None
     epoch = 0
     while True:
         if dataset is not None:
@@ -234,13 +293,13 @@ def train(student: LlamaForCausalLM, data: Iterator[dict[str, Any]], args: argpa
     losses = []
     loss_of = packed_distillation_loss if args.layout == "packed" else distillation_loss
     for step, batch in zip(range(1, args.steps + 1), data, strict=False):
-        loss, kl = loss_of(student, batch, args.alpha)
+        loss, kl = loss_of(student, batch, args.alpha, args.soft_labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
         if step == 1 or step % args.log_every == 0:
-            print(f"step {step:5d}  loss {loss.item():.4f}  top-k KL {kl.item():.4f}", flush=True)
+            print(f"step {step:5d}  loss {loss.item():.4f}  {args.soft_labels} {kl.item():.4f}", flush=True)
     return losses
 
 

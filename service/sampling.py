@@ -105,3 +105,42 @@ def apply_override(base: Sampling, override: BaseModel | None) -> Sampling:
         return base
     changed = override.model_dump(exclude_none=True)
     return base.model_copy(update=changed) if changed else base
+
+
+# -- sampled soft labels ------------------------------------------------------------------
+# Draws of a position's full distribution are recorded beside the top-k when a job's soft labels
+# are `{"kind": "sampled", ...}`. They are not a sampling parameter of the completion (which is
+# generated exactly as without them), but they determine the output, so the normalised sampling
+# a task carries (and the cache key hashes, as a parameter added after key version 2: only when
+# present) holds them under DRAWS_KEY. Bounds: counts fit in a byte; the temperature is the
+# range where exp(logit / T) stays finite in float32 for real logits.
+MAX_DRAWS = 255
+MIN_DRAW_TEMPERATURE = 0.05
+MAX_DRAW_TEMPERATURE = 10.0
+DRAWS_KEY = "draws"
+
+
+class Draws(BaseModel):
+    """N draws with replacement from the teacher's raw distribution at temperature T, by their
+    own generator seeded with `seed`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    draws: int = Field(default=50, ge=1, le=MAX_DRAWS)
+    temperature: float = Field(default=1.0, ge=MIN_DRAW_TEMPERATURE, le=MAX_DRAW_TEMPERATURE)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+
+
+def with_draws(normalized: dict[str, Any], draws: Draws | None) -> dict[str, Any]:
+    """Normalised sampling (cachekey.normalize_sampling) plus the draws, when there are any."""
+    if draws is None:
+        return normalized
+    return {**normalized, DRAWS_KEY: draws.model_dump()}
+
+
+def split_draws(task_sampling: dict[str, Any]) -> tuple[dict[str, Any], Draws | None]:
+    """A task's sampling JSON back into (the sampling parameters, the draws or None)."""
+    if DRAWS_KEY not in task_sampling:
+        return task_sampling, None
+    rest = {k: v for k, v in task_sampling.items() if k != DRAWS_KEY}
+    return rest, Draws.model_validate(task_sampling[DRAWS_KEY])

@@ -64,7 +64,11 @@ class ServiceSettings(BaseSettings):
     submissions_per_minute: float = 120.0
     submission_burst: int = 30
     shard_rows: int = 10_000
+    # Finalizers look for ready jobs when Postgres notifies that one is (service/notify.py), and
+    # otherwise every finalizer_idle_poll_s; every finalizer_poll_s while the listening connection
+    # is down. Periodic work costs nothing when nothing changed.
     finalizer_poll_s: float = 0.5
+    finalizer_idle_poll_s: float = Field(default=10.0, gt=0)
     # The synchronous endpoints (service/online): how long a request waits for the teacher before
     # a 504 (its jobs are then cancelled), and the first interval of its wait's polls.
     online_timeout_s: float = 600.0

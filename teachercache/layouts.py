@@ -60,6 +60,9 @@ LAYOUT_COLUMNS = [
     "top_logprobs",
     "finish_reason",
 ]
+# Read when present (a sampled job's shards; tail_logprob is in every job shard): a loader adds
+# them to its projection when it asks for sampled targets or the tail mass.
+SAMPLED_LAYOUT_COLUMNS = ["sample_token_ids", "sample_counts", "tail_logprob"]
 LAYOUT_SCHEMA = pa.schema(
     [
         ("custom_id", pa.string()),
@@ -69,6 +72,9 @@ LAYOUT_SCHEMA = pa.schema(
         ("top_token_ids", pa.list_(pa.list_(pa.int64()))),
         ("top_logprobs", pa.list_(pa.list_(pa.float32()))),
         ("finish_reason", pa.string()),
+        ("sample_token_ids", pa.list_(pa.list_(pa.int64()))),
+        ("sample_counts", pa.list_(pa.list_(pa.int32()))),
+        ("tail_logprob", pa.list_(pa.float32())),
     ]
 )
 LAYOUTS = ("padded", "packed")
@@ -86,7 +92,8 @@ def table_from_rows(rows: list[dict[str, Any]]) -> pa.Table:
     """Python rows (dicts, as ShardDataset yields them) as the table the layouts read: the
     layout columns the first row has (a projection may have left some out)."""
     first = rows[0] if rows else {}
-    present = [field for field in LAYOUT_SCHEMA if field.name in first] or list(LAYOUT_SCHEMA)
+    present = [field for field in LAYOUT_SCHEMA if field.name in first] or [
+        field for field in LAYOUT_SCHEMA if field.name not in SAMPLED_LAYOUT_COLUMNS]
     return pa.Table.from_pylist(rows, schema=pa.schema(present))
 
 
@@ -153,6 +160,11 @@ class Columns:
     token_logprobs: Ragged
     top_ids: Ragged  # rows -> positions -> k ids
     top_logprobs: Ragged
+    # Sampled soft labels and the tail mass: empty lists where the rows have none (top-k rows,
+    # or not projected).
+    sample_ids: Ragged  # rows -> positions -> unique drawn ids
+    sample_counts: Ragged
+    tail: Ragged  # rows -> positions
 
     @classmethod
     def of(cls, table: pa.Table) -> Columns:
@@ -170,6 +182,9 @@ class Columns:
             token_logprobs=ragged("token_logprobs", 1, np.float32),
             top_ids=ragged("top_token_ids", 2, np.int64),
             top_logprobs=ragged("top_logprobs", 2, np.float32),
+            sample_ids=ragged("sample_token_ids", 2, np.int64),
+            sample_counts=ragged("sample_counts", 2, np.int32),
+            tail=ragged("tail_logprob", 1, np.float32),
         )
 
     @property
@@ -193,7 +208,7 @@ class Columns:
                        *(Ragged.concat([getattr(part, name) for part in parts]) for name in _RAGGED))
 
 
-_RAGGED = ("prompt", "completion", "token_logprobs", "top_ids", "top_logprobs")
+_RAGGED = ("prompt", "completion", "token_logprobs", "top_ids", "top_logprobs", "sample_ids", "sample_counts", "tail")
 
 
 def _destinations(offsets: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -219,7 +234,12 @@ def _top_k(rows: Columns, positions: np.ndarray | None, slots: int, pad_id: int)
     """[slots, k] arrays of the top-k, completion position ``i`` of the batch in slot ``positions[i]``
     (``None``: in slot ``i``); every other slot holds pad_id / 0.0, and a short position's missing
     entries pad_id / -inf."""
-    ids, lps = rows.top_ids.flat, rows.top_logprobs.flat
+    return _per_position(rows.top_ids.flat, rows.top_logprobs.flat, positions, slots, pad_id, float("-inf"))
+
+
+def _per_position(ids: Ragged, lps: Ragged, positions: np.ndarray | None, slots: int, pad_id: int,
+                  missing: float) -> tuple[np.ndarray, np.ndarray]:
+    """_top_k for any (ids, values) pair of list-of-list columns: `missing` fills a short position."""
     widths = ids.lengths
     k = int(widths.max()) if len(widths) else 0
     uniform = ids.offsets[-1] == len(widths) * k
@@ -233,7 +253,7 @@ def _top_k(rows: Columns, positions: np.ndarray | None, slots: int, pad_id: int)
         top_ids[positions] = ids.values.reshape(len(widths), k)
         top_logprobs[positions] = lps.values.reshape(len(widths), k)
         return top_ids, top_logprobs
-    top_logprobs[positions] = float("-inf")
+    top_logprobs[positions] = missing
     entries = _destinations(ids.offsets, positions * k)
     _scatter(top_ids, entries, ids.values)
     _scatter(top_logprobs, entries, lps.values)
@@ -278,7 +298,33 @@ def padded_layout(rows: Columns, pad_id: int = 0) -> dict[str, Any]:
         "top_logprobs": torch.from_numpy(top_logprobs).view(rows.count, width, k),
         "token_logprobs": torch.from_numpy(token_logprobs),
         "custom_id": rows.custom_id,
+        **_extras(rows, completion_starts, rows.count * width, pad_id, (rows.count, width)),
     }
+
+
+def _extras(rows: Columns, starts: np.ndarray, slots: int, pad_id: int, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The sampled targets and the tail mass, where the rows have them, each position at the slot
+    ``starts[row] + i`` (padded: its place in [B, T]; packed: its index among the targets).
+
+    - ``sample_token_ids`` [..., m] int64: the unique drawn ids (``pad_id`` beyond a position's own);
+    - ``sample_targets`` [..., m] float32: their counts / draws (0 beyond), the random-sampling KD
+      target (Anshumann et al. 2025): each position's targets sum to 1;
+    - ``tail_logprob`` [...] float32: log(1 - sum of the top-k probabilities), the ghost token.
+    """
+    out: dict[str, Any] = {}
+    if rows.sample_ids.flat.offsets[-1] > 0:
+        places = _destinations(rows.sample_ids.offsets, starts)
+        ids, counts = _per_position(rows.sample_ids.flat, rows.sample_counts.flat, places, slots, pad_id, 0.0)
+        totals = counts.sum(axis=1, keepdims=True)
+        targets = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+        m = ids.shape[1]
+        out["sample_token_ids"] = torch.from_numpy(ids).view(*shape, m)
+        out["sample_targets"] = torch.from_numpy(targets).view(*shape, m)
+    if rows.tail.offsets[-1] > 0:
+        tail = np.zeros(slots, dtype=np.float32)
+        _scatter(tail, _destinations(rows.tail.offsets, starts), rows.tail.values)
+        out["tail_logprob"] = torch.from_numpy(tail).view(*shape)
+    return out
 
 
 def _places_like(places: np.ndarray, reference: Ragged, column: Ragged, starts: np.ndarray) -> np.ndarray:
@@ -319,6 +365,7 @@ def packed_layout(rows: Columns, pad_id: int = 0) -> dict[str, Any]:
         "top_logprobs": torch.from_numpy(top_logprobs),
         "token_logprobs": torch.from_numpy(token_logprobs),
         "custom_id": rows.custom_id,
+        **_extras(rows, rows.top_ids.offsets[:-1], positions, pad_id, (positions,)),
     }
 
 

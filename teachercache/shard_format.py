@@ -45,9 +45,16 @@ RESULT_FIELDS = [
     pa.field("token_logprobs", pa.list_(pa.float32())),
     pa.field("top_token_ids", pa.list_(pa.list_(pa.int32()))),
     pa.field("top_logprobs", pa.list_(pa.list_(pa.float32()))),
+    # Sampled soft labels (a job of soft-label kind "sampled"; null otherwise): per position the
+    # unique token ids drawn from the full raw distribution, most drawn first, and their counts
+    # (summing to the draws). Result shards written before these columns existed lack them;
+    # assembly fills them with nulls.
+    pa.field("sample_token_ids", pa.list_(pa.list_(pa.int32()))),
+    pa.field("sample_counts", pa.list_(pa.list_(pa.int32()))),
     pa.field("finish_reason", pa.string()),
     pa.field("error", pa.string()),
 ]
+SAMPLED_COLUMNS = ("sample_token_ids", "sample_counts")
 # A worker's result shard: rows keyed by cache key, shared by every job that asks for them. It
 # also keeps each token's rank in the teacher's whole vocabulary (1 = most likely), which the
 # synchronous endpoints answer as vLLM's `rank` (null where the engine gives none, and absent
@@ -62,15 +69,18 @@ JOB_FIELDS_AFTER = [
     # differ from the job's (the shard metadata's); null for a request that ran with the job's.
     pa.field("parameters", pa.string()),
 ]
+# Derived when a job shard is written (from the cache's float32 top-k, so every cached row has it):
+# per position log(1 - sum of the top-k probabilities), the "ghost token" (soft_labels.tail_logprobs).
+TAIL_FIELD = pa.field("tail_logprob", pa.list_(pa.float32()))
 # A job's output shard: the contract's columns (DESIGN.md), in request order.
-JOB_SCHEMA = pa.schema([*JOB_FIELDS_BEFORE, *RESULT_FIELDS, *JOB_FIELDS_AFTER])
+JOB_SCHEMA = pa.schema([*JOB_FIELDS_BEFORE, *RESULT_FIELDS, TAIL_FIELD, *JOB_FIELDS_AFTER])
 
 
 # Soft-label columns are numbers whose bytes compress far better split into byte planes
 # (Parquet's BYTE_STREAM_SPLIT encoding, which any Parquet reader decodes) than whole.
 SPLIT_TYPES = (pa.float32(), pa.float16(), pa.int32(), pa.uint32())
 SPLIT_COLUMNS = ("token_logprobs", "top_token_ids", "top_logprobs", "top_logprob_ref", "top_logprob_steps",
-                 "token_logprob_steps")
+                 "token_logprob_steps", "tail_logprob", "sample_token_ids", "sample_counts")
 COMPRESSION_LEVEL = 6  # zstd: most of level 19's gain on these columns, at a fraction of its time
 
 

@@ -36,6 +36,7 @@ The decoder is vectorised numpy over whole record batches (no Python loop per po
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,6 +242,7 @@ def decode(data: pa.Table | pa.RecordBatch, encoding: Encoding, where: str | Non
     names = data.schema.names
     if encoding.name == "float32" or not any(n in names for n in STORED_COLUMNS[encoding.name]):
         return data
+    _check_stored_types(data.schema, encoding, where)
     try:
         if encoding.name == "float16":
             decoded = _decode_float16(data)
@@ -266,6 +268,15 @@ def decode(data: pa.Table | pa.RecordBatch, encoding: Encoding, where: str | Non
     if isinstance(data, pa.RecordBatch):
         return pa.RecordBatch.from_arrays([_array(a) for a in out_arrays], schema=schema)
     return pa.Table.from_arrays(out_arrays, schema=schema)
+
+
+def _check_stored_types(schema: pa.Schema, encoding: Encoding, where: str | None) -> None:
+    """A damaged file can read back with a stored column of another type (a flipped bit in its
+    Thrift footer turns a list into a struct): refuse it as damage, never decode it as numbers."""
+    for name, expected in STORED_TYPES[encoding.name].items():
+        if name in schema.names and schema.field(name).type != expected:
+            raise ShardFormatError(f"{encoding.name} soft-label column {name} is {schema.field(name).type}, "
+                                   f"not {expected} (a damaged or foreign file)", where)
 
 
 def _decode_float16(data: pa.Table | pa.RecordBatch) -> dict[str, pa.Array]:
@@ -437,3 +448,26 @@ def _lists(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
 
 def _nested(row_offsets: np.ndarray, offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(row_offsets.astype(np.int32)), _lists(offsets, values))
+
+
+def tail_logprob(top_logprobs: list[float]) -> float:
+    """The ghost token: log(1 - sum of the top-k probabilities), from the teacher's float32
+    top-k logprobs (the engine's values from its full float32 distribution, not a delivery
+    encoding's rounded ones), summed in float64; -inf when the top-k holds all the mass."""
+    mass = math.fsum(math.exp(v) for v in top_logprobs)
+    return math.log1p(-mass) if mass < 1.0 else -math.inf
+
+
+def tail_logprobs(top_logprobs: pa.ListArray | pa.ChunkedArray) -> pa.ListArray:
+    """`tail_logprob` for a whole column of rows (list<list<float32>> -> list<float32>),
+    vectorised: the float64 sum of each position's top-k probabilities."""
+    rows = _array(top_logprobs)
+    row_offsets = _offsets(rows)
+    positions = rows.flatten()
+    offsets = _offsets(positions)
+    values = positions.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    running = np.concatenate(([0.0], np.cumsum(np.exp(values))))
+    sums = running[offsets[1:]] - running[offsets[:-1]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tails = np.where(sums < 1.0, np.log1p(-np.minimum(sums, 1.0)), -np.inf).astype(np.float32)
+    return _lists(row_offsets, tails)

@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from service.sampling import Sampling
+from service.sampling import Draws, Sampling
 
 # What reaches an engine is the one definition of the sampling parameters (already normalised
 # by the service); adapters map it field by field (vLLM's names are its names).
 SamplingSpec = Sampling
+__all__ = ["Draws", "Engine", "EngineRequest", "EngineResult", "Sample", "SamplingSpec"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class EngineRequest:
     response_token_ids: list[int] | None = None
     # The chat messages the prompt was rendered from; only a remote chat endpoint needs them.
     messages: list[dict[str, Any]] | None = None
+    # Sampled soft labels at every position, beside the top-k; None: top-k only.
+    draws: Draws | None = None
 
 
 @dataclass
@@ -41,6 +44,9 @@ class Sample:
     top_logprobs: list[list[float]]
     finish_reason: str  # stop | length | scored
     token_ranks: list[int] | None = None  # each token's rank in the whole vocabulary, where the engine knows it
+    # With draws: per position the unique drawn ids (most drawn first) and their counts.
+    sample_token_ids: list[list[int]] | None = None
+    sample_counts: list[list[int]] | None = None
 
 
 @dataclass

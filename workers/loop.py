@@ -30,13 +30,14 @@ import sqlalchemy as sa
 
 from service.db import db_retry, is_transient, transaction
 from service.jobs.finalizer import Finalizer
+from service.notify import TASKS_QUEUED
 from service.queue.repository import ClaimedTask, TaskRepository
 from service.queue.workers import WorkerRepository
 from service.results.index import index_result_shard, record_failure, release_tasks
 from service.runtime import Runtime
 from teachercache.shard_format import parquet_options, shard_metadata
 from workers.engine import Engine, EngineResult
-from workers.results import engine_request, result_table
+from workers.results import engine_request, result_table, warm_up
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class WorkerLoop:
         self.lost: queue.Queue[str] = queue.Queue()
         self.finished: queue.Queue[EngineResult] = queue.Queue()
         self.stopping = stopping or threading.Event()  # stop claiming (SIGTERM, or the engine died)
+        self._queued = threading.Event()  # tasks may have been queued for this teacher: claim now
         self.done = threading.Event()  # the engine thread has ended; writer drains and exits
         self.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
         self.engine_error: str | None = None
@@ -159,6 +161,7 @@ class WorkerLoop:
     def run(self) -> int:
         """Run until stopped; return the process exit code (non-zero when the engine died)."""
         self._register()
+        self.rt.listener.subscribe(TASKS_QUEUED, self._queued, self.teacher)
         threads = [threading.Thread(target=f, name=f.__name__, daemon=True)
                    for f in (self._claimer, self._writer, self._heartbeat)]
         for thread in threads:
@@ -169,6 +172,7 @@ class WorkerLoop:
         for thread in threads:
             thread.join(timeout=self.settings.drain_s + 30)
         self._release_all(self.engine_error)
+        self.rt.listener.unsubscribe(self._queued)
         self.finalizer.stop()
         self._unregister()
         return code
@@ -176,6 +180,7 @@ class WorkerLoop:
     def request_stop(self, *_: object) -> None:
         log.info("worker %s: stop requested, draining", self.worker_id)
         self.stopping.set()
+        self._queued.set()  # the claimer stops waiting for work
 
     # -- the engine thread -----------------------------------------------------------------
     def _engine_loop(self) -> int:
@@ -246,11 +251,21 @@ class WorkerLoop:
             # interactive lane: a trainer's request is claimed at once, into the places kept for it.
             batched = len(self.held) <= low_water or room >= low_water
             limit = self._interactive_room(room)
+            if limit:
+                self._queued.clear()  # before the claim: tasks queued during it wake the next one
             claimed = self._claim(limit, batch_limit=room if batched else 0) if limit else []
             for task in claimed:
                 self.incoming.put(task)
             if not claimed:
-                time.sleep(self.settings.interactive_poll_s)
+                self._wait_for_tasks(idle=bool(limit) and batched)
+
+    def _wait_for_tasks(self, idle: bool) -> None:
+        """Nothing claimed. `idle`: the queue had nothing this worker could take, so wait until
+        Postgres says tasks were queued (an interactive one wakes it at once), at most
+        claim_idle_poll_s; otherwise (waiting for room, or the listening connection is down)
+        at most claim_poll_s."""
+        listening = self.rt.listener.connected
+        self._queued.wait(self.settings.claim_idle_poll_s if idle and listening else self.settings.claim_poll_s)
 
     def _check_storage(self) -> None:
         """While paused, try a small write when the backoff says so; success resumes claiming."""
@@ -456,6 +471,7 @@ class WorkerLoop:
             with transaction(self.rt.sessions) as db:
                 WorkerRepository(db).register(self.worker_id, self.teacher)
         register()
+        warm_up()
         swept = self.rt.storage.sweep_temporary_files()
         log.info("worker %s serving %s (swept %d temporary files)", self.worker_id, self.teacher, swept)
 

@@ -30,7 +30,7 @@ from vllm.inputs import tokens_input
 from vllm.logprobs import FlatLogprobs
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-from workers import memory
+from workers import cpus, memory, vllm_draws
 from workers.engine import EngineRequest, EngineResult, Sample, SamplingSpec
 
 _GIB = 1 << 30
@@ -74,6 +74,8 @@ class VllmEngine:
         # would hang there. atexit runs hooks last-in first-out, so this one runs first.
         self._shutdown = self._engine.engine_core.shutdown
         atexit.register(self._shutdown)
+        # Draws need the plugin in the engine core, which loads what this process would.
+        self.can_draw = vllm_draws.plugin_registered()
 
     @classmethod
     def load(
@@ -87,9 +89,12 @@ class VllmEngine:
         kv_cache_gb: float | None = None,
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
+        keep_off_engine_cores: bool = False,
         **llm_kwargs: Any,
     ) -> VllmEngine:
-        """Build the vLLM engine; extra keyword arguments go to `vllm.LLM` unchanged."""
+        """Build the vLLM engine; extra keyword arguments go to `vllm.LLM` unchanged. With
+        `keep_off_engine_cores` (a worker's default) on the CPU build, this process's threads then
+        move off the cores vLLM computes on (workers/cpus.py)."""
         kv_cache_gb = _kv_cache_gb(kv_cache_gb)
         optional = {
             "max_model_len": max_model_len,
@@ -101,12 +106,17 @@ class VllmEngine:
             model=str(model_dir),
             dtype=dtype,
             seed=seed,
-            max_logprobs=max_top_logprobs,
+            # Room for the columns that carry sampled soft labels (workers/vllm_draws.py).
+            max_logprobs=max_top_logprobs + vllm_draws.MAX_DRAWS,
             logprobs_mode="raw_logprobs",
             **{k: v for k, v in optional.items() if v is not None},
             **_platform_defaults(),
             **llm_kwargs,
         )
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu() and keep_off_engine_cores:
+            cpus.keep_off_engine_cpus()
         return cls(llm, max_top_logprobs=max_top_logprobs)
 
     # -- what the worker and the teacher registry may want to know -----------------
@@ -182,12 +192,18 @@ class VllmEngine:
     def _to_vllm(self, request: EngineRequest) -> tuple[list[int], SamplingParams]:
         if request.top_logprobs < 0:
             raise ValueError("top_logprobs must be >= 0")
+        # vLLM's own max_logprobs leaves room for the draws' columns, so the top-k bound is ours.
+        if request.top_logprobs > self.max_top_logprobs:
+            raise ValueError(f"top_logprobs {request.top_logprobs} is above this engine's maximum of "
+                             f"{self.max_top_logprobs}")
+        if request.draws is not None and not self.can_draw:
+            raise ValueError(f"sampled soft labels need the vLLM plugin {vllm_draws.PLUGIN_NAME!r} (reinstall teachercache)")
         if request.mode == "generate":
             return list(request.prompt_token_ids), _generate_params(request)
         if request.mode == "score":
             _check_score_request(request)
             prompt_ids = list(request.prompt_token_ids) + list(request.response_token_ids)  # type: ignore[arg-type]  # checked above
-            return prompt_ids, _score_params(request.top_logprobs)
+            return prompt_ids, _score_params(request)
         raise ValueError(f"unknown mode {request.mode!r}")
 
     # -- result conversion ----------------------------------------------------------
@@ -208,13 +224,13 @@ class VllmEngine:
             raise _EngineRequestFailed(f"vLLM finished the request: {completion.finish_reason}")
         token_ids = list(completion.token_ids)
         positions = [
-            _read_position(completion.logprobs, i, request.top_logprobs)
+            _read_position(completion.logprobs, i, _width(request))
             for i in range(len(token_ids))
         ]
         _check_tokens(positions, token_ids)
         # "repetition" (vLLM's repetition detector) is a stop like any other.
         reason = "length" if completion.finish_reason == "length" else "stop"
-        return self._sample(token_ids, positions, reason)
+        return self._sample(token_ids, positions, reason, request)
 
     def _scored_sample(self, request: EngineRequest, output: Any) -> Sample:
         completion = output.outputs[0]
@@ -225,13 +241,18 @@ class VllmEngine:
         # empty), so the response token at j = len(prompt) + i is read at row j.
         first = len(request.prompt_token_ids)
         positions = [
-            _read_position(output.prompt_logprobs, first + i, request.top_logprobs)
+            _read_position(output.prompt_logprobs, first + i, _width(request))
             for i in range(len(response))
         ]
         _check_tokens(positions, response)
-        return self._sample(response, positions, "scored")
+        return self._sample(response, positions, "scored", request)
 
-    def _sample(self, token_ids: list[int], positions: list[_Position], reason: str) -> Sample:
+    def _sample(
+        self, token_ids: list[int], positions: list[_Position], reason: str, request: EngineRequest
+    ) -> Sample:
+        drawn = None
+        if request.draws is not None:
+            positions, drawn = _split_draws(positions, request.top_logprobs, request.draws.draws)
         return Sample(
             completion_token_ids=token_ids,
             # Text is always the decoded tokens (stop strings included), so the two agree.
@@ -241,6 +262,8 @@ class VllmEngine:
             top_logprobs=[p.top_logprobs for p in positions],
             finish_reason=reason,
             token_ranks=_ranks(positions),
+            sample_token_ids=None if drawn is None else drawn[0],
+            sample_counts=None if drawn is None else drawn[1],
         )
 
     def _count(self, output: Any, samples: list[Sample], request: EngineRequest) -> None:
@@ -292,7 +315,7 @@ def _generate_params(request: EngineRequest) -> SamplingParams:
     return SamplingParams(
         # Every parameter under its own name (the definition uses vLLM's), lists as vLLM takes them.
         **{**spec.model_dump(), "stop": list(spec.stop) or None, "stop_token_ids": list(spec.stop_token_ids) or None},
-        logprobs=request.top_logprobs,
+        **_logprob_params(request, "logprobs"),
         **_COMMON_PARAMS,
         # vLLM needs text only to match stop strings; we decode the final text ourselves.
         detokenize=bool(spec.stop),
@@ -300,16 +323,50 @@ def _generate_params(request: EngineRequest) -> SamplingParams:
     )
 
 
-def _score_params(top_logprobs: int) -> SamplingParams:
+def _score_params(request: EngineRequest) -> SamplingParams:
     # One greedy token is the minimum vLLM runs; it is discarded. Everything wanted is
     # in the prompt logprobs of the teacher-forced prompt + response.
     return SamplingParams(
         max_tokens=1,
         temperature=0.0,
-        prompt_logprobs=top_logprobs,
+        **_logprob_params(request, "prompt_logprobs"),
         detokenize=False,
         **_COMMON_PARAMS,
     )
+
+
+def _width(request: EngineRequest) -> int:
+    """Logprob entries asked per position after the token's own: the top-k, then (with
+    draws) one column per draw that the plugin fills with drawn ids and counts."""
+    return request.top_logprobs + (request.draws.draws if request.draws else 0)
+
+
+def _logprob_params(request: EngineRequest, name: str) -> dict[str, Any]:
+    params: dict[str, Any] = {name: _width(request)}
+    if request.draws is not None:
+        params["extra_args"] = vllm_draws.extra_args(request.draws)
+    return params
+
+
+def _split_draws(
+    positions: list[_Position], k: int, draws: int
+) -> tuple[list[_Position], tuple[list[list[int]], list[list[int]]]]:
+    """Separate the plugin's columns (ids, counts as floats, zero-padded) from the top-k.
+    Counts that are not positive integers summing to `draws` mean the plugin did not run
+    there (plain top-k logprobs are <= 0): the request fails rather than store them."""
+    kept, ids, counts = [], [], []
+    for i, p in enumerate(positions):
+        extra_ids, extra = p.top_ids[k:], p.top_logprobs[k:]
+        used = sum(1 for c in extra if c > 0)
+        row = [int(c) for c in extra[:used]]
+        if sum(row) != draws or any(c != r for c, r in zip(extra[:used], row, strict=True)):
+            raise _EngineRequestFailed(
+                f"position {i}: no draws from the engine (is the vLLM plugin {vllm_draws.PLUGIN_NAME!r} loaded?)"
+            )
+        kept.append(_Position(p.token_id, p.logprob, p.rank, p.top_ids[:k], p.top_logprobs[:k]))
+        ids.append(list(extra_ids[:used]))
+        counts.append(row)
+    return kept, (ids, counts)
 
 
 def _check_score_request(request: EngineRequest) -> None:

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.ids import id_pattern
-from service.sampling import INT32_MAX, Sampling, SamplingOverride, TokenId
+from service.sampling import (
+    INT32_MAX,
+    MAX_DRAW_TEMPERATURE,
+    MAX_DRAWS,
+    MIN_DRAW_TEMPERATURE,
+    Draws,
+    Sampling,
+    SamplingOverride,
+    TokenId,
+)
 from service.states import JobStatus
 from service.text import StorableJson, StorableText, UnicodeText
 from teachercache.soft_labels import DEFAULT_ENCODING, ENCODINGS
@@ -43,11 +52,41 @@ class RequestIn(Strict):
 
 
 class SoftLabels(Strict):
-    """How the job's shards deliver the soft labels (the cache keeps float32 either way)."""
+    """What the job records beside each token and how its shards deliver it (the cache keeps
+    float32 either way). `kind`: `topk` (the top-k and its tail mass; the default) or `sampled`
+    (also `draws` tokens drawn with replacement from the full raw distribution at `temperature`
+    per position, as ids and counts; `seed` seeds the draws' own generator)."""
 
+    kind: Literal["topk", "sampled"] = "topk"
+    draws: int | None = Field(default=None, ge=1, le=MAX_DRAWS, description="sampled: draws per position (50)")
+    temperature: float | None = Field(default=None, ge=MIN_DRAW_TEMPERATURE, le=MAX_DRAW_TEMPERATURE,
+                                      description="sampled: temperature of the distribution drawn from (1.0)")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="sampled: the draws' seed (0)")
     encoding: Literal[ENCODINGS] = Field(  # type: ignore[valid-type]
         default=DEFAULT_ENCODING, description="float32 (the contract's columns), float16, or compact "
         "(quantised logprobs, decoded by the client); see docs/soft-labels.md")
+
+    @model_validator(mode="after")
+    def _draws_only_when_sampled(self) -> SoftLabels:
+        given = [name for name in ("draws", "temperature", "seed") if getattr(self, name) is not None]
+        if self.kind == "topk" and given:
+            raise ValueError(f"{', '.join(given)}: only for soft labels of kind 'sampled'")
+        return self
+
+    def stored(self) -> dict[str, Any]:
+        """As the job keeps and shows it: the encoding, and for a sampled job its draws in full
+        (defaults filled); a top-k job's is `{"encoding": ...}` as before sampled labels existed."""
+        draws = self.sampled()
+        if draws is None:
+            return {"encoding": self.encoding}
+        return {"kind": "sampled", **draws.model_dump(), "encoding": self.encoding}
+
+    def sampled(self) -> Draws | None:
+        """The draws a sampled job records at each position; None for top-k."""
+        if self.kind != "sampled":
+            return None
+        given = {name: getattr(self, name) for name in ("draws", "temperature", "seed")}
+        return Draws(**{name: value for name, value in given.items() if value is not None})
 
 
 class JobCreate(Strict):

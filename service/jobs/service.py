@@ -33,6 +33,7 @@ from service.openai_batch.models import OpenAIFile
 from service.openai_batch.repository import OpenAIBatchRepository
 from service.queue.repository import NewTask, TaskRepository
 from service.results.repository import ResultRepository
+from service.sampling import with_draws
 from service.states import JOB_FINISHED, JobStatus, RequestState
 from service.storage.port import Storage
 from service.teachers.tokenizer import Teacher
@@ -45,10 +46,14 @@ ShardUrl = Callable[[str], str]
 def body_sha256(body: JobCreate, source: OpenAIFile | None = None) -> str:
     """The submission's fingerprint, which a retry with its Idempotency-Key must match. A job from a
     file is fingerprinted by the file's content, so the same file uploaded again is the same job."""
+    # A top-k job's soft_labels hash as they did before sampled labels existed (a retry across the upgrade matches).
+    added: dict[str, Any] = {} if body.soft_labels.kind == "sampled" else {
+        "soft_labels": {"kind", "draws", "temperature", "seed"}}
     if source is None:  # without input_file_id: a body's hash is what it was before the field existed
-        return hashlib.sha256(body.model_dump_json(exclude={"input_file_id"}).encode()).hexdigest()
+        return hashlib.sha256(body.model_dump_json(exclude={"input_file_id": True, **added}).encode()).hexdigest()
     content = f"sha256:{source.sha256}" if source.sha256 else source.id
-    return hashlib.sha256(body.model_copy(update={"input_file_id": content}).model_dump_json().encode()).hexdigest()
+    copy = body.model_copy(update={"input_file_id": content})
+    return hashlib.sha256(copy.model_dump_json(exclude=added or None).encode()).hexdigest()
 
 
 def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> None:
@@ -58,6 +63,10 @@ def check_parameters(body: JobCreate, teacher: Teacher, limits: JobLimits) -> No
     if body.top_logprobs > limit:
         raise ValidationFailed(f"top_logprobs: {body.top_logprobs} is above this teacher's maximum of {limit}",
                                field="top_logprobs")
+    if body.soft_labels.kind == "sampled" and teacher.spec.is_remote:
+        raise ValidationFailed(f"soft_labels.kind: teacher {teacher.name!r} is a remote endpoint, which cannot draw "
+                               "from its full distribution; use kind 'topk' or a teacher served by a worker's vLLM",
+                               field="soft_labels.kind")
     if body.mode == "score" and body.sampling.n != 1:
         raise ValidationFailed("sampling.n: score mode is teacher-forced and takes n = 1", field="sampling.n")
 
@@ -187,7 +196,7 @@ class JobService:
         job = Job(
             id=new_id("job"), tenant=self.tenant, status=JobStatus.QUEUED, teacher=teacher.name, mode=body.mode,
             top_logprobs=body.top_logprobs, sampling=body.sampling.values(), cache_policy=body.cache,
-            soft_labels=body.soft_labels.model_dump(), metadata_=body.metadata, total=total,
+            soft_labels=body.soft_labels.stored(), metadata_=body.metadata, total=total,
             idempotency_key=idempotency_key, body_sha256=body_sha256(body, source),
         )
         self.jobs.add_job(job)
@@ -296,7 +305,8 @@ class JobWriter:
         self.interactive = interactive
         self.notes = notes or {}
         self.defaults = (body.sampling, body.top_logprobs)
-        self.sampling = normalize_sampling(body.mode, body.sampling.values())
+        self.draws = body.soft_labels.sampled()
+        self.sampling = with_draws(normalize_sampling(body.mode, body.sampling.values()), self.draws)
         self.identity = teacher_identity(teacher.spec.model or teacher.name, teacher.revision,
                                          teacher.tokenizer_hash, teacher.spec.dtype)
         self.key_of = key_maker(self.identity, body.mode, self.sampling, body.top_logprobs)
@@ -306,7 +316,7 @@ class JobWriter:
     def sampling_of(self, request: PreparedRequest) -> dict[str, Any]:
         if request.sampling == self.body.sampling:
             return self.sampling
-        return normalize_sampling(self.body.mode, request.sampling.values())
+        return with_draws(normalize_sampling(self.body.mode, request.sampling.values()), self.draws)
 
     def key(self, request: PreparedRequest) -> str:
         if self.body.cache == "bypass":  # never shared, never found

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
+from service.errors import ValidationFailed
 from service.ids import id_pattern
+from service.jobs.schemas import SoftLabels
 from service.states import BatchStatus
 from service.text import StorableText
 
@@ -43,12 +45,29 @@ class OutputExpiresAfter(BaseModel):
     seconds: int = Field(ge=3600, le=30 * 24 * 3600)
 
 
+# A batch's metadata key for its soft labels, e.g. '{"kind": "sampled", "draws": 50}'.
+SOFT_LABELS_METADATA = "teachercache_soft_labels"
+
+
 class BatchCreate(BaseModel):
     input_file_id: str = Field(pattern=id_pattern("file"))
     endpoint: Literal["/v1/chat/completions", "/v1/completions"]
     completion_window: Literal["24h"] = "24h"
     metadata: dict[StorableText, StorableText] | None = None
     output_expires_after: OutputExpiresAfter | None = None
+
+    def soft_labels(self) -> SoftLabels:
+        """The job's soft labels, from the metadata key SOFT_LABELS_METADATA (OpenAI's metadata
+        values are strings: the native `soft_labels` object as JSON); top-k when absent."""
+        text = (self.metadata or {}).get(SOFT_LABELS_METADATA)
+        if text is None:
+            return SoftLabels()
+        try:
+            return SoftLabels.model_validate_json(text)
+        except ValidationError as exc:
+            detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+            raise ValidationFailed(f"metadata.{SOFT_LABELS_METADATA}: {detail}",
+                                   field=f"metadata.{SOFT_LABELS_METADATA}") from None
 
 
 class BatchError(BaseModel):

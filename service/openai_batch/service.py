@@ -118,6 +118,7 @@ class OpenAIBatchService:
 
     def create(self, body: BatchCreate) -> OpenAIBatch:
         source = self.file(body.input_file_id)
+        soft_labels = body.soft_labels()  # a bad value is the request's error (422), before anything is kept
         if source.purpose != "batch":
             raise ValidationFailed("input_file_id: the file's purpose is not 'batch'", field="input_file_id")
         if source.bytes > MAX_FILE_BYTES:  # read whole below; a native job (POST /v1/jobs) streams any size
@@ -134,6 +135,7 @@ class OpenAIBatchService:
         if isinstance(parsed, list):
             self._fail(batch, parsed)
         else:
+            parsed.job.soft_labels = soft_labels
             self._start(batch, parsed)
         return batch
 

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 from service.db import copy_cursor
+from service.notify import ANY, TASKS_QUEUED, announce
 from service.states import TaskState
 
 # The claim's update of the candidates it picked: a lease with an owner, an expiry and a token.
@@ -390,7 +391,10 @@ class TaskRepository:
         return QueueHead(tasks=int(row.tasks), oldest_age_s=float(row.oldest_age_s or 0.0), tokens=int(row.tokens))
 
     def requeue_lost(self, teacher: str, limit: int = 1000) -> list[str]:
-        return list(self.session.execute(REQUEUE_LOST_SQL, {"teacher": teacher, "limit": limit}).scalars())
+        requeued = list(self.session.execute(REQUEUE_LOST_SQL, {"teacher": teacher, "limit": limit}).scalars())
+        if requeued:
+            announce(self.session, TASKS_QUEUED, teacher)
+        return requeued
 
     def suspect_waiting(self, teacher: str) -> bool:
         return bool(self.session.execute(SUSPECT_WAITING_SQL, {"teacher": teacher}).scalar())
@@ -406,12 +410,18 @@ class TaskRepository:
         """Give leased tasks back. After a clean shutdown the attempt does not count; after an
         engine failure (`error`) it does, and the tasks become suspects (each is then run alone), so a
         request that kills engines runs out of attempts without taking its neighbours along."""
-        return set(self._fenced(RELEASE_SQL, held, error=None if error is None else storable_error(error)))
+        released = set(self._fenced(RELEASE_SQL, held, error=None if error is None else storable_error(error)))
+        if released:  # some may be pending again, for another worker
+            announce(self.session, TASKS_QUEUED, ANY)
+        return released
 
     def record_failure(self, key: str, token: int, error: str, final: bool = False) -> str | None:
         """Record a failed attempt; return the task's new state, or None if the lease was lost."""
         params = {"key": key, "token": token, "error": storable_error(error), "final": final}
-        return self.session.execute(RECORD_FAILURE_SQL, params).scalar_one_or_none()
+        state = self.session.execute(RECORD_FAILURE_SQL, params).scalar_one_or_none()
+        if state == TaskState.PENDING:  # to be retried, by any worker
+            announce(self.session, TASKS_QUEUED, ANY)
+        return state
 
     def expire_exhausted(self) -> list[str]:
         return list(self.session.execute(EXPIRE_EXHAUSTED_SQL).scalars())
@@ -441,4 +451,6 @@ class TaskRepository:
         rerun = [TaskState.FAILED, TaskState.DONE] if recompute_done else [TaskState.FAILED]
         states = self.session.execute(ENQUEUE_SQL, {"teacher": tasks[0].teacher, "rerun_states": rerun}).all()
         self.session.execute(CLEAR_STAGED_TASKS_SQL)
+        if any(state == TaskState.PENDING for _, state in states):
+            announce(self.session, TASKS_QUEUED, tasks[0].teacher)
         return [key for key, state in states if state == TaskState.DONE]

@@ -30,10 +30,19 @@ from service.jobs.repository import JobRepository
 from service.models import Job, Shard
 from service.results.repository import AssemblyRow, ResultRepository
 from service.settings import ServiceSettings
-from service.states import JobStatus
+from service.states import JOB_FINISHED, JobStatus
 from service.storage import ShardCheckFailed, Storage
-from teachercache.shard_format import JOB_SCHEMA, RESULT_FIELDS, error_row, open_shard, parquet_options, shard_metadata
-from teachercache.soft_labels import DEFAULT_ENCODING, Encoding, encode, stored_schema
+from teachercache.shard_format import (
+    JOB_SCHEMA,
+    RESULT_FIELDS,
+    SAMPLED_COLUMNS,
+    TAIL_FIELD,
+    error_row,
+    open_shard,
+    parquet_options,
+    shard_metadata,
+)
+from teachercache.soft_labels import DEFAULT_ENCODING, Encoding, encode, stored_schema, tail_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +60,6 @@ class AssemblyLimits:
                    settings.finalize_backoff_s)
 
 
-JOB_ENDED = ("succeeded", "failed", "cancelled")
 
 
 def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict[str, dict[str, str]], limits: AssemblyLimits,
@@ -84,7 +92,7 @@ def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict[str, 
 def ended(jobs: JobRepository, job: Job, on_end: Callable[[Job], None]) -> None:
     jobs.session.flush()
     jobs.session.refresh(job)  # finished_at as the database set it
-    if job.status in JOB_ENDED:
+    if job.status in JOB_FINISHED:
         on_end(job)
 
 
@@ -119,7 +127,12 @@ def job_encoding(job: Job) -> Encoding:
 
 
 def job_parameters(job: Job) -> dict[str, Any]:
-    return {"job_id": job.id, "mode": job.mode, "top_logprobs": job.top_logprobs, "sampling": job.sampling}
+    """The shard metadata's parameters: with the soft-label kind, and a sampled job's draws."""
+    soft_labels = job.soft_labels or {}
+    kind = soft_labels.get("kind", "topk")
+    draws = {name: soft_labels[name] for name in ("draws", "temperature", "seed") if name in soft_labels}
+    return {"job_id": job.id, "mode": job.mode, "top_logprobs": job.top_logprobs, "sampling": job.sampling,
+            "soft_label_kind": kind, **({"draws": draws} if draws else {})}
 
 
 def damaged_sources(results: ResultRepository, storage: Storage, job_id: str) -> list[str]:
@@ -153,9 +166,18 @@ def window_table(jobs: JobRepository, storage: Storage, window: list[AssemblyRow
     failed = [r for r in window if r.shard_path is None]
     if failed:
         pieces.append(error_pieces(jobs, failed))
-    table = pa.concat_tables([p.select(JOB_SCHEMA.names).cast(JOB_SCHEMA) for p in pieces])
+    table = pa.concat_tables([with_derived(p).select(JOB_SCHEMA.names).cast(JOB_SCHEMA) for p in pieces])
     order = pc.sort_indices(table, [("request_index", "ascending"), ("sample_index", "ascending")])
     return table.take(order)
+
+
+def with_derived(piece: pa.Table) -> pa.Table:
+    """The columns a job shard adds to the cache's rows: the tail mass from the float32 top-k,
+    and null sampled columns for rows of result shards written before those columns existed."""
+    for name in SAMPLED_COLUMNS:
+        if name not in piece.column_names:
+            piece = piece.append_column(name, pa.nulls(piece.num_rows, JOB_SCHEMA.field(name).type))
+    return piece.append_column(TAIL_FIELD.name, tail_logprobs(piece["top_logprobs"]))
 
 
 def computed_pieces(storage: Storage, rows: list[AssemblyRow]) -> list[pa.Table]:

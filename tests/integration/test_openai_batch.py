@@ -228,3 +228,17 @@ def test_output_files_are_written_once_by_the_finalizer_before_any_read(oai, api
         oai.batches.list()
     with rt.sessions() as db:
         assert db.scalar(sa.select(sa.func.count()).select_from(OpenAIFile)) == files
+
+
+def test_a_batch_chooses_sampled_soft_labels_in_its_metadata(oai, api):
+    file_id = upload(oai, [chat_line(i) for i in range(2)])
+    bad = api.post("/v1/batches", json={"input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h",
+                                        "metadata": {"teachercache_soft_labels": '{"kind": "sampled", "draws": 0}'}})
+    assert bad.status_code == 422, bad.text
+    assert "metadata.teachercache_soft_labels" in bad.text and "draws" in bad.text
+    assert oai.batches.list().data == []  # nothing kept
+    batch = oai.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h",
+                               metadata={"teachercache_soft_labels": '{"kind": "sampled", "draws": 20}'})
+    job = api.get(f"/v1/jobs/{batch.metadata['teachercache_job_id']}").json()
+    assert job["soft_labels"] == {"kind": "sampled", "draws": 20, "temperature": 1.0, "seed": 0,
+                                  "encoding": "float32"}

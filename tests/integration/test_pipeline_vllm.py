@@ -12,7 +12,8 @@ from tests.oracle import assert_row_matches
 pytestmark = pytest.mark.engine
 TEACHER = "smollm2-135m-instruct"
 CONTRACT_COLUMNS = ["custom_id", "request_index", "sample_index", "prompt_token_ids", "completion_token_ids",
-                    "completion_text", "token_logprobs", "top_token_ids", "top_logprobs", "finish_reason", "error", "cached"]
+                    "completion_text", "token_logprobs", "top_token_ids", "top_logprobs", "sample_token_ids",
+                    "sample_counts", "finish_reason", "error", "tail_logprob", "cached"]
 
 
 @pytest.fixture(scope="module")

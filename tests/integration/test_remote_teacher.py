@@ -211,3 +211,15 @@ def test_a_nul_in_chat_content_for_a_chat_endpoint_teacher_is_a_422_naming_it_an
         assert db.execute(sa.text("SELECT count(*) FROM jobs")).scalar_one() == 0
         assert db.execute(sa.text("SELECT count(*) FROM requests")).scalar_one() == 0
     assert stub.seen == []
+
+
+def test_a_remote_teacher_refuses_sampled_soft_labels_with_a_422_and_writes_nothing(api, rt, stub):
+    """An OpenAI-compatible endpoint returns at most its top-k: it cannot draw from its full distribution."""
+    body = {**batch(2), "soft_labels": {"kind": "sampled", "draws": 50}}
+    answer = api.post("/v1/jobs", json=body)
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert error["field"] == "soft_labels.kind" and "remote" in error["message"]
+    with rt.sessions() as db:
+        assert db.execute(sa.text("SELECT count(*) FROM jobs")).scalar_one() == 0
+    assert api.post("/v1/jobs", json={**batch(1), "soft_labels": {"kind": "topk"}}).status_code == 201

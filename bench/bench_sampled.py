@@ -1,0 +1,130 @@
+"""Sampled soft labels: generation throughput against the same top-20 job, and bytes per token.
+
+    PYTHONPATH=. python -m bench.bench_sampled [--prompts 32] [--max-tokens 64] [--rounds 2] [--draws 50]
+
+One real vLLM engine (the default teacher, CPU build unless a GPU is there), the same prompts
+and seeded sampling, two jobs per round in alternating order: top-20 only, and top-20 plus
+`--draws` sampled draws per position (the plugin in workers/vllm_draws.py). Throughput is
+completion tokens per second of wall time through the adapter (VllmEngine.add/step, which
+includes splitting the draws off); the ratio sampled / top-20 is per round, in the same run.
+The completions of the two must be identical (checked). Bytes per token: the sampled rows
+written as job-shard columns with the shard format's Parquet options (zstd, byte-stream
+split), each column chunk's compressed size from the footer divided by completion tokens.
+Prints a table and writes bench/results/sampled.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bench.common import report
+
+MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-instruct"
+TOPICS = "physics cooking history music gardening chess poetry databases sailing astronomy economics".split()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--draws", type=int, default=50)
+    parser.add_argument("--top-k", type=int, default=20)
+    return parser.parse_args(argv)
+
+
+def drain(engine, requests) -> tuple[dict, float]:
+    start = time.perf_counter()
+    for request in requests:
+        engine.add(request)
+    results = {}
+    while engine.has_unfinished():
+        for result in engine.step():
+            assert result.error is None, result.error
+            results[result.key] = result
+    return results, time.perf_counter() - start
+
+
+def shard_bytes(results: dict, top_k: int) -> dict[str, float]:
+    """Compressed bytes per completion token of each soft-label column, as a job shard stores them."""
+    from teachercache.shard_format import JOB_SCHEMA, parquet_options
+
+    samples = [s for r in results.values() for s in r.samples]
+    tokens = sum(len(s.completion_token_ids) for s in samples)
+    names = ["top_token_ids", "top_logprobs", "sample_token_ids", "sample_counts"]
+    schema = pa.schema([JOB_SCHEMA.field(n) for n in names])
+    table = pa.table({
+        "top_token_ids": [s.top_token_ids for s in samples], "top_logprobs": [s.top_logprobs for s in samples],
+        "sample_token_ids": [s.sample_token_ids for s in samples], "sample_counts": [s.sample_counts for s in samples],
+    }, schema=schema)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, **parquet_options(schema))
+    meta = pq.ParquetFile(io.BytesIO(buffer.getvalue())).metadata
+    sizes = {n: 0 for n in names}
+    for group in range(meta.num_row_groups):
+        for column in range(meta.num_columns):
+            chunk = meta.row_group(group).column(column)
+            sizes[chunk.path_in_schema.split(".")[0]] += chunk.total_compressed_size
+    unique = sum(len(ids) for s in samples for ids in s.sample_token_ids)
+    return {**{f"{n}_bytes_per_token": sizes[n] / tokens for n in names},
+            "sampled_bytes_per_token": (sizes["sample_token_ids"] + sizes["sample_counts"]) / tokens,
+            f"top{top_k}_bytes_per_token": (sizes["top_token_ids"] + sizes["top_logprobs"]) / tokens,
+            "unique_draws_per_position": unique / tokens, "completion_tokens": tokens}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from workers.engine import Draws, EngineRequest, SamplingSpec
+    from workers.vllm_adapter import VllmEngine
+
+    engine = VllmEngine.load(str(MODEL_DIR), max_model_len=1024, max_top_logprobs=args.top_k, dtype="float32")
+    if not engine.can_draw:
+        raise SystemExit("the vLLM plugin teachercache_draws is not registered: pip install -e . first")
+    tokenizer = engine.tokenizer
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}, "
+                                               f"part {i}."}], add_generation_prompt=True, tokenize=True)
+               for i in range(args.prompts)]
+    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    spec = SamplingSpec(max_tokens=args.max_tokens, temperature=1.0, seed=1, ignore_eos=True)
+
+    def job(tag: str, draws: Draws | None) -> list[EngineRequest]:
+        return [EngineRequest(key=f"{tag}-{i}", prompt_token_ids=p, sampling=spec, top_logprobs=args.top_k,
+                              draws=draws) for i, p in enumerate(prompts)]
+
+    drain(engine, job("warmup", Draws(draws=args.draws))[:4])
+    rows, ratios, last_sampled = [], [], {}
+    for round_ in range(args.rounds):
+        timings = {}
+        order = [("topk", None), ("sampled", Draws(draws=args.draws))]
+        for kind, draws in order if round_ % 2 == 0 else order[::-1]:
+            results, wall = drain(engine, job(f"{kind}-{round_}", draws))
+            tokens = sum(len(s.completion_token_ids) for r in results.values() for s in r.samples)
+            timings[kind] = (results, wall, tokens)
+            rows.append({"round": round_, "job": f"top-{args.top_k}" + (f" + {args.draws} draws" if draws else ""),
+                         "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall})
+        plain, sampled = timings["topk"][0], timings["sampled"][0]
+        for i in range(len(prompts)):
+            assert (plain[f"topk-{round_}-{i}"].samples[0].completion_token_ids
+                    == sampled[f"sampled-{round_}-{i}"].samples[0].completion_token_ids), "draws changed a completion"
+        ratio = (timings["sampled"][2] / timings["sampled"][1]) / (timings["topk"][2] / timings["topk"][1])
+        ratios.append(ratio)
+        last_sampled = sampled
+    engine.close()
+    sizes = shard_bytes(last_sampled, args.top_k)
+    report("Sampled soft labels vs top-k: throughput (same engine, same run)", rows, "sampled.json",
+           {"ratios_sampled_over_topk": ratios, "median_ratio": statistics.median(ratios), "bytes": sizes,
+            "draws": args.draws, "top_k": args.top_k, "prompts": args.prompts, "max_tokens": args.max_tokens})
+    print(f"throughput ratio sampled/top-{args.top_k} per round: {', '.join(f'{r:.3f}' for r in ratios)}")
+    print("bytes per completion token: " + ", ".join(f"{k} {v:.2f}" for k, v in sizes.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
