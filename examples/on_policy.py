@@ -30,7 +30,8 @@ import teachercache as tc
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_DIR = ROOT / "models" / "smollm2-135m-instruct"
-PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "The best way to learn is"]
+PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "The best way to learn is",
+           "My favourite food is", "In 1969, the first", "import numpy as", "Dear Sir or Madam,"]
 
 
 def build_student(teacher_dir: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> LlamaForCausalLM:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None, client: tc.Client | None = None) -> list
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if step % args.log_every == 0 or step == args.steps - 1:
                 print(f"step {step:4d}  reverse KL {loss.item():.4f}")
     finally:
