@@ -54,7 +54,8 @@ def scripted_rows(count: int, tokens: int = 64, k: int = 20, seed: int = 0) -> p
     columns = {"cache_key": pa.array([f"k{i}" for i in range(count)]), "sample_index": pa.array(np.zeros(count, np.int32)),
                "prompt_token_ids": prompt, "completion_token_ids": ids, "completion_text": pa.array(["x" * 64] * count),
                "token_logprobs": logprobs, "top_token_ids": top_ids, "top_logprobs": top_lp,
-               "finish_reason": pa.array(["length"] * count), "error": pa.nulls(count, pa.string())}
+               "finish_reason": pa.array(["length"] * count), "error": pa.nulls(count, pa.string()),
+               "token_ranks": pa.nulls(count, pa.list_(pa.int32()))}
     for name in SAMPLED_COLUMNS:  # top-k rows: no sampled soft labels
         columns[name] = pa.nulls(count, RESULT_SCHEMA.field(name).type)
     return pa.table(columns, schema=RESULT_SCHEMA)

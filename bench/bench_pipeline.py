@@ -60,10 +60,11 @@ def run_service(engine, token_prompts, args, rt) -> dict:
     """POST -> worker loop on the same engine -> shards assembled -> downloaded."""
     from bench.common import timed_service_job
 
+    profile = args.profile / "service.txt" if args.profile else None
     body = {"top_logprobs": args.top_logprobs, "cache": "bypass",
             "sampling": {"max_tokens": args.max_tokens, "temperature": 1.0, "seed": 0, "ignore_eos": args.ignore_eos},
             "requests": [{"custom_id": str(i), "prompt_token_ids": p} for i, p in enumerate(token_prompts)]}
-    return timed_service_job(rt, engine, body, args.flush_s, args.poll_s)
+    return timed_service_job(rt, engine, body, args.flush_s, args.poll_s, profile)
 
 
 def main() -> None:
@@ -74,25 +75,32 @@ def main() -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens per request")
     parser.add_argument("--flush-s", type=float, default=3.0, help="the worker's result-shard flush interval")
     parser.add_argument("--poll-s", type=float, default=0.2, help="how often the waiting client polls the job")
+    parser.add_argument("--rounds", type=int, default=1, help="before/service/after rounds on one engine; median ratio")
+    parser.add_argument("--profile", type=Path, help="a folder for py-spy's samples of each run (raw format)")
     args = parser.parse_args()
 
-    from bench.common import report_ratio, scratch_runtime
+    from bench.common import report_rounds, scratch_runtime, timed_baseline
     from service.settings import ServiceSettings
     from service.teachers.catalog import TeacherCatalog
     from workers.vllm_adapter import VllmEngine
 
     teacher = TeacherCatalog.from_settings(ServiceSettings()).get(None)
     engine = VllmEngine.load(str(teacher.folder), max_model_len=teacher.spec.max_model_len,
-                             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype)
+                             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype,
+                             keep_off_engine_cores=True)  # as a worker does (TEACHERCACHE_KEEP_OFF_ENGINE_CORES)
     token_prompts = prompts(teacher, args.requests)
     requests = engine_requests(token_prompts, args)
     run_baseline(engine, requests[:8])  # warm-up: the first batch after load is several times slower
-    before = run_baseline(engine, requests)
-    with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
-        service = run_service(engine, token_prompts, args, rt)
-    after = run_baseline(engine, requests)
-    report_ratio(f"generation throughput, {args.requests} requests x {args.max_tokens} tokens, top-{args.top_logprobs}",
-                 "LLM.generate", before, service, after, "pipeline.json", args)
+    label = "LLM.generate (vLLM frontend, main thread)"
+    rounds = []
+    for _ in range(args.rounds):
+        before = timed_baseline(lambda: run_baseline(engine, requests), label, args.profile and args.profile / "before.txt")
+        with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
+            service = run_service(engine, token_prompts, args, rt)
+        after = timed_baseline(lambda: run_baseline(engine, requests), label, args.profile and args.profile / "after.txt")
+        rounds.append((before, service, after))
+    report_rounds(f"generation throughput, {args.requests} requests x {args.max_tokens} tokens, top-{args.top_logprobs}",
+                  "LLM.generate", rounds, "pipeline.json", args)
     engine.close()
 
 

@@ -75,13 +75,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens per request")
     parser.add_argument("--flush-s", type=float, default=3.0)
     parser.add_argument("--poll-s", type=float, default=0.2)
+    parser.add_argument("--rounds", type=int, default=1, help="before/service/after rounds on one server; median ratio")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     from bench.bench_pipeline import prompts as chat_prompts
-    from bench.common import report_ratio, scratch_runtime
+    from bench.common import report_rounds, scratch_runtime, timed_baseline
     from bench.vllm_serve import vllm_serve
     from service.settings import PROJECT_ROOT, ServiceSettings
     from service.teachers.catalog import TeacherCatalog
@@ -91,12 +92,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, vllm_serve(PROJECT_ROOT / "models" / teacher.name,
                                                          Path(tmp) / "server.log", kv_cache_gb="4") as base_url:
         run_direct(base_url, prompts[:8], args)  # warm-up: the first batch after load is several times slower
-        before = run_direct(base_url, prompts, args)
-        with scratch_runtime(Path(tmp), teachers_file=teachers_file(Path(tmp), base_url, args.concurrency)) as rt:
-            service = run_service(rt, prompts, args)
-        after = run_direct(base_url, prompts, args)
-    report_ratio(f"remote teacher (vllm serve on loopback), {args.requests} x {args.max_tokens} tokens, "
-                 f"top-{args.top_logprobs}", "plain client", before, service, after, "remote.json", args)
+        label = "plain client (httpx threads)"
+        rounds = []
+        for _ in range(args.rounds):
+            before = timed_baseline(lambda: run_direct(base_url, prompts, args), label)
+            with scratch_runtime(Path(tmp), teachers_file=teachers_file(Path(tmp), base_url, args.concurrency)) as rt:
+                service = run_service(rt, prompts, args)
+            after = timed_baseline(lambda: run_direct(base_url, prompts, args), label)
+            rounds.append((before, service, after))
+    report_rounds(f"remote teacher (vllm serve on loopback), {args.requests} x {args.max_tokens} tokens, "
+                 f"top-{args.top_logprobs}", "plain client", rounds, "remote.json", args)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ FILL_SQL = [
 ]
 PLAN_STATEMENTS = {
     "claim (16 tasks)": ("service.queue.repository", "CLAIM_SQL",
-                         {"teacher": TEACHER, "owner": "plan", "limit": 16, "lease_s": 30.0}),
+                         {"teacher": TEACHER, "owner": "plan", "limit": 16, "lease_s": 30.0,
+                          "interactive_limit": 12, "batch_limit": 16}),
     "reconcile: expire exhausted leases": ("service.queue.repository", "EXPIRE_EXHAUSTED_SQL", {}),
     "resolve the requests of 16 finished tasks": ("service.results.repository", "RESOLVE_SQL", "keys"),
     "tenant pending (submission limit)": ("service.jobs.repository", "TENANT_PENDING_SQL", {"tenant": "bench"}),

@@ -59,24 +59,30 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--response-tokens", type=int, default=64)
     parser.add_argument("--top-logprobs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1, help="before/service/after rounds on one engine; median ratio")
     args = parser.parse_args()
 
-    from bench.common import report_ratio, scratch_runtime
+    from bench.common import report_rounds, scratch_runtime, timed_baseline
     from service.settings import ServiceSettings
     from service.teachers.catalog import TeacherCatalog
     from workers.vllm_adapter import VllmEngine
 
     teacher = TeacherCatalog.from_settings(ServiceSettings()).get(None)
     engine = VllmEngine.load(str(teacher.folder), max_model_len=teacher.spec.max_model_len,
-                             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype)
+                             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype,
+                             keep_off_engine_cores=True)  # as a worker does (TEACHERCACHE_KEEP_OFF_ENGINE_CORES)
     data = make_data(engine, teacher, args)
     run_baseline(engine, data[:8], args.top_logprobs)  # warm-up
-    before = run_baseline(engine, data, args.top_logprobs)
-    with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
-        service = run_service(engine, data, args.top_logprobs, rt)
-    after = run_baseline(engine, data, args.top_logprobs)
-    report_ratio(f"scoring throughput, {args.requests} x {args.response_tokens} response tokens, top-{args.top_logprobs}",
-                 "LLM.generate prompt_logprobs", before, service, after, "score.json", args)
+    label = "LLM.generate prompt_logprobs (vLLM frontend, main thread)"
+    rounds = []
+    for _ in range(args.rounds):
+        before = timed_baseline(lambda: run_baseline(engine, data, args.top_logprobs), label)
+        with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
+            service = run_service(engine, data, args.top_logprobs, rt)
+        after = timed_baseline(lambda: run_baseline(engine, data, args.top_logprobs), label)
+        rounds.append((before, service, after))
+    report_rounds(f"scoring throughput, {args.requests} x {args.response_tokens} response tokens, top-{args.top_logprobs}",
+                  "LLM.generate prompt_logprobs", rounds, "score.json", args)
     engine.close()
 
 

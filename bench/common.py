@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,18 +48,28 @@ def scratch_runtime(state_dir: Path, **settings):
 
 def report(title: str, rows: list[dict], filename: str, extra: dict | None = None) -> None:
     """Print a table and write the figures as JSON under bench/results/."""
+    print_table(title, rows)
+    write_results(filename, {"rows": rows, **(extra or {})})
+
+
+def print_table(title: str, rows: list[dict]) -> None:
     table = Table(title=title)
     for column in rows[0]:
         table.add_column(column)
     for row in rows:
         table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
     Console().print(table)
+
+
+def write_results(filename: str, figures: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / filename).write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2) + "\n")
+    (RESULTS / filename).write_text(json.dumps(figures, indent=2, default=str) + "\n")
 
 
-def timed_service_job(rt, engine, body: dict, flush_s: float = 3.0, poll_s: float = 0.2) -> dict:
-    """POST `body` -> a worker loop on `engine` -> shards assembled -> downloaded; tokens/s of it.
+def timed_service_job(rt, engine, body: dict, flush_s: float = 3.0, poll_s: float = 0.2,
+                      profile: Path | None = None) -> dict:
+    """POST `body` -> a worker loop on `engine` -> shards assembled -> downloaded; tokens/s of it,
+    and where the CPU went meanwhile (bench/cpu_profile.py; py-spy's samples in `profile`).
 
     The client polls every `poll_s` from this process, like a training job sharing the machine.
     """
@@ -69,6 +80,7 @@ def timed_service_job(rt, engine, body: dict, flush_s: float = 3.0, poll_s: floa
     import pyarrow.parquet as pq
     from fastapi.testclient import TestClient
 
+    from bench.cpu_profile import CpuAccount
     from service.http.app import create_app
     from workers.loop import WorkerLoop
     from workers.settings import WorkerSettings
@@ -78,26 +90,72 @@ def timed_service_job(rt, engine, body: dict, flush_s: float = 3.0, poll_s: floa
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     with TestClient(create_app(rt), headers=bench_auth(rt)) as api:
-        started = time.perf_counter()
-        job = api.post("/v1/jobs", json=body).json()
-        while (job := api.get(f"/v1/jobs/{job['id']}").json())["status"] != "succeeded":
-            time.sleep(poll_s)
-        tables = [pq.read_table(io.BytesIO(api.get(s["url"]).content)) for s in job["shards"]]
-        elapsed = time.perf_counter() - started
+        with CpuAccount(rt.database_url, profile) as cpu:
+            started = time.perf_counter()
+            job = api.post("/v1/jobs", json=body).json()
+            while (job := api.get(f"/v1/jobs/{job['id']}").json())["status"] != "succeeded":
+                time.sleep(poll_s)
+            tables = [pq.read_table(io.BytesIO(api.get(s["url"]).content)) for s in job["shards"]]
+            elapsed = time.perf_counter() - started
     worker.request_stop()
     thread.join(60)
     tokens = sum(len(x) for t in tables for x in t.column("completion_token_ids").to_pylist())
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "cpu": cpu.result()}
 
 
-def report_ratio(title: str, baseline: str, before: dict, service: dict, after: dict, filename: str,
-                 args: Any) -> float:
-    """The service's tokens/s over the mean of a baseline run before and after it: print, write, return."""
-    ratio = service["tokens_per_s"] / ((before["tokens_per_s"] + after["tokens_per_s"]) / 2)
-    rows = [{"run": f"{baseline} (before)", **before}, {"run": "service end-to-end", **service},
-            {"run": f"{baseline} (after)", **after}]
-    report(f"{title} — ratio {ratio:.3f}", rows, filename, {"ratio": ratio, "args": vars(args)})
-    return ratio
+def timed_baseline(run, label: str, profile: Path | None = None) -> dict:
+    """`run()` (a plain engine call returning tokens/seconds/tokens_per_s), with its CPU accounted."""
+    from bench.cpu_profile import CpuAccount
+
+    with CpuAccount(None, profile, main_thread_component=label) as cpu:
+        figures = run()
+    return {**figures, "cpu": cpu.result()}
+
+
+def ratio_of(before: dict, service: dict, after: dict) -> float:
+    return float(service["tokens_per_s"] / ((before["tokens_per_s"] + after["tokens_per_s"]) / 2))
+
+
+def report_rounds(title: str, baseline: str, rounds: list[tuple[dict, dict, dict]], filename: str,
+                  args: Any) -> float:
+    """Each round (a baseline, the service, the baseline again) as a table with where the CPU
+    went; then the median of the rounds' ratios. Writes every round to `filename`; returns the median."""
+    ratios, written = [], []
+    for number, (before, service, after) in enumerate(rounds, start=1):
+        ratio = ratio_of(before, service, after)
+        ratios.append(ratio)
+        runs = [{"run": f"{baseline} (before)", **before}, {"run": "service end-to-end", **service},
+                {"run": f"{baseline} (after)", **after}]
+        rows = [{k: v for k, v in r.items() if k != "cpu"} for r in runs]
+        cpu = {r["run"]: r["cpu"] for r in runs if "cpu" in r}
+        label = f" (round {number} of {len(rounds)})" if len(rounds) > 1 else ""
+        print_table(f"{title}{label} — ratio {ratio:.3f}", rows)
+        for run, account in cpu.items():
+            report_cpu(f"CPU during {run}: {account['cpu_s']} CPU s in {account['wall_s']} s", account)
+        written.append({"ratio": ratio, "rows": rows, "cpu": cpu})
+    median = statistics.median(ratios)
+    if len(rounds) > 1:
+        Console().print(f"{title}: median ratio {median:.3f} of {len(rounds)} rounds "
+                        f"({', '.join(f'{r:.3f}' for r in ratios)})")
+    write_results(filename, {"ratio": median, "ratios": ratios, "rounds": written, "args": vars(args)})
+    return median
+
+
+def report_cpu(title: str, account: dict) -> None:
+    """The CPU accounting of one run as a table (and its top statements, when listed)."""
+    table = Table(title=title)
+    for column in ("component", "cpu_s", "share"):
+        table.add_column(column)
+    for row in account["components"]:
+        table.add_row(row["component"], f"{row['cpu_s']:.2f}", f"{row['share']:.1%}")
+    Console().print(table)
+    if account.get("statements"):
+        statements = Table(title="Postgres statements (pg_stat_statements), by total time")
+        for column in ("calls", "ms", "query"):
+            statements.add_column(column)
+        for row in account["statements"]:
+            statements.add_row(str(row.get("calls", "")), str(row.get("ms", "")), row["query"])
+        Console().print(statements)
 
 
 def bench_key(rt) -> str:

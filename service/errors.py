@@ -149,3 +149,46 @@ class ShardDamaged(TeachercacheError):
 
     status_code = 500
     code = "shard_damaged"
+
+
+class OpenAIError(TeachercacheError):
+    """An error of the OpenAI/vLLM-compatible endpoints (service/online), in the shape vLLM's
+    server answers, so a trainer's client reads it as it reads vLLM's:
+    `{"error": {"message", "type", "param", "code"}}` with the status as `code`."""
+
+    status_code = 400
+    code = "BadRequestError"
+
+    def __init__(self, message: str, param: str | None = None, status: int | None = None,
+                 type_name: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.param = param
+        if status is not None:
+            self.status_code = status
+        if type_name is not None:
+            self.code = type_name
+        self.retry_headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return self.retry_headers
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.code, "param": self.param,
+                          "code": self.status_code}}
+
+    @classmethod
+    def of(cls, exc: TeachercacheError) -> OpenAIError:
+        """One of the service's own errors in vLLM's shape: what vLLM refuses with 400 (a
+        validation error or a limit: 422 here) is a 400; the rest keep their status."""
+        if isinstance(exc, OpenAIError):
+            return exc
+        field = exc.details.get("field")
+        param = str(field) if field is not None else None
+        if isinstance(exc, ValidationFailed | LimitExceeded):
+            return cls(exc.message, param)
+        names = {401: "AuthenticationError", 404: "NotFoundError", 413: "BadRequestError",
+                 429: "RateLimitError", 503: "ServiceUnavailableError"}
+        error = cls(exc.message, param, exc.status_code, names.get(exc.status_code, "InternalServerError"))
+        error.retry_headers = exc.headers
+        return error

@@ -129,6 +129,9 @@ class Task(Base):
         # claim's exact order (turn, key), so LIMIT stops the walk: no sort of the backlog.
         sa.Index("ix_tasks_claim", "teacher", "turn", "key",
                  postgresql_where=sa.text(f"state = '{TaskState.PENDING}' AND NOT suspect")),
+        # The interactive lane's walk (the synchronous endpoints' tasks), claimed ahead of batch work.
+        sa.Index("ix_tasks_claim_interactive", "teacher", "turn", "key",
+                 postgresql_where=sa.text(f"state = '{TaskState.PENDING}' AND NOT suspect AND interactive")),
         sa.Index("ix_tasks_lease_expiry", "lease_expires_at",
                  postgresql_where=sa.text(f"state = '{TaskState.LEASED}'")),
         # Retention's walk over idle tasks, oldest first (service/results/retention.py).
@@ -160,6 +163,8 @@ class Task(Base):
     errors: orm.Mapped[list[Any]] = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"))
     # In flight when an engine died: run alone next time, so one poison request fails by itself.
     suspect: orm.Mapped[bool] = orm.mapped_column(sa.Boolean, server_default=sa.false())
+    # Some request of the synchronous endpoints (service/online) waits on it: the interactive lane.
+    interactive: orm.Mapped[bool] = orm.mapped_column(sa.Boolean, server_default=sa.false())
     lease_owner: orm.Mapped[str | None] = orm.mapped_column(sa.String(200))
     lease_expires_at: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
     # Fencing token: grows with every grant, so a worker whose lease was re-granted cannot commit.

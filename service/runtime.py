@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 from service.db import make_engine, resolve_database_url, session_factory
+from service.notify import Listener
 from service.settings import ServiceSettings
 from service.storage import Storage, open_storage
 from service.teachers.catalog import TeacherCatalog
@@ -30,6 +31,11 @@ class Runtime:
     @cached_property
     def sessions(self) -> orm.sessionmaker[orm.Session]:
         return session_factory(self.engine)
+
+    @cached_property
+    def listener(self) -> Listener:
+        """This process's one LISTEN connection (started by its first subscriber)."""
+        return Listener(self.database_url)
 
     @cached_property
     def storage(self) -> Storage:

@@ -64,7 +64,15 @@ class ServiceSettings(BaseSettings):
     submissions_per_minute: float = 120.0
     submission_burst: int = 30
     shard_rows: int = 10_000
+    # Finalizers look for ready jobs when Postgres notifies that one is (service/notify.py), and
+    # otherwise every finalizer_idle_poll_s; every finalizer_poll_s while the listening connection
+    # is down. Periodic work costs nothing when nothing changed.
     finalizer_poll_s: float = 0.5
+    finalizer_idle_poll_s: float = Field(default=10.0, gt=0)
+    # The synchronous endpoints (service/online): how long a request waits for the teacher before
+    # a 504 (its jobs are then cancelled), and the first interval of its wait's polls.
+    online_timeout_s: float = 600.0
+    online_poll_s: float = 0.005
     # A job whose assembly fails is retried after finalize_backoff_s x 2^attempt (at most 5 min),
     # and ends `failed` with the reason after finalize_max_attempts.
     finalize_max_attempts: int = Field(default=5, ge=1)

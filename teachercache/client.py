@@ -25,13 +25,14 @@ from urllib.parse import quote
 
 import httpx
 
-from teachercache import _http
+from teachercache import _http, online_format
 from teachercache._download import ShardTarget, shard_file_names
 from teachercache._jsonl import aiter_submit_body, is_large, iter_submit_body, validate_jsonl
 from teachercache._progress import WaitProgress, wants_progress
 from teachercache._retry import RetryPolicy, async_retrying, retrying
 from teachercache._states import FINISHED, UNSUCCESSFUL
-from teachercache.errors import JobFailedError, TransportError, WaitTimeoutError, error_from_response
+from teachercache.errors import JobFailedError, NotFoundError, TransportError, WaitTimeoutError, error_from_response
+from teachercache.online_format import Scores
 
 Job = dict[str, Any]
 JobRef = str | Job
@@ -256,6 +257,32 @@ class Client:
         Shards already there with the right sha256 are not fetched again.
         """
         return [self._download_shard(target) for target in _targets(self.shards(job), out_dir)]
+
+    def score(
+        self,
+        sequences: Iterable[Iterable[int]],
+        *,
+        top_logprobs: int = 20,
+        model: str | None = None,
+        timeout: float | None = None,
+    ) -> Scores:
+        """The teacher's view of each token sequence, teacher-forced: at every position after the
+        first, the logprob of the token there and the top-k alternatives, as padded numpy arrays
+        (``.torch()`` for tensors). One synchronous ``POST /v1/completions`` (echo, max_tokens 0)
+        answered in Arrow IPC; sequences scored before come from the cache. ``model`` defaults to
+        the first the service lists (``GET /v1/models``)."""
+        batch = [[int(t) for t in sequence] for sequence in sequences]
+        body = {"model": model or self._first_model(), "prompt": batch, "max_tokens": 0, "temperature": 0,
+                "echo": True, "logprobs": top_logprobs}
+        response = self._request("POST", "/v1/completions", json=body, headers={"Accept": online_format.MEDIA_TYPE},
+                                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+        return online_format.read_scores(online_format.read_stream(response.content), [len(s) for s in batch])
+
+    def _first_model(self) -> str:
+        models = self._json("GET", "/v1/models")["data"]
+        if not models:
+            raise NotFoundError(404, "not_found", "the service lists no model (GET /v1/models)")
+        return str(models[0]["id"])
 
     # -- plumbing --------------------------------------------------------------------
 

@@ -242,6 +242,7 @@ def decode(data: pa.Table | pa.RecordBatch, encoding: Encoding, where: str | Non
     names = data.schema.names
     if encoding.name == "float32" or not any(n in names for n in STORED_COLUMNS[encoding.name]):
         return data
+    _check_stored_types(data.schema, encoding, where)
     try:
         if encoding.name == "float16":
             decoded = _decode_float16(data)
@@ -267,6 +268,15 @@ def decode(data: pa.Table | pa.RecordBatch, encoding: Encoding, where: str | Non
     if isinstance(data, pa.RecordBatch):
         return pa.RecordBatch.from_arrays([_array(a) for a in out_arrays], schema=schema)
     return pa.Table.from_arrays(out_arrays, schema=schema)
+
+
+def _check_stored_types(schema: pa.Schema, encoding: Encoding, where: str | None) -> None:
+    """A damaged file can read back with a stored column of another type (a flipped bit in its
+    Thrift footer turns a list into a struct): refuse it as damage, never decode it as numbers."""
+    for name, expected in STORED_TYPES[encoding.name].items():
+        if name in schema.names and schema.field(name).type != expected:
+            raise ShardFormatError(f"{encoding.name} soft-label column {name} is {schema.field(name).type}, "
+                                   f"not {expected} (a damaged or foreign file)", where)
 
 
 def _decode_float16(data: pa.Table | pa.RecordBatch) -> dict[str, pa.Array]:

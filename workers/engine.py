@@ -43,6 +43,7 @@ class Sample:
     top_token_ids: list[list[int]]
     top_logprobs: list[list[float]]
     finish_reason: str  # stop | length | scored
+    token_ranks: list[int] | None = None  # each token's rank in the whole vocabulary, where the engine knows it
     # With draws: per position the unique drawn ids (most drawn first) and their counts.
     sample_token_ids: list[list[int]] | None = None
     sample_counts: list[list[int]] | None = None

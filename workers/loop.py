@@ -15,6 +15,7 @@ own short transaction.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import socket
@@ -29,13 +30,14 @@ import sqlalchemy as sa
 
 from service.db import db_retry, is_transient, transaction
 from service.jobs.finalizer import Finalizer
+from service.notify import TASKS_QUEUED
 from service.queue.repository import ClaimedTask, TaskRepository
 from service.queue.workers import WorkerRepository
 from service.results.index import index_result_shard, record_failure, release_tasks
 from service.runtime import Runtime
 from teachercache.shard_format import parquet_options, shard_metadata
 from workers.engine import Engine, EngineResult
-from workers.results import engine_request, result_table
+from workers.results import engine_request, result_table, warm_up
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,15 @@ class Holdings:
     def __len__(self) -> int:
         with self.lock:
             return len(self.tasks)
+
+    def batch_count(self) -> int:
+        """Held tasks of batch work (the room kept for interactive work is what they may not fill)."""
+        with self.lock:
+            return sum(not t.interactive for t in self.tasks.values())
+
+    def any_interactive(self, keys: Iterable[str]) -> bool:
+        with self.lock:
+            return any(key in self.tasks and self.tasks[key].interactive for key in keys)
 
     def token_count(self) -> int:
         with self.lock:
@@ -138,6 +149,7 @@ class WorkerLoop:
         self.lost: queue.Queue[str] = queue.Queue()
         self.finished: queue.Queue[EngineResult] = queue.Queue()
         self.stopping = stopping or threading.Event()  # stop claiming (SIGTERM, or the engine died)
+        self._queued = threading.Event()  # tasks may have been queued for this teacher: claim now
         self.done = threading.Event()  # the engine thread has ended; writer drains and exits
         self.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
         self.engine_error: str | None = None
@@ -149,6 +161,7 @@ class WorkerLoop:
     def run(self) -> int:
         """Run until stopped; return the process exit code (non-zero when the engine died)."""
         self._register()
+        self.rt.listener.subscribe(TASKS_QUEUED, self._queued, self.teacher)
         threads = [threading.Thread(target=f, name=f.__name__, daemon=True)
                    for f in (self._claimer, self._writer, self._heartbeat)]
         for thread in threads:
@@ -159,6 +172,7 @@ class WorkerLoop:
         for thread in threads:
             thread.join(timeout=self.settings.drain_s + 30)
         self._release_all(self.engine_error)
+        self.rt.listener.unsubscribe(self._queued)
         self.finalizer.stop()
         self._unregister()
         return code
@@ -166,6 +180,7 @@ class WorkerLoop:
     def request_stop(self, *_: object) -> None:
         log.info("worker %s: stop requested, draining", self.worker_id)
         self.stopping.set()
+        self._queued.set()  # the claimer stops waiting for work
 
     # -- the engine thread -----------------------------------------------------------------
     def _engine_loop(self) -> int:
@@ -232,11 +247,25 @@ class WorkerLoop:
                 continue
             suspect_turn = True
             room = self._room()
-            claimed = self._claim(room) if room and (len(self.held) <= low_water or room >= low_water) else []
+            # Claims are batched (at the low-water mark) while the worker is busy, except for the
+            # interactive lane: a trainer's request is claimed at once, into the places kept for it.
+            batched = len(self.held) <= low_water or room >= low_water
+            limit = self._interactive_room(room)
+            if limit:
+                self._queued.clear()  # before the claim: tasks queued during it wake the next one
+            claimed = self._claim(limit, batch_limit=room if batched else 0) if limit else []
             for task in claimed:
                 self.incoming.put(task)
             if not claimed:
-                time.sleep(self.settings.claim_poll_s)
+                self._wait_for_tasks(idle=bool(limit) and batched)
+
+    def _wait_for_tasks(self, idle: bool) -> None:
+        """Nothing claimed. `idle`: the queue had nothing this worker could take, so wait until
+        Postgres says tasks were queued (an interactive one wakes it at once), at most
+        claim_idle_poll_s; otherwise (waiting for room, or the listening connection is down)
+        at most claim_poll_s."""
+        listening = self.rt.listener.connected
+        self._queued.wait(self.settings.claim_idle_poll_s if idle and listening else self.settings.claim_poll_s)
 
     def _check_storage(self) -> None:
         """While paused, try a small write when the backoff says so; success resumes claiming."""
@@ -266,6 +295,12 @@ class WorkerLoop:
             room = min(room, (self.settings.max_inflight_tokens - tokens) * held // tokens)
         return max(room, 0) if held else max(room, 1)
 
+    def _interactive_room(self, room: int) -> int:
+        """Room for interactive work: `room` plus `interactive_reserve` places on top of
+        `max_inflight` that batch work never takes, so a worker full of a batch job still takes a
+        trainer's batch at once (the engine runs it beside the batch work)."""
+        return max(room, self.settings.max_inflight + self.settings.interactive_reserve - len(self.held))
+
     def _run_one_suspect(self) -> bool:
         """A task that was in a dying engine runs alone: nothing else is claimed until it ends."""
         claimed = self._claim(1, suspect=True)
@@ -283,11 +318,15 @@ class WorkerLoop:
             log.exception("worker %s: could not look for suspect tasks", self.worker_id)
             return False
 
-    def _claim(self, limit: int, suspect: bool = False) -> list[ClaimedTask]:
+    def _claim(self, limit: int, suspect: bool = False, batch_limit: int | None = None) -> list[ClaimedTask]:
+        # Interactive tasks take at most their share of a claim, so batch work still progresses.
+        interactive_limit = max(1, math.ceil(limit * (1 - self.settings.batch_share))) if limit > 1 else limit
+
         @self._db
         def claim() -> list[ClaimedTask]:
             with transaction(self.rt.sessions) as db:
-                claimed = TaskRepository(db).claim(self.teacher, self.worker_id, limit, self.settings.lease_s, suspect)
+                claimed = TaskRepository(db).claim(self.teacher, self.worker_id, limit, self.settings.lease_s, suspect,
+                                                   interactive_limit=interactive_limit, batch_limit=batch_limit)
             self.held.add(claimed)
             return claimed
 
@@ -338,8 +377,9 @@ class WorkerLoop:
     def _should_flush(self, buffer: list[EngineResult], first_at: float) -> bool:
         rows = sum(max(1, len(r.samples)) for r in buffer)
         idle = self.finished.empty() and not self.engine.has_unfinished()
+        # A synchronous request waits on an interactive task: its shard is written at once.
         return rows >= self.settings.result_shard_rows or time.monotonic() - first_at >= self.settings.flush_s \
-            or idle or self.done.is_set()
+            or idle or self.done.is_set() or self.held.any_interactive(r.key for r in buffer)
 
     def _flush(self, results: list[EngineResult]) -> None:
         failures = [r for r in results if r.error is not None]
@@ -431,6 +471,7 @@ class WorkerLoop:
             with transaction(self.rt.sessions) as db:
                 WorkerRepository(db).register(self.worker_id, self.teacher)
         register()
+        warm_up()
         swept = self.rt.storage.sweep_temporary_files()
         log.info("worker %s serving %s (swept %d temporary files)", self.worker_id, self.teacher, swept)
 

@@ -50,7 +50,8 @@ def load_vllm_engine(settings: WorkerSettings, teacher: Teacher) -> Engine:
             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype,
             kv_cache_gb=settings.kv_cache_gb, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
-            tensor_parallel_size=teacher.spec.tensor_parallel_size,
+            keep_off_engine_cores=settings.keep_off_engine_cores,
+            **teacher.spec.parallelism(),
         )
     except EngineStartFailed:
         raise

@@ -9,7 +9,7 @@ import pyarrow as pa
 from service.queue.repository import ClaimedTask
 from service.sampling import split_draws
 from teachercache.shard_format import RESULT_SCHEMA
-from workers.engine import EngineRequest, EngineResult, SamplingSpec
+from workers.engine import EngineRequest, EngineResult, Sample, SamplingSpec
 
 
 def engine_request(task: ClaimedTask) -> EngineRequest:
@@ -28,7 +28,7 @@ def result_rows(result: EngineResult, prompt: list[int]) -> list[dict[str, Any]]
          "completion_token_ids": s.completion_token_ids, "completion_text": s.completion_text,
          "token_logprobs": s.token_logprobs, "top_token_ids": s.top_token_ids, "top_logprobs": s.top_logprobs,
          "sample_token_ids": s.sample_token_ids, "sample_counts": s.sample_counts,
-         "finish_reason": s.finish_reason, "error": None}
+         "finish_reason": s.finish_reason, "error": None, "token_ranks": s.token_ranks}
         for i, s in enumerate(result.samples)
     ]
 
@@ -46,3 +46,12 @@ def result_table(results: list[EngineResult], prompts: dict[str, list[int]]) -> 
         })
         rows.extend(result_rows(result, prompt))
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), index
+
+
+def warm_up() -> None:
+    """Build a one-row result table once, at start-up: pyarrow's first conversion of Python
+    lists imports pandas (~0.3-0.45 s of CPU), which would otherwise land in the first shard's
+    write, on the engine's CPU."""
+    sample = Sample(completion_token_ids=[0], completion_text="", token_logprobs=[0.0], top_token_ids=[[0]],
+                    top_logprobs=[[0.0]], finish_reason="length")
+    result_table([EngineResult(key="warm-up", samples=[sample])], {"warm-up": [0]})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from service.settings import ServiceSettings
 
 
@@ -13,7 +15,18 @@ class WorkerSettings(ServiceSettings):
     # Leases: renewed every lease_s * renew_fraction while the worker holds the task.
     lease_s: float = 60.0
     renew_fraction: float = 0.33
+    # A claim that found nothing waits for Postgres to notify that tasks were queued (service/
+    # notify.py), at most claim_idle_poll_s (expired leases of dead workers are taken back then);
+    # claim_poll_s is the wait while full, and while the listening connection is down.
     claim_poll_s: float = 0.2
+    claim_idle_poll_s: float = 2.0
+    # The interactive lane (the synchronous OpenAI/vLLM endpoints): an idle claimer is woken by
+    # the notification of a trainer's tasks like any others; these are the places beyond
+    # max_inflight only interactive tasks take (a trainer's batch: 64 sequences), and the share
+    # of each claim kept for batch work however many interactive tasks wait (so batch jobs
+    # progress).
+    interactive_reserve: int = 64
+    batch_share: float = Field(default=0.25, ge=0.0, le=1.0)
     # Tasks held at once (claimed, in the engine, or waiting to be indexed): keeps the engine fed.
     max_inflight: int = 256
     # ...and at most this many prompt + response tokens: score requests ask for logprobs over
@@ -33,6 +46,8 @@ class WorkerSettings(ServiceSettings):
     kv_cache_gb: float | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    # CPU build: move this process's own threads off the cores vLLM binds its model to (workers/cpus.py).
+    keep_off_engine_cores: bool = True
     # The engine registry's key (workers/main.py ENGINES): vllm | remote | scripted (a deterministic
     # stand-in for control-plane tests); unset, the teacher's source decides (remote, else vllm).
     engine: Literal["vllm", "remote", "scripted"] | None = None

@@ -30,7 +30,7 @@ from vllm.inputs import tokens_input
 from vllm.logprobs import FlatLogprobs
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-from workers import memory, vllm_draws
+from workers import cpus, memory, vllm_draws
 from workers.engine import EngineRequest, EngineResult, Sample, SamplingSpec
 
 _GIB = 1 << 30
@@ -53,6 +53,7 @@ class _Position:
 
     token_id: int
     logprob: float
+    rank: int | None  # in the whole vocabulary
     top_ids: list[int]
     top_logprobs: list[float]
 
@@ -88,9 +89,12 @@ class VllmEngine:
         kv_cache_gb: float | None = None,
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
+        keep_off_engine_cores: bool = False,
         **llm_kwargs: Any,
     ) -> VllmEngine:
-        """Build the vLLM engine; extra keyword arguments go to `vllm.LLM` unchanged."""
+        """Build the vLLM engine; extra keyword arguments go to `vllm.LLM` unchanged. With
+        `keep_off_engine_cores` (a worker's default) on the CPU build, this process's threads then
+        move off the cores vLLM computes on (workers/cpus.py)."""
         kv_cache_gb = _kv_cache_gb(kv_cache_gb)
         optional = {
             "max_model_len": max_model_len,
@@ -109,6 +113,10 @@ class VllmEngine:
             **_platform_defaults(),
             **llm_kwargs,
         )
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu() and keep_off_engine_cores:
+            cpus.keep_off_engine_cpus()
         return cls(llm, max_top_logprobs=max_top_logprobs)
 
     # -- what the worker and the teacher registry may want to know -----------------
@@ -253,6 +261,7 @@ class VllmEngine:
             top_token_ids=[p.top_ids for p in positions],
             top_logprobs=[p.top_logprobs for p in positions],
             finish_reason=reason,
+            token_ranks=_ranks(positions),
             sample_token_ids=None if drawn is None else drawn[0],
             sample_counts=None if drawn is None else drawn[1],
         )
@@ -262,6 +271,11 @@ class VllmEngine:
         self._stats["prompt_tokens"] += len(output.prompt_token_ids)
         if request.mode == "generate":
             self._stats["completion_tokens"] += sum(len(s.completion_token_ids) for s in samples)
+
+
+def _ranks(positions: list[_Position]) -> list[int] | None:
+    ranks = [p.rank for p in positions if p.rank is not None]
+    return ranks if len(ranks) == len(positions) else None
 
 
 class _EngineRequestFailed(Exception):
@@ -349,7 +363,7 @@ def _split_draws(
             raise _EngineRequestFailed(
                 f"position {i}: no draws from the engine (is the vLLM plugin {vllm_draws.PLUGIN_NAME!r} loaded?)"
             )
-        kept.append(_Position(p.token_id, p.logprob, p.top_ids[:k], p.top_logprobs[:k]))
+        kept.append(_Position(p.token_id, p.logprob, p.rank, p.top_ids[:k], p.top_logprobs[:k]))
         ids.append(list(extra_ids[:used]))
         counts.append(row)
     return kept, (ids, counts)
@@ -377,7 +391,7 @@ def _read_position(container: Any, pos: int, k: int) -> _Position:
     if end - start != k + 1:
         raise _EngineRequestFailed(f"expected {k + 1} logprobs at {pos}, got {end - start}")
     ids, lps = container.token_ids, container.logprobs
-    return _Position(ids[start], lps[start], ids[start + 1 : end], lps[start + 1 : end])
+    return _Position(ids[start], lps[start], container.ranks[start], ids[start + 1 : end], lps[start + 1 : end])
 
 
 def _check_tokens(positions: list[_Position], token_ids: list[int]) -> None:

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from service.http import errors, routes_cache, routes_jobs, routes_misc, routes_openai, routes_ui
+from service.http import errors, routes_cache, routes_jobs, routes_misc, routes_online, routes_openai, routes_ui
 from service.http.auth_first import AuthenticateFirst
 from service.http.body_limit import BodySizeLimit, body_limits
 from service.http.json_body import document_bodies
@@ -46,6 +46,8 @@ def create_app(rt: Runtime | None = None, run_finalizer: bool = True) -> FastAPI
     app.include_router(routes_misc.health_router, responses=errors.RESPONSES)
     app.include_router(routes_cache.router, responses=errors.RESPONSES)
     app.include_router(routes_openai.router, responses=errors.RESPONSES)
+    app.include_router(routes_online.router, responses=errors.RESPONSES)
+    app.include_router(routes_online.health_router)
     app.include_router(routes_ui.router)
     app.mount("/ui/static", StaticFiles(directory=UI_DIR / "static"), name="ui-static")
     return app

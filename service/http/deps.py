@@ -1,5 +1,8 @@
 """Request-scoped dependencies: the runtime, the caller, and a session whose transaction the
-handler owns."""
+handler owns.
+
+Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in its
+threadpool, a thread hop per dependency per request (each status poll paid several)."""
 
 from __future__ import annotations
 
@@ -23,9 +26,13 @@ from service.tenants.service import Caller
 bearer = HTTPBearer(auto_error=False, description="An API key (`teachercache keys create --tenant NAME`).")
 
 
-def runtime(request: Request) -> Runtime:
+def runtime_of(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     return rt
+
+
+async def runtime(request: Request) -> Runtime:
+    return runtime_of(request)
 
 
 def session(request: Request) -> Iterator[orm.Session]:
@@ -34,7 +41,7 @@ def session(request: Request) -> Iterator[orm.Session]:
     Used with `scope="function"` (below): the commit runs before the response is sent, so a
     client never holds a 200 for a write that did not commit (the default, request scope, runs
     the exit after the response has gone)."""
-    with runtime(request).sessions() as db, db.begin():
+    with runtime_of(request).sessions() as db, db.begin():
         yield db
 
 
@@ -52,8 +59,8 @@ def caller(request: Request,
     if credentials is None and request.method in ("GET", "HEAD"):
         # The status page's session cookie (HttpOnly, SameSite=Strict) lets its download links
         # work; only for reads, so no cross-site form can make a write with it.
-        return authenticate(runtime(request), request.cookies.get(COOKIE))
-    return authenticate(runtime(request), credentials.credentials if credentials else None)
+        return authenticate(runtime_of(request), request.cookies.get(COOKIE))
+    return authenticate(runtime_of(request), credentials.credentials if credentials else None)
 
 
 def limits_of(rt: Runtime, who: Caller) -> JobLimits:
@@ -61,8 +68,8 @@ def limits_of(rt: Runtime, who: Caller) -> JobLimits:
     return JobLimits.from_settings(rt.settings).for_tenant(who.limits)
 
 
-def job_limits(request: Request, who: Annotated[Caller, Depends(caller)]) -> JobLimits:
-    return limits_of(runtime(request), who)
+async def job_limits(request: Request, who: Annotated[Caller, Depends(caller)]) -> JobLimits:
+    return limits_of(runtime_of(request), who)
 
 
 def jobs_of(db: orm.Session, rt: Runtime, who: Caller) -> JobService:
@@ -71,20 +78,20 @@ def jobs_of(db: orm.Session, rt: Runtime, who: Caller) -> JobService:
     return JobService(db, who.tenant, limits_of(rt, who), prices=rt.teachers.prices)
 
 
-def job_service(request: Request, db: Db, who: Annotated[Caller, Depends(caller)]) -> JobService:
+async def job_service(request: Request, db: Db, who: Annotated[Caller, Depends(caller)]) -> JobService:
     """The caller's jobs, in the request's transaction."""
-    return jobs_of(db, runtime(request), who)
+    return jobs_of(db, runtime_of(request), who)
 
 
-def batch_service(request: Request, db: Db, who: Annotated[Caller, Depends(caller)]) -> OpenAIBatchService:
+async def batch_service(request: Request, db: Db, who: Annotated[Caller, Depends(caller)]) -> OpenAIBatchService:
     """The caller's OpenAI files and batches, in the request's transaction, with the caller's limits
     (a batch is submitted as a job)."""
-    rt = runtime(request)
+    rt = runtime_of(request)
     return OpenAIBatchService(db, who.tenant, rt.storage, rt.teachers, limits_of(rt, who))
 
 
 def shard_url_builder(request: Request) -> Callable[[str], str]:
-    base = public_base_url(runtime(request).settings, request)
+    base = public_base_url(runtime_of(request).settings, request)
     return lambda shard_id: f"{base}/v1/shards/{shard_id}"
 
 

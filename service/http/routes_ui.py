@@ -19,7 +19,7 @@ from sqlalchemy import orm
 
 from service.errors import Unauthenticated
 from service.http.auth_first import authenticate
-from service.http.deps import Db, runtime, shard_url_builder
+from service.http.deps import Db, runtime_of, shard_url_builder
 from service.http.params import JobCursor, JobId
 from service.http.ui_pages import COOKIE, templates
 from service.jobs.schemas import JobOut
@@ -42,7 +42,7 @@ def ui_caller(request: Request) -> Caller:
     key = request.cookies.get(COOKIE)
     if not key:
         raise Unauthenticated("log in with an API key")
-    return authenticate(runtime(request), key)
+    return authenticate(runtime_of(request), key)
 
 
 UiCaller = Annotated[Caller, Depends(ui_caller)]
@@ -60,7 +60,7 @@ def login_form(request: Request) -> Response:
 @router.post("/login")
 def login(request: Request, key: Annotated[str, Form(max_length=400)] = "") -> Response:
     try:
-        authenticate(runtime(request), key.strip() or None)
+        authenticate(runtime_of(request), key.strip() or None)
     except Unauthenticated as exc:
         return templates.TemplateResponse(request, "login.html", {"tenant": None, "message": exc.message},
                                           status_code=401)
@@ -78,7 +78,7 @@ def logout() -> Response:
 
 
 def jobs_context(request: Request, db: orm.Session, who: Caller, status: str | None, after: str | None) -> dict[str, Any]:
-    jobs = JobService(db, who.tenant, prices=runtime(request).teachers.prices)
+    jobs = JobService(db, who.tenant, prices=runtime_of(request).teachers.prices)
     found, has_more = jobs.page(JOBS_PER_PAGE, after, status)
     urls = shard_url_builder(request)
     described = [jobs.describe(job, urls) for job in found]
@@ -105,7 +105,7 @@ def jobs_table(request: Request, db: Db, who: UiCaller, status: StatusFilter = N
 
 
 def live_context(request: Request, db: orm.Session, who: Caller, job_id: str) -> dict[str, Any]:
-    jobs = JobService(db, who.tenant, prices=runtime(request).teachers.prices)
+    jobs = JobService(db, who.tenant, prices=runtime_of(request).teachers.prices)
     job = jobs.describe(jobs.get(job_id), shard_url_builder(request))  # NotFound for another tenant's
     return {"job": job, "pace": pace(job), "refresh": job.status in JOB_UNFINISHED,
             "chart": chart(StatusService(db).progress(job_id), job)}

@@ -1,7 +1,7 @@
 """A background loop, in the API and in every worker, that moves jobs to their end.
 
 It assembles the shards of jobs that are ready (any process may: the claim skips locked
-jobs), every `reconcile_s` it fails the tasks whose last lease expired (and the requests
+jobs) as soon as Postgres notifies that one is (service/notify.py), every `reconcile_s` it fails the tasks whose last lease expired (and the requests
 waiting on them), and every `retention_sweep_s` it runs the retention sweep
 (service/results/retention.py).
 
@@ -17,17 +17,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import orm
 
 from service.db import db_retry, transaction
 from service.jobs.repository import JobRepository
+from service.notify import JOBS_READY
 from service.openai_batch.service import finish_openai_batch
 from service.queue.repository import TaskRepository
 from service.results.assemble import AssemblyLimits, finalize_one
 from service.results.repository import ResultRepository
 from service.results.retention import sweep
 from service.runtime import Runtime
+from service.states import JobStatus
 from service.status.service import StatusService
 
 log = logging.getLogger(__name__)
@@ -53,61 +57,94 @@ def record_progress(rt: Runtime) -> None:
 
 def finalize_ready(rt: Runtime) -> int:
     """Assemble every ready job; return how many."""
-    done = 0
+    return finalize_round(rt).done
+
+
+@dataclass(frozen=True)
+class FinalizeRound:
+    done: int  # jobs claimed and assembled (or counted a failed attempt)
+    retry_at: datetime | None  # the earliest time a job whose assembly failed here may be tried again
+
+
+def finalize_round(rt: Runtime) -> FinalizeRound:
+    """Assemble every ready job, noting when a failed one is due again."""
+    done, retry_at = 0, None
     while True:
         with transaction(rt.sessions) as db:
             job = finalize_one(JobRepository(db), rt.storage, rt.teacher_metadata(),
                                AssemblyLimits.from_settings(rt.settings),
                                on_end=lambda ended: finish_openai_batch(db, rt.storage, rt.teachers, ended))
         if job is None:
-            return done
+            return FinalizeRound(done, retry_at)
         log.info("job %s finalized (%s)", job.id, job.status)  # or counted a failed attempt
+        if job.status == JobStatus.FINALIZING and job.finalize_not_before is not None:
+            retry_at = min(retry_at or job.finalize_not_before, job.finalize_not_before)
         done += 1
 
 
 class Finalizer:
-    def __init__(self, rt: Runtime, poll_s: float = 0.5, reconcile_s: float = 2.0) -> None:
+    """The loop. It looks for ready jobs when told one may be (Postgres's JOBS_READY notification,
+    or `wake()` from this process), when a failed assembly is due again, and otherwise every
+    `idle_poll_s` (every `poll_s` while the listening connection is down), so an idle service
+    runs one short query per `idle_poll_s`, not per `poll_s`."""
+
+    def __init__(self, rt: Runtime, poll_s: float = 0.5, reconcile_s: float = 2.0,
+                 idle_poll_s: float | None = None) -> None:
         self.rt = rt
         self.poll_s = poll_s
         self.reconcile_s = reconcile_s
-        self._wake = threading.Event()
+        self.idle_poll_s = rt.settings.finalizer_idle_poll_s if idle_poll_s is None else idle_poll_s
+        self._ready = threading.Event()  # a job may be ready: look now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="finalizer", daemon=True)
 
     def start(self) -> Finalizer:
+        self.rt.listener.subscribe(JOBS_READY, self._ready)
         self._thread.start()
         return self
 
     def wake(self) -> None:
-        self._wake.set()
+        self._ready.set()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._wake.set()
+        self._ready.set()
         self._thread.join(timeout)
+        self.rt.listener.unsubscribe(self._ready)
 
     def _run(self) -> None:
-        last_reconcile = last_sweep = last_progress = 0.0
+        settings = self.rt.settings
+        periodic: list[tuple[Callable[[Runtime], object], float]] = [
+            (reconcile, self.reconcile_s),  # expired leases
+            (record_progress, settings.progress_every_s),  # the status page's chart
+            (sweep, settings.retention_sweep_s),  # retention: expired jobs, the cache's budget (bounded)
+        ]
+        last_run = [0.0] * len(periodic)
+        next_look = 0.0
         while not self._stop.is_set():
-            if time.monotonic() - last_reconcile > self.reconcile_s:
-                self._safely(reconcile)
-                last_reconcile = time.monotonic()
-            if time.monotonic() - last_progress > self.rt.settings.progress_every_s:
-                self._safely(record_progress)
-                last_progress = time.monotonic()
-            if time.monotonic() - last_sweep > self.rt.settings.retention_sweep_s:
-                self._safely(sweep)  # retention: expired jobs, the cache's budget (bounded)
-                last_sweep = time.monotonic()
-            self._safely(finalize_ready)
-            self._wake.wait(self.poll_s)
-            self._wake.clear()
+            for i, (step, every_s) in enumerate(periodic):
+                if time.monotonic() - last_run[i] > every_s:
+                    self._safely(step)
+                    last_run[i] = time.monotonic()
+            if self._ready.is_set() or time.monotonic() >= next_look:
+                self._ready.clear()  # before the round: a notification during it makes another
+                next_look = time.monotonic() + self._next_look_in(self._safely(finalize_round))
+            due = min([next_look] + [last + every_s for last, (_, every_s) in zip(last_run, periodic)])
+            self._ready.wait(max(due - time.monotonic(), 0.0) + 0.001)
+
+    def _next_look_in(self, round_: object) -> float:
+        interval = self.idle_poll_s if self.rt.listener.connected else self.poll_s
+        if isinstance(round_, FinalizeRound) and round_.retry_at is not None:
+            interval = min(interval, max((round_.retry_at - datetime.now(UTC)).total_seconds(), 0.0))
+        return interval
 
     @db_retry(attempts=3)
-    def _attempt(self, step: Callable[[Runtime], object]) -> None:
-        step(self.rt)
+    def _attempt(self, step: Callable[[Runtime], object]) -> object:
+        return step(self.rt)
 
-    def _safely(self, step: Callable[[Runtime], object]) -> None:
+    def _safely(self, step: Callable[[Runtime], object]) -> object:
         try:
-            self._attempt(step)
+            return self._attempt(step)
         except Exception:  # keep the loop alive: the next round retries
             log.exception("finalizer step %s failed", step.__name__)
+            return None

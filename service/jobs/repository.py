@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from service.db import copy_cursor
 from service.models import Job, Request, Shard
-from service.states import JOB_ACTIVE, JOB_UNFINISHED, JobStatus, RequestState, sql_list
+from service.states import JOB_ACTIVE, JOB_UNFINISHED, JobStatus, RequestState, TaskState, sql_list
 
 BUCKETS = ("pending", "completed", "cached", "failed", "cancelled")
 
@@ -373,8 +373,10 @@ class JobRepository:
         bounded index-only counts."""
         jobs = {status: int(n) for status, n in self.session.execute(JOB_STATES_SQL)}
         ended = self.requests_by_state()
-        requests = {"pending": ended.pop("pending"), "done": ended["completed"] + ended["cached"],
-                    "failed": ended["failed"], "cancelled": ended["cancelled"]}
-        tasks = {"pending": bounded_count(self.session, PENDING_TASKS_SQL, "ix_tasks_claim"),
-                 "leased": int(self.session.scalar(LEASED_TASKS_SQL))}
+        requests: dict[str, int] = {
+            RequestState.PENDING: ended.pop("pending"), RequestState.DONE: ended["completed"] + ended["cached"],
+            RequestState.FAILED: ended["failed"], RequestState.CANCELLED: ended["cancelled"]}
+        tasks: dict[str, int] = {
+            TaskState.PENDING: bounded_count(self.session, PENDING_TASKS_SQL, "ix_tasks_claim"),
+            TaskState.LEASED: int(self.session.scalar(LEASED_TASKS_SQL))}
         return {"jobs": jobs, "requests": requests, "tasks": tasks}

@@ -116,18 +116,20 @@ class JobService:
         return job
 
     def submit(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None = None,
-               prepared: list[Prepared] | None = None, notes: dict[int, dict[str, Any]] | None = None) -> Job:
+               prepared: list[Prepared] | None = None, notes: dict[int, dict[str, Any]] | None = None,
+               interactive: bool = False) -> Job:
         """Validate and tokenize (unless `prepared` already is), spend one of the tenant's
         submissions (after validation, so an invalid body spends nothing; in this transaction, so
         a refused one spends nothing either), then write the whole job. Every submission, a
         native job or an OpenAI batch's, is rate-limited here and nowhere else. `notes` (by
         request index) join a request's recorded parameters (the OpenAI layer notes a line's own
-        `logprobs`)."""
+        `logprobs`). `interactive` puts its tasks in the interactive lane (the synchronous
+        endpoints, whose caller waits: service/online)."""
         if prepared is None:
             prepared = prepare_submission(body, teacher, self.limits)
         self._spend_submission()
         job = self._add_job(body, teacher, idempotency_key, len(prepared))
-        writer = JobWriter(self, job, body, teacher, notes)
+        writer = JobWriter(self, job, body, teacher, notes, interactive)
         writer.write(prepared)
         writer.finish()
         return job
@@ -298,8 +300,9 @@ class JobWriter:
     a request with its own sampling or top_logprobs is keyed on its own."""
 
     def __init__(self, service: JobService, job: Job, body: JobCreate, teacher: Teacher,
-                 notes: dict[int, dict[str, Any]] | None = None) -> None:
+                 notes: dict[int, dict[str, Any]] | None = None, interactive: bool = False) -> None:
         self.service, self.job, self.body, self.teacher = service, job, body, teacher
+        self.interactive = interactive
         self.notes = notes or {}
         self.defaults = (body.sampling, body.top_logprobs)
         self.draws = body.soft_labels.sampled()
@@ -383,7 +386,7 @@ class JobWriter:
                     key=key, teacher=self.teacher.name, mode=self.body.mode,
                     prompt_token_ids=request.prompt_token_ids, response_token_ids=request.response_token_ids,
                     sampling=self.sampling_of(request), top_logprobs=request.top_logprobs,
-                    max_attempts=MAX_ATTEMPTS, messages=request.messages,
+                    max_attempts=MAX_ATTEMPTS, messages=request.messages, interactive=self.interactive,
                 )
         return self.service.tasks.enqueue(list(tasks.values()), waiters, recompute_done=self.body.cache == "refresh")
 

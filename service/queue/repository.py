@@ -26,21 +26,11 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 from service.db import copy_cursor
+from service.notify import ANY, TASKS_QUEUED, announce
 from service.states import TaskState
 
-# Non-suspects: pending only (expired leases were requeued just before, by REQUEUE_LOST_SQL),
-# lowest turn first, through the partial index ix_tasks_claim (teacher, turn, key), in its order:
-# the walk stops at :limit, whatever the backlog. Suspects: the
-# pending or expired-leased ones, oldest first, through ix_tasks_suspect.
-CLAIM_TEMPLATE = """
-    WITH candidates AS (
-        SELECT t.key FROM tasks t
-        WHERE t.teacher = :teacher AND {claimable}
-          AND t.attempts < t.max_attempts AND t.waiters > 0
-        ORDER BY {order}
-        LIMIT :limit
-        FOR UPDATE OF t SKIP LOCKED
-    )
+# The claim's update of the candidates it picked: a lease with an owner, an expiry and a token.
+LEASE_TEMPLATE = """
     UPDATE tasks t
        SET state = 'leased',
            lease_owner = :owner,
@@ -50,12 +40,51 @@ CLAIM_TEMPLATE = """
       FROM candidates c
      WHERE t.key = c.key
     RETURNING t.key, t.lease_token, t.mode, t.prompt_token_ids, t.response_token_ids,
-              t.sampling, t.top_logprobs, t.attempts, t.max_attempts, t.messages
+              t.sampling, t.top_logprobs, t.attempts, t.max_attempts, t.messages, t.interactive
 """
-CLAIM_SQL = sa.text(CLAIM_TEMPLATE.format(claimable="t.state = 'pending' AND NOT t.suspect", order="t.turn, t.key"))
-CLAIM_SUSPECT_SQL = sa.text(CLAIM_TEMPLATE.format(
-    claimable="t.suspect AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now()))",
-    order="t.created_at, t.key"))
+CLAIMABLE = "t.teacher = :teacher AND t.attempts < t.max_attempts AND t.waiters > 0"
+
+# Non-suspects: pending only (expired leases were requeued just before, by REQUEUE_LOST_SQL),
+# lowest turn first. The interactive lane first (the synchronous endpoints' tasks, through the
+# partial index ix_tasks_claim_interactive), at most :interactive_limit of them, so a claim
+# always leaves batch work some of its room (the worker passes a share of its room: batch jobs
+# progress however many interactive requests arrive); then batch tasks through ix_tasks_claim
+# (teacher, turn, key), in its order, up to what is left of :limit and at most :batch_limit (the
+# worker keeps room for interactive work). Each walk stops at its limit, whatever the backlog.
+CLAIM_SQL = sa.text(
+    f"""
+    WITH interactive AS (
+        SELECT t.key FROM tasks t
+        WHERE {CLAIMABLE} AND t.state = 'pending' AND NOT t.suspect AND t.interactive
+        ORDER BY t.turn, t.key
+        LIMIT :interactive_limit
+        FOR UPDATE OF t SKIP LOCKED
+    ), batch AS (
+        SELECT t.key FROM tasks t
+        WHERE {CLAIMABLE} AND t.state = 'pending' AND NOT t.suspect AND NOT t.interactive
+        ORDER BY t.turn, t.key
+        LIMIT LEAST(:batch_limit, :limit - (SELECT count(*) FROM interactive))
+        FOR UPDATE OF t SKIP LOCKED
+    ), candidates AS (
+        SELECT key FROM interactive UNION ALL SELECT key FROM batch
+    )
+    {LEASE_TEMPLATE}
+    """
+)
+# Suspects: the pending or expired-leased ones, oldest first, through ix_tasks_suspect.
+CLAIM_SUSPECT_SQL = sa.text(
+    f"""
+    WITH candidates AS (
+        SELECT t.key FROM tasks t
+        WHERE {CLAIMABLE}
+          AND t.suspect AND (t.state = 'pending' OR (t.state = 'leased' AND t.lease_expires_at < now()))
+        ORDER BY t.created_at, t.key
+        LIMIT :limit
+        FOR UPDATE OF t SKIP LOCKED
+    )
+    {LEASE_TEMPLATE}
+    """
+)
 
 # What a task released by its worker becomes: pending while requests wait on it, else idle.
 RENEW_SQL = sa.text(
@@ -168,7 +197,7 @@ STAGE_TASKS_SQL = sa.text(
     CREATE TEMPORARY TABLE IF NOT EXISTS staged_tasks (
         key text, teacher text, mode text, prompt_token_ids integer[], response_token_ids integer[],
         sampling jsonb, top_logprobs integer, max_attempts integer, messages jsonb, waiters integer,
-        position integer) ON COMMIT DROP
+        position integer, interactive boolean) ON COMMIT DROP
     """
 )
 COPY_STAGED_TASKS_SQL = "COPY staged_tasks FROM STDIN"
@@ -179,13 +208,15 @@ ENQUEUE_SQL = sa.text(
          WHERE teacher = :teacher AND state = 'pending' AND NOT suspect
     )
     INSERT INTO tasks AS t (key, teacher, state, mode, prompt_token_ids, response_token_ids, sampling,
-                            top_logprobs, max_attempts, messages, waiters, turn)
+                            top_logprobs, max_attempts, messages, waiters, turn, interactive)
     SELECT s.key, s.teacher, 'pending', s.mode, s.prompt_token_ids, s.response_token_ids, s.sampling,
-           s.top_logprobs, s.max_attempts, s.messages, s.waiters, frontier.turn + s.position - 1
+           s.top_logprobs, s.max_attempts, s.messages, s.waiters, frontier.turn + s.position - 1, s.interactive
       FROM frontier, staged_tasks s
      ORDER BY s.key
     ON CONFLICT (key) DO UPDATE
        SET waiters = t.waiters + excluded.waiters,
+           -- An interactive request joining a queued batch task moves it to the interactive lane.
+           interactive = t.interactive OR excluded.interactive,
            state = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) OR t.state = 'idle' THEN 'pending'
                         ELSE t.state END,
            turn = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) OR t.state = 'idle' THEN excluded.turn
@@ -283,6 +314,7 @@ class ClaimedTask:
     attempts: int
     max_attempts: int
     messages: list[dict[str, Any]] | None = None  # only for a teacher behind a chat endpoint
+    interactive: bool = False  # the synchronous endpoints wait on it: flushed as soon as it ends
 
 
 @dataclass(frozen=True)
@@ -296,6 +328,7 @@ class NewTask:
     top_logprobs: int
     max_attempts: int
     messages: list[dict[str, Any]] | None = None
+    interactive: bool = False
 
 
 def task_rows(tasks: list[NewTask], waiters: dict[str, int]) -> Iterator[tuple[Any, ...]]:
@@ -310,7 +343,8 @@ def task_rows(tasks: list[NewTask], waiters: dict[str, int]) -> Iterator[tuple[A
                None if t.response_token_ids is None else array_literal(t.response_token_ids), sampling,
                t.top_logprobs, t.max_attempts,
                # Null for every teacher but a chat endpoint's, so other jobs pay nothing for it.
-               None if t.messages is None else json.dumps(t.messages), waiters[t.key], position)
+               None if t.messages is None else json.dumps(t.messages), waiters[t.key], position,
+               t.interactive)
 
 
 def array_literal(ids: list[int]) -> str:
@@ -327,10 +361,15 @@ class TaskRepository:
     def __init__(self, session: orm.Session) -> None:
         self.session = session
 
-    def claim(self, teacher: str, owner: str, limit: int, lease_s: float, suspect: bool = False) -> list[ClaimedTask]:
-        """Lease up to `limit` tasks; with `suspect`, only tasks that were in a dying engine."""
+    def claim(self, teacher: str, owner: str, limit: int, lease_s: float, suspect: bool = False,
+              interactive_limit: int | None = None, batch_limit: int | None = None) -> list[ClaimedTask]:
+        """Lease up to `limit` tasks, interactive ones first (at most `interactive_limit`, default
+        all of `limit`), then batch ones (at most `batch_limit`, default all that is left); with
+        `suspect`, only tasks that were in a dying engine."""
         self.requeue_lost(teacher)  # before the claim, so a lost lease is never re-claimed as counted work
-        params = {"teacher": teacher, "owner": owner, "limit": limit, "lease_s": lease_s}
+        params = {"teacher": teacher, "owner": owner, "limit": limit, "lease_s": lease_s,
+                  "interactive_limit": limit if interactive_limit is None else interactive_limit,
+                  "batch_limit": limit if batch_limit is None else batch_limit}
         rows = self.session.execute(CLAIM_SUSPECT_SQL if suspect else CLAIM_SQL, params).mappings().all()
         return [ClaimedTask(**row) for row in rows]
 
@@ -352,7 +391,10 @@ class TaskRepository:
         return QueueHead(tasks=int(row.tasks), oldest_age_s=float(row.oldest_age_s or 0.0), tokens=int(row.tokens))
 
     def requeue_lost(self, teacher: str, limit: int = 1000) -> list[str]:
-        return list(self.session.execute(REQUEUE_LOST_SQL, {"teacher": teacher, "limit": limit}).scalars())
+        requeued = list(self.session.execute(REQUEUE_LOST_SQL, {"teacher": teacher, "limit": limit}).scalars())
+        if requeued:
+            announce(self.session, TASKS_QUEUED, teacher)
+        return requeued
 
     def suspect_waiting(self, teacher: str) -> bool:
         return bool(self.session.execute(SUSPECT_WAITING_SQL, {"teacher": teacher}).scalar())
@@ -368,12 +410,18 @@ class TaskRepository:
         """Give leased tasks back. After a clean shutdown the attempt does not count; after an
         engine failure (`error`) it does, and the tasks become suspects (each is then run alone), so a
         request that kills engines runs out of attempts without taking its neighbours along."""
-        return set(self._fenced(RELEASE_SQL, held, error=None if error is None else storable_error(error)))
+        released = set(self._fenced(RELEASE_SQL, held, error=None if error is None else storable_error(error)))
+        if released:  # some may be pending again, for another worker
+            announce(self.session, TASKS_QUEUED, ANY)
+        return released
 
     def record_failure(self, key: str, token: int, error: str, final: bool = False) -> str | None:
         """Record a failed attempt; return the task's new state, or None if the lease was lost."""
         params = {"key": key, "token": token, "error": storable_error(error), "final": final}
-        return self.session.execute(RECORD_FAILURE_SQL, params).scalar_one_or_none()
+        state = self.session.execute(RECORD_FAILURE_SQL, params).scalar_one_or_none()
+        if state == TaskState.PENDING:  # to be retried, by any worker
+            announce(self.session, TASKS_QUEUED, ANY)
+        return state
 
     def expire_exhausted(self) -> list[str]:
         return list(self.session.execute(EXPIRE_EXHAUSTED_SQL).scalars())
@@ -403,4 +451,6 @@ class TaskRepository:
         rerun = [TaskState.FAILED, TaskState.DONE] if recompute_done else [TaskState.FAILED]
         states = self.session.execute(ENQUEUE_SQL, {"teacher": tasks[0].teacher, "rerun_states": rerun}).all()
         self.session.execute(CLEAR_STAGED_TASKS_SQL)
+        if any(state == TaskState.PENDING for _, state in states):
+            announce(self.session, TASKS_QUEUED, tasks[0].teacher)
         return [key for key, state in states if state == TaskState.DONE]

@@ -30,7 +30,7 @@ from service.jobs.repository import JobRepository
 from service.models import Job, Shard
 from service.results.repository import AssemblyRow, ResultRepository
 from service.settings import ServiceSettings
-from service.states import JobStatus
+from service.states import JOB_FINISHED, JobStatus
 from service.storage import ShardCheckFailed, Storage
 from teachercache.shard_format import (
     JOB_SCHEMA,
@@ -60,7 +60,6 @@ class AssemblyLimits:
                    settings.finalize_backoff_s)
 
 
-JOB_ENDED = ("succeeded", "failed", "cancelled")
 
 
 def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict[str, dict[str, str]], limits: AssemblyLimits,
@@ -93,7 +92,7 @@ def finalize_one(jobs: JobRepository, storage: Storage, teacher_meta: dict[str, 
 def ended(jobs: JobRepository, job: Job, on_end: Callable[[Job], None]) -> None:
     jobs.session.flush()
     jobs.session.refresh(job)  # finished_at as the database set it
-    if job.status in JOB_ENDED:
+    if job.status in JOB_FINISHED:
         on_end(job)
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from service.jobs.repository import any_key, bounded_count, with_counters
 from service.models import Request, Result, Shard, Task
+from service.notify import ANY, TASKS_QUEUED, announce
 from service.states import JOB_UNFINISHED, sql_list
 
 # The result shards a job's answered requests read from: verified before any row is copied.
@@ -283,6 +284,7 @@ class ResultRepository:
         self.session.execute(DROP_RESULT_SHARDS_SQL, {"shard_ids": shard_ids})
         if keys:
             self.session.execute(REQUEUE_TASKS_SQL, {"keys": keys})
+            announce(self.session, TASKS_QUEUED, ANY)
         return job_ids
 
     def over_budget(self, max_entries: int, limit: int) -> int:

@@ -17,6 +17,7 @@ from service.jobs.spend import NO_PRICES, Prices, cost_usd, teacher_tokens
 from service.queue.repository import TaskRepository
 from service.queue.workers import WorkerRepository
 from service.results.repository import ResultRepository
+from service.states import RequestState
 
 QUEUE_HEAD_CAP = 10_000  # tasks at the head of a teacher's queue a scrape reads, at most
 
@@ -61,7 +62,7 @@ class DatabaseCollector:
         ended = CounterMetricFamily("teachercache_requests_ended", "requests that ended, by outcome (of the jobs "
                                     "still kept)", labels=["outcome"])
         for outcome, n in self.jobs.requests_by_state().items():
-            if outcome != "pending":
+            if outcome != RequestState.PENDING:
                 ended.add_metric([outcome], n)
         yield ended
         yield GaugeMetricFamily("teachercache_finalizer_lag_seconds", "how long the job that has waited longest "

@@ -66,12 +66,21 @@ class TeacherSpec:
     dtype: str = "auto"
     revision: str | None = None
     tokenizer: str | None = None
-    # GPUs one engine spans (vLLM's tensor parallelism); a fleet reserves this many per replica.
+    # GPUs one engine spans: vLLM's tensor x pipeline parallelism; a fleet reserves that many per
+    # replica. A teacher larger than one node names vLLM's Ray executor
+    # (`distributed_executor_backend: ray`): its fleet replicas then reserve a placement group of
+    # that many GPU bundles, which Ray may spread over nodes, and vLLM places its workers in it.
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # vLLM's: None (its default), "mp" or "ray"
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"teacher {self.name!r}: tensor_parallel_size must be at least 1")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"teacher {self.name!r}: {name} must be at least 1")
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise ValueError(f"teacher {self.name!r}: distributed_executor_backend is "
+                             f"{self.distributed_executor_backend!r}; one of mp, ray (or unset)")
         if self.is_remote:
             self.remote  # noqa: B018 -- builds the RemoteSource, which validates the source's fields
             if not self.revision:
@@ -102,7 +111,20 @@ class TeacherSpec:
 
     def gpus_per_engine(self) -> int:
         """GPUs one engine of this teacher needs: none for a remote one."""
-        return 0 if self.is_remote else self.tensor_parallel_size
+        return 0 if self.is_remote else self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def engine_on_ray_workers(self) -> bool:
+        """vLLM runs this teacher's model on Ray workers (possibly on other nodes), not in-process."""
+        return not self.is_remote and self.distributed_executor_backend == "ray"
+
+    def parallelism(self) -> dict[str, Any]:
+        """vLLM's engine arguments for how one engine spans GPUs (and nodes)."""
+        out: dict[str, Any] = {"tensor_parallel_size": self.tensor_parallel_size,
+                               "pipeline_parallel_size": self.pipeline_parallel_size}
+        if self.distributed_executor_backend:
+            out["distributed_executor_backend"] = self.distributed_executor_backend
+        return out
 
     def prices(self) -> tuple[float | None, float | None]:
         """USD per million prompt and completion tokens, where the registry gives them."""

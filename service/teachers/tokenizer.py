@@ -94,6 +94,18 @@ class Teacher:
         with self._lock:
             return str(self._tokenizer.decode(ids))
 
+    @cached_property
+    def _pieces(self) -> dict[int, str]:
+        return {}
+
+    def decode_token(self, token_id: int) -> str:
+        """One token's text alone (vLLM's `decoded_token`), remembered: a scored batch names the
+        same few thousand ids over and over."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self.decode([token_id])
+        return piece
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -24,6 +24,11 @@ from workers.fleet.settings import FleetSettings  # noqa: E402
 
 TEACHER = "smollm2-135m-instruct"
 OTHER = "smollm2-copy"  # a second teacher on the same weights: its own queue, its own pool
+# A teacher declared as spanning nodes (vLLM's Ray executor, 2 x 2 GPUs); the scripted engine
+# stands in for vLLM, so what is tested is the fleet's placement of it, on the cluster's 4
+# declared GPUs (no device is touched).
+SPANNING = "smollm2-spanning"
+DECLARED_GPUS = 4
 INTERVAL_S = 0.5
 
 
@@ -43,7 +48,8 @@ def ray_processes() -> list:
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, namespace="teachercache-tests", log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=DECLARED_GPUS, include_dashboard=False, namespace="teachercache-tests",
+             log_to_driver=False)
     yield
     ray.shutdown()
     deadline = time.monotonic() + 30
@@ -58,8 +64,12 @@ def ray_cluster():
 @pytest.fixture
 def settings(tmp_path, database_url) -> ServiceSettings:
     teachers = tmp_path / "teachers.yaml"
-    teachers.write_text(f"teachers:\n  - name: {OTHER}\n    model: {PROJECT_ROOT / 'models' / TEACHER}\n"
-                        "    max_model_len: 2048\n    max_top_logprobs: 20\n    dtype: float32\n")
+    model = PROJECT_ROOT / "models" / TEACHER
+    teachers.write_text(f"teachers:\n  - name: {OTHER}\n    model: {model}\n"
+                        "    max_model_len: 2048\n    max_top_logprobs: 20\n    dtype: float32\n"
+                        f"  - name: {SPANNING}\n    model: {model}\n    max_model_len: 2048\n"
+                        "    tensor_parallel_size: 2\n    pipeline_parallel_size: 2\n"
+                        "    distributed_executor_backend: ray\n")
     return ServiceSettings(database_url=database_url, state_dir=tmp_path / "state", models_dir=PROJECT_ROOT / "models",
                            teachers_file=teachers, finalizer_poll_s=0.1)
 
@@ -245,3 +255,26 @@ def test_fleet_command_serves_a_job_and_drains_on_sigterm(api, rt, settings):
     assert fleet.returncode == 0, output
     assert "fleet: pools for smollm2-copy" in output
     assert not ray.util.list_named_actors(all_namespaces=True), "SIGTERM left replicas running"
+
+
+def engine_groups() -> list[dict]:
+    return [g for g in ray.util.placement_group_table().values() if g["name"].endswith("-engine")]
+
+
+def test_a_teacher_spanning_nodes_runs_in_a_placement_group_of_its_gpus_given_back_after(api, rt, start_fleet):
+    """vLLM's Ray executor places its workers in the placement group its caller runs in: the
+    replica holds none of the GPUs itself, the group holds tensor x pipeline one-GPU bundles
+    (PACKed on as few nodes as fit), and scaling down removes the group."""
+    fleet = start_fleet(teachers=(SPANNING,), gpus_per_replica=None, max_replicas=1)
+    job = api.post("/v1/jobs", json=batch(6, teacher=SPANNING, tag="s")).json()
+    fleet.wait_size(lambda n: n == 1, timeout=INTERVAL_S * 4, teacher=SPANNING)
+    [group] = [g for g in engine_groups() if g["state"] != "REMOVED"]
+    assert group["strategy"] == "PACK"
+    assert list(group["bundles"].values()) == [{"GPU": 1.0}] * DECLARED_GPUS
+    assert_every_request_once(api, wait_for(api, job["id"], timeout=180), 6)
+    fleet.wait_size(lambda n: n == 0, timeout=30, teacher=SPANNING)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("GPU", 0) < DECLARED_GPUS and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("GPU", 0) == DECLARED_GPUS, "the engine's GPUs were not given back"
+    assert all(g["state"] == "REMOVED" for g in engine_groups())

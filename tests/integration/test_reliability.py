@@ -77,7 +77,9 @@ def test_fifty_parallel_identical_posts_create_one_job(api, rt):
 
 def test_cancel_stops_handing_out_work_and_keeps_what_was_done(api, start_worker, rt):
     first = api.post("/v1/jobs", json=batch(2)).json()
-    start_worker(ScriptedEngine())
+    # Slow steps: the idle worker is told of the next job at once (service/notify.py) and claims
+    # it; the cancel must come while its requests still run, not after they finished.
+    start_worker(ScriptedEngine(step_delay_s=0.5))
     wait_for(api, first["id"])  # both prompts are in the cache now
     body = batch(6)
     job = api.post("/v1/jobs", json=body).json()

@@ -83,8 +83,11 @@ def test_the_claim_walks_an_index_of_pending_tasks_only(api, rt):
     with transaction(rt.sessions) as db:
         db.execute(sa.text("SET LOCAL enable_seqscan = off"))  # small tables: ask for the index path
         plan = "\n".join(db.execute(sa.text(f"EXPLAIN {CLAIM_SQL.text}"),
-                                    {"teacher": TEACHER, "owner": "x", "limit": 8, "lease_s": 1.0}).scalars())
-    assert "Seq Scan" not in plan and "ix_tasks_claim" in plan and "requests" not in plan, plan
+                                    {"teacher": TEACHER, "owner": "x", "limit": 8, "lease_s": 1.0,
+                                     "interactive_limit": 6, "batch_limit": 8}).scalars())
+    assert "Seq Scan" not in plan and "requests" not in plan, plan
+    # Both lanes walk their own partial index, in claim order (no sort of the backlog).
+    assert "ix_tasks_claim_interactive" in plan and "ix_tasks_claim " in plan and "Sort" not in plan, plan
 
 
 # -- 1: counters ---------------------------------------------------------------------------
@@ -264,9 +267,11 @@ def hot_statements():
     import service.results.repository as results
 
     keys = {"keys": ["k2-a", "k2-b"]}
-    claim_params = {"teacher": TEACHER, "owner": "x", "limit": 8, "lease_s": 1.0}
+    claim_params = {"teacher": TEACHER, "owner": "x", "limit": 8, "lease_s": 1.0, "interactive_limit": 6,
+                    "batch_limit": 8}
     return [
-        ("claim", queue.CLAIM_SQL, claim_params, "ix_tasks_claim"),
+        ("claim", queue.CLAIM_SQL, claim_params, "ix_tasks_claim "),
+        ("claim: the interactive lane", queue.CLAIM_SQL, claim_params, "ix_tasks_claim_interactive"),
         ("claim a suspect", queue.CLAIM_SUSPECT_SQL, claim_params, "ix_tasks_suspect"),
         ("requeue lost leases", queue.REQUEUE_LOST_SQL, {"teacher": TEACHER, "limit": 10}, "ix_tasks_lease_expiry"),
         # Either of its partial indexes (leased; suspects) is a bounded path: the planner picks.

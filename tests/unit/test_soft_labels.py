@@ -207,6 +207,24 @@ def test_a_flipped_byte_in_the_file_is_refused_or_harmless(table, data):
     assert got.select(soft).equals(expected.select(soft))
 
 
+@pytest.mark.parametrize("column", ["top_logprob_steps", "top_token_ids", "top_logprob_ref", "soft_label_checksum"])
+def test_a_stored_column_of_another_type_is_refused_as_damage(column):
+    """A flipped bit in the footer can turn a list column into a struct (hypothesis found one):
+    the decoder refuses it with its own error instead of failing inside numpy."""
+    rows = [{"custom_id": "q0", "request_index": 0, "sample_index": 0, "prompt_token_ids": [1],
+             "completion_token_ids": [5, 6], "completion_text": "ab", "token_logprobs": [-0.5, -1.25],
+             "top_token_ids": [[5, 9], [6, 2]], "top_logprobs": [[-0.5, -2.0], [-1.25, -1.5]],
+             "finish_reason": "length", "error": None, "cached": False}]
+    stored = pq.read_table(io.BytesIO(written(pa.Table.from_pylist(rows, schema=JOB_SCHEMA), "compact")))
+    index = stored.schema.get_field_index(column)
+    struct = pa.StructArray.from_arrays([pa.array([0] * stored.num_rows, pa.int64())], ["x"])
+    damaged = stored.set_column(index, pa.field(column, struct.type), pa.chunked_array([struct]))
+    buffer = io.BytesIO()
+    pq.write_table(damaged, buffer)
+    with pytest.raises(tc.ShardFormatError, match=f"column {column} is struct"):
+        read_back(buffer.getvalue())
+
+
 def test_an_unknown_encoding_is_refused_with_a_clear_error():
     table = pq.read_table(io.BytesIO(written(pa.Table.from_pylist([], schema=JOB_SCHEMA), "compact")))
     metadata = {**table.schema.metadata, SOFT_LABELS_KEY: b'{"encoding": "bitpack"}'}

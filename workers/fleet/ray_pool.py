@@ -1,7 +1,7 @@
 """Worker replicas as Ray actors, one pool per teacher, sized by a controller that reads Postgres.
 
 A replica is today's worker loop with its own engine, in an actor that reserves the teacher's
-GPUs. Nothing here coordinates work: replicas claim, renew and release leases in Postgres as
+GPUs (or, for a teacher on vLLM's Ray executor, a placement group of them that may span nodes). Nothing here coordinates work: replicas claim, renew and release leases in Postgres as
 any worker does, so a replica that dies (its process, its node) only loses leases, which expire
 and are claimed again. Ray restarts a dead replica up to `replica_max_restarts` times; one dead
 for good is replaced by the pool on its next reconcile.
@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from service.db import transaction
 from service.queue.repository import PendingWork, TaskRepository
@@ -86,6 +88,8 @@ class Replica:
     actor: ray.actor.ActorHandle[WorkerReplica]
     name: str
     ping: ray.ObjectRef[str] | None = None
+    # A teacher on vLLM's Ray executor: the GPU bundles its engine's workers run in (any nodes).
+    placement_group: PlacementGroup | None = None
 
 
 @dataclass
@@ -99,6 +103,9 @@ class ReplicaPool:
     num_cpus: float
     max_restarts: int
     runtime_env: dict[str, Any] | None = None
+    # The teacher runs on vLLM's Ray executor: the replica reserves no GPU itself but a placement
+    # group of `num_gpus` one-GPU bundles (vLLM's requirement), PACKed on as few nodes as fit.
+    engine_on_ray_workers: bool = False
     active: list[Replica] = field(default_factory=list)
     draining: dict[ray.ObjectRef[int | None], Replica] = field(default_factory=dict)
     replaced: int = 0  # replicas found dead for good (restart budget spent) and started anew
@@ -124,11 +131,26 @@ class ReplicaPool:
 
     def _start(self) -> None:
         name = f"{self.teacher}-{uuid.uuid4().hex[:8]}"
-        actor_class = ray.remote(WorkerReplica).options(
-            name=name, namespace=NAMESPACE, num_gpus=self.num_gpus, num_cpus=self.num_cpus,
-            max_restarts=self.max_restarts, runtime_env=self.runtime_env)
+        options: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "num_cpus": self.num_cpus,
+                                   "max_restarts": self.max_restarts, "runtime_env": self.runtime_env}
+        group = None
+        if self.engine_on_ray_workers and self.num_gpus:
+            # vLLM's Ray executor uses the placement group its caller runs in (child tasks captured),
+            # one bundle per GPU worker; the replica itself holds no GPU.
+            group = placement_group([{"GPU": 1.0}] * int(self.num_gpus), strategy="PACK", name=f"{name}-engine")
+            options.update(num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, placement_group_capture_child_tasks=True))
+        else:
+            options.update(num_gpus=self.num_gpus)
+        actor_class = ray.remote(WorkerReplica).options(**options)
         actor = cast("ray.actor.ActorHandle[WorkerReplica]", actor_class.remote(self.worker_settings))
-        self.active.append(Replica(actor=actor, name=name))
+        self.active.append(Replica(actor=actor, name=name, placement_group=group))
+
+    def _stopped(self, replica: Replica) -> None:
+        """The replica is gone for good: its engine's GPUs go back to the cluster."""
+        ray.kill(replica.actor, no_restart=True)
+        if replica.placement_group is not None:
+            remove_placement_group(replica.placement_group)
 
     def _drain(self, replica: Replica) -> None:
         log.info("fleet %s: draining replica %s", self.teacher, replica.name)
@@ -144,7 +166,7 @@ class ReplicaPool:
                 ray.get(ref)
             except RayActorError:
                 pass  # it died while draining: its leases expire, as any dead worker's do
-            ray.kill(replica.actor, no_restart=True)
+            self._stopped(replica)
             log.info("fleet %s: replica %s drained and stopped", self.teacher, replica.name)
 
     def _reap_dead(self) -> None:
@@ -170,7 +192,7 @@ class ReplicaPool:
             replica.ping = None
         for replica in dead:
             log.warning("fleet %s: replica %s is dead; starting another", self.teacher, replica.name)
-            ray.kill(replica.actor, no_restart=True)  # should Ray have restarted it after all: no orphan
+            self._stopped(replica)  # should Ray have restarted it after all: no orphan
             self.active.remove(replica)
             self.replaced += 1
 
@@ -184,7 +206,7 @@ class ReplicaPool:
             self._reap_drained()
             time.sleep(0.2)
         for replica in self.draining.values():
-            ray.kill(replica.actor, no_restart=True)
+            self._stopped(replica)
         self.draining.clear()
 
 
@@ -217,7 +239,7 @@ class Fleet:
             policy=self.settings.policy(),
             num_gpus=teacher.spec.gpus_per_engine() if gpus is None else gpus,
             num_cpus=self.settings.cpus_per_replica, max_restarts=self.settings.replica_max_restarts,
-            runtime_env=remote_key_env(teacher.spec))
+            runtime_env=remote_key_env(teacher.spec), engine_on_ray_workers=teacher.spec.engine_on_ray_workers)
 
     def pending(self, teacher: str) -> PendingWork | None:
         try:
