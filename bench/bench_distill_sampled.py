@@ -58,8 +58,8 @@ def teacher_rows(count: int, max_tokens: int) -> list[dict[str, Any]]:
     for i in range(count):
         text = ASKS[i % len(ASKS)].format(TOPICS[(i // len(ASKS)) % len(TOPICS)]) + f" ({i})"
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                               tokenize=True)
-        prompt = list(prompt["input_ids"]) if isinstance(prompt, dict) else list(prompt)
+                                               return_dict=True)["input_ids"]
+        prompt = list(prompt)
         requests.append(EngineRequest(key=str(i), prompt_token_ids=prompt, top_logprobs=50,
                                       sampling=SamplingSpec(max_tokens=max_tokens, temperature=1.0, seed=i),
                                       draws=Draws(draws=50, temperature=1.0, seed=i)))

@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the vLLM plugin teachercache_draws is not registered: pip install -e . first")
     tokenizer = engine.tokenizer
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}, "
-                                               f"part {i}."}], add_generation_prompt=True, tokenize=True)
+                                               f"part {i}."}], add_generation_prompt=True, return_dict=True)["input_ids"]
                for i in range(args.prompts)]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    prompts = [list(p) for p in prompts]
     spec = SamplingSpec(max_tokens=args.max_tokens, temperature=1.0, seed=1, ignore_eos=True)
 
     def job(tag: str, draws: Draws | None) -> list[EngineRequest]:
