@@ -46,7 +46,7 @@ def create_app(rt: Runtime | None = None, run_finalizer: bool = True) -> FastAPI
     app.include_router(routes_misc.health_router, responses=errors.RESPONSES)
     app.include_router(routes_cache.router, responses=errors.RESPONSES)
     app.include_router(routes_openai.router, responses=errors.RESPONSES)
-    app.include_router(routes_online.router, responses=errors.RESPONSES)
+    app.include_router(routes_online.router, responses=errors.ONLINE_RESPONSES)
     app.include_router(routes_online.health_router)
     app.include_router(routes_ui.router)
     app.mount("/ui/static", StaticFiles(directory=UI_DIR / "static"), name="ui-static")

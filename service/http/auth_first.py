@@ -19,7 +19,7 @@ from service.runtime import Runtime
 from service.tenants.service import Caller, TenantService
 
 # The status page's login form posts the key in its body (and logout only clears the cookie).
-OPEN_PATHS = ("/healthz", "/ui/login", "/ui/logout")
+OPEN_PATHS = ("/healthz", "/health", "/ui/login", "/ui/logout")  # /health: vLLM's, for trainers
 
 
 def has_body(headers: dict[bytes, bytes]) -> bool:

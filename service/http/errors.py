@@ -33,6 +33,26 @@ class ErrorBody(BaseModel):
 
 
 # Documented on every operation, so the OpenAPI schema says what the app does.
+class VllmErrorDetail(BaseModel):
+    """vLLM's server's error shape, which the synchronous endpoints (service/online) answer."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class VllmErrorBody(BaseModel):
+    error: VllmErrorDetail
+
+
+# The synchronous OpenAI/vLLM endpoints answer bad input in vLLM's shape; a missing key is the
+# service's own 401.
+ONLINE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": VllmErrorBody | ErrorBody, "description": "Refused, in vLLM's error shape (401: the service's)"},
+    "5XX": {"model": VllmErrorBody | ErrorBody, "description": "The server could not answer"},
+}
+
 RESPONSES: dict[int | str, dict[str, Any]] = {
     "4XX": {"model": ErrorBody, "description": "The request was refused; `error.field` names what was wrong"},
     "5XX": {"model": ErrorBody, "description": "The server could not answer (503: retry after Retry-After)"},

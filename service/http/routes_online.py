@@ -45,7 +45,8 @@ def models(rt: Rt) -> dict[str, Any]:
     return models_list(rt.teachers.available())
 
 
-@health_router.get("/health", tags=["health"])
+@health_router.get("/health", tags=["health"], response_class=Response,
+                   responses={200: {"description": "alive: an empty body, as vLLM's server answers", "content": {}}})
 async def health() -> Response:
     """vLLM's liveness probe: 200 with an empty body (/healthz also checks the database)."""
     return Response(status_code=200)

@@ -22,7 +22,7 @@ from tests.jobs import bearer, create_api_key, download_rows, wait_for
 from workers.scripted_engine import ScriptedEngine
 
 TEACHER = "smollm2-135m-instruct"
-OPEN_PATHS = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+OPEN_PATHS = {"/healthz", "/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
 def job_body(prefix: str, n: int = 3, **extra) -> dict:
