@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -21,6 +21,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("teachercache.dataset needs torch: pip install 'teachercache[loader]'") from exc
 
+from teachercache._read_ahead import read_ahead
 from teachercache.client import Client
 from teachercache.layouts import (
     LAYOUT_COLUMNS,
@@ -36,6 +37,7 @@ from teachercache.layouts import (
 from teachercache.stream import DEFAULT_BATCH_SIZE, ShardRef, read_shard, resolve_shards
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 
 class ShardDataset(IterableDataset[Any]):
@@ -69,6 +71,10 @@ class ShardDataset(IterableDataset[Any]):
     from the Arrow buffers (no Python object per row): use ``DataLoader(dataset,
     batch_size=None)``. Batches never hold failed rows, and every row is in exactly one batch;
     a reader's last batch may be smaller.
+
+    ``read_ahead``: how many record batches a reader decodes ahead, in a thread of its own,
+    while its tensors are laid out (Arrow and numpy release the GIL, so the two overlap on two
+    cores); 0 reads in the iterating thread. Memory: that many record batches more.
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class ShardDataset(IterableDataset[Any]):
         rows_per_batch: int = 32,
         tokens_per_batch: int = 8192,
         pad_id: int = 0,
+        read_ahead: int = 2,
     ) -> None:
         if (shards is None) == (job is None):
             raise TypeError("ShardDataset takes exactly one of shards= or job=")
@@ -107,6 +114,7 @@ class ShardDataset(IterableDataset[Any]):
         self.batch_size = batch_size
         self.layout, self.rows_per_batch, self.tokens_per_batch = layout, rows_per_batch, tokens_per_batch
         self.pad_id = pad_id
+        self.read_ahead = read_ahead
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -126,15 +134,20 @@ class ShardDataset(IterableDataset[Any]):
         if self.shuffle_buffer > 0:
             seed = random.Random(f"rows:{self.seed}:{self.epoch}:{slot}").getrandbits(64)
             tables = shuffled_rows(tables, self.shuffle_buffer, np.random.default_rng(seed))
+        # Reading, decoding and the numpy views run a little ahead, in a thread (they release the
+        # GIL), while this thread lays out the tensors (teachercache/_read_ahead.py).
         if self.layout == "padded":
-            runs = row_groups(map(Columns.of, tables), self.rows_per_batch)
+            runs = row_groups(self._ahead(map(Columns.of, tables)), self.rows_per_batch)
             yield from (padded_layout(run, self.pad_id) for run in runs)
         elif self.layout == "packed":
-            runs = token_groups(map(Columns.of, tables), self.tokens_per_batch)
+            runs = token_groups(self._ahead(map(Columns.of, tables)), self.tokens_per_batch)
             yield from (packed_layout(run, self.pad_id) for run in runs)
         else:
-            for table in tables:
+            for table in self._ahead(tables):
                 yield from table.to_pylist()
+
+    def _ahead(self, items: Iterator[T]) -> Iterator[T]:
+        return read_ahead(items, self.read_ahead) if self.read_ahead > 0 else items
 
     def _read_tables(self, shards: list[dict[str, Any]]) -> Iterator[pa.Table]:
         """The shards' record batches as tables, failed rows dropped if asked (a vectorised mask)."""
