@@ -6,15 +6,23 @@ the writer and the tests see these types alone, so a scripted engine can stand i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
 
 from service.sampling import Draws, Sampling
 
 # What reaches an engine is the one definition of the sampling parameters (already normalised
 # by the service); adapters map it field by field (vLLM's names are its names).
 SamplingSpec = Sampling
-__all__ = ["Draws", "Engine", "EngineRequest", "EngineResult", "Sample", "SamplingSpec"]
+__all__ = ["Draws", "Engine", "EngineRequest", "EngineResult", "PerPosition", "PerPositionTopK", "Sample", "SamplingSpec"]
+
+# A sample's numbers, one per position ([positions]) or k per position ([positions, k]).
+PerPosition = Sequence[float] | NDArray[np.generic]
+PerPositionTopK = Sequence[Sequence[float]] | NDArray[np.generic]
 
 
 @dataclass(frozen=True)
@@ -35,15 +43,20 @@ class EngineRequest:
 
 @dataclass
 class Sample:
-    """One sample (generate) or the scored response (score), position-aligned lists."""
+    """One sample (generate) or the scored response (score), position-aligned.
+
+    The per-position numbers are Python lists (engines that parse them, as from JSON), or numpy
+    arrays, [positions] and [positions, k] (the vLLM adapter's, converted once from vLLM's flat
+    lists): those go into the shard's Arrow buffers whole, without a Python object per number
+    (workers/results.py)."""
 
     completion_token_ids: list[int]
     completion_text: str
-    token_logprobs: list[float]
-    top_token_ids: list[list[int]]
-    top_logprobs: list[list[float]]
+    token_logprobs: PerPosition
+    top_token_ids: PerPositionTopK
+    top_logprobs: PerPositionTopK
     finish_reason: str  # stop | length | scored
-    token_ranks: list[int] | None = None  # each token's rank in the whole vocabulary, where the engine knows it
+    token_ranks: PerPosition | None = None  # each token's rank in the whole vocabulary, where the engine knows it
     # With draws: per position the unique drawn ids (most drawn first) and their counts.
     sample_token_ids: list[list[int]] | None = None
     sample_counts: list[list[int]] | None = None

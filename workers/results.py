@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from service.queue.repository import ClaimedTask
@@ -45,7 +46,43 @@ def result_table(results: list[EngineResult], prompts: dict[str, list[int]]) -> 
             "completion_tokens": sum(len(s.completion_token_ids) for s in result.samples),
         })
         rows.extend(result_rows(result, prompt))
-    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), index
+    arrays = [column_array([row[field.name] for row in rows], field.type) for field in RESULT_SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=RESULT_SCHEMA), index
+
+
+def column_array(values: list[Any], type_: pa.DataType) -> pa.Array:
+    """One column of a result shard from its rows' values. Where every row holds a numpy array
+    of the column's depth (the vLLM adapter's [positions] or [positions, k]), the arrays are
+    laid into Arrow's buffers whole: no Python object per number. Anything else (Python lists,
+    nulls, scalars) pyarrow converts. Either way a value the type cannot hold (a token id past
+    int32) raises, so the writer fails that result alone."""
+    depth = _list_depth(type_)
+    if values and depth and all(isinstance(v, np.ndarray) and v.ndim == depth for v in values):
+        return _list_array(values, type_)
+    return pa.array([v.tolist() if isinstance(v, np.ndarray) else v for v in values], type=type_)
+
+
+def _list_depth(type_: pa.DataType) -> int:
+    depth = 0
+    while pa.types.is_list(type_):
+        type_, depth = type_.value_type, depth + 1
+    return depth
+
+
+def _list_array(values: list[np.ndarray], type_: pa.DataType) -> pa.Array:
+    """list<T> from 1-D arrays, list<list<T>> from 2-D arrays (each row's inner lists all of its width)."""
+    outer = _offsets([v.shape[0] for v in values])
+    if _list_depth(type_) == 1:
+        return pa.ListArray.from_arrays(outer, pa.array(np.concatenate(values), type=type_.value_type))
+    inner = _offsets(np.concatenate([np.full(v.shape[0], v.shape[1] if v.shape[0] else 0) for v in values]))
+    flat = pa.array(np.concatenate([v.reshape(-1) for v in values]), type=type_.value_type.value_type)
+    return pa.ListArray.from_arrays(outer, pa.ListArray.from_arrays(inner, flat))
+
+
+def _offsets(lengths: Any) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.array(offsets)
 
 
 def warm_up() -> None:

@@ -14,7 +14,9 @@ Logprobs are requested in vLLM's flat layout (`flat_logprobs=True`): per positio
 first entry is the sampled (or, for prompt logprobs, the actual) token and the next
 `k` entries are the top-k in rank order. Reading that layout positionally is exact even
 when the sampled token ties with a top-k token, which a `{token: Logprob}` dict would
-collapse, and it creates no per-token Python objects.
+collapse. A sample's positions are read as one slice of the flat lists, converted once into
+numpy arrays ([positions], [positions, k]) that the writer lays into Arrow whole: no Python
+object per position or per number (`_read_columns`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import vllm
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import tokens_input
@@ -56,6 +59,17 @@ class _Position:
     rank: int | None  # in the whole vocabulary
     top_ids: list[int]
     top_logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """A sample's positions as arrays, read from vLLM's flat lists in one slice."""
+
+    token_ids: np.ndarray  # [positions]: the token that was there
+    logprobs: np.ndarray  # [positions] float32
+    ranks: np.ndarray | None  # [positions]: in the whole vocabulary (None where vLLM gives none)
+    top_ids: np.ndarray  # [positions, k] int32, best first
+    top_logprobs: np.ndarray  # [positions, k] float32
 
 
 class VllmEngine:
@@ -223,13 +237,16 @@ class VllmEngine:
         if completion.finish_reason not in ("stop", "length", "repetition"):
             raise _EngineRequestFailed(f"vLLM finished the request: {completion.finish_reason}")
         token_ids = list(completion.token_ids)
+        # "repetition" (vLLM's repetition detector) is a stop like any other.
+        reason = "length" if completion.finish_reason == "length" else "stop"
+        if request.draws is None:
+            columns = _read_columns(completion.logprobs, 0, len(token_ids), request.top_logprobs)
+            return self._columnar_sample(token_ids, _checked(columns, token_ids), reason)
         positions = [
             _read_position(completion.logprobs, i, _width(request))
             for i in range(len(token_ids))
         ]
         _check_tokens(positions, token_ids)
-        # "repetition" (vLLM's repetition detector) is a stop like any other.
-        reason = "length" if completion.finish_reason == "length" else "stop"
         return self._sample(token_ids, positions, reason, request)
 
     def _scored_sample(self, request: EngineRequest, output: Any) -> Sample:
@@ -240,12 +257,24 @@ class VllmEngine:
         # prompt_logprobs[j] is the distribution that predicted token j (entry 0 is
         # empty), so the response token at j = len(prompt) + i is read at row j.
         first = len(request.prompt_token_ids)
+        if request.draws is None:
+            columns = _read_columns(output.prompt_logprobs, first, len(response), request.top_logprobs)
+            return self._columnar_sample(response, _checked(columns, response), "scored")
         positions = [
             _read_position(output.prompt_logprobs, first + i, _width(request))
             for i in range(len(response))
         ]
         _check_tokens(positions, response)
         return self._sample(response, positions, "scored", request)
+
+    def _columnar_sample(self, token_ids: list[int], columns: _Columns, reason: str) -> Sample:
+        return Sample(
+            completion_token_ids=token_ids,
+            # Text is always the decoded tokens (stop strings included), so the two agree.
+            completion_text=self._tokenizer.decode(token_ids, skip_special_tokens=True),
+            token_logprobs=columns.logprobs, top_token_ids=columns.top_ids, top_logprobs=columns.top_logprobs,
+            finish_reason=reason, token_ranks=columns.ranks,
+        )
 
     def _sample(
         self, token_ids: list[int], positions: list[_Position], reason: str, request: EngineRequest
@@ -392,6 +421,45 @@ def _read_position(container: Any, pos: int, k: int) -> _Position:
         raise _EngineRequestFailed(f"expected {k + 1} logprobs at {pos}, got {end - start}")
     ids, lps = container.token_ids, container.logprobs
     return _Position(ids[start], lps[start], container.ranks[start], ids[start + 1 : end], lps[start + 1 : end])
+
+
+def _read_columns(container: Any, first: int, count: int, k: int) -> _Columns:
+    """Positions first .. first + count of a flat logprobs container, each the token and its
+    top-k, as arrays. The flat layout puts positions back to back, k + 1 entries each (both
+    checked), so the span is one slice of each list, reshaped to [count, k + 1]."""
+    if container is None:
+        raise _EngineRequestFailed("vLLM returned no logprobs")
+    if not isinstance(container, FlatLogprobs):
+        # Loud, not per request: this vLLM ignores flat_logprobs, so every request would fail.
+        raise TypeError(f"expected vLLM FlatLogprobs, got {type(container).__name__}")
+    starts = np.asarray(container.start_indices[first:first + count], dtype=np.int64)
+    ends = np.asarray(container.end_indices[first:first + count], dtype=np.int64)
+    if len(starts) != count:
+        raise _EngineRequestFailed(f"expected logprobs at {count} positions from {first}, got {len(starts)}")
+    wrong = np.flatnonzero(ends - starts != k + 1)
+    if wrong.size:
+        at = int(wrong[0])
+        raise _EngineRequestFailed(f"expected {k + 1} logprobs at {first + at}, got {int(ends[at] - starts[at])}")
+    if count > 1 and not np.array_equal(starts[1:], ends[:-1]):
+        raise _EngineRequestFailed(f"vLLM's logprobs from position {first} are not back to back")
+    span = slice(int(starts[0]), int(ends[-1])) if count else slice(0, 0)
+    ids = np.asarray(container.token_ids[span], dtype=np.int64).reshape(count, k + 1)
+    logprobs = np.asarray(container.logprobs[span], dtype=np.float32).reshape(count, k + 1)
+    ranks = np.asarray(container.ranks[span][::k + 1])  # the token's own, first of each position
+    return _Columns(
+        token_ids=ids[:, 0], logprobs=logprobs[:, 0],
+        ranks=None if ranks.dtype == object else ranks.astype(np.int32),  # object: vLLM gave some None
+        top_ids=ids[:, 1:].astype(np.int32), top_logprobs=logprobs[:, 1:],
+    )
+
+
+def _checked(columns: _Columns, token_ids: list[int]) -> _Columns:
+    # Guards the position bookkeeping: each row must be about the token we think it is.
+    wrong = np.flatnonzero(columns.token_ids != np.asarray(token_ids, dtype=np.int64))
+    if wrong.size:
+        at = int(wrong[0])
+        raise _EngineRequestFailed(f"logprob row {at} is for token {int(columns.token_ids[at])}, expected {token_ids[at]}")
+    return columns
 
 
 def _check_tokens(positions: list[_Position], token_ids: list[int]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("vllm")
@@ -160,6 +161,17 @@ def test_generate_logprobs_match_transformers(sampled, prompts, hf_model, hf_tok
             assert_sample_matches(hf_model, prompt, sample)
 
 
+def test_samples_come_as_arrays_not_a_python_object_per_number(sampled, prompts):
+    # vLLM's flat lists are read in one slice per sample into numpy (workers/vllm_adapter.py),
+    # which the writer lays into Arrow whole (workers/results.py).
+    sample = sampled["gen-0"].samples[0]
+    n = len(sample.completion_token_ids)
+    for name, dtype, shape in (("token_logprobs", np.float32, (n,)), ("top_token_ids", np.int32, (n, K)),
+                               ("top_logprobs", np.float32, (n, K)), ("token_ranks", np.int32, (n,))):
+        value = getattr(sample, name)
+        assert isinstance(value, np.ndarray) and value.dtype == dtype and value.shape == shape, name
+
+
 def test_n_samples_are_distinct_and_reproducible(vllm_engine, sampled, prompts):
     # Same request again (new key, same seed): the per-sample seeds make it repeat exactly.
     again = run(vllm_engine, [generate("gen-again", prompts[0], n=2, temperature=1.0, seed=7)])
@@ -218,14 +230,14 @@ def test_mixed_top_k_in_one_batch(vllm_engine, prompts):
     wide, narrow = results["k20"].samples[0], results["k3"].samples[0]
     assert narrow.completion_token_ids == wide.completion_token_ids
     assert all(len(ids) == 3 for ids in narrow.top_token_ids)
-    assert narrow.top_token_ids == [ids[:3] for ids in wide.top_token_ids]
+    np.testing.assert_array_equal(narrow.top_token_ids, np.asarray(wide.top_token_ids)[:, :3])
     for got, want in zip(narrow.top_logprobs, wide.top_logprobs):
         assert got == pytest.approx(want[:3], abs=1e-5)
 
 
 def test_top_logprobs_zero_gives_sampled_token_only(vllm_engine, prompts, hf_model):
     sample = run(vllm_engine, [generate("k0", prompts[0], k=0, temperature=0.0)])["k0"].samples[0]
-    assert sample.top_token_ids == [[] for _ in sample.completion_token_ids]
+    assert np.asarray(sample.top_token_ids).shape == (len(sample.completion_token_ids), 0)
     assert_sample_matches(hf_model, prompts[0], sample, k=0)
 
 
@@ -281,7 +293,7 @@ def test_score_alignment_first_token_conditions_on_whole_prompt(
     # Response token 0 is predicted by the last prompt position, nothing earlier or later.
     first = rows[len(prompt) - 1, response[0]].item()
     assert scored.token_logprobs[0] == pytest.approx(first, abs=ATOL)
-    assert scored.top_token_ids[0][:5] == rows[len(prompt) - 1].topk(5).indices.tolist()
+    assert list(scored.top_token_ids[0][:5]) == rows[len(prompt) - 1].topk(5).indices.tolist()
     for off_by_one in (len(prompt) - 2, len(prompt)):
         assert abs(scored.token_logprobs[0] - rows[off_by_one, response[0]].item()) > 0.01
     assert_sample_matches(hf_model, prompt, scored)  # and every later position too

@@ -50,8 +50,7 @@ def test_a_consumer_that_stops_early_stops_the_producer_and_runs_its_cleanup():
 
     def items():
         try:
-            for i in range(10**9):
-                yield i
+            yield from range(10**9)
         finally:
             closed.set()
 
