@@ -26,6 +26,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from teachercache.soft_labels import tail_logprob  # noqa: E402
+from tests import engine_run  # noqa: E402
 from tests.stats import chi_square_p  # noqa: E402
 from workers import vllm_draws  # noqa: E402
 from workers.engine import Draws, EngineRequest, EngineResult, SamplingSpec  # noqa: E402
@@ -57,19 +58,8 @@ def tokenizer(teacher_model_dir: Path):
     return transformers.AutoTokenizer.from_pretrained(teacher_model_dir)
 
 
-def run(engine, requests: list[EngineRequest], max_steps: int = 2000) -> dict[str, EngineResult]:
-    for request in requests:
-        engine.add(request)
-    results: dict[str, EngineResult] = {}
-    for _ in range(max_steps):
-        if not engine.has_unfinished():
-            break
-        for result in engine.step():
-            results[result.key] = result
-    assert not engine.has_unfinished()
-    for key, result in results.items():
-        assert result.error is None, (key, result.error)
-    return results
+def run(engine, requests: list[EngineRequest]) -> dict[str, EngineResult]:
+    return engine_run.run(engine, requests, max_steps=2000, no_errors=True)
 
 
 def hf_rows(model, token_ids: list[int]) -> torch.Tensor:
