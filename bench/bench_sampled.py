@@ -79,10 +79,37 @@ def shard_bytes(results: dict, top_k: int) -> dict[str, float]:
             "unique_draws_per_position": unique / tokens, "completion_tokens": tokens}
 
 
+class CrossingCounter:
+    """Counts the logprob entries vLLM delivers per position for the sampled requests (the
+    token, its top-k, the drawn ids: what crossed from the engine), read where the adapter
+    splits them (VllmEngine._sample, before the split)."""
+
+    def __init__(self, engine_cls) -> None:
+        self.entries = self.positions = 0
+        self.unique = 0
+        original = engine_cls._sample
+
+        def counting(engine, token_ids, positions, reason, request):
+            if request.draws is not None and request.key.startswith("sampled-"):
+                self.positions += len(positions)
+                self.entries += sum(1 + len(p.top_ids) for p in positions)
+                self.unique += sum(sum(1 for c in p.top_logprobs[request.top_logprobs:] if c > 0) for p in positions)
+            return original(engine, token_ids, positions, reason, request)
+
+        engine_cls._sample = counting
+
+    def summary(self, top_k: int, draws: int) -> dict[str, float]:
+        return {"reserved_per_position": 1 + top_k + draws,
+                "crossed_per_position": self.entries / self.positions,
+                "unique_draws_per_position": self.unique / self.positions}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from workers.engine import Draws, EngineRequest, SamplingSpec
     from workers.vllm_adapter import VllmEngine
+
+    crossing = CrossingCounter(VllmEngine)
 
     engine = VllmEngine.load(str(MODEL_DIR), max_model_len=1024, max_top_logprobs=args.top_k, dtype="float32")
     if not engine.can_draw:
@@ -118,11 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         last_sampled = sampled
     engine.close()
     sizes = shard_bytes(last_sampled, args.top_k)
+    crossed = crossing.summary(args.top_k, args.draws)
     report("Sampled soft labels vs top-k: throughput (same engine, same run)", rows, "sampled.json",
            {"ratios_sampled_over_topk": ratios, "median_ratio": statistics.median(ratios), "bytes": sizes,
+            "logprob_entries": crossed,
             "draws": args.draws, "top_k": args.top_k, "prompts": args.prompts, "max_tokens": args.max_tokens})
     print(f"throughput ratio sampled/top-{args.top_k} per round: {', '.join(f'{r:.3f}' for r in ratios)}")
     print("bytes per completion token: " + ", ".join(f"{k} {v:.2f}" for k, v in sizes.items()))
+    print("logprob entries per sampled position (engine -> worker): " + ", ".join(f"{k} {v:.1f}" for k, v in crossed.items()))
     return 0
 
 
