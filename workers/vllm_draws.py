@@ -31,6 +31,11 @@ from a loop; the request and the offset of its chunk are that loop's `req_id` an
 the hash of each hooked function's source for the supported vLLM version, and
 `check_hooked_sources()` (run by the test suite and by `apply()` itself) fails loudly when an
 upgrade changes any of them.
+
+All of this is vLLM's V1 model runner (the CPU build's only one); the V2 runner, vLLM 0.32's
+default on a GPU with Triton, samples through its own Triton kernels and is not hooked:
+`prefer_hooked_runner` asks for V1 and `runs_hooked_runner` tells the adapter which one an engine
+got (docs/soft-labels.md, "Which vLLM model runner").
 """
 
 from __future__ import annotations
