@@ -9,7 +9,10 @@ completion tokens per second of wall time through the adapter (VllmEngine.add/st
 includes splitting the draws off); the ratio sampled / top-20 is per round, in the same run.
 The completions of the two must be identical (checked). Bytes per token: the sampled rows
 written as job-shard columns with the shard format's Parquet options (zstd, byte-stream
-split), each column chunk's compressed size from the footer divided by completion tokens.
+split), each column chunk's compressed size from the footer divided by completion tokens: the
+int32 sampled columns (float32/float16 encodings) and the compact encoding's codes. Logprob
+entries per position: what vLLM delivered for the sampled requests (the token, top-k, drawn
+ids), against the 1 + k + N columns they reserve.
 Prints a table and writes bench/results/sampled.json.
 """
 
@@ -52,37 +55,80 @@ def drain(engine, requests) -> tuple[dict, float]:
     return results, time.perf_counter() - start
 
 
-def shard_bytes(results: dict, top_k: int) -> dict[str, float]:
-    """Compressed bytes per completion token of each soft-label column, as a job shard stores them."""
-    from teachercache.shard_format import JOB_SCHEMA, parquet_options
+def column_bytes(table: pa.Table, tokens: int) -> dict[str, float]:
+    """Compressed bytes per completion token of each column of `table`, written with the shard
+    format's Parquet options (each column chunk's size from the footer)."""
+    from teachercache.shard_format import parquet_options
 
-    samples = [s for r in results.values() for s in r.samples]
-    tokens = sum(len(s.completion_token_ids) for s in samples)
-    names = ["top_token_ids", "top_logprobs", "sample_token_ids", "sample_counts"]
-    schema = pa.schema([JOB_SCHEMA.field(n) for n in names])
-    table = pa.table({
-        "top_token_ids": [s.top_token_ids for s in samples], "top_logprobs": [s.top_logprobs for s in samples],
-        "sample_token_ids": [s.sample_token_ids for s in samples], "sample_counts": [s.sample_counts for s in samples],
-    }, schema=schema)
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, **parquet_options(schema))
+    pq.write_table(table, buffer, **parquet_options(table.schema))
     meta = pq.ParquetFile(io.BytesIO(buffer.getvalue())).metadata
-    sizes = {n: 0 for n in names}
+    sizes = dict.fromkeys(table.column_names, 0)
     for group in range(meta.num_row_groups):
         for column in range(meta.num_columns):
             chunk = meta.row_group(group).column(column)
             sizes[chunk.path_in_schema.split(".")[0]] += chunk.total_compressed_size
+    return {name: size / tokens for name, size in sizes.items()}
+
+
+def shard_bytes(results: dict, top_k: int) -> dict[str, float]:
+    """Bytes per completion token of the soft-label columns as job shards store them: the float32
+    (and float16) encoding's int32 sampled columns, and the compact encoding's codes
+    (teachercache/sampled_codes.py)."""
+    from teachercache.sampled_codes import encode_sampled
+    from teachercache.shard_format import JOB_SCHEMA
+
+    samples = [s for r in results.values() for s in r.samples]
+    tokens = sum(len(s.completion_token_ids) for s in samples)
+    names = ["top_token_ids", "top_logprobs", "sample_token_ids", "sample_counts"]
+    table = pa.table({
+        "top_token_ids": [s.top_token_ids for s in samples], "top_logprobs": [s.top_logprobs for s in samples],
+        "sample_token_ids": [s.sample_token_ids for s in samples], "sample_counts": [s.sample_counts for s in samples],
+    }, schema=pa.schema([JOB_SCHEMA.field(n) for n in names]))
+    plain = column_bytes(table, tokens)
+    codes = encode_sampled(*(table.column(n).combine_chunks() for n in ("top_token_ids", "sample_token_ids",
+                                                                        "sample_counts")))
+    coded = column_bytes(pa.table(codes), tokens)
     unique = sum(len(ids) for s in samples for ids in s.sample_token_ids)
-    return {**{f"{n}_bytes_per_token": sizes[n] / tokens for n in names},
-            "sampled_bytes_per_token": (sizes["sample_token_ids"] + sizes["sample_counts"]) / tokens,
-            f"top{top_k}_bytes_per_token": (sizes["top_token_ids"] + sizes["top_logprobs"]) / tokens,
+    return {**{f"{n}_bytes_per_token": plain[n] for n in names},
+            **{f"{n}_bytes_per_token": v for n, v in coded.items()},
+            "sampled_bytes_per_token": plain["sample_token_ids"] + plain["sample_counts"],
+            "sampled_compact_bytes_per_token": sum(coded.values()),
+            f"top{top_k}_bytes_per_token": plain["top_token_ids"] + plain["top_logprobs"],
             "unique_draws_per_position": unique / tokens, "completion_tokens": tokens}
+
+
+class CrossingCounter:
+    """Counts the logprob entries vLLM delivers per position for the sampled requests (the
+    token, its top-k, the drawn ids: what crossed from the engine), read where the adapter
+    splits them (VllmEngine._sample, before the split)."""
+
+    def __init__(self, engine_cls) -> None:
+        self.entries = self.positions = 0
+        self.unique = 0
+        original = engine_cls._sample
+
+        def counting(engine, token_ids, positions, reason, request):
+            if request.draws is not None and request.key.startswith("sampled-"):
+                self.positions += len(positions)
+                self.entries += sum(1 + len(p.top_ids) for p in positions)
+                self.unique += sum(sum(1 for c in p.top_logprobs[request.top_logprobs:] if c > 0) for p in positions)
+            return original(engine, token_ids, positions, reason, request)
+
+        engine_cls._sample = counting
+
+    def summary(self, top_k: int, draws: int) -> dict[str, float]:
+        return {"reserved_per_position": 1 + top_k + draws,
+                "crossed_per_position": self.entries / self.positions,
+                "unique_draws_per_position": self.unique / self.positions}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from workers.engine import Draws, EngineRequest, SamplingSpec
     from workers.vllm_adapter import VllmEngine
+
+    crossing = CrossingCounter(VllmEngine)
 
     engine = VllmEngine.load(str(MODEL_DIR), max_model_len=1024, max_top_logprobs=args.top_k, dtype="float32")
     if not engine.can_draw:
@@ -118,11 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         last_sampled = sampled
     engine.close()
     sizes = shard_bytes(last_sampled, args.top_k)
+    crossed = crossing.summary(args.top_k, args.draws)
     report("Sampled soft labels vs top-k: throughput (same engine, same run)", rows, "sampled.json",
            {"ratios_sampled_over_topk": ratios, "median_ratio": statistics.median(ratios), "bytes": sizes,
+            "logprob_entries": crossed,
             "draws": args.draws, "top_k": args.top_k, "prompts": args.prompts, "max_tokens": args.max_tokens})
     print(f"throughput ratio sampled/top-{args.top_k} per round: {', '.join(f'{r:.3f}' for r in ratios)}")
     print("bytes per completion token: " + ", ".join(f"{k} {v:.2f}" for k, v in sizes.items()))
+    print("logprob entries per sampled position (engine -> worker): " + ", ".join(f"{k} {v:.1f}" for k, v in crossed.items()))
     return 0
 
 

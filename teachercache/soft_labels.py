@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from teachercache import sampled_codes
 from teachercache.errors import ShardFormatError
 
 ENCODINGS = ("float32", "float16", "compact")
@@ -121,6 +122,9 @@ def stored_schema(schema: pa.Schema, encoding: Encoding) -> pa.Schema:
     for field in schema:
         if field.name == "top_token_ids":
             fields += [pa.field(n, STORED_TYPES[encoding.name][n]) for n in STORED_COLUMNS[encoding.name]]
+        elif _codes_sampled(encoding) and field.name in sampled_codes.SAMPLED_COLUMNS:
+            if field.name == sampled_codes.SAMPLED_COLUMNS[0]:
+                fields += [pa.field(n, t) for n, t in sampled_codes.CODED_TYPES.items()]
         elif field.name not in SOFT_LABEL_COLUMNS:
             fields.append(field)
     return pa.schema(fields, metadata={**(schema.metadata or {}), **encoding.metadata()})
@@ -131,9 +135,17 @@ def stored_columns(columns: list[str] | None, encoding: Encoding) -> list[str] |
     if columns is None or encoding.name == "float32":
         return columns
     wanted = [c for c in columns if c not in SOFT_LABEL_COLUMNS]
-    if any(c in SOFT_LABEL_COLUMNS for c in columns):
+    sampled = _codes_sampled(encoding) and any(c in sampled_codes.SAMPLED_COLUMNS for c in columns)
+    if sampled:  # the codes decode against the top-k ids; a file from before the codes has the plain columns
+        wanted += list(sampled_codes.CODED_COLUMNS)  # (Parquet readers skip the names a file lacks)
+    if sampled or any(c in SOFT_LABEL_COLUMNS for c in columns):
         wanted += list(STORED_COLUMNS[encoding.name])
     return wanted
+
+
+def _codes_sampled(encoding: Encoding) -> bool:
+    """Whether `encoding` stores sampled labels as top-k-referenced codes (teachercache/sampled_codes.py)."""
+    return encoding.name == "compact"
 
 
 # -- encoding (the service's assembly calls this; readers never do) ----------------------------
@@ -152,6 +164,9 @@ def encode(table: pa.Table | pa.RecordBatch, encoding: Encoding, schema: pa.Sche
                   "top_logprobs": _nested(top_lps.row_offsets, top_lps.offsets, top_lps.values.astype(np.float16))}
     else:
         stored = _encode_compact(token, _flat_nested(_array(columns["top_token_ids"])), top_lps)
+        if sampled_codes.CODED_COLUMNS[0] in schema.names:
+            stored.update(sampled_codes.encode_sampled(*(_array(columns[n]) for n in ("top_token_ids",
+                                                                                      *sampled_codes.SAMPLED_COLUMNS))))
     out = [stored[name] if name in stored else columns[name] for name in schema.names]
     return pa.Table.from_arrays([_array(c) for c in out], schema=schema)
 
@@ -239,6 +254,8 @@ def decode(data: pa.Table | pa.RecordBatch, encoding: Encoding, where: str | Non
            columns: list[str] | None = None) -> pa.Table | pa.RecordBatch:
     """`data` as read from a shard of `encoding`, with the float32 columns in place of the stored
     ones; `columns`, if given, is the projection the caller asked for (decoded names)."""
+    if _codes_sampled(encoding) and sampled_codes.CODED_COLUMNS[0] in data.schema.names:
+        data = _decode_sampled(data, where)
     names = data.schema.names
     if encoding.name == "float32" or not any(n in names for n in STORED_COLUMNS[encoding.name]):
         return data
@@ -268,6 +285,33 @@ def decode(data: pa.Table | pa.RecordBatch, encoding: Encoding, where: str | Non
     if isinstance(data, pa.RecordBatch):
         return pa.RecordBatch.from_arrays([_array(a) for a in out_arrays], schema=schema)
     return pa.Table.from_arrays(out_arrays, schema=schema)
+
+
+def _decode_sampled(data: pa.Table | pa.RecordBatch, where: str | None) -> pa.Table | pa.RecordBatch:
+    """`data` with the coded sampled columns decoded into sample_token_ids / sample_counts, in place."""
+    for name, expected in sampled_codes.CODED_TYPES.items():
+        if name not in data.schema.names or data.schema.field(name).type != expected:
+            raise ShardFormatError(f"compact sampled labels without a {expected} column {name}", where)
+    _check_stored_types(data.schema, Encoding.named("compact"), where)
+    if "top_token_ids" not in data.schema.names:
+        raise ShardFormatError("compact sampled labels read without top_token_ids", where)
+    try:
+        decoded = sampled_codes.decode_sampled(*(_array(data.column(n)) for n in ("top_token_ids",
+                                                                                 *sampled_codes.CODED_COLUMNS)))
+    except (ValueError, IndexError, pa.ArrowException) as exc:
+        raise ShardFormatError(f"damaged compact sampled labels: {exc}", where) from exc
+    names, arrays = [], []
+    for name in data.schema.names:
+        if name == sampled_codes.CODED_COLUMNS[0]:
+            names += list(sampled_codes.SAMPLED_COLUMNS)
+            arrays += [decoded[n] for n in sampled_codes.SAMPLED_COLUMNS]
+        elif name != sampled_codes.CODED_COLUMNS[1]:
+            names.append(name)
+            arrays.append(_array(data.column(name)))
+    schema = pa.schema([pa.field(n, a.type) for n, a in zip(names, arrays, strict=True)], metadata=data.schema.metadata)
+    if isinstance(data, pa.RecordBatch):
+        return pa.RecordBatch.from_arrays(arrays, schema=schema)
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _check_stored_types(schema: pa.Schema, encoding: Encoding, where: str | None) -> None:

@@ -88,8 +88,9 @@ class VllmEngine:
         # would hang there. atexit runs hooks last-in first-out, so this one runs first.
         self._shutdown = self._engine.engine_core.shutdown
         atexit.register(self._shutdown)
-        # Draws need the plugin in the engine core, which loads what this process would.
-        self.can_draw = vllm_draws.plugin_registered()
+        # Draws need the plugin in the engine core, which loads what this process would, and
+        # the model runner it hooks (vLLM's V1 runner: workers/vllm_draws.py).
+        self.can_draw = vllm_draws.plugin_registered() and vllm_draws.runs_hooked_runner(self._engine.vllm_config)
 
     @classmethod
     def load(
@@ -110,6 +111,7 @@ class VllmEngine:
         `keep_off_engine_cores` (a worker's default) on the CPU build, this process's threads then
         move off the cores vLLM computes on (workers/cpus.py)."""
         kv_cache_gb = _kv_cache_gb(kv_cache_gb)
+        vllm_draws.prefer_hooked_runner()
         optional = {
             "max_model_len": max_model_len,
             "max_num_seqs": max_num_seqs,
@@ -211,7 +213,8 @@ class VllmEngine:
             raise ValueError(f"top_logprobs {request.top_logprobs} is above this engine's maximum of "
                              f"{self.max_top_logprobs}")
         if request.draws is not None and not self.can_draw:
-            raise ValueError(f"sampled soft labels need the vLLM plugin {vllm_draws.PLUGIN_NAME!r} (reinstall teachercache)")
+            raise ValueError(f"sampled soft labels need the vLLM plugin {vllm_draws.PLUGIN_NAME!r} (reinstall teachercache) "
+                             f"and vLLM's V1 model runner ({vllm_draws.V2_RUNNER_ENV} unset or 0)")
         if request.mode == "generate":
             return list(request.prompt_token_ids), _generate_params(request)
         if request.mode == "score":
@@ -243,7 +246,7 @@ class VllmEngine:
             columns = _read_columns(completion.logprobs, 0, len(token_ids), request.top_logprobs)
             return self._columnar_sample(token_ids, _checked(columns, token_ids), reason)
         positions = [
-            _read_position(completion.logprobs, i, _width(request))
+            _read_position(completion.logprobs, i, *_widths(request))
             for i in range(len(token_ids))
         ]
         _check_tokens(positions, token_ids)
@@ -261,7 +264,7 @@ class VllmEngine:
             columns = _read_columns(output.prompt_logprobs, first, len(response), request.top_logprobs)
             return self._columnar_sample(response, _checked(columns, response), "scored")
         positions = [
-            _read_position(output.prompt_logprobs, first + i, _width(request))
+            _read_position(output.prompt_logprobs, first + i, *_widths(request))
             for i in range(len(response))
         ]
         _check_tokens(positions, response)
@@ -366,8 +369,17 @@ def _score_params(request: EngineRequest) -> SamplingParams:
 
 def _width(request: EngineRequest) -> int:
     """Logprob entries asked per position after the token's own: the top-k, then (with
-    draws) one column per draw that the plugin fills with drawn ids and counts."""
+    draws) room for one column per draw, which the plugin fills with the unique drawn ids and
+    their counts (and cuts to the unique ones: vLLM keeps what it is sent, up to this)."""
     return request.top_logprobs + (request.draws.draws if request.draws else 0)
+
+
+def _widths(request: EngineRequest) -> tuple[int, int]:
+    """The fewest and most entries per position after the token's own: exactly the top-k
+    without draws; with them, the top-k plus between one and `draws` drawn ids."""
+    if request.draws is None:
+        return request.top_logprobs, request.top_logprobs
+    return request.top_logprobs + 1, _width(request)
 
 
 def _logprob_params(request: EngineRequest, name: str) -> dict[str, Any]:
@@ -380,7 +392,8 @@ def _logprob_params(request: EngineRequest, name: str) -> dict[str, Any]:
 def _split_draws(
     positions: list[_Position], k: int, draws: int
 ) -> tuple[list[_Position], tuple[list[list[int]], list[list[int]]]]:
-    """Separate the plugin's columns (ids, counts as floats, zero-padded) from the top-k.
+    """Separate the plugin's columns (unique ids, counts as floats, zero-padded to the widest
+    row of the engine's batch) from the top-k.
     Counts that are not positive integers summing to `draws` mean the plugin did not run
     there (plain top-k logprobs are <= 0): the request fails rather than store them."""
     kept, ids, counts = [], [], []
@@ -410,15 +423,19 @@ def _by_index(output: Any) -> list[Any]:
     return sorted(output.outputs, key=lambda c: c.index)
 
 
-def _read_position(container: Any, pos: int, k: int) -> _Position:
+def _read_position(container: Any, pos: int, k: int, most: int | None = None) -> _Position:
+    """Position `pos` of a flat logprobs container: the token, then between `k` and `most`
+    (default `k`) entries."""
+    most = k if most is None else most
     if container is None:
         raise _EngineRequestFailed("vLLM returned no logprobs")
     if not isinstance(container, FlatLogprobs):
         # Loud, not per request: this vLLM ignores flat_logprobs, so every request would fail.
         raise TypeError(f"expected vLLM FlatLogprobs, got {type(container).__name__}")
     start, end = container.start_indices[pos], container.end_indices[pos]
-    if end - start != k + 1:
-        raise _EngineRequestFailed(f"expected {k + 1} logprobs at {pos}, got {end - start}")
+    if not k + 1 <= end - start <= most + 1:
+        wanted = f"{k + 1}" if most == k else f"{k + 1} to {most + 1}"
+        raise _EngineRequestFailed(f"expected {wanted} logprobs at {pos}, got {end - start}")
     ids, lps = container.token_ids, container.logprobs
     return _Position(ids[start], lps[start], container.ranks[start], ids[start + 1 : end], lps[start + 1 : end])
 

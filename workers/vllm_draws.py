@@ -11,10 +11,14 @@ entry point group `vllm.general_plugins` is loaded in the engine core and its wo
   `{"draws": N, "temperature": T, "seed": S}` and asks for N more logprobs than its top-k
   (`logprobs = k + N` when generating, `prompt_logprobs = k + N` when scoring).
 - `Sampler.gather_logprobs` (raw logprobs of the whole batch, float32, on the device) then
-  runs unchanged, and for the rows that asked, the N extra columns after the top-k are
-  overwritten with the unique drawn ids (most drawn first) and their counts (as floats;
-  padding is id 0 with count 0). What crosses to the worker per position is k + N + 1
-  numbers, never the vocabulary.
+  gathers only the top-k the batch needs, and for the rows that asked, the draws are made and
+  reduced to unique ids and counts on the device (`draw_counts`): after the row's token and
+  top-k come its unique drawn ids (most drawn first), their counts as floats in the logprob
+  column, then padding (id 0, count 0). A generated row goes out 1 + k + U wide, U the most
+  unique ids of any row in that step's batch; a prompt's rows go out 1 + k + U wide, U the most
+  unique ids of any of its positions. So what crosses to the worker per position is
+  O(k + unique draws), never N padding columns and never the vocabulary (vLLM's output
+  processor keeps at most 1 + k + N of a row, so other rows' width never reaches a request).
 - The draws come from their own generator, seeded per (S, position), so the same request
   gets the same draws whatever it was batched with; they run after the token was sampled
   and read the logprobs only, so what is generated is exactly what it is without them.
@@ -27,19 +31,24 @@ from a loop; the request and the offset of its chunk are that loop's `req_id` an
 the hash of each hooked function's source for the supported vLLM version, and
 `check_hooked_sources()` (run by the test suite and by `apply()` itself) fails loudly when an
 upgrade changes any of them.
+
+All of this is vLLM's V1 model runner (the CPU build's only one); the V2 runner, vLLM 0.32's
+default on a GPU with Triton, samples through its own Triton kernels and is not hooked:
+`prefer_hooked_runner` asks for V1 and `runs_hooked_runner` tells the adapter which one an engine
+got (docs/soft-labels.md, "Which vLLM model runner").
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from pydantic import ValidationError
 
@@ -49,6 +58,7 @@ __all__ = ["MAX_DRAWS", "PLUGIN_NAME", "apply", "check_hooked_sources", "draw_co
 
 PLUGIN_NAME = "teachercache_draws"
 EXTRA_ARG = "teachercache_draws"
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 SUPPORTED_VLLM = ("0.32.0",)
 # sha256 of inspect.getsource(...) of each function whose behaviour (call sites, local names)
@@ -59,6 +69,8 @@ HOOKED_SOURCES = {
     "vllm.v1.sample.sampler.Sampler.gather_logprobs": "ca39ba3c4e61572e6f8e8a9d8c14389e8f7d3f965cf9eab21c6c94bf36bfd890",
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample": "5cb5c1da02cfdc689acb7bab51ca7eb56e2ef3b19bea4b92fc6ca4370be2cf5a",
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_prompt_logprobs_dict": "889fdb068dfc37ddf4827e8f3af2d99ff790fbd3c77ff4a05eec1e3d0f1f560f",
+    # Not hooked, relied on: how vLLM picks the V1 runner the hook covers (prefer_hooked_runner).
+    "vllm.config.vllm.VllmConfig.use_v2_model_runner": "515385db129cfb7378cffe949c37bdfb606c208e46e0a2b825ae5deaebd408e3",
 }
 
 _APPLIED = False
@@ -94,14 +106,19 @@ def position_seed(seed: int, position: int) -> int:
 
 def draw_counts(
     logprobs: torch.Tensor, specs: list[Draws], positions: list[int]
-) -> list[tuple[np.ndarray, np.ndarray]]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row of `logprobs` (raw, [rows, vocab]), `specs[i].draws` tokens drawn with
-    replacement from softmax(logprobs[i] / T_i); returns per row (unique ids, counts), most
-    drawn first (ties by id). Inverse-CDF sampling: the uniforms come from a CPU generator
-    seeded per (seed, position) — N numbers per row, reproducible on any device — and the
-    O(vocabulary) work (softmax, cumulative sum in float64, search) stays on the device."""
-    rows = len(specs)
-    temps = torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=logprobs.device)
+    replacement from softmax(logprobs[i] / T_i), reduced to (unique ids, counts) on the
+    device: two [rows, width] int32 tensors on `logprobs`' device, width the most unique ids
+    of any row; each row's ids most drawn first (ties by id), then padding (id 0, count 0).
+
+    Inverse-CDF sampling: the uniforms come from a CPU generator seeded per (seed, position)
+    (N numbers per row, reproducible on any device); the O(vocabulary) work (softmax,
+    cumulative sum in float64, search) and the reduction to unique ids (sort, run boundaries,
+    scatter-add, sort by count) stay on the device, so only the unique ids leave it."""
+    rows, vocab = len(specs), logprobs.shape[-1]
+    device = logprobs.device
+    temps = torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=device)
     probs = torch.softmax(logprobs.to(torch.float32) / temps.unsqueeze(1), dim=-1)
     cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
     width = max(s.draws for s in specs)
@@ -109,36 +126,81 @@ def draw_counts(
     for i, (spec, position) in enumerate(zip(specs, positions, strict=True)):
         generator = torch.Generator().manual_seed(position_seed(spec.seed, position))
         uniforms[i, : spec.draws] = torch.rand(spec.draws, generator=generator, dtype=torch.float64)
-    targets = uniforms.to(logprobs.device) * cdf[:, -1:]
-    drawn = torch.searchsorted(cdf, targets, right=True).clamp_(max=logprobs.shape[-1] - 1).cpu().numpy()
-    out = []
-    for i, spec in enumerate(specs):
-        ids, counts = np.unique(drawn[i, : spec.draws], return_counts=True)
-        order = np.lexsort((ids, -counts))
-        out.append((ids[order].astype(np.int32), counts[order].astype(np.int32)))
-    return out
+    targets = uniforms.to(device) * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, targets, right=True).clamp_(max=vocab - 1)
+    # A row with fewer draws than the widest: its spare columns hold `vocab`, which sorts last
+    # and is counted zero times.
+    wanted = torch.tensor([s.draws for s in specs], device=device).unsqueeze(1)
+    drawn = torch.where(torch.arange(width, device=device) < wanted, drawn, vocab)
+    return unique_counts(drawn, vocab)
 
 
-def write_draws(
+def unique_counts(drawn: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `drawn` ([rows, n] token ids; the value `vocab` marks no draw), the unique ids
+    and how often each was drawn, most drawn first (ties by id), zero-padded to the most unique
+    ids of any row; batched torch ops on `drawn`'s device (one host sync: that width)."""
+    ordered, _ = drawn.sort(dim=1)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    run = starts.cumsum(dim=1) - 1  # which unique id (in id order) each draw is
+    counts = torch.zeros_like(ordered).scatter_add_(1, run, (ordered < vocab).to(ordered.dtype))
+    ids = torch.zeros_like(ordered).scatter_(1, run, ordered)  # every draw of a run writes the same id
+    # Most drawn first, ties by id; unused slots (count 0) last.
+    key = (drawn.shape[1] + 1 - counts) * (vocab + 1) + ids
+    order = key.argsort(dim=1)
+    counts, ids = counts.gather(1, order), ids.gather(1, order)
+    ids.masked_fill_(counts == 0, 0)
+    width = int((counts > 0).sum(dim=1).max()) if counts.numel() else 0
+    return ids[:, :width].to(torch.int32), counts[:, :width].to(torch.int32)
+
+
+class DrawRow(NamedTuple):
+    """A batch row that asked for draws: where it is, its top-k, its draws and its position."""
+
+    row: int
+    k: int
+    spec: Draws
+    position: int
+
+
+def with_draws(
     token_ids: torch.Tensor,
     logprobs_out: torch.Tensor,
     full_logprobs: torch.Tensor,
-    rows: list[tuple[int, int, Draws, int]],
-) -> None:
-    """Overwrite, for each (row, top-k, spec, position), the spec.draws columns after the
-    row's sampled token and top-k with the drawn ids and counts (zero-padded)."""
-    if not rows:
-        return
-    index = torch.tensor([r[0] for r in rows], dtype=torch.long, device=full_logprobs.device)
-    drawn = draw_counts(full_logprobs.index_select(0, index), [r[2] for r in rows], [r[3] for r in rows])
-    for (row, k, spec, _), (ids, counts) in zip(rows, drawn, strict=True):
-        ids_col = np.zeros(spec.draws, dtype=np.int32)
-        counts_col = np.zeros(spec.draws, dtype=np.float32)
-        ids_col[: len(ids)] = ids
-        counts_col[: len(counts)] = counts
-        first = 1 + k
-        token_ids[row, first : first + spec.draws] = torch.from_numpy(ids_col).to(token_ids.device)
-        logprobs_out[row, first : first + spec.draws] = torch.from_numpy(counts_col).to(logprobs_out.device)
+    rows: list[DrawRow],
+    top: int,
+    pad_to: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gather's output ([batch, 1 + at least `top`]: the token, then the top-`top`) with
+    each draw row's unique drawn ids and counts (as floats) after its own token and top-k.
+    The width is 1 + the most any row needs (its top-k plus its unique ids; `top` for rows
+    without draws: one more host sync), or `pad_to` where the caller's buffers are that wide; what a draw row
+    does not fill is id 0, count 0."""
+    index = torch.tensor([r.row for r in rows], dtype=torch.long, device=full_logprobs.device)
+    ids, counts = draw_counts(full_logprobs.index_select(0, index), [r.spec for r in rows], [r.position for r in rows])
+    ks = torch.tensor([r.k for r in rows], device=counts.device)
+    width = 1 + max(top, int(((counts > 0).sum(dim=1) + ks).max()))
+    if pad_to is not None:
+        width = max(width, pad_to)
+    kept = min(token_ids.shape[1], 1 + top)
+    out_ids = token_ids.new_zeros((token_ids.shape[0], width))
+    out_lps = logprobs_out.new_zeros((logprobs_out.shape[0], width))
+    out_ids[:, :kept] = token_ids[:, :kept]
+    out_lps[:, :kept] = logprobs_out[:, :kept]
+    # One block write per distinct top-k (a job's rows share one): the row's columns after its
+    # top-k are its drawn ids then zeros (never another row's wider top-k).
+    for k in sorted({r.k for r in rows}):
+        members = torch.tensor([i for i, r in enumerate(rows) if r.k == k], dtype=torch.long, device=index.device)
+        room = width - 1 - k  # at least each member's unique ids: past them, only padding is cut
+        used = min(room, ids.shape[1])
+        block_ids = ids.new_zeros((len(members), room))
+        block_counts = counts.new_zeros((len(members), room))
+        block_ids[:, :used] = ids.index_select(0, members)[:, :used]
+        block_counts[:, :used] = counts.index_select(0, members)[:, :used]
+        targets = index.index_select(0, members).to(out_ids.device)
+        out_ids[targets, 1 + k :] = block_ids.to(out_ids)
+        out_lps[targets, 1 + k :] = block_counts.to(out_lps)
+    return out_ids, out_lps
 
 
 # -- the hook -----------------------------------------------------------------------------
@@ -156,39 +218,42 @@ def _context(kind: str, runner: Any) -> Iterator[None]:
         _state.context = previous
 
 
-def _generated_rows(runner: Any, width: int) -> list[tuple[int, int, Draws, int]]:
-    """The batch rows whose request asked for draws: (row, its top-k, spec, position)."""
-    rows = []
+def _generated_rows(runner: Any, width: int) -> tuple[list[DrawRow], int]:
+    """The batch rows whose request asked for draws, and the top-k columns the batch needs
+    (the widest of the draw rows' top-k and the other rows' logprobs)."""
+    rows, top = [], 0
     for row, req_id in enumerate(runner.input_batch.req_ids):
         state: Any = runner.requests.get(req_id) if req_id is not None else None
         params: Any = getattr(state, "sampling_params", None)
-        spec = spec_of(getattr(params, "extra_args", None))
-        # A scoring request's one generated token is discarded and asks for no logprobs.
-        if spec is None or params.logprobs is None:
+        if params is None:
+            top = width - 1  # a row we cannot read keeps everything it may have asked for
             continue
-        k = int(params.logprobs) - spec.draws
+        asked = int(params.logprobs) if params.logprobs is not None else 0
+        spec = spec_of(params.extra_args)
+        # A scoring request's one generated token is discarded and asks for no logprobs.
+        k = asked - spec.draws if spec is not None else -1
         # Never raise inside the engine step (it would kill the engine for every request):
         # a row without room keeps plain logprobs, which the adapter refuses as "no draws".
-        if k < 0 or 1 + k + spec.draws > width:
+        if spec is None or params.logprobs is None or k < 0 or 1 + asked > width:
+            top = max(top, min(asked, width - 1))
             continue
-        rows.append((row, k, _per_sample(spec, params.seed), len(state.output_token_ids)))
-    return rows
+        top = max(top, k)
+        rows.append(DrawRow(row, k, _per_sample(spec, params.seed), len(state.output_token_ids)))
+    return rows, top
 
 
-def _prompt_rows(runner: Any, width: int, num_rows: int) -> list[tuple[int, int, Draws, int]]:
+def _prompt_rows(runner: Any, width: int, num_rows: int) -> tuple[list[DrawRow], int]:
     caller = sys._getframe(2)  # _get_prompt_logprobs_dict, through the patched gather
     if caller.f_code.co_name != "_get_prompt_logprobs_dict" or "req_id" not in caller.f_locals:
         raise RuntimeError("teachercache draws: the prompt-logprob gather moved (vLLM upgrade?)")
     req_id, start = caller.f_locals["req_id"], int(caller.f_locals["start_idx"])
     params = runner.requests[req_id].sampling_params
     spec = spec_of(params.extra_args)
-    if spec is None:
-        return []
-    k = width - 1 - spec.draws
-    if k < 0:
-        return []
+    k = width - 1 - (spec.draws if spec is not None else 0)
+    if spec is None or k < 0:
+        return [], width - 1
     spec = _per_sample(spec, params.seed)
-    return [(i, k, spec, start + i) for i in range(num_rows)]
+    return [DrawRow(i, k, spec, start + i) for i in range(num_rows)], k
 
 
 def _per_sample(spec: Draws, sampling_seed: int | None) -> Draws:
@@ -199,27 +264,55 @@ def _per_sample(spec: Draws, sampling_seed: int | None) -> Draws:
 
 def _patched_gather(original: Callable[..., Any]) -> Callable[..., Any]:
     def gather_logprobs(logprobs: torch.Tensor, num_logprobs: int, token_ids: torch.Tensor) -> Any:
-        result = original(logprobs, num_logprobs, token_ids)
         context = getattr(_state, "context", None)
         if context is None:
-            return result
+            return original(logprobs, num_logprobs, token_ids)
         kind, runner = context
         width = num_logprobs + 1
         if kind == "generate":
-            rows = _generated_rows(runner, width)
+            rows, top = _generated_rows(runner, width)
         else:
-            rows = _prompt_rows(runner, width, logprobs.shape[0])
-        write_draws(result.logprob_token_ids, result.logprobs, logprobs, rows)
-        return result
+            rows, top = _prompt_rows(runner, width, logprobs.shape[0])
+        if not rows:
+            return original(logprobs, num_logprobs, token_ids)
+        # The top-k the batch needs, not the k + N columns asked for (those are the draws').
+        result = original(logprobs, top, token_ids)
+        # Generated rows go out as they are (so 1 + k + the batch's most unique ids); a prompt
+        # chunk is copied into a buffer vLLM made k + N + 1 wide, narrowed once the prompt is
+        # done (_narrow_prompt_logprobs).
+        ids, counts = with_draws(result.logprob_token_ids, result.logprobs, logprobs, rows, top,
+                                 pad_to=None if kind == "generate" else width)
+        return result._replace(logprob_token_ids=ids, logprobs=counts)
 
     gather_logprobs.__wrapped__ = original  # type: ignore[attr-defined]
     return gather_logprobs
 
 
-def _in_context(kind: str, original: Callable[..., Any]) -> Callable[..., Any]:
+def _narrow_prompt_logprobs(runner: Any, done: dict[str, Any]) -> dict[str, Any]:
+    """The finished prompts' logprobs (CPU tensors, k + N + 1 wide) cut to 1 + k + the most
+    unique ids of any of the request's positions: what goes to the engine core and on."""
+    for req_id, tensors in done.items():
+        state = runner.requests.get(req_id)
+        spec = spec_of(getattr(getattr(state, "sampling_params", None), "extra_args", None))
+        if tensors is None or spec is None:
+            continue
+        k = tensors.logprobs.shape[1] - 1 - spec.draws
+        if k < 0:
+            continue
+        unique = int((tensors.logprobs[:, 1 + k :] > 0).sum(dim=1).max()) if tensors.logprobs.shape[0] else 0
+        width = 1 + k + unique
+        done[req_id] = tensors._replace(logprob_token_ids=tensors.logprob_token_ids[:, :width].contiguous(),
+                                        logprobs=tensors.logprobs[:, :width].contiguous())
+    return done
+
+
+def _in_context(
+    kind: str, original: Callable[..., Any], after: Callable[[Any, Any], Any] | None = None
+) -> Callable[..., Any]:
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         with _context(kind, self):
-            return original(self, *args, **kwargs)
+            result = original(self, *args, **kwargs)
+        return result if after is None else after(self, result)
 
     wrapper.__wrapped__ = original  # type: ignore[attr-defined]
     wrapper.__name__ = original.__name__
@@ -237,7 +330,7 @@ def hooked_source_hashes() -> dict[str, str]:
     out = {}
     for dotted in HOOKED_SOURCES:
         obj = _resolve(dotted)
-        func = obj.__func__ if isinstance(obj, staticmethod) else obj
+        func: Any = obj.fget if isinstance(obj, property) else obj.__func__ if isinstance(obj, staticmethod) else obj
         func = inspect.unwrap(func)
         out[dotted] = hashlib.sha256(inspect.getsource(func).encode()).hexdigest()
     return out
@@ -254,6 +347,25 @@ def check_hooked_sources() -> None:
         raise RuntimeError(f"teachercache draws: vLLM's hooked code changed: {moved}; re-read and re-pin it")
 
 
+def prefer_hooked_runner() -> None:
+    """Ask vLLM for the model runner the hook covers, unless the environment chose one.
+
+    vLLM 0.32 has two: V1 (`vllm.v1.worker.gpu_model_runner.GPUModelRunner`, whose CPU
+    subclass is the only runner of the CPU build) and V2 (`vllm.v1.worker.gpu.model_runner`,
+    the default on a GPU with Triton), whose sampler computes logprobs with its own Triton
+    kernels (`gpu.sample.logprob.compute_topk_scores`) and never calls the code hooked here.
+    V1 is still a supported runner on a GPU in 0.32 and the hook is plain torch on whatever
+    device the logprobs are on, so a GPU worker that can draw runs V1 (set
+    VLLM_USE_V2_MODEL_RUNNER=1 for V2 without sampled labels)."""
+    os.environ.setdefault(V2_RUNNER_ENV, "0")
+
+
+def runs_hooked_runner(vllm_config: Any) -> bool:
+    """Whether an engine with this config runs the runner the hook covers (V1): vLLM's own
+    decision (the environment, Triton, features that force V2), read where the engine is made."""
+    return not bool(getattr(vllm_config, "use_v2_model_runner", False))
+
+
 def plugin_registered() -> bool:
     """Whether this environment's entry points name the plugin (vLLM loads exactly those)."""
     from importlib.metadata import entry_points
@@ -268,12 +380,15 @@ def apply() -> None:
     if _APPLIED:
         return
     check_hooked_sources()
+    from vllm.logger import init_logger
     from vllm.v1.sample.sampler import Sampler
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     Sampler.gather_logprobs = staticmethod(_patched_gather(Sampler.gather_logprobs))
     GPUModelRunner._sample = _in_context("generate", GPUModelRunner._sample)
     GPUModelRunner._get_prompt_logprobs_dict = _in_context(
-        "prompt", GPUModelRunner._get_prompt_logprobs_dict
+        "prompt", GPUModelRunner._get_prompt_logprobs_dict, after=_narrow_prompt_logprobs
     )
     _APPLIED = True
+    # Which copy of the hook this engine process runs (an editable install and PYTHONPATH can differ).
+    init_logger("vllm.teachercache_draws").info("teachercache draws hook installed from %s", __file__)

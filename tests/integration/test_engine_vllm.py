@@ -16,6 +16,7 @@ pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.engine_run import run  # noqa: E402
 from workers.engine import EngineRequest, EngineResult, Sample, SamplingSpec  # noqa: E402
 
 pytestmark = pytest.mark.engine
@@ -65,21 +66,6 @@ def prompts(hf_tokenizer) -> list[list[int]]:
 
 
 # --- helpers --------------------------------------------------------------------------
-
-
-def run(engine, requests: list[EngineRequest], max_steps: int = 500) -> dict[str, EngineResult]:
-    """Add all requests, step until the engine is idle, return the results by key."""
-    for request in requests:
-        engine.add(request)
-    results: dict[str, EngineResult] = {}
-    for _ in range(max_steps):
-        if not engine.has_unfinished():
-            break
-        for result in engine.step():
-            assert result.key not in results, f"{result.key} finished twice"
-            results[result.key] = result
-    assert not engine.has_unfinished(), "engine did not finish"
-    return results
 
 
 def generate(key: str, prompt: list[int], k: int = K, **sampling) -> EngineRequest:

@@ -3,10 +3,13 @@ worker -> result shards -> job shards, and the submission's validation."""
 
 from __future__ import annotations
 
+import io
 import math
 
+import pyarrow.parquet as pq
 import pytest
 
+from teachercache.soft_labels import decode_table
 from tests.jobs import download_rows, wait_for
 
 TEACHER = "smollm2-135m-instruct"
@@ -62,3 +65,12 @@ def test_a_sampled_job_records_draws_beside_the_same_completions(api, start_work
     again = wait_for(api, api.post("/v1/jobs", json=body(kind="sampled", draws=DRAWS)).json()["id"], timeout=120)
     assert again["counts"]["cached"] == 2
     assert [r["sample_counts"] for r in download_rows(api, again)] == [r["sample_counts"] for r in rows]
+    # The compact encoding stores them as top-k-referenced codes and decodes them exactly.
+    compact = wait_for(api, api.post("/v1/jobs", json=body(kind="sampled", draws=DRAWS, encoding="compact")).json()["id"],
+                       timeout=120)
+    decoded = [r for shard in compact["shards"]
+               for r in decode_table(pq.read_table(io.BytesIO(api.get(shard["url"]).content))).to_pylist()]
+    stored = pq.read_table(io.BytesIO(api.get(compact["shards"][0]["url"]).content)).column_names
+    assert "sample_token_codes" in stored and "sample_token_ids" not in stored
+    for name in ("sample_token_ids", "sample_counts", "top_token_ids"):
+        assert [r[name] for r in decoded] == [r[name] for r in rows], name

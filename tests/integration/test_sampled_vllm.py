@@ -26,6 +26,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from teachercache.soft_labels import tail_logprob  # noqa: E402
+from tests import engine_run  # noqa: E402
 from tests.stats import chi_square_p  # noqa: E402
 from workers import vllm_draws  # noqa: E402
 from workers.engine import Draws, EngineRequest, EngineResult, SamplingSpec  # noqa: E402
@@ -57,19 +58,8 @@ def tokenizer(teacher_model_dir: Path):
     return transformers.AutoTokenizer.from_pretrained(teacher_model_dir)
 
 
-def run(engine, requests: list[EngineRequest], max_steps: int = 2000) -> dict[str, EngineResult]:
-    for request in requests:
-        engine.add(request)
-    results: dict[str, EngineResult] = {}
-    for _ in range(max_steps):
-        if not engine.has_unfinished():
-            break
-        for result in engine.step():
-            results[result.key] = result
-    assert not engine.has_unfinished()
-    for key, result in results.items():
-        assert result.error is None, (key, result.error)
-    return results
+def run(engine, requests: list[EngineRequest]) -> dict[str, EngineResult]:
+    return engine_run.run(engine, requests, max_steps=2000, no_errors=True)
 
 
 def hf_rows(model, token_ids: list[int]) -> torch.Tensor:
@@ -277,3 +267,60 @@ def test_an_engine_without_the_plugin_refuses_draws(vllm_engine, tokenizer, monk
     vllm_engine.add(request)
     (result,) = vllm_engine.step()
     assert result.error is not None and vllm_draws.PLUGIN_NAME in result.error
+
+
+# --- what crosses from the engine: unique ids and counts only ------------------------------
+
+
+def test_the_engine_sends_only_unique_ids_and_their_counts(vllm_engine, tokenizer, monkeypatch):
+    """The raw entries vLLM hands the adapter per position, after the token and its top-k: the
+    unique drawn ids with counts summing to the draws, then only padding (id 0, count 0) up to
+    the widest row of that step's batch (generated) or of the request's positions (scored),
+    never the N columns the request reserved."""
+    from workers.vllm_adapter import VllmEngine
+
+    seen: dict[str, list[tuple[list[int], list[float]]]] = {}
+    original = VllmEngine._sample
+
+    def recording(self, token_ids, positions, reason, request):
+        seen[request.key] = [(p.top_ids[K:], p.top_logprobs[K:]) for p in positions]
+        return original(self, token_ids, positions, reason, request)
+
+    monkeypatch.setattr(VllmEngine, "_sample", recording)
+    draws = Draws(draws=JOB_DRAWS, temperature=1.0, seed=3)
+    prompts = [tokenizer.encode(text) for text in JOB_PROMPTS]
+    generated = [EngineRequest(key=f"raw-gen-{i}", prompt_token_ids=p, sampling=SamplingSpec(max_tokens=16, seed=2),
+                               top_logprobs=K, draws=draws) for i, p in enumerate(prompts)]
+    scored = [EngineRequest(key=f"raw-score-{i}", prompt_token_ids=p[:3], sampling=SamplingSpec(), top_logprobs=K,
+                            mode="score", response_token_ids=p[3:] + p, draws=draws) for i, p in enumerate(prompts)]
+    run(vllm_engine, generated + scored)
+    assert set(seen) == {r.key for r in generated + scored}
+    widths, uniques = [], []
+    for positions in seen.values():
+        request_widths = []
+        assert positions
+        for ids, counts in positions:
+            used = [c for c in counts if c > 0]
+            assert counts[: len(used)] == used and all(c == 0 for c in counts[len(used):])
+            assert all(i == 0 for i in ids[len(used):])
+            assert sum(used) == JOB_DRAWS and all(c == int(c) for c in used)
+            assert len(set(ids[: len(used)])) == len(used)
+            request_widths.append(len(ids))
+            uniques.append(len(used))
+        widths.extend(request_widths)
+    assert max(widths) == max(uniques) < JOB_DRAWS  # as wide as the most unique ids, never N
+    # A scored request's positions go out together, as wide as its own most unique ids.
+    for key, positions in ((r.key, seen[r.key]) for r in scored):
+        assert len({len(ids) for ids, _ in positions}) == 1, key
+        # (at least its response positions' most: the prompt's own positions count too)
+        assert len(positions[0][0]) >= max(sum(1 for c in counts if c > 0) for _, counts in positions)
+    print(f"\nentries per position after the token and top-{K}: mean {sum(widths) / len(widths):.1f}, "
+          f"max {max(widths)} (unique draws: mean {sum(uniques) / len(uniques):.1f}); reserved {JOB_DRAWS}")
+
+
+def test_the_engine_runs_the_runner_the_hook_covers(vllm_engine, monkeypatch):
+    """The hook covers vLLM's V1 model runner; an engine configured for V2 (the default on a GPU
+    with Triton, unless VllmEngine.load asked for V1) is one that cannot draw."""
+    assert vllm_draws.runs_hooked_runner(vllm_engine._engine.vllm_config)
+    monkeypatch.setenv(vllm_draws.V2_RUNNER_ENV, "1")
+    assert not vllm_draws.runs_hooked_runner(vllm_engine._engine.vllm_config)
