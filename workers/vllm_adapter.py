@@ -270,33 +270,26 @@ class VllmEngine:
         _check_tokens(positions, response)
         return self._sample(response, positions, "scored", request)
 
-    def _columnar_sample(self, token_ids: list[int], columns: _Columns, reason: str) -> Sample:
+    def _columnar_sample(self, token_ids: list[int], columns: _Columns, reason: str,
+                         drawn: tuple[list[list[int]], list[list[int]]] | None = None) -> Sample:
         return Sample(
             completion_token_ids=token_ids,
             # Text is always the decoded tokens (stop strings included), so the two agree.
             completion_text=self._tokenizer.decode(token_ids, skip_special_tokens=True),
             token_logprobs=columns.logprobs, top_token_ids=columns.top_ids, top_logprobs=columns.top_logprobs,
             finish_reason=reason, token_ranks=columns.ranks,
+            sample_token_ids=None if drawn is None else drawn[0],
+            sample_counts=None if drawn is None else drawn[1],
         )
 
     def _sample(
         self, token_ids: list[int], positions: list[_Position], reason: str, request: EngineRequest
     ) -> Sample:
-        drawn = None
-        if request.draws is not None:
-            positions, drawn = _split_draws(positions, request.top_logprobs, request.draws.draws)
-        return Sample(
-            completion_token_ids=token_ids,
-            # Text is always the decoded tokens (stop strings included), so the two agree.
-            completion_text=self._tokenizer.decode(token_ids, skip_special_tokens=True),
-            token_logprobs=[p.logprob for p in positions],
-            top_token_ids=[p.top_ids for p in positions],
-            top_logprobs=[p.top_logprobs for p in positions],
-            finish_reason=reason,
-            token_ranks=_ranks(positions),
-            sample_token_ids=None if drawn is None else drawn[0],
-            sample_counts=None if drawn is None else drawn[1],
-        )
+        """A sample with draws: its top-k as the same arrays as `_columnar_sample`'s, and the
+        drawn ids and counts beside them."""
+        assert request.draws is not None  # the plain top-k path is _read_columns
+        positions, (ids, counts) = _split_draws(positions, request.top_logprobs, request.draws.draws)
+        return self._columnar_sample(token_ids, _columns_of(positions, request.top_logprobs), reason, (ids, counts))
 
     def _count(self, output: Any, samples: list[Sample], request: EngineRequest) -> None:
         self._stats["requests"] += 1
@@ -467,6 +460,18 @@ def _read_columns(container: Any, first: int, count: int, k: int) -> _Columns:
         token_ids=ids[:, 0], logprobs=logprobs[:, 0],
         ranks=None if ranks.dtype == object else ranks.astype(np.int32),  # object: vLLM gave some None
         top_ids=ids[:, 1:].astype(np.int32), top_logprobs=logprobs[:, 1:],
+    )
+
+
+def _columns_of(positions: list[_Position], k: int) -> _Columns:
+    """Positions read one by one (with draws, whose widths vary) as `_read_columns`'s arrays."""
+    ranks = _ranks(positions)
+    return _Columns(
+        token_ids=np.array([p.token_id for p in positions], dtype=np.int64),
+        logprobs=np.array([p.logprob for p in positions], dtype=np.float32),
+        ranks=None if ranks is None else np.array(ranks, dtype=np.int32),
+        top_ids=np.array([p.top_ids for p in positions], dtype=np.int32).reshape(len(positions), k),
+        top_logprobs=np.array([p.top_logprobs for p in positions], dtype=np.float32).reshape(len(positions), k),
     )
 
 

@@ -19,6 +19,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("vllm")
@@ -145,8 +146,9 @@ def test_draws_never_change_the_completion(job):
     for i in range(len(prompts)):
         plain, drawn = results[f"job-plain-{i}"].samples, results[f"job-drawn-{i}"].samples
         assert [s.completion_token_ids for s in plain] == [s.completion_token_ids for s in drawn]
-        assert [s.token_logprobs for s in plain] == [s.token_logprobs for s in drawn]
-        assert [s.top_token_ids for s in plain] == [s.top_token_ids for s in drawn]
+        for a, b in zip(plain, drawn, strict=True):
+            np.testing.assert_array_equal(a.token_logprobs, b.token_logprobs)
+            np.testing.assert_array_equal(a.top_token_ids, b.top_token_ids)
         assert all(s.sample_token_ids is None for s in plain)
 
 
@@ -237,7 +239,8 @@ def test_score_mode_draws_beside_top_k(vllm_engine, tokenizer):
                           mode="score", response_token_ids=response, draws=Draws(draws=30, temperature=1.0, seed=0))
     results = run(vllm_engine, [plain, drawn])
     a, b = results["s-plain"].samples[0], results["s-drawn"].samples[0]
-    assert a.top_token_ids == b.top_token_ids and a.token_logprobs == b.token_logprobs
+    np.testing.assert_array_equal(a.top_token_ids, b.top_token_ids)
+    np.testing.assert_array_equal(a.token_logprobs, b.token_logprobs)
     assert b.sample_counts is not None and len(b.sample_counts) == len(response)
     assert all(sum(c) == 30 for c in b.sample_counts)
 
