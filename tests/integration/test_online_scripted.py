@@ -55,6 +55,27 @@ def test_a_scoring_request_is_answered_by_a_job_and_a_repeat_from_the_cache(api,
     assert jobs[0]["counts"]["cached"] == 2  # the tenant's job records the hits (spend, limits)
 
 
+def test_an_online_job_ends_without_job_shards_and_its_results_stay_cached(api, rt, start_worker):
+    """The answer is read from the result shards: the finalizer ends the job without writing
+    job shards nobody downloads, and the result shards stay the cache."""
+    engine = ScriptedEngine()
+    start_worker(engine)
+    sequences = [[1, 2, 3, 4], [7, 8, 9]]
+    assert api.post("/v1/completions", json=score_body(sequences)).status_code == 200
+    [job] = api.get("/v1/jobs").json()["data"]
+    job = wait_for(api, job["id"])
+    assert job["status"] == "succeeded" and job["counts"]["completed"] == 2
+    assert api.get(f"/v1/jobs/{job['id']}/shards").json()["shards"] == []
+    assert count(rt, "SELECT count(*) FROM shards WHERE kind = 'job'") == 0
+    assert count(rt, "SELECT count(*) FROM shards WHERE kind = 'result'") >= 1
+    batch = {"teacher": TEACHER, "mode": "score", "top_logprobs": 3,
+             "requests": [{"prompt_token_ids": s[:1], "response_token_ids": s[1:]} for s in sequences]}
+    computed = engine.stats()["requests"]
+    reused = wait_for(api, api.post("/v1/jobs", json=batch).json()["id"])  # a batch job: assembled as ever
+    assert reused["counts"]["cached"] == 2 and engine.stats()["requests"] == computed
+    assert len(reused["shards"]) == 1
+
+
 def test_generation_and_echo_with_one_token(api, start_worker):
     start_worker(ScriptedEngine())
     body = {"model": TEACHER, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "logprobs": 2}
