@@ -230,7 +230,10 @@ class VllmEngine:
         _check_tokens(positions, token_ids)
         # "repetition" (vLLM's repetition detector) is a stop like any other.
         reason = "length" if completion.finish_reason == "length" else "stop"
-        return self._sample(token_ids, positions, reason, request)
+        sample = self._sample(token_ids, positions, reason, request)
+        # The stop string or token id that ended it (None: EOS or length), as `vllm serve` answers it.
+        sample.stop_reason = completion.stop_reason if reason == "stop" else None
+        return sample
 
     def _scored_sample(self, request: EngineRequest, output: Any) -> Sample:
         completion = output.outputs[0]
