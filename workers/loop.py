@@ -88,6 +88,16 @@ class Holdings:
             return sum(task_tokens(t) for t in self.tasks.values())
 
 
+def interactive_share(limit: int, batch_limit: int | None, batch_share: float) -> int:
+    """How many of a claim's `limit` places interactive tasks may take: all but `batch_share` of
+    the places batch work could take too (`batch_limit`, None: all), so batch work still
+    progresses however many interactive tasks wait, while the places only interactive work takes
+    (the reserve, or a claim with no room for batch work) go to them whole: a trainer's batch is
+    claimed at once, not in shrinking pieces over several claims."""
+    shared = limit if batch_limit is None else min(batch_limit, limit)
+    return max(1, limit - math.floor(shared * batch_share)) if limit else 0
+
+
 class StoragePause:
     """Claiming stops while storage refuses writes: new work would only fail to be stored too.
 
@@ -319,8 +329,7 @@ class WorkerLoop:
             return False
 
     def _claim(self, limit: int, suspect: bool = False, batch_limit: int | None = None) -> list[ClaimedTask]:
-        # Interactive tasks take at most their share of a claim, so batch work still progresses.
-        interactive_limit = max(1, math.ceil(limit * (1 - self.settings.batch_share))) if limit > 1 else limit
+        interactive_limit = interactive_share(limit, batch_limit, self.settings.batch_share)
 
         @self._db
         def claim() -> list[ClaimedTask]:

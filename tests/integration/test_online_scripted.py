@@ -6,6 +6,8 @@ work but leaves it its share, bad input is a 4xx that writes nothing. The number
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import sqlalchemy as sa
 
@@ -199,3 +201,24 @@ def test_client_score_returns_padded_arrays_from_the_live_service(rt, api_key, s
                                   np.float32(as_json["choices"][0]["logprobs"]["token_logprobs"][1:]))
     tensors = scores.torch()
     assert tuple(tensors["top_logprobs"].shape) == (2, 4, 3)
+
+
+def test_a_full_worker_claims_a_trainers_batch_into_its_reserve_at_once(api, rt, start_worker, monkeypatch):
+    """With every place of max_inflight held by batch work, the reserve takes the whole
+    interactive batch in one claim (the batch share bounds only places batch work could take)."""
+    batch = {"teacher": TEACHER, "mode": "generate", "top_logprobs": 1, "sampling": {"max_tokens": 2000},
+             "requests": [{"prompt_token_ids": [1, 300 + i]} for i in range(20)]}
+    api.post("/v1/jobs", json=batch)
+    worker = start_worker(ScriptedEngine(step_delay_s=0.05, tokens_per_step=1), max_inflight=8,
+                          interactive_reserve=4, drain_s=0.5)
+    deadline = time.monotonic() + 30
+    while worker.loop.held.batch_count() < 8:  # full of batch work, which runs for minutes
+        assert time.monotonic() < deadline, "the worker did not fill up with batch work"
+        time.sleep(0.05)
+    claims: list[int] = []
+    claim = TaskRepository.claim
+    monkeypatch.setattr(TaskRepository, "claim", lambda self, *a, **kw: (
+        lambda tasks: claims.append(sum(t.interactive for t in tasks)) or tasks)(claim(self, *a, **kw)))
+    response = api.post("/v1/completions", json=score_body([[3, 4, 5], [6, 7], [8, 9, 10], [11, 12]]))
+    assert response.status_code == 200, response.text
+    assert 4 in claims, claims  # not 3, then 1
