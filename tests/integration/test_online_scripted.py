@@ -222,3 +222,37 @@ def test_a_full_worker_claims_a_trainers_batch_into_its_reserve_at_once(api, rt,
     response = api.post("/v1/completions", json=score_body([[3, 4, 5], [6, 7], [8, 9, 10], [11, 12]]))
     assert response.status_code == 200, response.text
     assert 4 in claims, claims  # not 3, then 1
+
+
+class RecordingEngine(ScriptedEngine):
+    """Records, at each step, how many batch (generate) and interactive (score) requests run."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.steps: list[tuple[int, int]] = []
+
+    def step(self):
+        modes = [r.mode for r in self.running.values()]
+        self.steps.append((modes.count("generate"), modes.count("score")))
+        return super().step()
+
+
+def test_batch_sequences_that_end_are_not_replaced_while_interactive_work_runs(api, start_worker):
+    """Batch work keeps its share of the engine (batch_share of max_inflight: 2 of 8) while a
+    trainer's request runs; the places its other sequences leave go to nobody until it ends."""
+    batch = {"teacher": TEACHER, "mode": "generate", "top_logprobs": 1, "sampling": {"max_tokens": 3},
+             "requests": [{"prompt_token_ids": [1, 400 + i]} for i in range(400)]}
+    job = api.post("/v1/jobs", json=batch).json()
+    engine = RecordingEngine(step_delay_s=0.02, tokens_per_step=1)
+    start_worker(engine, max_inflight=8, interactive_reserve=4, batch_share=0.25, drain_s=0.5)
+    deadline = time.monotonic() + 30
+    while not any(b >= 6 for b, _ in engine.steps):  # the engine is full of batch work
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    response = api.post("/v1/completions", json=score_body([3] + list(range(10, 70))))  # 60 steps to score
+    assert response.status_code == 200, response.text
+    during = [b for b, i in engine.steps if i]
+    assert len(during) >= 30
+    assert max(during[10:]) <= 2, during  # after the first sequences end: the batch share only
+    assert sum(b > 0 for b in during) >= len(during) // 4, during  # ... and batch work still runs beside it
+    assert api.get(f"/v1/jobs/{job['id']}").json()["counts"]["pending"] > 0
