@@ -130,9 +130,9 @@ class Admission:
 
     def ended(self, key: str) -> None:
         """A task left the engine (finished, failed, aborted) or its lease was lost."""
-        if self.running.pop(key, False):
-            self.interactive -= 1
-        if any(t.key == key for t in self.waiting):
+        if key in self.running:
+            self.interactive -= self.running.pop(key)
+        elif any(t.key == key for t in self.waiting):  # a lost lease: it never started
             self.waiting = deque(t for t in self.waiting if t.key != key)
 
 
