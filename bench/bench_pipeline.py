@@ -91,6 +91,8 @@ def main() -> None:
     token_prompts = prompts(teacher, args.requests)
     requests = engine_requests(token_prompts, args)
     run_baseline(engine, requests[:8])  # warm-up: the first batch after load is several times slower
+    with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
+        run_service(engine, token_prompts[:8], args, rt)  # the service's too (its first claim, shard, assembly)
     label = "LLM.generate (vLLM frontend, main thread)"
     rounds = []
     for _ in range(args.rounds):

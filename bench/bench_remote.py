@@ -92,6 +92,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, vllm_serve(PROJECT_ROOT / "models" / teacher.name,
                                                          Path(tmp) / "server.log", kv_cache_gb="4") as base_url:
         run_direct(base_url, prompts[:8], args)  # warm-up: the first batch after load is several times slower
+        with scratch_runtime(Path(tmp), teachers_file=teachers_file(Path(tmp), base_url, args.concurrency)) as rt:
+            run_service(rt, prompts[:8], args)  # the service's too (its first claim, shard, assembly)
         label = "plain client (httpx threads)"
         rounds = []
         for _ in range(args.rounds):

@@ -73,6 +73,8 @@ def main() -> None:
                              keep_off_engine_cores=True)  # as a worker does (TEACHERCACHE_KEEP_OFF_ENGINE_CORES)
     data = make_data(engine, teacher, args)
     run_baseline(engine, data[:8], args.top_logprobs)  # warm-up
+    with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
+        run_service(engine, data[:8], args.top_logprobs, rt)  # the service's too (its first claim, shard, assembly)
     label = "LLM.generate prompt_logprobs (vLLM frontend, main thread)"
     rounds = []
     for _ in range(args.rounds):

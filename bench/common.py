@@ -90,17 +90,53 @@ def timed_service_job(rt, engine, body: dict, flush_s: float = 3.0, poll_s: floa
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     with TestClient(create_app(rt), headers=bench_auth(rt)) as api:
+        # A deployed worker is up before a job arrives: its start (registration, the listening
+        # connection, the first claim) is not the job's time. Earlier runs counted it (0.1-0.5 s).
+        worker.ready.wait(60)
         with CpuAccount(rt.database_url, profile) as cpu:
             started = time.perf_counter()
             job = api.post("/v1/jobs", json=body).json()
+            timeline = {"posted": time.perf_counter() - started}
             while (job := api.get(f"/v1/jobs/{job['id']}").json())["status"] != "succeeded":
+                mark_timeline(timeline, job, time.perf_counter() - started)
                 time.sleep(poll_s)
+            timeline["succeeded seen"] = time.perf_counter() - started
             tables = [pq.read_table(io.BytesIO(api.get(s["url"]).content)) for s in job["shards"]]
             elapsed = time.perf_counter() - started
     worker.request_stop()
     thread.join(60)
     tokens = sum(len(x) for t in tables for x in t.column("completion_token_ids").to_pylist())
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "cpu": cpu.result()}
+    timeline["downloaded"] = elapsed
+    timeline.update(database_timeline(rt, job["id"]))
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "cpu": cpu.result(),
+            "timeline": {k: round(v, 3) for k, v in timeline.items()}, "started_perf_counter": started}
+
+
+def database_timeline(rt, job_id: str) -> dict[str, float]:
+    """When, in seconds after the job row was written, its first and last task were indexed, it
+    became ready for assembly and it ended (the database's clock, each a transaction's start)."""
+    import sqlalchemy as sa
+
+    query = sa.text("""SELECT extract(epoch FROM min(t.finished_at) - j.created_at),
+                                extract(epoch FROM max(t.finished_at) - j.created_at),
+                                extract(epoch FROM j.ready_at - j.created_at),
+                                extract(epoch FROM j.finished_at - j.created_at)
+                         FROM jobs j JOIN requests r ON r.job_id = j.id JOIN tasks t ON t.key = r.cache_key
+                         WHERE j.id = :job GROUP BY j.id""")
+    with rt.engine.connect() as connection:
+        row = connection.execute(query, {"job": job_id}).one()
+    names = ("db: first task indexed", "db: last task indexed", "db: ready", "db: ended")
+    return {name: float(value) for name, value in zip(names, row, strict=True) if value is not None}
+
+
+def mark_timeline(timeline: dict[str, float], job: dict, at: float) -> None:
+    """The first poll that saw a request done, and the first that saw none left to compute: with
+    the POST and the download they place the service's time around the engine's (to a poll)."""
+    counts = job["counts"]
+    if counts["completed"] + counts["failed"] > 0:
+        timeline.setdefault("first request done", at)
+    if counts["pending"] == 0:
+        timeline.setdefault("nothing left to compute", at)
 
 
 def timed_baseline(run, label: str, profile: Path | None = None) -> dict:
@@ -126,13 +162,16 @@ def report_rounds(title: str, baseline: str, rounds: list[tuple[dict, dict, dict
         ratios.append(ratio)
         runs = [{"run": f"{baseline} (before)", **before}, {"run": "service end-to-end", **service},
                 {"run": f"{baseline} (after)", **after}]
-        rows = [{k: v for k, v in r.items() if k != "cpu"} for r in runs]
+        rows = [{k: v for k, v in r.items() if k not in ("cpu", "timeline", "started_perf_counter")} for r in runs]
         cpu = {r["run"]: r["cpu"] for r in runs if "cpu" in r}
         label = f" (round {number} of {len(rounds)})" if len(rounds) > 1 else ""
         print_table(f"{title}{label} — ratio {ratio:.3f}", rows)
+        if "timeline" in service:
+            Console().print("service timeline, s from the POST: " +
+                            ", ".join(f"{k} {v:.2f}" for k, v in service["timeline"].items()))
         for run, account in cpu.items():
             report_cpu(f"CPU during {run}: {account['cpu_s']} CPU s in {account['wall_s']} s", account)
-        written.append({"ratio": ratio, "rows": rows, "cpu": cpu})
+        written.append({"ratio": ratio, "rows": rows, "cpu": cpu, "timeline": service.get("timeline")})
     median = statistics.median(ratios)
     if len(rounds) > 1:
         Console().print(f"{title}: median ratio {median:.3f} of {len(rounds)} rounds "

@@ -201,6 +201,8 @@ class WorkerLoop:
         self.stopping = stopping or threading.Event()  # stop claiming (SIGTERM, or the engine died)
         self._queued = threading.Event()  # tasks may have been queued for this teacher: claim now
         self.done = threading.Event()  # the engine thread has ended; writer drains and exits
+        # Registered, listening (or polling, if Postgres's notifications are down) and claiming.
+        self.ready = threading.Event()
         self.finalizer = Finalizer(rt, poll_s=rt.settings.finalizer_poll_s)
         self.engine_error: str | None = None
         self._db = db_retry(rt.settings.db_retry_attempts)
@@ -217,6 +219,8 @@ class WorkerLoop:
         for thread in threads:
             thread.start()
         self.finalizer.start()
+        self.rt.listener.wait_connected(self.settings.claim_poll_s)  # a job queued now wakes the claimer
+        self.ready.set()
         code = self._engine_loop()
         self.done.set()
         for thread in threads:

@@ -49,6 +49,15 @@ def test_a_job_is_claimed_and_assembled_when_notified_not_when_polled(rt, api, s
     assert time.monotonic() - started < MINUTE / 3
 
 
+def test_a_worker_is_ready_once_registered_and_listening(rt, start_worker):
+    worker = start_worker(ScriptedEngine(), claim_idle_poll_s=MINUTE)
+    assert worker.loop.ready.wait(10), "the worker never said it was ready"
+    assert rt.listener.connected  # a job queued from now on wakes its claimer at once
+    with rt.engine.connect() as db:
+        registered = db.scalar(sa.text("SELECT count(*) FROM workers WHERE id = :id"), {"id": worker.loop.worker_id})
+    assert registered == 1
+
+
 def test_an_idle_worker_and_api_run_a_few_statements_not_a_poll_each_tick(rt, api, start_worker):
     idle_worker(rt, start_worker, claim_idle_poll_s=2.0)
     statements: list[str] = []
