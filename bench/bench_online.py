@@ -2,6 +2,7 @@
 `vllm serve` of the same teacher, same run.
 
     .venv/bin/python -m bench.bench_online [--batches 4] [--sequences 64] [--tokens 256] [--top-logprobs 20]
+    .venv/bin/python -m bench.bench_online --busy-only [--busy-requests 2000]  # steps 2 and 4 only
 
 The client sends what on-policy trainers send (ms-swift's TeacherAPIClient): POST /v1/completions
 with a batch of token-id sequences, `max_tokens` 0, `echo`, `logprobs` k, and reads the JSON.
@@ -14,7 +15,8 @@ with a batch of token-id sequences, `max_tokens` 0, `echo`, `logprobs` k, and re
    batches are scored through the interactive lane: their p50 against the idle p50.
 5. Arrow: one cached batch answered as Arrow IPC (`Accept: application/vnd.apache.arrow.stream`)
    against its JSON: bytes and client parse time.
-Writes bench/results/online.json.
+Writes bench/results/online.json. `--busy-only` runs the interactive lane's check alone (idle,
+then busy; no `vllm serve`, no cached or Arrow phase) and writes bench/results/online_busy.json.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--busy-requests", type=int, default=2000)
     p.add_argument("--busy-max-tokens", type=int, default=64)
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
+    p.add_argument("--busy-only", action="store_true",
+                   help="only the interactive lane's check: idle vs busy p50 (no vllm serve, cached or Arrow phase)")
     return p.parse_args(argv)
 
 
@@ -118,16 +122,16 @@ def run_service(args: argparse.Namespace, batches: list[list[list[int]]], busy_b
                 warm: list[list[list[int]]], model_dir: Path) -> dict[str, Any]:
     from bench.common import bench_auth, scratch_runtime
     from service.http.app import create_app
-    from teachercache.online_format import MEDIA_TYPE, read_stream
     from workers.loop import WorkerLoop
     from workers.settings import WorkerSettings
     from workers.vllm_adapter import VllmEngine
 
-    engine = VllmEngine.load(str(model_dir), max_model_len=2048, max_top_logprobs=20, dtype="float32",
-                             kv_cache_gb=args.kv_cache_gb, keep_off_engine_cores=True)  # as a worker does
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp, scratch_runtime(Path(tmp)) as rt:
         settings = WorkerSettings(**rt.settings.model_dump())
+        engine = VllmEngine.load(str(model_dir), max_model_len=2048, max_top_logprobs=20, dtype="float32",
+                                 kv_cache_gb=args.kv_cache_gb, max_num_seqs=settings.engine_max_num_seqs,
+                                 keep_off_engine_cores=True)  # as a worker does (workers/main.py)
         worker = WorkerLoop(rt, engine, settings, TEACHER)
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()
@@ -136,21 +140,8 @@ def run_service(args: argparse.Namespace, batches: list[list[list[int]]], busy_b
         with serve_app(create_app(rt)) as base, httpx.Client(base_url=base, headers=headers, timeout=900) as client:
             timed_batches(client, url, TEACHER, warm, args.top_logprobs)  # warm-up (not in the cache of the rest)
             out["idle"] = timed_batches(client, url, TEACHER, batches, args.top_logprobs)
-            out["cached"] = timed_batches(client, url, TEACHER, batches, args.top_logprobs)
-            # Arrow vs JSON on one cached batch: bytes and client-side parse time.
-            body = score_body(TEACHER, batches[0], args.top_logprobs)
-            as_json = client.post(url, json=body)
-            as_arrow = client.post(url, json=body, headers={"Accept": MEDIA_TYPE})
-            started = time.perf_counter()
-            json.loads(as_json.content)
-            json_parse = time.perf_counter() - started
-            started = time.perf_counter()
-            read_stream(as_arrow.content)
-            arrow_parse = time.perf_counter() - started
-            out["arrow"] = {"json_bytes": len(as_json.content), "arrow_bytes": len(as_arrow.content),
-                            "json_parse_s": json_parse, "arrow_parse_s": arrow_parse}
-            out["arrow_cached"] = timed_batches(client, url, TEACHER, batches, args.top_logprobs,
-                                                headers={"Accept": MEDIA_TYPE})
+            if not args.busy_only:
+                out.update(cached_phases(client, url, args, batches))
             busy = {"teacher": TEACHER, "mode": "generate", "top_logprobs": 20,
                     "sampling": {"max_tokens": args.busy_max_tokens, "ignore_eos": True},
                     "requests": [{"prompt_token_ids": [1, 2, 3, 100 + i]} for i in range(args.busy_requests)]}
@@ -161,7 +152,30 @@ def run_service(args: argparse.Namespace, batches: list[list[list[int]]], busy_b
             client.post(f"/v1/jobs/{job['id']}/cancel")
         worker.request_stop()
         thread.join(120)
-    engine.close()
+        engine.close()
+    return out
+
+
+def cached_phases(client: httpx.Client, url: str, args: argparse.Namespace,
+                  batches: list[list[list[int]]]) -> dict[str, Any]:
+    """The same batches again (from the cache), as JSON and as Arrow IPC, and one batch's sizes."""
+    from teachercache.online_format import MEDIA_TYPE, read_stream
+
+    out: dict[str, Any] = {"cached": timed_batches(client, url, TEACHER, batches, args.top_logprobs)}
+    # Arrow vs JSON on one cached batch: bytes and client-side parse time.
+    body = score_body(TEACHER, batches[0], args.top_logprobs)
+    as_json = client.post(url, json=body)
+    as_arrow = client.post(url, json=body, headers={"Accept": MEDIA_TYPE})
+    started = time.perf_counter()
+    json.loads(as_json.content)
+    json_parse = time.perf_counter() - started
+    started = time.perf_counter()
+    read_stream(as_arrow.content)
+    arrow_parse = time.perf_counter() - started
+    out["arrow"] = {"json_bytes": len(as_json.content), "arrow_bytes": len(as_arrow.content),
+                    "json_parse_s": json_parse, "arrow_parse_s": arrow_parse}
+    out["arrow_cached"] = timed_batches(client, url, TEACHER, batches, args.top_logprobs,
+                                        headers={"Accept": MEDIA_TYPE})
     return out
 
 
@@ -173,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_dir = PROJECT_ROOT / "models" / TEACHER
     batches, busy_batches, warm = batches_of(args, 0), batches_of(args, 1), batches_of(args, 2)[:1]
     tokens = args.sequences * args.tokens
+    if args.busy_only:
+        return report_busy(args, run_service(args, batches, busy_batches, warm, model_dir), tokens)
     direct = run_direct(args, batches, model_dir)
     service = run_service(args, batches, busy_batches, warm, model_dir)
     d, idle, cached = summary(direct, tokens), summary(service["idle"], tokens), summary(service["cached"], tokens)
@@ -198,6 +214,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report(f"{args.batches} batches of {args.sequences} x {args.tokens} tokens, top-{args.top_logprobs}", rows,
            "online.json", extra)
+    print(json.dumps({k: v for k, v in extra.items() if k not in ("seconds", "args")}, indent=1))
+    return extra
+
+
+def report_busy(args: argparse.Namespace, service: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """--busy-only: the interactive lane's figure alone (target: busy p50 within 2x of idle)."""
+    from bench.common import report
+
+    idle, busy = summary(service["idle"], tokens), summary(service["busy"], tokens)
+    rows = [{"path": "teachercache, computed", **idle, "p50 vs idle": 1.0},
+            {"path": "teachercache, computed, worker busy", **busy, "p50 vs idle": busy["p50_s"] / idle["p50_s"]}]
+    extra = {"args": vars(args), "busy_p50_over_idle_p50": busy["p50_s"] / idle["p50_s"],
+             "busy_job_pending_after": service["busy_job_pending_after"],
+             "seconds": {k: service[k] for k in ("idle", "busy")},
+             "machine": "shared 2-core VM, run under nice -n 19 beside other sessions"}
+    report(f"busy vs idle: {args.batches} batches of {args.sequences} x {args.tokens} tokens, top-{args.top_logprobs}",
+           rows, "online_busy.json", extra)
     print(json.dumps({k: v for k, v in extra.items() if k not in ("seconds", "args")}, indent=1))
     return extra
 

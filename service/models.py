@@ -91,6 +91,9 @@ class Job(Base):
     # cannot be assembled never stops the finalizers; past the bound it ends `failed`.
     finalize_attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
     finalize_not_before: orm.Mapped[datetime | None] = orm.mapped_column(TIMESTAMP)
+    # A job of the synchronous endpoints (service/online): its caller got the answer from the
+    # result shards, so the finalizer ends it without assembling job shards nobody downloads.
+    interactive: orm.Mapped[bool] = orm.mapped_column(sa.Boolean, server_default=sa.false())
 
 
 class Request(Base):

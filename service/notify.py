@@ -1,20 +1,24 @@
 """Postgres LISTEN/NOTIFY: a process learns at once that work appeared, instead of polling for it.
 
 Two channels, one definition each:
-- `JOBS_READY`: a job entered `finalizing` (all its requests ended, or it was cancelled). Sent by
-  the trigger `jobs_notify_ready` (migration 0020), so every path that readies a job sends it.
+- `JOBS_READY`: a job entered `finalizing` (all its requests ended, or it was cancelled); the
+  payload is the job's id (migration 0021). Sent by the trigger `jobs_notify_ready` (migration
+  0020), so every path that readies a job sends it. Finalizers listen to every payload; a
+  request of the synchronous endpoints waits for its own jobs' (service/online/service.py).
 - `TASKS_QUEUED`: tasks became claimable; the payload is their teacher, or empty for "any" (a
   release or a retry, rare). Sent by the queue's statements that make tasks pending
   (service/queue/repository.py), in their transaction: Postgres delivers it at commit.
 
 A notification is a hint, never the record: waiters still look on their own, at a long interval,
 so a dropped connection or a missed notification costs latency, never a request. A process holds
-one listening connection (`Listener`), shared by its finalizer and its worker's claimer; while
-it is down, waiters fall back to their short polls (`Listener.connected`).
+one listening connection (`Listener`), shared by its finalizer, its worker's claimer and its
+waiting HTTP requests (`LoopEvent`: an event an asyncio task awaits); while it is down, waiters
+fall back to their short polls (`Listener.connected`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Iterable
@@ -124,3 +128,32 @@ class Listener:
                 self._wake_all()  # waiters go back to their short polls now, not after their long wait
                 stop.wait(wait_s)
                 wait_s = min(wait_s * 2, self.retry_max_s)
+
+
+class LoopEvent(threading.Event):
+    """A subscriber event that an asyncio task can await: the listener's thread sets it, which
+    also wakes the task on its loop. A waiting HTTP request holds one of these, not a thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._loop = loop
+        self._woken = asyncio.Event()
+
+    def set(self) -> None:
+        super().set()
+        try:
+            self._loop.call_soon_threadsafe(self._woken.set)
+        except RuntimeError:  # the loop closed (the process is stopping): nobody waits any more
+            pass
+
+    def clear(self) -> None:
+        super().clear()
+        self._woken.clear()  # only from the loop's own thread (the waiter's)
+
+    async def wait_async(self, timeout: float) -> bool:
+        """Until set or `timeout` seconds; whether it was set."""
+        try:
+            await asyncio.wait_for(self._woken.wait(), timeout)
+        except TimeoutError:
+            pass
+        return self.is_set()

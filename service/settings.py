@@ -70,9 +70,12 @@ class ServiceSettings(BaseSettings):
     finalizer_poll_s: float = 0.5
     finalizer_idle_poll_s: float = Field(default=10.0, gt=0)
     # The synchronous endpoints (service/online): how long a request waits for the teacher before
-    # a 504 (its jobs are then cancelled), and the first interval of its wait's polls.
+    # a 504 (its jobs are then cancelled). It is woken when Postgres notifies that its jobs are
+    # ready (service/notify.py) and otherwise looks every online_idle_poll_s; while the listening
+    # connection is down it polls from online_poll_s, growing to 10x that.
     online_timeout_s: float = 600.0
     online_poll_s: float = 0.005
+    online_idle_poll_s: float = Field(default=10.0, gt=0)
     # A job whose assembly fails is retried after finalize_backoff_s x 2^attempt (at most 5 min),
     # and ends `failed` with the reason after finalize_max_attempts.
     finalize_max_attempts: int = Field(default=5, ge=1)

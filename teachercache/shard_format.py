@@ -56,10 +56,15 @@ RESULT_FIELDS = [
 ]
 SAMPLED_COLUMNS = ("sample_token_ids", "sample_counts")
 # A worker's result shard: rows keyed by cache key, shared by every job that asks for them. It
-# also keeps each token's rank in the teacher's whole vocabulary (1 = most likely), which the
-# synchronous endpoints answer as vLLM's `rank` (null where the engine gives none, and absent
-# from shards written before it); job shards do not carry it.
-RESULT_EXTRA_FIELDS = [pa.field("token_ranks", pa.list_(pa.int32()))]
+# also keeps what the synchronous endpoints answer as vLLM does and job shards do not carry: each
+# token's rank in the teacher's whole vocabulary (1 = most likely; vLLM's `rank`), and vLLM's
+# `stop_reason` of a sample that a stop string (`stop_string`) or stop token (`stop_token_id`)
+# ended. Null where the engine gives none; absent from shards written before the column existed.
+RESULT_EXTRA_FIELDS = [
+    pa.field("token_ranks", pa.list_(pa.int32())),
+    pa.field("stop_string", pa.string()),
+    pa.field("stop_token_id", pa.int32()),
+]
 RESULT_SCHEMA = pa.schema([pa.field("cache_key", pa.string()), *RESULT_FIELDS, *RESULT_EXTRA_FIELDS])
 # The columns a job adds around the teacher's: which request a row answers, and whether it was cached.
 JOB_FIELDS_BEFORE = [pa.field("custom_id", pa.string()), pa.field("request_index", pa.int32())]

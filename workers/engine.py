@@ -57,6 +57,9 @@ class Sample:
     top_logprobs: PerPositionTopK
     finish_reason: str  # stop | length | scored
     token_ranks: PerPosition | None = None  # each token's rank in the whole vocabulary, where the engine knows it
+    # vLLM's `stop_reason` of a sample that stopped: the stop string or stop token id that ended it
+    # (None: the end-of-sequence token, the length, or an engine that does not say).
+    stop_reason: str | int | None = None
     # With draws: per position the unique drawn ids (most drawn first) and their counts.
     sample_token_ids: list[list[int]] | None = None
     sample_counts: list[list[int]] | None = None

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -88,6 +89,53 @@ class Holdings:
             return sum(task_tokens(t) for t in self.tasks.values())
 
 
+def interactive_share(limit: int, batch_limit: int | None, batch_share: float) -> int:
+    """How many of a claim's `limit` places interactive tasks may take: all but `batch_share` of
+    the places batch work could take too (`batch_limit`, None: all), so batch work still
+    progresses however many interactive tasks wait, while the places only interactive work takes
+    (the reserve, or a claim with no room for batch work) go to them whole: a trainer's batch is
+    claimed at once, not in shrinking pieces over several claims."""
+    shared = limit if batch_limit is None else min(batch_limit, limit)
+    return max(1, limit - math.floor(shared * batch_share)) if limit else 0
+
+
+class Admission:
+    """Which held tasks the engine runs now (the engine thread's alone). Interactive tasks start
+    at once; a batch task waits while interactive work runs unless fewer than `floor` batch tasks
+    run (the batch share of max_inflight): batch sequences that end are not replaced, so a
+    trainer's batch soon has the engine's steps and KV cache nearly to itself, and batch jobs
+    still progress. With no interactive work running, every batch task starts at once."""
+
+    def __init__(self, floor: int) -> None:
+        self.floor = max(floor, 1)
+        self.running: dict[str, bool] = {}  # key -> interactive
+        self.interactive = 0
+        self.waiting: deque[ClaimedTask] = deque()
+
+    def offer(self, task: ClaimedTask) -> None:
+        self.waiting.append(task)
+
+    def ready(self) -> list[ClaimedTask]:
+        """The tasks to add to the engine now, interactive ones first, and mark them running."""
+        starting = [t for t in self.waiting if t.interactive]
+        batch = [t for t in self.waiting if not t.interactive]
+        room = len(batch) if not self.interactive and not starting else \
+            max(self.floor - (len(self.running) - self.interactive), 0)
+        starting += batch[:room]
+        self.waiting = deque(batch[room:])
+        for task in starting:
+            self.running[task.key] = task.interactive
+            self.interactive += task.interactive
+        return starting
+
+    def ended(self, key: str) -> None:
+        """A task left the engine (finished, failed, aborted) or its lease was lost."""
+        if key in self.running:
+            self.interactive -= self.running.pop(key)
+        elif any(t.key == key for t in self.waiting):  # a lost lease: it never started
+            self.waiting = deque(t for t in self.waiting if t.key != key)
+
+
 class StoragePause:
     """Claiming stops while storage refuses writes: new work would only fail to be stored too.
 
@@ -147,6 +195,8 @@ class WorkerLoop:
         self.held = Holdings()
         self.incoming: queue.Queue[ClaimedTask] = queue.Queue()
         self.lost: queue.Queue[str] = queue.Queue()
+        # Interactive work first into the engine; batch work keeps its share (the engine thread's).
+        self.admission = Admission(math.ceil(settings.max_inflight * settings.batch_share))
         self.finished: queue.Queue[EngineResult] = queue.Queue()
         self.stopping = stopping or threading.Event()  # stop claiming (SIGTERM, or the engine died)
         self._queued = threading.Event()  # tasks may have been queued for this teacher: claim now
@@ -198,6 +248,7 @@ class WorkerLoop:
                         return 0
                 if self.engine.has_unfinished():
                     for result in self.engine.step():
+                        self.admission.ended(result.key)
                         self.finished.put(result)
                 else:
                     self._wait_for_work()
@@ -209,11 +260,17 @@ class WorkerLoop:
 
     def _feed_engine(self) -> None:
         while not self.lost.empty():
-            self.engine.abort([self.lost.get_nowait()])
+            key = self.lost.get_nowait()
+            self.engine.abort([key])
+            self.admission.ended(key)
         while not self.incoming.empty():
             task = self.incoming.get_nowait()
             if self.stopping.is_set():
                 continue  # released at exit, never started
+            self.admission.offer(task)
+        if self.stopping.is_set():
+            self.admission.waiting.clear()  # released at exit, never started
+        for task in self.admission.ready():
             self.engine.add(engine_request(task))
 
     def _wait_for_work(self) -> None:
@@ -323,8 +380,7 @@ class WorkerLoop:
             return False
 
     def _claim(self, limit: int, suspect: bool = False, batch_limit: int | None = None) -> list[ClaimedTask]:
-        # Interactive tasks take at most their share of a claim, so batch work still progresses.
-        interactive_limit = max(1, math.ceil(limit * (1 - self.settings.batch_share))) if limit > 1 else limit
+        interactive_limit = interactive_share(limit, batch_limit, self.settings.batch_share)
 
         @self._db
         def claim() -> list[ClaimedTask]:

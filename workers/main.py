@@ -48,7 +48,7 @@ def load_vllm_engine(settings: WorkerSettings, teacher: Teacher) -> Engine:
         return VllmEngine.load(
             str(teacher.folder), max_model_len=teacher.spec.max_model_len,
             max_top_logprobs=teacher.spec.max_top_logprobs, dtype=teacher.spec.dtype,
-            kv_cache_gb=settings.kv_cache_gb, max_num_seqs=settings.max_num_seqs,
+            kv_cache_gb=settings.kv_cache_gb, max_num_seqs=settings.engine_max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             keep_off_engine_cores=settings.keep_off_engine_cores,
             **teacher.spec.parallelism(),

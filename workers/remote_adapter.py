@@ -336,7 +336,7 @@ class RemoteEngine:
             completion_token_ids=list(ids), completion_text=self._text(ids, choice.get("text", "")),
             token_logprobs=[_from_wire(lp) for lp in token_logprobs],
             top_token_ids=[[i for i, _ in p] for p in positions], top_logprobs=[[lp for _, lp in p] for p in positions],
-            finish_reason="length" if reason == "length" else "stop",
+            finish_reason="length" if reason == "length" else "stop", stop_reason=_stop_reason(choice),
         )
 
     def _chat_sample(self, request: EngineRequest, choice: dict[str, Any]) -> Sample:
@@ -358,7 +358,7 @@ class RemoteEngine:
             completion_token_ids=list(ids), completion_text=self._text(ids, text),
             token_logprobs=[_from_wire(c["logprob"]) for c in content],
             top_token_ids=[[i for i, _ in p] for p in tops], top_logprobs=[[lp for _, lp in p] for p in tops],
-            finish_reason="length" if reason == "length" else "stop",
+            finish_reason="length" if reason == "length" else "stop", stop_reason=_stop_reason(choice),
         )
 
     def _top_k(self, top: dict[str, float] | None, token_id: int, k: int) -> list[tuple[int, float]]:
@@ -426,3 +426,9 @@ def _check_plain_openai(spec: SamplingSpec) -> None:
     for name, default in VLLM_ONLY_DEFAULTS.items():
         if getattr(spec, name) != default:
             raise ValueError(f"sampling.{name} needs vLLM's extensions, which this remote teacher does not offer")
+
+
+def _stop_reason(choice: dict[str, Any]) -> str | int | None:
+    """vLLM's `stop_reason` (the stop string or token id); other servers send none or another type."""
+    value = choice.get("stop_reason")
+    return value if isinstance(value, str | int) and not isinstance(value, bool) else None

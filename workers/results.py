@@ -29,9 +29,16 @@ def result_rows(result: EngineResult, prompt: list[int]) -> list[dict[str, Any]]
          "completion_token_ids": s.completion_token_ids, "completion_text": s.completion_text,
          "token_logprobs": s.token_logprobs, "top_token_ids": s.top_token_ids, "top_logprobs": s.top_logprobs,
          "sample_token_ids": s.sample_token_ids, "sample_counts": s.sample_counts,
-         "finish_reason": s.finish_reason, "error": None, "token_ranks": s.token_ranks}
+         "finish_reason": s.finish_reason, "error": None, "token_ranks": s.token_ranks,
+         **stop_columns(s.stop_reason)}
         for i, s in enumerate(result.samples)
     ]
+
+
+def stop_columns(stop_reason: str | int | None) -> dict[str, Any]:
+    """vLLM's `stop_reason` (a string or a token id) in its two typed result-shard columns."""
+    return {"stop_string": stop_reason if isinstance(stop_reason, str) else None,
+            "stop_token_id": stop_reason if isinstance(stop_reason, int) else None}
 
 
 def result_table(results: list[EngineResult], prompts: dict[str, list[int]]) -> tuple[pa.Table, list[dict[str, Any]]]:

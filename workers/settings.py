@@ -44,6 +44,9 @@ class WorkerSettings(ServiceSettings):
     # Engine options (vLLM adapter).
     # KV cache of a CPU engine, GiB; default: a quarter of the free memory, at most 4 (workers/memory.py).
     kv_cache_gb: float | None = None
+    # Sequences the engine runs at once; default max_inflight + interactive_reserve, so the places
+    # kept for interactive work are places in the engine too (vLLM's own default, 256 on the CPU
+    # build, would leave a trainer's batch waiting for batch sequences to end).
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     # CPU build: move this process's own threads off the cores vLLM binds its model to (workers/cpus.py).
@@ -52,3 +55,8 @@ class WorkerSettings(ServiceSettings):
     # stand-in for control-plane tests); unset, the teacher's source decides (remote, else vllm).
     engine: Literal["vllm", "remote", "scripted"] | None = None
     scripted_step_delay_s: float = 0.0  # scripted engine only: how long one step takes
+
+    @property
+    def engine_max_num_seqs(self) -> int:
+        """What the engine is built with: `max_num_seqs`, else every place the worker fills."""
+        return self.max_num_seqs or self.max_inflight + self.interactive_reserve

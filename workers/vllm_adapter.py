@@ -244,13 +244,17 @@ class VllmEngine:
         reason = "length" if completion.finish_reason == "length" else "stop"
         if request.draws is None:
             columns = _read_columns(completion.logprobs, 0, len(token_ids), request.top_logprobs)
-            return self._columnar_sample(token_ids, _checked(columns, token_ids), reason)
-        positions = [
-            _read_position(completion.logprobs, i, *_widths(request))
-            for i in range(len(token_ids))
-        ]
-        _check_tokens(positions, token_ids)
-        return self._sample(token_ids, positions, reason, request)
+            sample = self._columnar_sample(token_ids, _checked(columns, token_ids), reason)
+        else:
+            positions = [
+                _read_position(completion.logprobs, i, *_widths(request))
+                for i in range(len(token_ids))
+            ]
+            _check_tokens(positions, token_ids)
+            sample = self._sample(token_ids, positions, reason, request)
+        # The stop string or token id that ended it (None: EOS or length), as `vllm serve` answers it.
+        sample.stop_reason = completion.stop_reason if reason == "stop" else None
+        return sample
 
     def _scored_sample(self, request: EngineRequest, output: Any) -> Sample:
         completion = output.outputs[0]

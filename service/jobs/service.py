@@ -128,7 +128,7 @@ class JobService:
         if prepared is None:
             prepared = prepare_submission(body, teacher, self.limits)
         self._spend_submission()
-        job = self._add_job(body, teacher, idempotency_key, len(prepared))
+        job = self._add_job(body, teacher, idempotency_key, len(prepared), interactive=interactive)
         writer = JobWriter(self, job, body, teacher, notes, interactive)
         writer.write(prepared)
         writer.finish()
@@ -192,12 +192,12 @@ class JobService:
         check_pending(self.tenant, self.jobs.pending_requests(self.tenant) - new, new, self.limits)
 
     def _add_job(self, body: JobCreate, teacher: Teacher, idempotency_key: str | None, total: int,
-                 source: OpenAIFile | None = None) -> Job:
+                 source: OpenAIFile | None = None, interactive: bool = False) -> Job:
         job = Job(
             id=new_id("job"), tenant=self.tenant, status=JobStatus.QUEUED, teacher=teacher.name, mode=body.mode,
             top_logprobs=body.top_logprobs, sampling=body.sampling.values(), cache_policy=body.cache,
             soft_labels=body.soft_labels.stored(), metadata_=body.metadata, total=total,
-            idempotency_key=idempotency_key, body_sha256=body_sha256(body, source),
+            idempotency_key=idempotency_key, body_sha256=body_sha256(body, source), interactive=interactive,
         )
         self.jobs.add_job(job)
         return job

@@ -89,6 +89,30 @@ def completion_logprobs(teacher: Teacher, token_ids: list[int],
     return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": top}
 
 
+def stop_reason(sample: dict[str, Any] | None) -> str | int | None:
+    """vLLM's `stop_reason`: the stop string or stop token id that ended the sample; null for the
+    end-of-sequence token, the length, and rows stored before the columns existed."""
+    if sample is None:
+        return None
+    if sample.get("stop_string") is not None:
+        return str(sample["stop_string"])
+    return None if sample.get("stop_token_id") is None else int(sample["stop_token_id"])
+
+
+def sample_text(teacher: Teacher, sample: dict[str, Any]) -> str:
+    """The sample's text as `vllm serve` answers it: the stored text is every token decoded (the
+    stop string included, workers/vllm_adapter.py); vLLM's ends before the stop string, or
+    before the stop token (whose logprobs it still reports)."""
+    reason = stop_reason(sample)
+    if isinstance(reason, str):
+        text = str(sample["completion_text"])
+        end = text.find(reason)
+        return text if end < 0 else text[:end]
+    if isinstance(reason, int):
+        return teacher.decode_text(list(sample["completion_token_ids"])[:-1])
+    return str(sample["completion_text"])
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
             "completion_tokens": completion_tokens, "prompt_tokens_details": None,
@@ -111,17 +135,19 @@ def render_completion(plan: Plan, answer: Answer, model: str) -> dict[str, Any]:
             out_ids = [] if sample is None else list(sample["completion_token_ids"])
             completion_tokens += 1 if sample is None else len(out_ids)
             out_positions = [] if sample is None else sample_positions(sample)
+            out_text = "" if sample is None else sample_text(teacher, sample)
             if plan.echo:
-                token_ids, text = ids + out_ids, prompt_text + ("" if sample is None else sample["completion_text"])
+                token_ids, text = ids + out_ids, prompt_text + out_text
                 positions = None if scored is None else scored + out_positions
             else:
-                token_ids, text, positions = out_ids, sample["completion_text"] if sample else "", out_positions
+                token_ids, text, positions = out_ids, out_text, out_positions
             logprobs = None
             if plan.generate_k is not None and positions is not None:
                 logprobs = completion_logprobs(teacher, token_ids, positions, plan.generate_k)
             choices.append({
                 "index": len(choices), "text": text, "logprobs": logprobs,
-                "finish_reason": "length" if sample is None else sample["finish_reason"], "stop_reason": None,
+                "finish_reason": "length" if sample is None else sample["finish_reason"],
+                "stop_reason": stop_reason(sample),
                 "token_ids": None,
                 "prompt_logprobs": None if scored is None else prompt_logprobs_json(teacher, scored),
                 "prompt_token_ids": None, "routed_experts": None,
@@ -154,12 +180,13 @@ def render_chat(plan: Plan, answer: Answer, model: str) -> dict[str, Any]:
     choices: list[dict[str, Any]] = []
     samples = answer.samples(plan)[0]
     for sample in samples:
-        message = {"role": "assistant", "content": sample["completion_text"], "refusal": None, "annotations": None,
+        message = {"role": "assistant", "content": sample_text(teacher, sample), "refusal": None, "annotations": None,
                    "audio": None, "function_call": None, "reasoning": None}
         choices.append({
             "index": len(choices), "message": message,
             "logprobs": None if plan.generate_k is None else chat_logprobs(teacher, sample, plan.generate_k),
-            "finish_reason": sample["finish_reason"], "stop_reason": None, "token_ids": None, "routed_experts": None,
+            "finish_reason": sample["finish_reason"], "stop_reason": stop_reason(sample), "token_ids": None,
+            "routed_experts": None,
         })
     completion_tokens = sum(len(s["completion_token_ids"]) for s in samples)
     return {

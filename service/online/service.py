@@ -9,9 +9,10 @@ job for what follows the prompt (unless `max_tokens` is 0 with echo). Both are o
 the caller's tenant: the cache answers a sequence scored before, the limits and spend apply.
 
 Nothing here holds a database transaction or a thread while the teacher works: submission is
-one short transaction, the wait polls the jobs' maintained counters (one primary-key read per
-poll, in a worker thread only for that read) with asyncio sleeps in between, and the rows are
-read in another short transaction once nothing is pending.
+one short transaction; the wait is an asyncio task woken by Postgres when one of its jobs is
+ready (JOBS_READY with the job's id, service/notify.py), which then reads the jobs' maintained
+counters (a primary-key read, in a worker thread only for that read); the rows are read in
+another short transaction once nothing is pending.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from service.errors import Conflict, OpenAIError, TeachercacheError
 from service.jobs.limits import JobLimits
 from service.jobs.schemas import JobCreate, RequestIn
 from service.jobs.service import JobService, prepare_submission
+from service.notify import JOBS_READY, LoopEvent
 from service.online.repository import OnlineRepository
 from service.online.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from service.results.assemble import computed_pieces
@@ -261,19 +263,35 @@ class OnlineService:
             raise OpenAIError.of(exc) from None
 
     async def wait(self, job_ids: list[str]) -> None:
-        """Until none of the jobs has a pending request: a primary-key read of their counters per
-        poll, the interval growing from online_poll_s to 10x it while the teacher works."""
+        """Until none of the jobs has a pending request. The counters are read when Postgres
+        notifies that one of these jobs is ready (and when the listening connection comes up or
+        fails), else every online_idle_poll_s in case a notification was missed; while the
+        connection is down, every online_poll_s growing to 10x that."""
         settings = self.rt.settings
         deadline = time.monotonic() + settings.online_timeout_s
         interval = settings.online_poll_s
-        while await run_in_threadpool(self.pending, job_ids):
-            if time.monotonic() > deadline:
-                await run_in_threadpool(self.cancel, job_ids)
-                raise OpenAIError(f"the teacher did not answer within {settings.online_timeout_s:g} s "
-                                  "(TEACHERCACHE_ONLINE_TIMEOUT_S); is a worker serving this teacher?",
-                                  None, 504, "TimeoutError")
-            await asyncio.sleep(interval)
-            interval = min(interval * 1.5, settings.online_poll_s * 10)
+        listener = self.rt.listener
+        woken = LoopEvent(asyncio.get_running_loop())
+        for job_id in job_ids:  # before the first read: a job readied after it still wakes us
+            listener.subscribe(JOBS_READY, woken, job_id)
+        try:
+            while True:
+                woken.clear()  # before the read: a notification during it ends the next wait at once
+                if not await run_in_threadpool(self.pending, job_ids):
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    await run_in_threadpool(self.cancel, job_ids)
+                    raise OpenAIError(f"the teacher did not answer within {settings.online_timeout_s:g} s "
+                                      "(TEACHERCACHE_ONLINE_TIMEOUT_S); is a worker serving this teacher?",
+                                      None, 504, "TimeoutError")
+                if listener.connected:
+                    await woken.wait_async(min(settings.online_idle_poll_s, left))
+                else:
+                    await woken.wait_async(min(interval, left))
+                    interval = min(interval * 1.5, settings.online_poll_s * 10)
+        finally:
+            listener.unsubscribe(woken)
 
     def pending(self, job_ids: list[str]) -> int:
         with self.rt.sessions() as db:
@@ -289,8 +307,8 @@ class OnlineService:
                 pass
 
     def read(self, plan: Plan, jobs: dict[str, str]) -> Answer:
-        """The jobs' rows, straight from the result shards (the job's own shards are assembled
-        later by the finalizer, as for any job)."""
+        """The jobs' rows, straight from the result shards (the finalizer then ends the jobs
+        without assembling job shards: service/results/assemble.py)."""
         answer = Answer()
         with self.rt.sessions() as db:
             for mode, job_id in jobs.items():

@@ -98,6 +98,11 @@ def ended(jobs: JobRepository, job: Job, on_end: Callable[[Job], None]) -> None:
 
 def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, job: Job,
              teacher_meta: dict[str, dict[str, str]], limits: AssemblyLimits) -> None:
+    if job.interactive:
+        # The synchronous endpoints answered from the result shards (service/online), which stay
+        # in the cache: job shards would be written for nobody to download.
+        end_job(job)
+        return
     damaged = damaged_sources(results, storage, job.id)
     if damaged:  # recompute them: the job moves back to running and is finalized when they resolve
         requeued = results.drop_damaged_shards(damaged)
@@ -116,6 +121,10 @@ def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, j
         results.add_shard(Shard(id=new_id("shard"), kind="job", job_id=job.id, shard_index=index, path=stored.path,
                              rows=stored.rows, bytes=stored.bytes, sha256=stored.sha256))
         index += 1
+    end_job(job)
+
+
+def end_job(job: Job) -> None:
     job.status = JobStatus.CANCELLED if job.cancel_requested_at else JobStatus.SUCCEEDED
     job.error = None
     job.finished_at = sa.func.now()

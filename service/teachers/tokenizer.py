@@ -94,6 +94,11 @@ class Teacher:
         with self._lock:
             return str(self._tokenizer.decode(ids))
 
+    def decode_text(self, ids: list[int]) -> str:
+        """Generated tokens as text, special tokens skipped (as the engine adapter decodes them)."""
+        with self._lock:
+            return str(self._tokenizer.decode(ids, skip_special_tokens=True))
+
     @cached_property
     def _pieces(self) -> dict[int, str]:
         return {}

@@ -9,6 +9,7 @@ from typing import Any
 TEXT = "The capital of France is Paris. The capital of Italy is"
 OTHER = "def add(a, b):\n    return"
 MESSAGES = [{"role": "user", "content": "Name a primary colour."}]
+STOP_TOKEN = 278  # " b" in the teacher's vocabulary: its greedy continuation of OTHER is " a + b\n"
 
 
 def ok_cases(ids: list[int], other_ids: list[int], model: str) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -29,6 +30,14 @@ def ok_cases(ids: list[int], other_ids: list[int], model: str) -> dict[str, tupl
         "generate_batch": ("/completions", {"model": model, "prompt": [TEXT, OTHER], "max_tokens": 6,
                                             "temperature": 0, "logprobs": 2}),
         "generate_plain": ("/completions", {"model": model, "prompt": other_ids, "max_tokens": 5, "temperature": 0}),
+        # Greedy, the teacher goes on " Rome. The capital of Spain is Madrid." and " a + b\n":
+        # a stop string inside a token, and a stop token (vLLM's stop_reason, and its text).
+        "generate_stop_string": ("/completions", {"model": model, "prompt": TEXT, "max_tokens": 8, "temperature": 0,
+                                                  "logprobs": 2, "stop": ["Spain", "Berlin"]}),
+        "generate_stop_token": ("/completions", {"model": model, "prompt": other_ids, "max_tokens": 8,
+                                                 "temperature": 0, "logprobs": 1, "stop_token_ids": [STOP_TOKEN]}),
+        "chat_stop_string": ("/chat/completions", {"model": model, "messages": MESSAGES, "max_tokens": 8,
+                                                   "temperature": 0, "stop": [" "]}),
         "chat_logprobs": ("/chat/completions", {"model": model, "messages": MESSAGES, "max_tokens": 8,
                                                 "temperature": 0, "logprobs": True, "top_logprobs": 3}),
         "chat_plain": ("/chat/completions", {"model": model, "messages": MESSAGES, "max_tokens": 6,

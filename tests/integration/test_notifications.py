@@ -123,3 +123,40 @@ def test_a_job_entering_finalizing_notifies_jobs_ready(rt, api):
         assert ready.wait(5)
     finally:
         listener.unsubscribe(ready)
+
+
+def test_jobs_ready_names_the_job_so_a_waiter_of_another_job_sleeps_on(rt, api):
+    listener = Listener(rt.database_url)
+    mine, other = threading.Event(), threading.Event()
+    job = api.post("/v1/jobs", json=job_body(2)).json()
+    listener.subscribe(JOBS_READY, mine, job["id"])
+    listener.subscribe(JOBS_READY, other, "job_not_this_one")
+    try:
+        assert listener.wait_connected(10)
+        time.sleep(0.2)
+        mine.clear(), other.clear()  # the connection's own wake-up
+        assert api.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+        assert mine.wait(5)
+        assert not other.wait(0.5)
+    finally:
+        listener.unsubscribe(mine)
+        listener.unsubscribe(other)
+
+
+def test_an_online_request_is_woken_by_its_jobs_notification_not_by_its_poll(rt, api, start_worker, monkeypatch):
+    """The synchronous endpoint's wait (service/online): with both of its polls a minute long,
+    the answer comes as soon as Postgres says the job is ready, after a couple of counter reads."""
+    from service.online.service import OnlineService
+
+    monkeypatch.setattr(rt.settings, "online_poll_s", MINUTE)
+    monkeypatch.setattr(rt.settings, "online_idle_poll_s", MINUTE)
+    reads = []
+    pending = OnlineService.pending
+    monkeypatch.setattr(OnlineService, "pending", lambda self, ids: reads.append(ids) or pending(self, ids))
+    idle_worker(rt, start_worker)
+    started = time.monotonic()
+    response = api.post("/v1/completions", json={"model": TEACHER, "prompt": [1, 2, 3, 4], "max_tokens": 0,
+                                                 "echo": True, "logprobs": 2})
+    assert response.status_code == 200, response.text
+    assert time.monotonic() - started < MINUTE / 3
+    assert 2 <= len(reads) <= 4  # before the wait, then on the notification (or two: folded or not)

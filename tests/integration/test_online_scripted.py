@@ -6,6 +6,8 @@ work but leaves it its share, bad input is a 4xx that writes nothing. The number
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import sqlalchemy as sa
 
@@ -53,6 +55,27 @@ def test_a_scoring_request_is_answered_by_a_job_and_a_repeat_from_the_cache(api,
     jobs = api.get("/v1/jobs").json()["data"]
     assert {j["mode"] for j in jobs} == {"score"} and all(j["metadata"] == {"source": "online"} for j in jobs)
     assert jobs[0]["counts"]["cached"] == 2  # the tenant's job records the hits (spend, limits)
+
+
+def test_an_online_job_ends_without_job_shards_and_its_results_stay_cached(api, rt, start_worker):
+    """The answer is read from the result shards: the finalizer ends the job without writing
+    job shards nobody downloads, and the result shards stay the cache."""
+    engine = ScriptedEngine()
+    start_worker(engine)
+    sequences = [[1, 2, 3, 4], [7, 8, 9]]
+    assert api.post("/v1/completions", json=score_body(sequences)).status_code == 200
+    [job] = api.get("/v1/jobs").json()["data"]
+    job = wait_for(api, job["id"])
+    assert job["status"] == "succeeded" and job["counts"]["completed"] == 2
+    assert api.get(f"/v1/jobs/{job['id']}/shards").json()["shards"] == []
+    assert count(rt, "SELECT count(*) FROM shards WHERE kind = 'job'") == 0
+    assert count(rt, "SELECT count(*) FROM shards WHERE kind = 'result'") >= 1
+    batch = {"teacher": TEACHER, "mode": "score", "top_logprobs": 3,
+             "requests": [{"prompt_token_ids": s[:1], "response_token_ids": s[1:]} for s in sequences]}
+    computed = engine.stats()["requests"]
+    reused = wait_for(api, api.post("/v1/jobs", json=batch).json()["id"])  # a batch job: assembled as ever
+    assert reused["counts"]["cached"] == 2 and engine.stats()["requests"] == computed
+    assert len(reused["shards"]) == 1
 
 
 def test_generation_and_echo_with_one_token(api, start_worker):
@@ -178,3 +201,58 @@ def test_client_score_returns_padded_arrays_from_the_live_service(rt, api_key, s
                                   np.float32(as_json["choices"][0]["logprobs"]["token_logprobs"][1:]))
     tensors = scores.torch()
     assert tuple(tensors["top_logprobs"].shape) == (2, 4, 3)
+
+
+def test_a_full_worker_claims_a_trainers_batch_into_its_reserve_at_once(api, rt, start_worker, monkeypatch):
+    """With every place of max_inflight held by batch work, the reserve takes the whole
+    interactive batch in one claim (the batch share bounds only places batch work could take)."""
+    batch = {"teacher": TEACHER, "mode": "generate", "top_logprobs": 1, "sampling": {"max_tokens": 2000},
+             "requests": [{"prompt_token_ids": [1, 300 + i]} for i in range(20)]}
+    api.post("/v1/jobs", json=batch)
+    worker = start_worker(ScriptedEngine(step_delay_s=0.05, tokens_per_step=1), max_inflight=8,
+                          interactive_reserve=4, drain_s=0.5)
+    deadline = time.monotonic() + 30
+    while worker.loop.held.batch_count() < 8:  # full of batch work, which runs for minutes
+        assert time.monotonic() < deadline, "the worker did not fill up with batch work"
+        time.sleep(0.05)
+    claims: list[int] = []
+    claim = TaskRepository.claim
+    monkeypatch.setattr(TaskRepository, "claim", lambda self, *a, **kw: (
+        lambda tasks: claims.append(sum(t.interactive for t in tasks)) or tasks)(claim(self, *a, **kw)))
+    response = api.post("/v1/completions", json=score_body([[3, 4, 5], [6, 7], [8, 9, 10], [11, 12]]))
+    assert response.status_code == 200, response.text
+    assert 4 in claims, claims  # not 3, then 1
+
+
+class RecordingEngine(ScriptedEngine):
+    """Records, at each step, how many batch (generate) and interactive (score) requests run."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.steps: list[tuple[int, int]] = []
+
+    def step(self):
+        modes = [r.mode for r in self.running.values()]
+        self.steps.append((modes.count("generate"), modes.count("score")))
+        return super().step()
+
+
+def test_batch_sequences_that_end_are_not_replaced_while_interactive_work_runs(api, start_worker):
+    """Batch work keeps its share of the engine (batch_share of max_inflight: 2 of 8) while a
+    trainer's request runs; the places its other sequences leave go to nobody until it ends."""
+    batch = {"teacher": TEACHER, "mode": "generate", "top_logprobs": 1, "sampling": {"max_tokens": 3},
+             "requests": [{"prompt_token_ids": [1, 400 + i]} for i in range(400)]}
+    job = api.post("/v1/jobs", json=batch).json()
+    engine = RecordingEngine(step_delay_s=0.02, tokens_per_step=1)
+    start_worker(engine, max_inflight=8, interactive_reserve=4, batch_share=0.25, drain_s=0.5)
+    deadline = time.monotonic() + 30
+    while not any(b >= 6 for b, _ in engine.steps):  # the engine is full of batch work
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    response = api.post("/v1/completions", json=score_body([3] + list(range(10, 70))))  # 60 steps to score
+    assert response.status_code == 200, response.text
+    during = [b for b, i in engine.steps if i]
+    assert len(during) >= 30
+    assert max(during[10:]) <= 2, during  # after the first sequences end: the batch share only
+    assert sum(b > 0 for b in during) >= len(during) // 4, during  # ... and batch work still runs beside it
+    assert api.get(f"/v1/jobs/{job['id']}").json()["counts"]["pending"] > 0
