@@ -31,7 +31,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from teachercache.shard_format import JOB_SCHEMA, parquet_options, shard_metadata
-from teachercache.soft_labels import STORED_COLUMNS, Encoding, decode, encode, stored_schema
+from teachercache.soft_labels import (
+    SOFT_LABELS_KEY,
+    STORED_COLUMNS,
+    Encoding,
+    decode,
+    encode,
+    encoding_of,
+    stored_schema,
+)
 
 DEFAULT_POSITIONS = Path(tempfile.gettempdir()) / "teachercache-soft-label-positions.parquet"
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-instruct"
@@ -82,6 +90,8 @@ def job_rows(positions: pa.Table, k: int) -> pa.Table:
 
 
 def write(table: pa.Table, encoding: Encoding, options: dict) -> bytes:
+    """The job shard assembly writes: compact's vocabulary fitted on the rows (one window)."""
+    encoding = encoding.fitted(table)
     schema = stored_schema(JOB_SCHEMA.with_metadata(shard_metadata({})), encoding)
     buffer = io.BytesIO()
     with pq.ParquetWriter(buffer, schema, **options(schema)) as writer:
@@ -90,9 +100,11 @@ def write(table: pa.Table, encoding: Encoding, options: dict) -> bytes:
 
 
 def soft_label_bytes(data: bytes, encoding: Encoding) -> int:
+    """The soft-label column chunks, and compact's vocabulary in the footer (twice: pyarrow keeps
+    the file's metadata both as Parquet key/values and inside its serialised Arrow schema)."""
     metadata = pq.ParquetFile(io.BytesIO(data)).metadata
-    names = set(STORED_COLUMNS[encoding.name])
-    return sum(metadata.row_group(g).column(c).total_compressed_size
+    names = set(STORED_COLUMNS[encoding_of(metadata.metadata).format])
+    return 2 * len(metadata.metadata.get(SOFT_LABELS_KEY, b"")) + sum(metadata.row_group(g).column(c).total_compressed_size
                for g in range(metadata.num_row_groups) for c in range(metadata.num_columns)
                if metadata.row_group(g).column(c).path_in_schema.split(".")[0] in names)
 
@@ -124,7 +136,9 @@ def fidelity(exact: pa.Table, decoded: pa.Table, k: int) -> dict:
 def decode_rate(data: bytes, encoding: Encoding, positions: int, repeats: int = 7) -> tuple[float, float]:
     """Positions decoded per second of wall time and per second of this process's CPU time (one
     core: the decoder is single-threaded numpy), best of `repeats`."""
-    batches = list(pq.ParquetFile(io.BytesIO(data)).iter_batches(batch_size=1024))
+    parquet = pq.ParquetFile(io.BytesIO(data))
+    encoding = encoding_of(parquet.schema_arrow.metadata)  # with the shard's vocabulary
+    batches = list(parquet.iter_batches(batch_size=1024))
     wall = cpu = float("inf")
     for _ in range(repeats):
         started, started_cpu = time.perf_counter(), time.process_time()
@@ -140,7 +154,7 @@ def encode_rate(table: pa.Table, encoding: Encoding, positions: int, repeats: in
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        encode(table, encoding, schema)
+        encode(table, encoding.fitted(table), schema)  # fitting compact's vocabulary included
         best = min(best, time.perf_counter() - started)
     return positions / best
 
@@ -160,7 +174,9 @@ def measure(table: pa.Table, k: int) -> list[dict]:
         started = time.perf_counter()
         data = write(table, encoding, options)
         write_s = time.perf_counter() - started
-        decoded = pa.Table.from_batches([decode(b, encoding) for b in pq.ParquetFile(io.BytesIO(data)).iter_batches()])
+        parquet = pq.ParquetFile(io.BytesIO(data))
+        stored = encoding_of(parquet.schema_arrow.metadata)
+        decoded = pa.Table.from_batches([decode(b, stored) for b in parquet.iter_batches()])
         rows.append({"k": k, "layout": label, "bytes_per_token": soft_label_bytes(data, encoding) / positions,
                      "file_bytes_per_token": len(data) / positions, **fidelity(table, decoded, k),
                      **dict(zip(("decode_positions_per_s", "decode_positions_per_cpu_s"),

@@ -80,7 +80,8 @@ JOB_SCHEMA = pa.schema([*JOB_FIELDS_BEFORE, *RESULT_FIELDS, TAIL_FIELD, *JOB_FIE
 # (Parquet's BYTE_STREAM_SPLIT encoding, which any Parquet reader decodes) than whole.
 SPLIT_TYPES = (pa.float32(), pa.float16(), pa.int32(), pa.uint32())
 SPLIT_COLUMNS = ("token_logprobs", "top_token_ids", "top_logprobs", "top_logprob_ref", "top_logprob_steps",
-                 "token_logprob_steps", "tail_logprob", "sample_token_ids", "sample_counts")
+                 "token_logprob_steps", "tail_logprob", "sample_token_ids", "sample_counts", "top_token_codes",
+                 "top_logprob_ref_codes", "top_logprob_codes", "token_logprob_codes")
 COMPRESSION_LEVEL = 6  # zstd: most of level 19's gain on these columns, at a fraction of its time
 
 
