@@ -59,7 +59,7 @@ NEG_INF_CODE = np.uint32(0xFFFFFFFF)  # layout 1's -inf
 # Layout 2's reference: whole steps of 1/256 nat (within 1/512), for logprobs of magnitude at most
 # MAX_NATS (below: -inf), so every decoded value is a multiple of 1/256 that float32 holds exactly.
 REF_STEP = 1.0 / 256.0
-MAX_NATS = float(2**16)
+MAX_NATS = float(2**15)
 # Layout 2's -inf: its step codes are int32 deltas stored as uint32, and no delta reaches 2^31.
 NEG_INF_STEP = np.uint32(0x80000000)
 # compact's layouts: 1 (a float16 reference per position, zig-zag steps below it, ids as they are)
@@ -69,6 +69,7 @@ COMPACT_LAYOUTS = (1, COMPACT_LAYOUT)
 # A shard's id vocabulary keeps ids seen at least this often in the window it is fitted on: an id
 # seen once costs more in the table than it saves in the column.
 VOCABULARY_MIN_COUNT = 2
+VOCABULARY_BAND = 256  # the ranks a code's low byte spans
 
 SOFT_LABEL_COLUMNS = ("token_logprobs", "top_token_ids", "top_logprobs")
 COMPACT_COLUMNS = ("top_token_ids", "top_logprob_ref", "top_logprob_steps", "token_logprob_steps",
@@ -140,25 +141,29 @@ class Encoding:
 
 def fit_vocabulary(ids: np.ndarray) -> np.ndarray:
     """The ids seen at least VOCABULARY_MIN_COUNT times, most frequent first (ties by id): coded
-    as their rank, frequent ids become small numbers whose bytes compress well."""
+    as their rank, frequent ids become small numbers whose bytes compress well. Past the first
+    VOCABULARY_BAND ranks, each band of that many is sorted by id: a code's high bytes still
+    name its band, and the table itself then delta-codes to about half the bytes."""
     if not len(ids):
         return np.zeros(0, np.int32)
     unique, counts = np.unique(ids, return_counts=True)
     kept = counts >= VOCABULARY_MIN_COUNT
-    order = np.argsort(-counts[kept], kind="stable")
-    vocabulary: np.ndarray = unique[kept][order].astype(np.int32)
-    return vocabulary
+    vocabulary = unique[kept][np.argsort(-counts[kept], kind="stable")].astype(np.int32)
+    bands = [vocabulary[:VOCABULARY_BAND]] + [np.sort(vocabulary[i:i + VOCABULARY_BAND])
+                                              for i in range(VOCABULARY_BAND, len(vocabulary), VOCABULARY_BAND)]
+    fitted: np.ndarray = np.concatenate(bands)
+    return fitted
 
 
 def _pack_ids(ids: np.ndarray) -> str:
-    """int32 ids as metadata text: little-endian bytes, zstd, base64."""
-    return base64.b64encode(pa.Codec("zstd", compression_level=19).compress(ids.astype("<i4").tobytes())
-                            .to_pybytes()).decode()
-
-
-def _crc(ids: np.ndarray) -> int:
-    """The vocabulary's CRC-32 (the footer that holds it has no checksum of its own)."""
-    return zlib.crc32(ids.astype("<i4").tobytes())
+    """A vocabulary as metadata text: the first band as is, each later one as deltas from its
+    previous id (its first: the id), little-endian int32 split into byte planes, zstd, base64."""
+    index = np.arange(len(ids))
+    deltas = ids.astype(np.int64)
+    later = np.flatnonzero((index >= VOCABULARY_BAND) & (index % VOCABULARY_BAND != 0))
+    deltas[later] = ids[later].astype(np.int64) - ids[later - 1]
+    planes = np.ascontiguousarray(deltas.astype("<i4").view(np.uint8).reshape(-1, 4).T).tobytes()
+    return base64.b64encode(pa.Codec("zstd", compression_level=19).compress(planes).to_pybytes()).decode()
 
 
 def _unpack_ids(text: str, size: int) -> np.ndarray:
@@ -166,8 +171,18 @@ def _unpack_ids(text: str, size: int) -> np.ndarray:
     data = pa.Codec("zstd").decompress(raw, decompressed_size=4 * int(size)).to_pybytes()
     if len(data) != 4 * int(size):
         raise ValueError("vocabulary of the wrong size")
-    ids: np.ndarray = np.frombuffer(data, "<i4").astype(np.int32)
+    deltas = np.ascontiguousarray(np.frombuffer(data, np.uint8).reshape(4, -1).T).view("<i4").ravel().astype(np.int64)
+    head, tail = deltas[:VOCABULARY_BAND], deltas[VOCABULARY_BAND:]
+    running = np.cumsum(tail)
+    starts = np.arange(0, len(tail), VOCABULARY_BAND)
+    before = running[starts] - tail[starts]  # the running sum up to each band's first id
+    ids: np.ndarray = np.concatenate([head, running - before[np.arange(len(tail)) // VOCABULARY_BAND]]).astype(np.int32)
     return ids
+
+
+def _crc(ids: np.ndarray) -> int:
+    """The vocabulary's CRC-32 (the footer that holds it has no checksum of its own)."""
+    return zlib.crc32(ids.astype("<i4").tobytes())
 
 
 def encoding_of(metadata: dict[bytes, bytes] | None, where: str | None = None) -> Encoding:
@@ -515,13 +530,18 @@ def _decode_compact2(data: pa.Table | pa.RecordBatch, vocabulary: np.ndarray | N
 
 def _ids_of_codes(codes: np.ndarray, vocabulary: np.ndarray | None) -> np.ndarray | None:
     """Layout 2's ids from their codes (None if a code is negative: damage)."""
-    if len(codes) and codes.min() < 0:
+    if not len(codes):
+        return codes
+    largest = int(codes.view(np.uint32).max())  # a negative code reads as 2^31 or more
+    if largest >= 2**31:
         return None
     size = 0 if vocabulary is None else len(vocabulary)
     if not size:
         return codes
     assert vocabulary is not None
-    ids: np.ndarray = np.where(codes < size, vocabulary[np.minimum(codes, size - 1)], codes - size).astype(np.int32)
+    # One gather through the vocabulary extended by the escaped ids (code - size) in use.
+    table = vocabulary if largest < size else np.concatenate([vocabulary, np.arange(largest - size + 1, dtype=np.int32)])
+    ids: np.ndarray = np.take(table, codes)
     return ids
 
 
@@ -535,8 +555,11 @@ def _decode_below(codes: np.ndarray, offsets: np.ndarray, ref: np.ndarray) -> np
     dq = np.where(finite, codes.view(np.int32), 0) if any_inf else codes.view(np.int32)
     width = _uniform_width(k)
     if width:  # the usual case: every position has k entries, one cumsum along rows
-        q = np.cumsum(dq.reshape(-1, width), axis=1, dtype=np.int32)
-        values = (ref[:, None] - q.astype(np.float32) * np.float32(STEP)).ravel()
+        # Summed in float32, exactly: every partial sum is a multiple of STEP below 2^21 steps.
+        below = np.cumsum(dq.reshape(-1, width), axis=1, dtype=np.float32)
+        below *= np.float32(-STEP)
+        below += ref[:, None]
+        values = below.ravel()
     else:
         entry_position = np.repeat(np.arange(len(k)), k)
         total = np.cumsum(dq, dtype=np.int64)
@@ -610,12 +633,13 @@ def _entry_sums(values: np.ndarray, row_offsets: np.ndarray, offsets: np.ndarray
     if not width:
         return _row_sums(values, offsets[row_offsets[:-1]].astype(np.int64),
                          offsets[row_offsets[1:]].astype(np.int64), salt)
-    one = np.uint32(1)
     with np.errstate(over="ignore"):
-        shifted = values.reshape(-1, width) + one
         weights = np.arange(width, dtype=np.uint32) * np.uint32(2) + np.uint32(salt | 1)
-        weighted = (shifted * weights).sum(axis=1, dtype=np.uint32)
-        plain = shifted.sum(axis=1, dtype=np.uint32)
+        # sum((v+1)w) = v.w + sum(w) and sum(v+1) = v.1 + k, both from one wrapping uint32 matrix
+        # product (numpy's integer matmul: several times faster than multiply-then-sum by rows).
+        both = values.reshape(-1, width) @ np.stack([weights, np.ones(width, np.uint32)], axis=1)
+        weighted = both[:, 0] + weights.sum(dtype=np.uint32)
+        plain = both[:, 1] + np.uint32(width)
         local = (np.arange(len(plain)) - np.repeat(row_offsets[:-1], np.diff(row_offsets))).astype(np.uint32)
         per_position = weighted + np.uint32(2 * width) * local * plain
         running = np.zeros(len(per_position) + 1, np.uint32)
