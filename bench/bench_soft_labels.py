@@ -159,6 +159,29 @@ def encode_rate(table: pa.Table, encoding: Encoding, positions: int, repeats: in
     return positions / best
 
 
+def entropy_bits(symbols: np.ndarray) -> float:
+    """Order-0 (empirical) entropy of `symbols` in bits per symbol."""
+    _, counts = np.unique(symbols, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def order0_floor(table: pa.Table, k: int) -> dict:
+    """What any coder without context needs for compact's symbols, per completion token: for each
+    rank its own order-0 entropy (frequencies over these positions, table size not counted) of
+    the ids and of the step deltas (the first: the top-1 in 1/16 nat below 0), plus the token's
+    own step from the top-1. Context (the previous tokens, the previous position's top-k) is the
+    only way below it."""
+    ids = flat(table, "top_token_ids").reshape(-1, k)
+    q = np.rint(flat(table, "top_logprobs").astype(np.float64).reshape(-1, k) * -16).astype(np.int64)
+    token = np.rint(flat(table, "token_logprobs").astype(np.float64) * -16).astype(np.int64)
+    deltas = np.diff(q, axis=1, prepend=0)
+    parts = {"ids": sum(entropy_bits(ids[:, j]) for j in range(k)) / 8,
+             "steps": sum(entropy_bits(deltas[:, j]) for j in range(k)) / 8,
+             "token": entropy_bits(token - q[:, 0]) / 8}
+    return {name: round(value, 2) for name, value in parts.items()} | {"total": round(sum(parts.values()), 2)}
+
+
 def plain_zstd(schema: pa.Schema) -> dict:
     return {"compression": "zstd"}  # the result shards' layout before byte-stream-split
 
@@ -184,6 +207,12 @@ def measure(table: pa.Table, k: int) -> list[dict]:
                      "encode_positions_per_s": encode_rate(table, encoding, positions),
                      "write_positions_per_s": positions / write_s})
         print(rows[-1], flush=True)
+    floor = order0_floor(table, k)
+    print(f"k={k} order-0 entropy floor, B/token: {floor}", flush=True)
+    rows.append({"k": k, "layout": f"order-0 entropy floor of compact's symbols {floor}",
+                 "bytes_per_token": floor["total"], "file_bytes_per_token": None, "mean_kl": None,
+                 "max_dlogprob": None, "order_kept": None, "bit_exact": None, "decode_positions_per_s": None,
+                 "decode_positions_per_cpu_s": None, "encode_positions_per_s": None, "write_positions_per_s": None})
     if k in DISTILLKIT_PUBLISHED:
         rows.append({"k": k, "layout": "DistillKit (published figure)", "bytes_per_token": DISTILLKIT_PUBLISHED[k],
                      "file_bytes_per_token": None, "mean_kl": None, "max_dlogprob": None, "order_kept": None,

@@ -519,10 +519,8 @@ def _decode_compact2(data: pa.Table | pa.RecordBatch, vocabulary: np.ndarray | N
         raise ShardFormatError("compact soft labels with negative token codes", where)
     ref = ref_codes.values.view(np.int32).astype(np.float32) * np.float32(-REF_STEP)  # exact: |code| < 2^24
     top = _decode_below(steps.values, codes.offsets, ref)
-    token_finite = token.values != NEG_INF_STEP
     token_lp = ref - token.values.view(np.int32).astype(np.float32) * np.float32(STEP)
-    if not token_finite.all():
-        token_lp[~token_finite] = -np.inf
+    token_lp[token.values == NEG_INF_STEP] = -np.inf
     return {"token_logprobs": _lists(codes.row_offsets, token_lp),
             "top_token_ids": _nested(codes.row_offsets, codes.offsets, ids),
             "top_logprobs": _nested(codes.row_offsets, codes.offsets, top)}
@@ -550,9 +548,12 @@ def _decode_below(codes: np.ndarray, offsets: np.ndarray, ref: np.ndarray) -> np
     deltas (-inf entries add nothing) below its reference. Exact in float32: multiples of
     REF_STEP below 2^16 nats in magnitude."""
     k = np.diff(offsets)
-    finite = codes != NEG_INF_STEP
-    any_inf = not finite.all()
-    dq = np.where(finite, codes.view(np.int32), 0) if any_inf else codes.view(np.int32)
+    dq = codes.view(np.int32)
+    # -inf is int32's minimum: one reduction tells whether there is any (rare) to mask.
+    any_inf = bool(len(dq)) and int(dq.min()) == np.iinfo(np.int32).min
+    if any_inf:
+        finite = codes != NEG_INF_STEP
+        dq = np.where(finite, dq, 0)
     width = _uniform_width(k)
     if width:  # the usual case: every position has k entries, one cumsum along rows
         # Summed in float32, exactly: every partial sum is a multiple of STEP below 2^21 steps.
