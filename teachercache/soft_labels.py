@@ -50,6 +50,11 @@ from teachercache.errors import ShardFormatError
 ENCODINGS = ("float32", "float16", "compact")
 DEFAULT_ENCODING = "float32"
 SOFT_LABELS_KEY = b"teachercache.soft_labels"
+# The shard schema version (shard_format.py) is defined here because a format can raise it: a
+# reader from before compact layout 2 must refuse such a shard as "upgrade the client", not fail
+# on missing columns; every other shard keeps the version it had.
+SCHEMA_VERSION_KEY = b"teachercache.schema_version"
+FORMAT_SCHEMA_VERSIONS = {"compact2": "3"}
 
 # compact's quantisation: steps of 1/16 nat, so the rounding error is at most 1/32 nat.
 STEP = 1.0 / 16.0
@@ -136,7 +141,10 @@ class Encoding:
             if self.vocabulary is not None and len(self.vocabulary):
                 params.update(vocabulary=_pack_ids(self.vocabulary), vocabulary_size=len(self.vocabulary),
                               vocabulary_crc32=_crc(self.vocabulary))
-        return {SOFT_LABELS_KEY: json.dumps(params).encode()}
+        metadata = {SOFT_LABELS_KEY: json.dumps(params).encode()}
+        if self.format in FORMAT_SCHEMA_VERSIONS:
+            metadata[SCHEMA_VERSION_KEY] = FORMAT_SCHEMA_VERSIONS[self.format].encode()
+        return metadata
 
 
 def fit_vocabulary(ids: np.ndarray) -> np.ndarray:

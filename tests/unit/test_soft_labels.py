@@ -274,3 +274,16 @@ def test_a_damaged_vocabulary_in_the_footer_is_refused():
         metadata = {**table.schema.metadata, SOFT_LABELS_KEY: json.dumps(damaged).encode()}
         with pytest.raises(tc.ShardFormatError, match="vocabulary|layout 3"):
             decode_table(table.replace_schema_metadata(metadata))
+
+
+def test_compact_layout_2_shards_carry_schema_version_3_and_others_keep_2():
+    """A reader from before layout 2 knows versions 1 and 2 only: it refuses these shards with
+    "upgrade the teachercache client" instead of failing on columns it has never heard of."""
+    from teachercache.shard_format import READABLE_VERSIONS, SCHEMA_VERSION_KEY
+
+    table = pa.Table.from_pylist([], schema=JOB_SCHEMA)
+    versions = {name: pq.read_schema(io.BytesIO(written(table, name))).metadata[SCHEMA_VERSION_KEY]
+                for name in ("float32", "float16", "compact")}
+    assert versions == {"float32": b"2", "float16": b"2", "compact": b"3"}
+    assert pq.read_schema(io.BytesIO(written(table, Encoding("compact", STEP, 1)))).metadata[SCHEMA_VERSION_KEY] == b"2"
+    assert {"1", "2", "3"} <= READABLE_VERSIONS
