@@ -552,6 +552,11 @@ def _ids_of_codes(codes: np.ndarray, vocabulary: np.ndarray | None) -> np.ndarra
     return ids
 
 
+# OpenBLAS runs a product of at most 2^18 multiply-adds on the calling thread; a larger one spreads
+# over threads that spin, costing more CPU time than the product saves on one core.
+_SMALL_PRODUCT = 2**18
+
+
 @functools.lru_cache(maxsize=64)
 def _running_sum_matrix(width: int) -> np.ndarray:
     """(width, width) float32, -STEP on and above the diagonal: rows @ it = -STEP * running sums."""
@@ -577,7 +582,10 @@ def _decode_below(codes: np.ndarray, offsets: np.ndarray, ref: np.ndarray) -> np
             # The running sums as one float32 product with a triangular matrix of -STEP (BLAS:
             # several times faster than cumsum along short rows), exact: every partial sum,
             # in whatever order BLAS adds, is a multiple of STEP below 2^24 steps.
-            below = rows.astype(np.float32) @ _running_sum_matrix(width)
+            below = np.empty(rows.shape, np.float32)
+            matrix, block = _running_sum_matrix(width), max(64, _SMALL_PRODUCT // (width * width))
+            for start in range(0, len(rows), block):  # products small enough that BLAS runs them
+                np.matmul(rows[start:start + block], matrix, out=below[start:start + block])  # on this thread
         else:
             below = np.cumsum(rows, axis=1, dtype=np.int64).astype(np.float32) * np.float32(-STEP)
         below += ref[:, None]

@@ -287,3 +287,15 @@ def test_compact_layout_2_shards_carry_schema_version_3_and_others_keep_2():
     assert versions == {"float32": b"2", "float16": b"2", "compact": b"3"}
     assert pq.read_schema(io.BytesIO(written(table, Encoding("compact", STEP, 1)))).metadata[SCHEMA_VERSION_KEY] == b"2"
     assert {"1", "2", "3"} <= READABLE_VERSIONS
+
+
+def test_compact_decodes_exactly_where_running_sums_leave_float32_range():
+    """Unsorted logprobs 30,000 nats apart: the step deltas are too large for the float32 product
+    that sums them, so the decoder sums in int64; values still within half a step."""
+    values = [0.0 if j % 2 else -30000.0 for j in range(64)]
+    rows = [{"custom_id": "q0", "request_index": 0, "sample_index": 0, "prompt_token_ids": [1],
+             "completion_token_ids": [5], "completion_text": "a", "token_logprobs": [-30000.0],
+             "top_token_ids": [list(range(64))], "top_logprobs": [values], "finish_reason": "length", "error": None,
+             "cached": False}]
+    back = read_back(written(pa.Table.from_pylist(rows, schema=JOB_SCHEMA), "compact")).to_pylist()[0]
+    assert back["top_logprobs"] == [values] and back["token_logprobs"] == [-30000.0]
