@@ -38,7 +38,7 @@ SHARD_ROWS = 2048  # rows per result shard, as a worker writes them (result_shar
 
 def scripted_rows(count: int, tokens: int = 64, k: int = 20, seed: int = 0) -> pa.Table:
     """`count` result rows in the result-shard schema, built column-wise (no Python row objects)."""
-    from teachercache.shard_format import RESULT_SCHEMA, SAMPLED_COLUMNS
+    from teachercache.shard_format import RESULT_SCHEMA
 
     rng = np.random.default_rng(seed)
 
@@ -56,8 +56,8 @@ def scripted_rows(count: int, tokens: int = 64, k: int = 20, seed: int = 0) -> p
                "token_logprobs": logprobs, "top_token_ids": top_ids, "top_logprobs": top_lp,
                "finish_reason": pa.array(["length"] * count), "error": pa.nulls(count, pa.string()),
                "token_ranks": pa.nulls(count, pa.list_(pa.int32()))}
-    for name in SAMPLED_COLUMNS:  # top-k rows: no sampled soft labels
-        columns[name] = pa.nulls(count, RESULT_SCHEMA.field(name).type)
+    for field in RESULT_SCHEMA:  # top-k rows: no sampled soft labels, no stop string or token
+        columns.setdefault(field.name, pa.nulls(count, field.type))
     return pa.table(columns, schema=RESULT_SCHEMA)
 
 

@@ -31,7 +31,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from teachercache.shard_format import JOB_SCHEMA, parquet_options, shard_metadata
-from teachercache.soft_labels import STORED_COLUMNS, Encoding, decode, encode, stored_schema
+from teachercache.soft_labels import (
+    SOFT_LABELS_KEY,
+    STORED_COLUMNS,
+    Encoding,
+    decode,
+    encode,
+    encoding_of,
+    stored_schema,
+)
 
 DEFAULT_POSITIONS = Path(tempfile.gettempdir()) / "teachercache-soft-label-positions.parquet"
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-instruct"
@@ -82,6 +90,8 @@ def job_rows(positions: pa.Table, k: int) -> pa.Table:
 
 
 def write(table: pa.Table, encoding: Encoding, options: dict) -> bytes:
+    """The job shard assembly writes: compact's vocabulary fitted on the rows (one window)."""
+    encoding = encoding.fitted(table)
     schema = stored_schema(JOB_SCHEMA.with_metadata(shard_metadata({})), encoding)
     buffer = io.BytesIO()
     with pq.ParquetWriter(buffer, schema, **options(schema)) as writer:
@@ -90,9 +100,11 @@ def write(table: pa.Table, encoding: Encoding, options: dict) -> bytes:
 
 
 def soft_label_bytes(data: bytes, encoding: Encoding) -> int:
+    """The soft-label column chunks, and compact's vocabulary in the footer (twice: pyarrow keeps
+    the file's metadata both as Parquet key/values and inside its serialised Arrow schema)."""
     metadata = pq.ParquetFile(io.BytesIO(data)).metadata
-    names = set(STORED_COLUMNS[encoding.name])
-    return sum(metadata.row_group(g).column(c).total_compressed_size
+    names = set(STORED_COLUMNS[encoding_of(metadata.metadata).format])
+    return 2 * len(metadata.metadata.get(SOFT_LABELS_KEY, b"")) + sum(metadata.row_group(g).column(c).total_compressed_size
                for g in range(metadata.num_row_groups) for c in range(metadata.num_columns)
                if metadata.row_group(g).column(c).path_in_schema.split(".")[0] in names)
 
@@ -124,7 +136,9 @@ def fidelity(exact: pa.Table, decoded: pa.Table, k: int) -> dict:
 def decode_rate(data: bytes, encoding: Encoding, positions: int, repeats: int = 7) -> tuple[float, float]:
     """Positions decoded per second of wall time and per second of this process's CPU time (one
     core: the decoder is single-threaded numpy), best of `repeats`."""
-    batches = list(pq.ParquetFile(io.BytesIO(data)).iter_batches(batch_size=1024))
+    parquet = pq.ParquetFile(io.BytesIO(data))
+    encoding = encoding_of(parquet.schema_arrow.metadata)  # with the shard's vocabulary
+    batches = list(parquet.iter_batches(batch_size=1024))
     wall = cpu = float("inf")
     for _ in range(repeats):
         started, started_cpu = time.perf_counter(), time.process_time()
@@ -140,9 +154,32 @@ def encode_rate(table: pa.Table, encoding: Encoding, positions: int, repeats: in
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        encode(table, encoding, schema)
+        encode(table, encoding.fitted(table), schema)  # fitting compact's vocabulary included
         best = min(best, time.perf_counter() - started)
     return positions / best
+
+
+def entropy_bits(symbols: np.ndarray) -> float:
+    """Order-0 (empirical) entropy of `symbols` in bits per symbol."""
+    _, counts = np.unique(symbols, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def order0_floor(table: pa.Table, k: int) -> dict:
+    """What any coder without context needs for compact's symbols, per completion token: for each
+    rank its own order-0 entropy (frequencies over these positions, table size not counted) of
+    the ids and of the step deltas (the first: the top-1 in 1/16 nat below 0), plus the token's
+    own step from the top-1. Context (the previous tokens, the previous position's top-k) is the
+    only way below it."""
+    ids = flat(table, "top_token_ids").reshape(-1, k)
+    q = np.rint(flat(table, "top_logprobs").astype(np.float64).reshape(-1, k) * -16).astype(np.int64)
+    token = np.rint(flat(table, "token_logprobs").astype(np.float64) * -16).astype(np.int64)
+    deltas = np.diff(q, axis=1, prepend=0)
+    parts = {"ids": sum(entropy_bits(ids[:, j]) for j in range(k)) / 8,
+             "steps": sum(entropy_bits(deltas[:, j]) for j in range(k)) / 8,
+             "token": entropy_bits(token - q[:, 0]) / 8}
+    return {name: round(value, 2) for name, value in parts.items()} | {"total": round(sum(parts.values()), 2)}
 
 
 def plain_zstd(schema: pa.Schema) -> dict:
@@ -160,7 +197,9 @@ def measure(table: pa.Table, k: int) -> list[dict]:
         started = time.perf_counter()
         data = write(table, encoding, options)
         write_s = time.perf_counter() - started
-        decoded = pa.Table.from_batches([decode(b, encoding) for b in pq.ParquetFile(io.BytesIO(data)).iter_batches()])
+        parquet = pq.ParquetFile(io.BytesIO(data))
+        stored = encoding_of(parquet.schema_arrow.metadata)
+        decoded = pa.Table.from_batches([decode(b, stored) for b in parquet.iter_batches()])
         rows.append({"k": k, "layout": label, "bytes_per_token": soft_label_bytes(data, encoding) / positions,
                      "file_bytes_per_token": len(data) / positions, **fidelity(table, decoded, k),
                      **dict(zip(("decode_positions_per_s", "decode_positions_per_cpu_s"),
@@ -168,6 +207,12 @@ def measure(table: pa.Table, k: int) -> list[dict]:
                      "encode_positions_per_s": encode_rate(table, encoding, positions),
                      "write_positions_per_s": positions / write_s})
         print(rows[-1], flush=True)
+    floor = order0_floor(table, k)
+    print(f"k={k} order-0 entropy floor, B/token: {floor}", flush=True)
+    rows.append({"k": k, "layout": f"order-0 entropy floor of compact's symbols {floor}",
+                 "bytes_per_token": floor["total"], "file_bytes_per_token": None, "mean_kl": None,
+                 "max_dlogprob": None, "order_kept": None, "bit_exact": None, "decode_positions_per_s": None,
+                 "decode_positions_per_cpu_s": None, "encode_positions_per_s": None, "write_positions_per_s": None})
     if k in DISTILLKIT_PUBLISHED:
         rows.append({"k": k, "layout": "DistillKit (published figure)", "bytes_per_token": DISTILLKIT_PUBLISHED[k],
                      "file_bytes_per_token": None, "mean_kl": None, "max_dlogprob": None, "order_kept": None,

@@ -21,17 +21,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from teachercache.errors import ShardFormatError
-from teachercache.soft_labels import decode, encoding_of, stored_columns
+from teachercache.soft_labels import (
+    FORMAT_SCHEMA_VERSIONS,
+    SCHEMA_VERSION_KEY,
+    decode,
+    encoding_of,
+    stored_columns,
+)
 
 # Bumped when a column changes meaning or type in a way an older reader would misread.
 # 1: the float32 columns only. 2: job shards may store their soft labels in another encoding,
 # named by teachercache.soft_labels (teachercache/soft_labels.py); without it, float32.
+# 3: written only by job shards in compact layout 2 (soft_labels.FORMAT_SCHEMA_VERSIONS), so that
+# readers from before it refuse them with "upgrade" while every other shard stays readable.
 SCHEMA_VERSION = "2"
 # The versions this reader understands.
-READABLE_VERSIONS = frozenset({"1", SCHEMA_VERSION})
+READABLE_VERSIONS = frozenset({"1", SCHEMA_VERSION, *FORMAT_SCHEMA_VERSIONS.values()})
 
 METADATA_PREFIX = "teachercache."
-SCHEMA_VERSION_KEY = b"teachercache.schema_version"
 LOGPROBS_MODE_KEY = b"teachercache.logprobs_mode"
 # Logprobs are the teacher's raw distribution (temperature 1, before penalties).
 LOGPROBS_MODE = "raw"
@@ -86,7 +93,8 @@ JOB_SCHEMA = pa.schema([*JOB_FIELDS_BEFORE, *RESULT_FIELDS, TAIL_FIELD, *JOB_FIE
 SPLIT_TYPES = (pa.float32(), pa.float16(), pa.int32(), pa.uint32())
 SPLIT_COLUMNS = ("token_logprobs", "top_token_ids", "top_logprobs", "top_logprob_ref", "top_logprob_steps",
                  "token_logprob_steps", "tail_logprob", "sample_token_ids", "sample_counts", "sample_token_codes",
-                 "sample_count_values")
+                 "sample_count_values", "top_token_codes", "top_logprob_ref_codes", "top_logprob_codes",
+                 "token_logprob_codes")
 COMPRESSION_LEVEL = 6  # zstd: most of level 19's gain on these columns, at a fraction of its time
 
 

@@ -282,8 +282,12 @@ def write_part(f: BinaryIO, schema: pa.Schema, encoding: Encoding, batches: RowB
     the job's encoding (encoded here, in the finalizer, a window at a time; never in a worker's
     engine thread)."""
     rows = 0
+    first = batches.take(shard_rows)
+    if first is not None:  # compact codes ids by their frequency in the shard's first window
+        encoding = encoding.fitted(first)
+        schema = schema.with_metadata({**(schema.metadata or {}), **encoding.metadata()})
     with pq.ParquetWriter(f, schema, **parquet_options(schema)) as writer:
-        while rows < shard_rows and (piece := batches.take(shard_rows - rows)) is not None:
+        while rows < shard_rows and (piece := first if rows == 0 else batches.take(shard_rows - rows)) is not None:
             writer.write_table(encode(piece, encoding, schema))
             rows += piece.num_rows
         if rows == 0:

@@ -7,6 +7,7 @@ never decoded into other numbers."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 import teachercache as tc
 from teachercache.shard_format import JOB_SCHEMA, open_shard, parquet_options, shard_metadata
 from teachercache.soft_labels import (
+    COMPACT_LAYOUT,
     NEG_INF_CODE,
     SOFT_LABELS_KEY,
     STEP,
@@ -61,13 +63,18 @@ def rows(draw):
     return pa.Table.from_pylist(out, schema=JOB_SCHEMA)
 
 
-def written(table: pa.Table, name: str) -> bytes:
-    """A job shard of `table` in encoding `name`, as assembly writes one."""
-    encoding = Encoding.named(name)
+def written(table: pa.Table, name: str | Encoding) -> bytes:
+    """A job shard of `table` in encoding `name`, as assembly writes one: compact's vocabulary
+    fitted on the first window (the first half of the rows), the second window coded with it
+    (its ids outside the vocabulary escaped)."""
+    encoding = Encoding.named(name) if isinstance(name, str) else name
+    first, second = table.slice(0, (table.num_rows + 1) // 2), table.slice((table.num_rows + 1) // 2)
+    encoding = encoding.fitted(first)
     schema = stored_schema(JOB_SCHEMA.with_metadata(shard_metadata({})), encoding)
     buffer = io.BytesIO()
     with pq.ParquetWriter(buffer, schema, **parquet_options(schema)) as writer:
-        writer.write_table(encode(table, encoding, schema))
+        for piece in (first, second):
+            writer.write_table(encode(piece, encoding, schema))
     return buffer.getvalue()
 
 
@@ -115,17 +122,20 @@ def test_float16_is_within_half_precision(table):
 
 
 @PROPERTY
-@given(rows())
-def test_compact_keeps_ids_and_order_exactly_and_logprobs_within_a_thirty_second_of_a_nat(table):
-    back = read_back(written(table, "compact"))
+@given(rows(), st.sampled_from([COMPACT_LAYOUT, 1]))
+def test_compact_keeps_ids_and_order_exactly_and_logprobs_within_a_thirty_second_of_a_nat(table, layout):
+    """Layout 2 (written now) and layout 1 (shards written before it, still read)."""
+    back = read_back(written(table, Encoding("compact", STEP, layout)))
     assert back.schema.remove_metadata().equals(JOB_SCHEMA)
     assert back.column("top_token_ids").equals(table.column("top_token_ids"))  # ids and their order
     for column in ("token_logprobs", "top_logprobs"):
         exact, got = flat(table, column).astype(np.float64), flat(back, column).astype(np.float64)
         assert np.array_equal(np.isneginf(exact), np.isneginf(got))
         finite = np.isfinite(exact)
-        # The reference (each position's best) is float16; everything else is a step below it.
-        bound = STEP / 2 + np.maximum(np.abs(exact[finite]) * FLOAT16_RELATIVE, FLOAT16_ABSOLUTE)
+        # Layout 2: every value within half a step. Layout 1: the reference (each position's
+        # best) is float16, everything else a step below it.
+        bound = STEP / 2 if layout == COMPACT_LAYOUT else \
+            STEP / 2 + np.maximum(np.abs(exact[finite]) * FLOAT16_RELATIVE, FLOAT16_ABSOLUTE)
         assert (np.abs(got[finite] - exact[finite]) <= bound).all()
     # Quantising never reorders: decoded logprobs stay best first.
     for position in back.column("top_logprobs").to_pylist():
@@ -133,9 +143,9 @@ def test_compact_keeps_ids_and_order_exactly_and_logprobs_within_a_thirty_second
             assert values == sorted(values, reverse=True)
 
 
-def compact_table(table: pa.Table) -> pa.Table:
-    encoding = Encoding.named("compact")
-    return encode(table, encoding, stored_schema(JOB_SCHEMA, encoding))
+def compact_table(table: pa.Table) -> tuple[pa.Table, Encoding]:
+    encoding = Encoding.named("compact").fitted(table)
+    return encode(table, encoding, stored_schema(JOB_SCHEMA, encoding)), encoding
 
 
 def replace_values(table: pa.Table, column: str, change) -> pa.Table:
@@ -152,10 +162,10 @@ def replace_values(table: pa.Table, column: str, change) -> pa.Table:
 
 
 @PROPERTY
-@given(rows(), st.sampled_from(["top_token_ids", "top_logprob_steps", "top_logprob_ref", "token_logprob_steps"]),
+@given(rows(), st.sampled_from(["top_token_codes", "top_logprob_codes", "top_logprob_ref_codes", "token_logprob_codes"]),
        st.data())
 def test_a_changed_encoded_value_is_detected_never_decoded(table, column, data):
-    encoded = compact_table(table)
+    encoded, encoding = compact_table(table)
     size = len(flat(encoded, column))
     if size == 0:
         return
@@ -169,14 +179,14 @@ def test_a_changed_encoded_value_is_detected_never_decoded(table, column, data):
         return values
 
     with pytest.raises(tc.ShardFormatError, match="checksum"):
-        decode(replace_values(encoded, column, corrupt), Encoding.named("compact"))
+        decode(replace_values(encoded, column, corrupt), encoding)
 
 
 @PROPERTY
 @given(rows())
 def test_truncated_encoded_data_is_detected(table):
-    encoded = compact_table(table)
-    steps = encoded.column("top_logprob_steps").combine_chunks()
+    encoded, encoding = compact_table(table)
+    steps = encoded.column("top_logprob_codes").combine_chunks()
     if len(steps.flatten().flatten()) == 0:
         return
     # The last position's steps lose their last entry: the columns no longer agree in shape.
@@ -184,10 +194,10 @@ def test_truncated_encoded_data_is_detected(table):
     offsets = inner.offsets.to_numpy().copy()
     offsets[-1] -= 1
     shorter = pa.ListArray.from_arrays(pa.array(offsets), inner.flatten().slice(0, offsets[-1]))
-    truncated = encoded.set_column(encoded.schema.get_field_index("top_logprob_steps"), "top_logprob_steps",
+    truncated = encoded.set_column(encoded.schema.get_field_index("top_logprob_codes"), "top_logprob_codes",
                                    pa.ListArray.from_arrays(steps.offsets, shorter))
     with pytest.raises(tc.ShardFormatError):
-        decode(truncated, Encoding.named("compact"))
+        decode(truncated, encoding)
 
 
 @PROPERTY
@@ -207,7 +217,7 @@ def test_a_flipped_byte_in_the_file_is_refused_or_harmless(table, data):
     assert got.select(soft).equals(expected.select(soft))
 
 
-@pytest.mark.parametrize("column", ["top_logprob_steps", "top_token_ids", "top_logprob_ref", "soft_label_checksum"])
+@pytest.mark.parametrize("column", ["top_logprob_codes", "top_token_codes", "top_logprob_ref_codes", "soft_label_checksum"])
 def test_a_stored_column_of_another_type_is_refused_as_damage(column):
     """A flipped bit in the footer can turn a list column into a struct (hypothesis found one):
     the decoder refuses it with its own error instead of failing inside numpy."""
@@ -248,3 +258,44 @@ def test_decode_table_serves_readers_of_plain_parquet():
     assert decoded.column_names == JOB_SCHEMA.names
     assert decoded.to_pylist()[0]["top_logprobs"] == rows[0]["top_logprobs"]  # multiples of 1/16: exact
     assert int(NEG_INF_CODE) == 0xFFFFFFFF
+
+
+def test_a_damaged_vocabulary_in_the_footer_is_refused():
+    """The vocabulary lives in the footer, which has no page checksum: its own CRC-32 guards it."""
+    rows = [{"custom_id": "q0", "request_index": 0, "sample_index": 0, "prompt_token_ids": [1],
+             "completion_token_ids": [5, 6, 5], "completion_text": "ab", "token_logprobs": [-0.5, -1.25, -0.5],
+             "top_token_ids": [[5, 9], [6, 5], [5, 9]], "top_logprobs": [[-0.5, -2.0], [-1.25, -1.5], [-0.5, -2.0]],
+             "finish_reason": "length", "error": None, "cached": False}]
+    table = pq.read_table(io.BytesIO(written(pa.Table.from_pylist(rows, schema=JOB_SCHEMA), "compact")))
+    params = json.loads(table.schema.metadata[SOFT_LABELS_KEY])
+    assert params["layout"] == COMPACT_LAYOUT and params["vocabulary_size"] == 2  # 5 and 9 repeat
+    for damaged in ({**params, "vocabulary_crc32": params["vocabulary_crc32"] ^ 1}, {**params, "vocabulary": "AAAA"},
+                    {**params, "layout": 3}):
+        metadata = {**table.schema.metadata, SOFT_LABELS_KEY: json.dumps(damaged).encode()}
+        with pytest.raises(tc.ShardFormatError, match="vocabulary|layout 3"):
+            decode_table(table.replace_schema_metadata(metadata))
+
+
+def test_compact_layout_2_shards_carry_schema_version_3_and_others_keep_2():
+    """A reader from before layout 2 knows versions 1 and 2 only: it refuses these shards with
+    "upgrade the teachercache client" instead of failing on columns it has never heard of."""
+    from teachercache.shard_format import READABLE_VERSIONS, SCHEMA_VERSION_KEY
+
+    table = pa.Table.from_pylist([], schema=JOB_SCHEMA)
+    versions = {name: pq.read_schema(io.BytesIO(written(table, name))).metadata[SCHEMA_VERSION_KEY]
+                for name in ("float32", "float16", "compact")}
+    assert versions == {"float32": b"2", "float16": b"2", "compact": b"3"}
+    assert pq.read_schema(io.BytesIO(written(table, Encoding("compact", STEP, 1)))).metadata[SCHEMA_VERSION_KEY] == b"2"
+    assert {"1", "2", "3"} <= READABLE_VERSIONS
+
+
+def test_compact_decodes_exactly_where_running_sums_leave_float32_range():
+    """Unsorted logprobs 30,000 nats apart: the step deltas are too large for the float32 product
+    that sums them, so the decoder sums in int64; values still within half a step."""
+    values = [0.0 if j % 2 else -30000.0 for j in range(64)]
+    rows = [{"custom_id": "q0", "request_index": 0, "sample_index": 0, "prompt_token_ids": [1],
+             "completion_token_ids": [5], "completion_text": "a", "token_logprobs": [-30000.0],
+             "top_token_ids": [list(range(64))], "top_logprobs": [values], "finish_reason": "length", "error": None,
+             "cached": False}]
+    back = read_back(written(pa.Table.from_pylist(rows, schema=JOB_SCHEMA), "compact")).to_pylist()[0]
+    assert back["top_logprobs"] == [values] and back["token_logprobs"] == [-30000.0]
