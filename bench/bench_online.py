@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cached_arrow_speedup": idle["p50_s"] / arrow_cached["p50_s"],
         "arrow": service["arrow"], "busy_job_pending_after": service["busy_job_pending_after"],
         "seconds": {"direct": direct, **{k: service[k] for k in ("idle", "cached", "arrow_cached", "busy")}},
-        "machine": "shared 2-core VM, run under nice -n 19 beside other benchmarks",
+        "load_average_1_5_15_min": os.getloadavg(),  # what else ran meanwhile (1 is the engine alone)
     }
     report(f"{args.batches} batches of {args.sequences} x {args.tokens} tokens, top-{args.top_logprobs}", rows,
            "online.json", extra)
@@ -228,7 +229,7 @@ def report_busy(args: argparse.Namespace, service: dict[str, Any], tokens: int) 
     extra = {"args": vars(args), "busy_p50_over_idle_p50": busy["p50_s"] / idle["p50_s"],
              "busy_job_pending_after": service["busy_job_pending_after"],
              "seconds": {k: service[k] for k in ("idle", "busy")},
-             "machine": "shared 2-core VM, run under nice -n 19 beside other sessions"}
+             "load_average_1_5_15_min": os.getloadavg()}
     report(f"busy vs idle: {args.batches} batches of {args.sequences} x {args.tokens} tokens, top-{args.top_logprobs}",
            rows, "online_busy.json", extra)
     print(json.dumps({k: v for k, v in extra.items() if k not in ("seconds", "args")}, indent=1))
