@@ -533,13 +533,7 @@ def _decode_compact(data: pa.Table | pa.RecordBatch, where: str | None) -> dict[
         raise ShardFormatError("compact soft-label columns of the wrong types", where)
     ref = _flat_lists(_array(data.column("top_logprob_ref")))
     token = _flat_lists(_array(data.column("token_logprob_steps")))
-    checksum = _array(data.column("soft_label_checksum"))
-    if checksum.null_count:
-        raise ShardFormatError("compact soft labels with a missing checksum", where)
-    same_shape = (np.array_equal(ids.row_offsets, steps.row_offsets) and np.array_equal(ids.offsets, steps.offsets)
-                  and np.array_equal(ref.offsets, ids.row_offsets) and np.array_equal(token.offsets, ids.row_offsets))
-    if not same_shape:
-        raise ShardFormatError("compact soft-label columns disagree in shape (truncated or damaged data)", where)
+    checksum = _checked_compact_shapes(data, where, ids, steps, ref, token)
     ref16 = ref.values.astype(np.float16, copy=False)
     expected = _checksum(ids.values, steps.values, ref16, token.values, ids.row_offsets, ids.offsets)
     bad = np.flatnonzero(expected != checksum.to_numpy(zero_copy_only=False))
@@ -556,6 +550,20 @@ def _decode_compact(data: pa.Table | pa.RecordBatch, where: str | None) -> dict[
             "top_logprobs": _nested(ids.row_offsets, ids.offsets, top)}
 
 
+def _checked_compact_shapes(data: pa.Table | pa.RecordBatch, where: str | None, ids: _Nested, steps: _Nested,
+                            *per_position: _Flat) -> pa.Array:
+    """Both compact layouts: the row checksums (none missing), and every column the shape of the
+    ids (a truncated or damaged file disagrees); the checksum column."""
+    checksum = _array(data.column("soft_label_checksum"))
+    if checksum.null_count:
+        raise ShardFormatError("compact soft labels with a missing checksum", where)
+    same_shape = (np.array_equal(ids.row_offsets, steps.row_offsets) and np.array_equal(ids.offsets, steps.offsets)
+                  and all(np.array_equal(flat.offsets, ids.row_offsets) for flat in per_position))
+    if not same_shape:
+        raise ShardFormatError("compact soft-label columns disagree in shape (truncated or damaged data)", where)
+    return checksum
+
+
 def _decode_compact2(data: pa.Table | pa.RecordBatch, vocabulary: np.ndarray | None,
                      where: str | None) -> dict[str, pa.Array]:
     missing = [n for n in COMPACT2_COLUMNS if n not in data.schema.names]
@@ -565,14 +573,7 @@ def _decode_compact2(data: pa.Table | pa.RecordBatch, vocabulary: np.ndarray | N
     steps = _flat_nested(_array(data.column("top_logprob_codes")))
     ref_codes = _flat_lists(_array(data.column("top_logprob_ref_codes")))
     token = _flat_lists(_array(data.column("token_logprob_codes")))
-    checksum = _array(data.column("soft_label_checksum"))
-    if checksum.null_count:
-        raise ShardFormatError("compact soft labels with a missing checksum", where)
-    same_shape = (np.array_equal(codes.row_offsets, steps.row_offsets) and np.array_equal(codes.offsets, steps.offsets)
-                  and np.array_equal(token.offsets, codes.row_offsets)
-                  and np.array_equal(ref_codes.offsets, codes.row_offsets))
-    if not same_shape:
-        raise ShardFormatError("compact soft-label columns disagree in shape (truncated or damaged data)", where)
+    checksum = _checked_compact_shapes(data, where, codes, steps, ref_codes, token)
     expected = _checksum2((codes.values.view(np.uint32), steps.values), (ref_codes.values, token.values),
                           codes.row_offsets, codes.offsets)
     bad = np.flatnonzero(expected != checksum.to_numpy(zero_copy_only=False))
