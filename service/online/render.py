@@ -189,10 +189,12 @@ def render_chat(plan: Plan, answer: Answer, model: str) -> dict[str, Any]:
             "routed_experts": None,
         })
     completion_tokens = sum(len(s["completion_token_ids"]) for s in samples)
+    scored = score_positions(plan.prompts[0], answer.scores(plan)[0]) if plan.score_k is not None else None
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion", "created": int(time.time()),
         "model": model, "choices": choices, "service_tier": None, "system_fingerprint": FINGERPRINT,
-        "usage": usage(len(plan.prompts[0]), completion_tokens), "prompt_logprobs": None,
+        "usage": usage(len(plan.prompts[0]), completion_tokens),
+        "prompt_logprobs": None if scored is None else prompt_logprobs_json(teacher, scored),
         "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None, "ec_transfer_params": None,
         "metrics": None,
     }

@@ -51,3 +51,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int | None, Field(ge=0)] = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # vLLM's extra parameter: the rendered prompt's logprobs, scored (a trainer's teacher-forced
+    # chat transcript), answered top-level as `prompt_logprobs`.
+    prompt_logprobs: int | None = None

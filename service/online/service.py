@@ -203,10 +203,11 @@ def plan_chat(body: ChatCompletionRequest, rt: Runtime) -> Plan:
     if body.top_logprobs is not None and not body.logprobs:
         raise OpenAIError("top_logprobs: needs logprobs set to true", "top_logprobs")
     check_logprobs(body.top_logprobs, "top_logprobs", teacher)
+    check_logprobs(body.prompt_logprobs, "prompt_logprobs", teacher)
     check_context([ids], teacher, max_tokens)
     generate_k = (body.top_logprobs or 0) if body.logprobs else None
     return Plan(teacher, [ids], [None], generate=sampling_of(body, max_tokens), generate_k=generate_k,
-                messages=messages)
+                messages=messages, score_k=body.prompt_logprobs)
 
 
 def teacher_of(rt: Runtime, model: str) -> Teacher:

@@ -42,6 +42,9 @@ def ok_cases(ids: list[int], other_ids: list[int], model: str) -> dict[str, tupl
                                                 "temperature": 0, "logprobs": True, "top_logprobs": 3}),
         "chat_plain": ("/chat/completions", {"model": model, "messages": MESSAGES, "max_tokens": 6,
                                              "temperature": 0}),
+        # A trainer scoring a chat transcript: the rendered prompt's logprobs, top-level.
+        "chat_prompt_logprobs": ("/chat/completions", {"model": model, "messages": MESSAGES, "max_tokens": 1,
+                                                       "temperature": 0, "prompt_logprobs": 5}),
     }
 
 

@@ -91,6 +91,20 @@ def test_generation_and_echo_with_one_token(api, start_worker):
     assert len(echo["prompt_logprobs"]) == 3
 
 
+def test_chat_scores_its_rendered_prompt_with_prompt_logprobs(api, start_worker):
+    start_worker(ScriptedEngine())
+    body = {"model": TEACHER, "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 1,
+            "temperature": 0}
+    plain = api.post("/v1/chat/completions", json=body).json()
+    assert plain["prompt_logprobs"] is None
+    scored = api.post("/v1/chat/completions", json={**body, "prompt_logprobs": 2}).json()
+    positions = scored["prompt_logprobs"]
+    assert len(positions) == scored["usage"]["prompt_tokens"] and positions[0] is None  # vLLM's layout
+    assert all(2 <= len(p) <= 3 for p in positions[1:])  # the top-2, and the token itself where outside them
+    refused = api.post("/v1/chat/completions", json={**body, "prompt_logprobs": 10_000})
+    assert refused.status_code == 400 and "prompt_logprobs" in refused.text
+
+
 def test_arrow_answer_is_the_json_answer_in_columns(api, start_worker):
     start_worker(ScriptedEngine())
     sequences = [[1, 2, 3, 4, 5], [7, 8, 9]]
