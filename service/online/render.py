@@ -64,10 +64,47 @@ def sample_positions(sample: dict[str, Any]) -> list[list[tuple[int, float, int 
 
 def prompt_logprobs_json(teacher: Teacher,
                          positions: list[list[tuple[int, float, int | None]] | None]) -> list[dict[str, Any] | None]:
-    return [None if entries is None else
-            {str(tid): {"logprob": clamp(lp), "rank": rank, "decoded_token": teacher.decode_token(tid)}
-             for tid, lp, rank in entries}
-            for entries in positions]
+    out: list[dict[str, Any] | None] = []
+    context: list[int] = []  # the prompt's tokens so far (each position's first entry), as vLLM keeps them
+    for entries in positions:
+        if entries is None:
+            out.append(None)
+            continue
+        out.append({str(tid): {"logprob": clamp(lp), "rank": rank,
+                               "decoded_token": decoded_token(teacher, tid, context[-UTF8_CONTEXT:])}
+                    for tid, lp, rank in entries})
+        context.append(entries[0][0])
+    return out
+
+
+UTF8_CONTEXT = 4  # tokens: enough for any UTF-8 sequence split by byte-fallback tokens
+
+
+def decoded_token(teacher: Teacher, tid: int, context: list[int]) -> str:
+    """A token's text as vLLM's logprobs give it (vllm/v1/engine/logprobs.py, _correct_decoded_token):
+    a token that decodes to an unfinished UTF-8 sequence (ending in U+FFFD) is decoded after the
+    fewest preceding tokens that finish it, less their own text; '' if none does."""
+    text = teacher.decode_token(tid)
+    if not text.endswith("\ufffd"):
+        return text
+    for size in range(1, len(context) + 1):
+        before = context[-size:]
+        full = teacher.decode([*before, tid])
+        if full.endswith("\ufffd"):
+            continue
+        clean_end = len(before)  # context tokens that are themselves unfinished belong to this one
+        while clean_end > 0 and teacher.decode_token(before[clean_end - 1]).endswith("\ufffd"):
+            clean_end -= 1
+        prefix = teacher.decode(before[:clean_end]) if clean_end else ""
+        if full.startswith(prefix):
+            return full[len(prefix):]
+        common = 0
+        for a, b in zip(prefix, full):
+            if a != b:
+                break
+            common += 1
+        return full[common:]
+    return ""
 
 
 def completion_logprobs(teacher: Teacher, token_ids: list[int],
