@@ -71,6 +71,10 @@ def column_bytes(table: pa.Table, tokens: int) -> dict[str, float]:
     return {name: size / tokens for name, size in sizes.items()}
 
 
+def as_lists(values):
+    return values.tolist() if hasattr(values, "tolist") else values
+
+
 def shard_bytes(results: dict, top_k: int) -> dict[str, float]:
     """Bytes per completion token of the soft-label columns as job shards store them: the float32
     (and float16) encoding's int32 sampled columns, and the compact encoding's codes
@@ -81,10 +85,9 @@ def shard_bytes(results: dict, top_k: int) -> dict[str, float]:
     samples = [s for r in results.values() for s in r.samples]
     tokens = sum(len(s.completion_token_ids) for s in samples)
     names = ["top_token_ids", "top_logprobs", "sample_token_ids", "sample_counts"]
-    table = pa.table({
-        "top_token_ids": [s.top_token_ids for s in samples], "top_logprobs": [s.top_logprobs for s in samples],
-        "sample_token_ids": [s.sample_token_ids for s in samples], "sample_counts": [s.sample_counts for s in samples],
-    }, schema=pa.schema([JOB_SCHEMA.field(n) for n in names]))
+    # The adapter gives the top-k as [positions, k] arrays and the draws as lists (ragged).
+    table = pa.table({n: [as_lists(getattr(s, n)) for s in samples] for n in names},
+                     schema=pa.schema([JOB_SCHEMA.field(n) for n in names]))
     plain = column_bytes(table, tokens)
     codes = encode_sampled(*(table.column(n).combine_chunks() for n in ("top_token_ids", "sample_token_ids",
                                                                         "sample_counts")))
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     == sampled[f"sampled-{round_}-{i}"].samples[0].completion_token_ids), "draws changed a completion"
         ratio = (timings["sampled"][2] / timings["sampled"][1]) / (timings["topk"][2] / timings["topk"][1])
         ratios.append(ratio)
+        print(f"round {round_}: sampled/top-{args.top_k} {ratio:.3f}", flush=True)
         last_sampled = sampled
     engine.close()
     sizes = shard_bytes(last_sampled, args.top_k)

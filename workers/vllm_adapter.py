@@ -480,18 +480,17 @@ def _columns_of(positions: list[_Position], k: int) -> _Columns:
 
 
 def _checked(columns: _Columns, token_ids: list[int]) -> _Columns:
-    # Guards the position bookkeeping: each row must be about the token we think it is.
-    wrong = np.flatnonzero(columns.token_ids != np.asarray(token_ids, dtype=np.int64))
-    if wrong.size:
-        at = int(wrong[0])
-        raise _EngineRequestFailed(f"logprob row {at} is for token {int(columns.token_ids[at])}, expected {token_ids[at]}")
+    _check_token_ids(columns.token_ids, token_ids)
     return columns
 
 
 def _check_tokens(positions: list[_Position], token_ids: list[int]) -> None:
+    _check_token_ids(np.array([p.token_id for p in positions], dtype=np.int64), token_ids)
+
+
+def _check_token_ids(found: np.ndarray, token_ids: list[int]) -> None:
     # Guards the position bookkeeping: each row must be about the token we think it is.
-    for i, (position, token_id) in enumerate(zip(positions, token_ids, strict=True)):
-        if position.token_id != token_id:
-            raise _EngineRequestFailed(
-                f"logprob row {i} is for token {position.token_id}, expected {token_id}"
-            )
+    wrong = np.flatnonzero(found != np.asarray(token_ids, dtype=np.int64))
+    if wrong.size:
+        at = int(wrong[0])
+        raise _EngineRequestFailed(f"logprob row {at} is for token {int(found[at])}, expected {token_ids[at]}")

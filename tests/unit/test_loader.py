@@ -449,3 +449,40 @@ def test_shuffle_buffer_moves_rows_and_keeps_each_once(client: tc.Client, server
 def test_an_unknown_layout_is_refused(client: tc.Client) -> None:
     with pytest.raises(ValueError, match="layout"):
         tc.ShardDataset(job=JOB_ID, client=client, layout="ragged")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_batches_from_dataloader_workers_are_the_same_tensors_in_one_shared_buffer(
+    client: tc.Client, server: ShardServerDouble, layout: str
+) -> None:
+    """A worker's batch crosses as views of one buffer (one transfer, not one per tensor): the
+    tensors, dtypes and shapes of the same batch made in the training process."""
+    options: dict[str, Any] = {"rows_per_batch": 3} if layout == "padded" else {"tokens_per_batch": 16}
+    dataset = tc.ShardDataset(job=JOB_ID, client=client, shuffle=False, layout=layout, **options)
+    here = list(dataset)
+    there = list(DataLoader(dataset, batch_size=None, num_workers=1))
+    assert len(there) == len(here) > 1
+    for mine, theirs in zip(here, there, strict=True):
+        assert mine.keys() == theirs.keys()
+        tensors = [name for name, value in mine.items() if isinstance(value, torch.Tensor)]
+        assert len(tensors) >= 5
+        for name in tensors:
+            assert theirs[name].dtype == mine[name].dtype and theirs[name].shape == mine[name].shape, name
+            assert torch.equal(theirs[name], mine[name]), name
+        assert len({theirs[name].untyped_storage().data_ptr() for name in tensors}) == 1
+        assert mine["custom_id"] == theirs["custom_id"]
+
+
+def test_one_shared_buffer_keeps_each_tensor_and_its_alignment() -> None:
+    from teachercache.dataset import in_one_shared_buffer
+
+    batch = {"a": torch.arange(7, dtype=torch.int64).view(7, 1), "b": torch.tensor([True, False, True]),
+             "c": torch.rand(2, 3, 5), "empty": torch.zeros(0, 4, dtype=torch.int64), "custom_id": ["x"]}
+    out = in_one_shared_buffer(batch)
+    for name in ("a", "b", "c", "empty"):
+        assert out[name].dtype == batch[name].dtype and torch.equal(out[name], batch[name])
+        assert out[name].storage_offset() * out[name].element_size() % 64 == 0
+    assert out["a"].untyped_storage().data_ptr() == out["c"].untyped_storage().data_ptr()
+    assert out["c"].is_shared() and out["custom_id"] == ["x"]
+    batch["a"][0] = 99  # a copy: the original batch stays the caller's
+    assert out["a"][0].item() == 0
