@@ -197,7 +197,7 @@ def in_one_shared_buffer(batch: dict[str, Any]) -> dict[str, Any]:
     """
     tensors = {name: value for name, value in batch.items() if isinstance(value, torch.Tensor)}
     spans = [(value.numel() * value.element_size() + _ALIGN - 1) // _ALIGN * _ALIGN for value in tensors.values()]
-    buffer = torch.empty(sum(spans), dtype=torch.uint8).share_memory_()
+    buffer = torch.empty(sum(spans), dtype=torch.uint8).share_memory_()  # type: ignore[no-untyped-call]
     out, offset = dict(batch), 0
     for (name, value), span in zip(tensors.items(), spans, strict=True):
         size = value.numel() * value.element_size()
