@@ -64,6 +64,8 @@ class Sampling(BaseModel):
 
     def differing(self, other: Sampling) -> dict[str, Any]:
         """The parameters whose value here differs from `other`'s (JSON form)."""
+        if self is other:  # a request without its own parameters runs with the job's object itself
+            return {}
         mine, theirs = self.values(), other.values()
         return {name: value for name, value in mine.items() if value != theirs[name]}
 

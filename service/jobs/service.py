@@ -313,15 +313,20 @@ class JobWriter:
         self.total = self.pending = 0
         self.gave_custom_ids = False
 
+    def runs_as_job(self, request: PreparedRequest) -> bool:
+        """The request runs with the job's own sampling (most do: then it is the job's object,
+        and the identity check spares comparing every field of every request)."""
+        return request.sampling is self.body.sampling or request.sampling == self.body.sampling
+
     def sampling_of(self, request: PreparedRequest) -> dict[str, Any]:
-        if request.sampling == self.body.sampling:
+        if self.runs_as_job(request):
             return self.sampling
         return with_draws(normalize_sampling(self.body.mode, request.sampling.values()), self.draws)
 
     def key(self, request: PreparedRequest) -> str:
         if self.body.cache == "bypass":  # never shared, never found
             return f"bypass-{self.job.id}-{request.index}"
-        if request.sampling == self.body.sampling and request.top_logprobs == self.body.top_logprobs:
+        if self.runs_as_job(request) and request.top_logprobs == self.body.top_logprobs:
             return self.key_of(request.prompt_token_ids, request.response_token_ids)
         return cache_key(self.identity, self.body.mode, request.prompt_token_ids, request.response_token_ids,
                          self.sampling_of(request), request.top_logprobs)
