@@ -196,11 +196,11 @@ def in_one_shared_buffer(batch: dict[str, Any]) -> dict[str, Any]:
     it copies nothing more. Same tensors, shapes and dtypes; they share one buffer.
     """
     tensors = {name: value for name, value in batch.items() if isinstance(value, torch.Tensor)}
-    spans = [(value.numel() * value.element_size() + _ALIGN - 1) // _ALIGN * _ALIGN for value in tensors.values()]
+    sizes = [value.numel() * value.element_size() for value in tensors.values()]
+    spans = [(size + _ALIGN - 1) // _ALIGN * _ALIGN for size in sizes]
     buffer = torch.empty(sum(spans), dtype=torch.uint8).share_memory_()  # type: ignore[no-untyped-call]
     out, offset = dict(batch), 0
-    for (name, value), span in zip(tensors.items(), spans, strict=True):
-        size = value.numel() * value.element_size()
+    for (name, value), size, span in zip(tensors.items(), sizes, spans, strict=True):
         view = buffer[offset:offset + size].view(value.dtype).view(value.shape)
         view.copy_(value)
         out[name] = view

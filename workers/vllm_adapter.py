@@ -490,6 +490,8 @@ def _check_tokens(positions: list[_Position], token_ids: list[int]) -> None:
 
 def _check_token_ids(found: np.ndarray, token_ids: list[int]) -> None:
     # Guards the position bookkeeping: each row must be about the token we think it is.
+    if len(found) != len(token_ids):  # compared below element by element, never broadcast
+        raise _EngineRequestFailed(f"{len(found)} logprob rows for {len(token_ids)} tokens")
     wrong = np.flatnonzero(found != np.asarray(token_ids, dtype=np.int64))
     if wrong.size:
         at = int(wrong[0])
