@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import report
+from bench.common import as_lists, report
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-instruct"
 TOPICS = "physics cooking history music gardening chess poetry databases sailing astronomy economics".split()
@@ -69,10 +69,6 @@ def column_bytes(table: pa.Table, tokens: int) -> dict[str, float]:
             chunk = meta.row_group(group).column(column)
             sizes[chunk.path_in_schema.split(".")[0]] += chunk.total_compressed_size
     return {name: size / tokens for name, size in sizes.items()}
-
-
-def as_lists(values):
-    return values.tolist() if hasattr(values, "tolist") else values
 
 
 def shard_bytes(results: dict, top_k: int) -> dict[str, float]:

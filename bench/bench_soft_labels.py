@@ -68,8 +68,10 @@ def generate_positions(path: Path, prompts: int = 256, max_tokens: int = 64, k: 
     while engine.has_unfinished():
         results.update((r.key, r) for r in engine.step())
     engine.close()
-    rows = [{"completion_token_ids": s.completion_token_ids, "token_logprobs": s.token_logprobs,
-             "top_token_ids": s.top_token_ids, "top_logprobs": s.top_logprobs}
+    from bench.common import as_lists
+
+    rows = [{name: as_lists(getattr(s, name)) for name in ("completion_token_ids", "token_logprobs", "top_token_ids",
+                                                           "top_logprobs")}
             for key in sorted(results, key=lambda name: int(name[1:])) for s in results[key].samples]
     pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(
         [f for f in JOB_SCHEMA if f.name in ("completion_token_ids", "token_logprobs", "top_token_ids",

@@ -46,6 +46,11 @@ def scratch_runtime(state_dir: Path, **settings):
         _admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def as_lists(values: Any) -> Any:
+    """A Sample's per-position numbers as Python lists (the vLLM adapter gives numpy arrays)."""
+    return values.tolist() if hasattr(values, "tolist") else values
+
+
 def report(title: str, rows: list[dict], filename: str, extra: dict | None = None) -> None:
     """Print a table and write the figures as JSON under bench/results/."""
     print_table(title, rows)

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from service.sampling import Sampling, defaults
 
@@ -105,8 +104,15 @@ def canonical_document(teacher: dict[str, str], mode: str, prompt_token_ids: lis
     return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
 
+class KeyOf(Protocol):
+    """One job's cache key of a request's token lists (see key_maker)."""
+
+    def __call__(self, prompt_token_ids: list[int], response_token_ids: list[int] | None,
+                 joined_prompt: str | None = None) -> str: ...
+
+
 def key_maker(teacher: dict[str, str], mode: str, sampling: dict[str, Any], top_logprobs: int,
-              definition: type[Sampling] = Sampling) -> Callable[[list[int], list[int] | None], str]:
+              definition: type[Sampling] = Sampling) -> KeyOf:
     """cache_key for one job's parameters: `(prompt ids, response ids) -> key`. The canonical
     document is built around the token lists, everything else encoded once (json.dumps of the
     whole document was a hot spot of a 10^7-request submission); the bytes hashed are
@@ -117,9 +123,11 @@ def key_maker(teacher: dict[str, str], mode: str, sampling: dict[str, Any], top_
             + _canonical(top_logprobs) + ',"v":' + _canonical(CACHE_KEY_VERSION) + "}")
     prefix = f"k{CACHE_KEY_VERSION}-"
 
-    def key(prompt_token_ids: list[int], response_token_ids: list[int] | None) -> str:
+    def key(prompt_token_ids: list[int], response_token_ids: list[int] | None, joined_prompt: str | None = None) -> str:
+        """`joined_prompt`: the prompt's ids already joined by commas, if the caller has them."""
+        prompt = ",".join(map(str, prompt_token_ids)) if joined_prompt is None else joined_prompt
         response = "null" if response_token_ids is None else "[" + ",".join(map(str, response_token_ids)) + "]"
-        canonical = head + ",".join(map(str, prompt_token_ids)) + '],"response":' + response + tail
+        canonical = head + prompt + '],"response":' + response + tail
         return prefix + hashlib.sha256(canonical.encode()).hexdigest()
 
     return key

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from contextlib import closing
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -154,8 +155,8 @@ class JobService:
             batches = prepared_batches(body, teacher, file_lines(stream, self.limits, numbers), self.limits)
             # Closed (its thread stopped) before the file is, whether the loop ends or raises.
             with closing(read_ahead(writer.keyed(batch) for batch in batches)) as ahead:
-                for batch, keys in ahead:
-                    writer.write(batch, keys)
+                for batch in ahead:
+                    writer.write(batch)
         self._check_custom_ids(job.id, numbers, writer.gave_custom_ids)
         self._spend_submission()
         writer.finish()
@@ -323,37 +324,54 @@ class JobWriter:
             return self.sampling
         return with_draws(normalize_sampling(self.body.mode, request.sampling.values()), self.draws)
 
-    def key(self, request: PreparedRequest) -> str:
+    def key(self, request: PreparedRequest, joined_prompt: str | None = None) -> str:
         if self.body.cache == "bypass":  # never shared, never found
             return f"bypass-{self.job.id}-{request.index}"
         if self.runs_as_job(request) and request.top_logprobs == self.body.top_logprobs:
-            return self.key_of(request.prompt_token_ids, request.response_token_ids)
+            return self.key_of(request.prompt_token_ids, request.response_token_ids, joined_prompt)
         return cache_key(self.identity, self.body.mode, request.prompt_token_ids, request.response_token_ids,
                          self.sampling_of(request), request.top_logprobs)
 
-    def keyed(self, prepared: list[Prepared]) -> tuple[list[Prepared], list[str | None]]:
-        """A batch with its cache keys, None for a request refused alone (no database: this may
-        run in a read-ahead thread)."""
-        return prepared, [self.key(r) if isinstance(r, PreparedRequest) else None for r in prepared]
+    def keyed(self, prepared: list[Prepared]) -> KeyedBatch:
+        """A batch ready to write but for the cache lookup (no database: this runs in the
+        read-ahead thread of a file job, while the request's thread waits on Postgres): each
+        prompt's ids joined once, for its key and its task's array literal."""
+        keys: list[str | None] = []
+        literals: list[str | None] = []
+        for request in prepared:
+            if isinstance(request, PreparedRequest):
+                joined = ",".join(map(str, request.prompt_token_ids))
+                keys.append(self.key(request, joined))
+                literals.append("{" + joined + "}")
+            else:  # refused alone: no key, no task
+                keys.append(None)
+                literals.append(None)
+        rows = [self._row(r, k) for r, k in zip(prepared, keys)]
+        return KeyedBatch(prepared, keys, rows, literals)
 
-    def write(self, prepared: list[Prepared], keys: list[str | None] | None = None) -> int:
+    def write(self, batch: KeyedBatch | list[Prepared]) -> int:
         """Write one batch; how many of its requests wait for the teacher."""
         body, service, job = self.body, self.service, self.job
-        if keys is None:
-            keys = self.keyed(prepared)[1]
-        live = [k for k in keys if k is not None]
+        if not isinstance(batch, KeyedBatch):
+            batch = self.keyed(batch)
+        live = [k for k in batch.keys if k is not None]
         hits = service.results.results_for(live) if body.cache == "use" else {}
         pending = sum(k not in hits for k in live)
-        count_batch(job, hits, hits_answered=len(live) - pending, pending=pending, refused=len(keys) - len(live))
+        count_batch(job, hits, hits_answered=len(live) - pending, pending=pending,
+                    refused=len(batch.keys) - len(live))
+        if hits:
+            for row, key in zip(batch.rows, batch.keys):
+                if key in hits:
+                    answered_from_cache(row)
         service.jobs.session.flush()  # before any statement adjusts the counters in the database
-        service.jobs.add_requests([self._row(r, k, hits) for r, k in zip(prepared, keys)])
+        service.jobs.add_requests(batch.rows)
         # A task that finished while this job was being written (its result was not committed
         # when we looked): answer from it now, so nothing waits on a task that will not run.
-        service.results.resolve_requests(self._enqueue_misses(prepared, keys, hits))
+        service.results.resolve_requests(self._enqueue_misses(batch, hits))
         service.jobs.session.refresh(job)  # the counters, as the statements above left them
-        self.total += len(prepared)
+        self.total += len(batch.prepared)
         self.pending += pending
-        self.gave_custom_ids = self.gave_custom_ids or any(r.custom_id != str(r.index) for r in prepared)
+        self.gave_custom_ids = self.gave_custom_ids or any(r.custom_id != str(r.index) for r in batch.prepared)
         return pending
 
     def finish(self) -> None:
@@ -369,20 +387,20 @@ class JobWriter:
         self.service.jobs.session.flush()
         self.service.jobs.session.refresh(job)  # now() as the database set it: the job is read after commit
 
-    def _row(self, request: Prepared, key: str | None, hits: dict[str, tuple[int, int]]) -> dict[str, Any]:
-        """A request's row: answered from the cache or pending, or (refused alone) failed from the start."""
+    def _row(self, request: Prepared, key: str | None) -> dict[str, Any]:
+        """A request's row: pending (write() marks the cache's answers), or (refused alone)
+        failed from the start."""
         if isinstance(request, RejectedRequest):
             return rejected_row(self.job.id, request, self.notes.get(request.index))
         assert key is not None  # keyed() keys every request that runs
-        return request_row(self.job.id, request, key, key in hits, self.defaults, self.notes.get(request.index))
+        return request_row(self.job.id, request, key, self.defaults, self.notes.get(request.index))
 
-    def _enqueue_misses(self, prepared: list[Prepared], keys: list[str | None],
-                        hits: dict[str, tuple[int, int]]) -> list[str]:
+    def _enqueue_misses(self, batch: KeyedBatch, hits: dict[str, tuple[int, int]]) -> list[str]:
         """Queue (or join) a task per missed key, each waited on by this batch's requests with
         that key; the keys whose task was already done."""
         tasks: dict[str, NewTask] = {}
         waiters: dict[str, int] = {}
-        for request, key in zip(prepared, keys):
+        for request, key, literal in zip(batch.prepared, batch.keys, batch.literals):
             if key is None or key in hits or not isinstance(request, PreparedRequest):
                 continue
             waiters[key] = waiters.get(key, 0) + 1
@@ -392,8 +410,20 @@ class JobWriter:
                     prompt_token_ids=request.prompt_token_ids, response_token_ids=request.response_token_ids,
                     sampling=self.sampling_of(request), top_logprobs=request.top_logprobs,
                     max_attempts=MAX_ATTEMPTS, messages=request.messages, interactive=self.interactive,
+                    prompt_literal=literal,
                 )
         return self.service.tasks.enqueue(list(tasks.values()), waiters, recompute_done=self.body.cache == "refresh")
+
+
+@dataclass
+class KeyedBatch:
+    """One batch as JobWriter.keyed prepares it: the requests, their cache keys (None: refused
+    alone), their rows as if none were a cache hit, and their prompts as array literals."""
+
+    prepared: list[Prepared]
+    keys: list[str | None]
+    rows: list[dict[str, Any]]
+    literals: list[str | None]
 
 
 def count_batch(job: Job, hits: dict[str, tuple[int, int]], hits_answered: int, pending: int, refused: int) -> None:
@@ -428,15 +458,22 @@ def own_parameters(request: PreparedRequest, defaults: tuple[Sampling, int]) -> 
     return own
 
 
-def request_row(job_id: str, request: PreparedRequest, key: str, hit: bool, defaults: tuple[Sampling, int],
+def request_row(job_id: str, request: PreparedRequest, key: str, defaults: tuple[Sampling, int],
                 notes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A request's row, pending (answered_from_cache makes it a cache hit's)."""
     parameters = {**own_parameters(request, defaults), **(notes or {})}
-    return {
+    row = {
         "job_id": job_id, "request_index": request.index, "custom_id": request.custom_id, "cache_key": key,
-        "state": RequestState.DONE if hit else RequestState.PENDING, "cached": hit, "result_key": key if hit else None,
+        "state": RequestState.PENDING, "cached": False, "result_key": None,
         "prompt_tokens": len(request.prompt_token_ids), "error": None,
         "parameters": json.dumps(parameters) if parameters else None,
     }
+    return row
+
+
+def answered_from_cache(row: dict[str, Any]) -> None:
+    """A request row, pending, made one the cache answered: done, with the result its key names."""
+    row.update(state=RequestState.DONE, cached=True, result_key=row["cache_key"])
 
 
 def rejected_row(job_id: str, request: RejectedRequest, notes: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -206,7 +206,7 @@ ENQUEUE_SQL = sa.text(
     WITH frontier AS (
         SELECT COALESCE(min(turn), 0) AS turn FROM tasks
          WHERE teacher = :teacher AND state = 'pending' AND NOT suspect
-    )
+    ), upserted AS (
     INSERT INTO tasks AS t (key, teacher, state, mode, prompt_token_ids, response_token_ids, sampling,
                             top_logprobs, max_attempts, messages, waiters, turn, interactive)
     SELECT s.key, s.teacher, 'pending', s.mode, s.prompt_token_ids, s.response_token_ids, s.sampling,
@@ -226,6 +226,12 @@ ENQUEUE_SQL = sa.text(
            finished_at = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) THEN NULL ELSE t.finished_at END,
            created_at = CASE WHEN t.state = ANY(CAST(:rerun_states AS text[])) THEN now() ELSE t.created_at END
     RETURNING t.key, t.state
+    )
+    -- Not every key back (a 10^7-request job would ship each one to Python): the done ones, and
+    -- one row (key null) if any is pending.
+    SELECT key, state FROM upserted WHERE state = 'done'
+    UNION ALL
+    (SELECT NULL, state FROM upserted WHERE state = 'pending' LIMIT 1)
     """
 )
 CLEAR_STAGED_TASKS_SQL = sa.text("TRUNCATE staged_tasks")
@@ -329,6 +335,9 @@ class NewTask:
     max_attempts: int
     messages: list[dict[str, Any]] | None = None
     interactive: bool = False
+    # The prompt as an array literal, where the caller built it already (a file job's read-ahead
+    # thread joins each prompt's ids once, for its cache key and this).
+    prompt_literal: str | None = None
 
 
 def task_rows(tasks: list[NewTask], waiters: dict[str, int]) -> Iterator[tuple[Any, ...]]:
@@ -339,7 +348,7 @@ def task_rows(tasks: list[NewTask], waiters: dict[str, int]) -> Iterator[tuple[A
         sampling = encoded.get(id(t.sampling))
         if sampling is None:
             sampling = encoded[id(t.sampling)] = json.dumps(t.sampling)
-        yield (t.key, t.teacher, t.mode, array_literal(t.prompt_token_ids),
+        yield (t.key, t.teacher, t.mode, t.prompt_literal or array_literal(t.prompt_token_ids),
                None if t.response_token_ids is None else array_literal(t.response_token_ids), sampling,
                t.top_logprobs, t.max_attempts,
                # Null for every teacher but a chat endpoint's, so other jobs pay nothing for it.

@@ -62,7 +62,7 @@ LAST_USED_RESOLUTION_S = 60
 USE_RESULTS_SQL = sa.text(
     """
     WITH hit AS (
-        SELECT cache_key, last_used_at FROM results WHERE cache_key = ANY(CAST(:keys AS text[])) FOR KEY SHARE
+        SELECT cache_key, last_used_at FROM results WHERE cache_key = ANY(string_to_array(:keys, ',')) FOR KEY SHARE
     ), stale AS (
         SELECT res.cache_key FROM results res JOIN hit ON hit.cache_key = res.cache_key
          WHERE hit.last_used_at < now() - make_interval(secs => :resolution_s)
@@ -211,6 +211,15 @@ class AssemblyRow:
     parameters: dict[str, Any] | None = None  # the request's own parameters, where they differ from the job's
 
 
+def joined_keys(keys: list[str]) -> str:
+    """Cache keys as one comma-separated text (split in SQL): a submission looks up 5,000 at a
+    time, and the driver quotes a text[] parameter element by element."""
+    joined = ",".join(keys)
+    if joined.count(",") != len(keys) - 1:
+        raise ValueError("a cache key holds a comma")  # never: keys are hex digests and ids
+    return joined
+
+
 class ResultRepository:
     def __init__(self, session: orm.Session) -> None:
         self.session = session
@@ -221,7 +230,7 @@ class ResultRepository:
         so no eviction removes an entry a submission is answering requests from."""
         if not keys:
             return {}
-        rows = self.session.execute(USE_RESULTS_SQL, {"keys": keys, "resolution_s": LAST_USED_RESOLUTION_S})
+        rows = self.session.execute(USE_RESULTS_SQL, {"keys": joined_keys(keys), "resolution_s": LAST_USED_RESOLUTION_S})
         return {key: (int(p), int(c)) for key, p, c in rows}
 
     def add_results(self, rows: list[dict[str, Any]]) -> None:
