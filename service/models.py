@@ -103,8 +103,9 @@ class Request(Base):
         sa.Index("ix_requests_job_id_state", "job_id", "state"),
         sa.Index("ix_requests_pending_key", "cache_key",
                  postgresql_where=sa.text(f"state = '{RequestState.PENDING}'")),
-        # Which requests an entry answered: eviction spares entries an unfinished job reads.
-        sa.Index("ix_requests_result_key", "result_key", postgresql_where=sa.text("result_key IS NOT NULL")),
+        # Which requests an entry answered: eviction spares entries an unfinished job reads, and
+        # a file job's later batch finds the hits its earlier ones counted (job_id second).
+        sa.Index("ix_requests_result_key", "result_key", "job_id", postgresql_where=sa.text("result_key IS NOT NULL")),
         check_in("state", RequestState),
     )
 

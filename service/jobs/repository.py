@@ -93,6 +93,14 @@ CANCEL_SQL = with_counters(
     )
     """
 )
+# Which of a batch's cache hits an earlier batch of the same file job answered (and counted in
+# its cached spend): one probe of ix_requests_result_key (result_key, job_id) per key.
+HITS_ANSWERED_BEFORE_SQL = sa.text(
+    """
+    SELECT DISTINCT result_key FROM requests
+     WHERE result_key = ANY(string_to_array(:keys, ',')) AND job_id = :job_id AND cached
+    """
+)
 # A tenant's pending work: the counters of its unfinished jobs (ix_jobs_tenant_active).
 TENANT_PENDING_SQL = sa.text(
     "SELECT COALESCE(sum(n_pending), 0) FROM jobs WHERE tenant = :tenant AND status IN ('queued', 'running')"
@@ -220,6 +228,15 @@ def any_key(keys: list[str]) -> sa.ColumnElement[Any]:
     return sa.any_(sa.bindparam("keys", keys, type_=ARRAY(sa.String)))
 
 
+def joined_keys(keys: list[str]) -> str:
+    """Cache keys as one comma-separated text (split in SQL): a submission looks up 5,000 at a
+    time, and the driver quotes a text[] parameter element by element."""
+    joined = ",".join(keys)
+    if joined.count(",") != len(keys) - 1:
+        raise ValueError("a cache key holds a comma")  # never: keys are hex digests and ids
+    return joined
+
+
 class JobRepository:
     def __init__(self, session: orm.Session) -> None:
         self.session = session
@@ -237,6 +254,13 @@ class JobRepository:
             with cursor.copy(COPY_REQUESTS_SQL.format(columns=", ".join(columns))) as copy:
                 for row in rows:
                     copy.write_row([row[column] for column in columns])
+
+    def hits_answered_before(self, job_id: str, keys: builtins.list[str]) -> set[str]:
+        """Of `keys` (cache hits), those a request of the job written earlier was answered from."""
+        if not keys:
+            return set()
+        rows = self.session.execute(HITS_ANSWERED_BEFORE_SQL, {"keys": joined_keys(keys), "job_id": job_id})
+        return set(rows.scalars())
 
     def first_duplicate_custom_id(self, job_id: str) -> tuple[int, int] | None:
         """(request index, index of the earlier request with its custom_id), or None."""

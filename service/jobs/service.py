@@ -357,8 +357,10 @@ class JobWriter:
         live = [k for k in batch.keys if k is not None]
         hits = service.results.results_for(live) if body.cache == "use" else {}
         pending = sum(k not in hits for k in live)
-        count_batch(job, hits, hits_answered=len(live) - pending, pending=pending,
-                    refused=len(batch.keys) - len(live))
+        # The cached spend counts each result once a job: not again for a hit an earlier batch had.
+        before = service.jobs.hits_answered_before(job.id, list(hits)) if hits and self.total else set()
+        count_batch(job, {k: v for k, v in hits.items() if k not in before} if before else hits,
+                    hits_answered=len(live) - pending, pending=pending, refused=len(batch.keys) - len(live))
         if hits:
             for row, key in zip(batch.rows, batch.keys):
                 if key in hits:
@@ -428,7 +430,8 @@ class KeyedBatch:
 
 def count_batch(job: Job, hits: dict[str, tuple[int, int]], hits_answered: int, pending: int, refused: int) -> None:
     """The job's counters for one written batch: its hits answered, its misses pending, its
-    refused requests failed, the distinct hit results' tokens as its cached spend."""
+    refused requests failed, and the tokens of `hits` (the distinct results it was answered
+    from that no earlier batch of the job was) as its cached spend."""
     job.n_pending = (job.n_pending or 0) + pending
     job.n_cached = (job.n_cached or 0) + hits_answered
     job.n_failed = (job.n_failed or 0) + refused

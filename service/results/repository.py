@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects.postgresql import insert
 
-from service.jobs.repository import any_key, bounded_count, with_counters
+from service.jobs.repository import any_key, bounded_count, joined_keys, with_counters
 from service.models import Request, Result, Shard, Task
 from service.notify import ANY, TASKS_QUEUED, announce
 from service.states import JOB_UNFINISHED, sql_list
@@ -209,15 +209,6 @@ class AssemblyRow:
     row_start: int | None
     row_count: int | None
     parameters: dict[str, Any] | None = None  # the request's own parameters, where they differ from the job's
-
-
-def joined_keys(keys: list[str]) -> str:
-    """Cache keys as one comma-separated text (split in SQL): a submission looks up 5,000 at a
-    time, and the driver quotes a text[] parameter element by element."""
-    joined = ",".join(keys)
-    if joined.count(",") != len(keys) - 1:
-        raise ValueError("a cache key holds a comma")  # never: keys are hex digests and ids
-    return joined
 
 
 class ResultRepository:

@@ -179,3 +179,26 @@ def test_the_async_client_uploads_a_large_file_too(live_url, tmp_path, upload_ev
             return await async_client.submit(jsonl_path=path, sampling={"max_tokens": 4})
 
     assert asyncio.run(submit())["counts"]["total"] == 3
+
+
+def test_a_file_job_counts_each_cached_result_once_across_its_batches(api, rt, start_worker, small_batches):
+    """Batches of 4: a cached prompt in the first batch and again in the third is one result the
+    job saved, as when the same requests come as a body (one batch), and as a recount says."""
+    from tests.counters import recount_spend
+    from tests.integration.test_cache import prompts, run_to_end
+
+    cached = run_to_end(api, start_worker, prompts(range(2)))  # [7, 8, 0] and [7, 8, 1] in the cache
+    again = prompts(range(2))["requests"]
+    requests = again + prompts(range(10, 16))["requests"] + [{**r, "custom_id": f"again-{r['custom_id']}"}
+                                                              for r in again]
+    body = {**prompts(range(0))} | {"requests": requests}
+    from_file = api.post("/v1/jobs", json={**envelope(body), "input_file_id": upload(api, jsonl(requests))})
+    assert from_file.status_code == 201, from_file.text
+    from_body = api.post("/v1/jobs", json=body)
+    file_job, body_job = from_file.json(), from_body.json()
+    assert file_job["counts"]["cached"] == body_job["counts"]["cached"] == 4
+    assert file_job["spend"]["cached_prompt_tokens"] == cached["spend"]["prompt_tokens_sent"] == 2 * 3
+    assert file_job["spend"] == body_job["spend"]
+    with rt.sessions() as db:
+        assert recount_spend(db, file_job["id"])[True] == (file_job["spend"]["cached_prompt_tokens"],
+                                                           file_job["spend"]["cached_completion_tokens"])
