@@ -62,9 +62,11 @@ demo: teacher
 	@$(PY) examples/demo.py
 
 # INGEST_REQUESTS: the size of bench_ingest's JSONL files (make bench INGEST_REQUESTS=100000 for a quick run).
+# CACHED_FILE_REQUESTS: bench_scale's fully cached file job (0: not run).
 INGEST_REQUESTS ?= 1000000
+CACHED_FILE_REQUESTS ?= 1000000
 bench: teacher
-	$(PY) -m bench.run --ingest-requests $(INGEST_REQUESTS) --scale-rows $(SCALE_ROWS)
+	$(PY) -m bench.run --ingest-requests $(INGEST_REQUESTS) --scale-rows $(SCALE_ROWS) --cached-file-requests $(CACHED_FILE_REQUESTS)
 
 # Not part of `make test`: minutes of worker kill -9s and API kills against an external Postgres
 # (TEACHERCACHE_DATABASE_URL; the run uses a database of its own). RELIABILITY.md has the figures.

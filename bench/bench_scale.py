@@ -17,8 +17,17 @@
 3. A fully cached job of `--cached` requests (computed first by the largest worker count), POST
    to downloaded shards, with the API's (this process, peak over the whole run) and the
    workers' peak RSS.
+4. With `--cached-file N` (N = 1000000 for issue 16's figure), instead of 1-3: a fully cached
+   job of N requests from a JSONL file. Computing 10^6 requests with scripted workers would
+   take most of an hour here, so the cache is seeded as workers would leave it: result shards
+   of `--seed-shard-rows` results each (one sample of 4 tokens with their top-5, the scripted
+   job's shape) written through the service's storage, their entries COPYed into `results`.
+   Then, timed: `POST /v1/files`, `POST /v1/jobs {"input_file_id"}` (every request answered
+   from the cache), the finalizer assembling the job shards, and downloading them; this
+   process's peak RSS (API and finalizer run in it; no worker runs).
 
-Writes bench/results/scale_<rows>.json, scale_workers.json, scale_cached.json.
+Writes bench/results/scale_<rows>.json, scale_workers.json, scale_cached.json
+(scale_cached_file.json with --cached-file).
 """
 
 from __future__ import annotations
@@ -234,6 +243,118 @@ def cached_job(rt, start: int, count: int, workers: int) -> dict:
             "worker_peak_rss_mib": worker_peak}
 
 
+def file_request(i: int) -> dict:
+    return {"custom_id": f"r{i}", "prompt_token_ids": [1, 2, 3, i]}
+
+
+SEED_TOKENS, SEED_TOP = 4, 5  # the scripted job's shape: body()'s max_tokens and top_logprobs
+
+
+def seeded_result_table(keys: list[str], first: int, rng) -> tuple:
+    """Result-shard rows for `keys` (requests first, first + 1, ...), one sample each."""
+    import numpy as np
+    import pyarrow as pa
+
+    from teachercache.shard_format import RESULT_SCHEMA
+
+    n, t, k = len(keys), SEED_TOKENS, SEED_TOP
+
+    def lists(values: np.ndarray, width: int, inner: pa.Array | None = None) -> pa.Array:
+        offsets = pa.array(np.arange(0, (len(values) if inner is None else len(inner)) + 1, width, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(values) if inner is None else inner)
+
+    prompts = np.column_stack([np.ones(n), np.full(n, 2), np.full(n, 3), np.arange(first, first + n)])
+    top = np.sort(-rng.random((n * t, k)).astype(np.float32) * 8, axis=1)[:, ::-1].ravel()
+    columns = {
+        "cache_key": pa.array(keys), "sample_index": pa.array(np.zeros(n, np.int32)),
+        "prompt_token_ids": lists(prompts.astype(np.int32).ravel(), 4),
+        "completion_token_ids": lists(rng.integers(0, 49152, n * t, dtype=np.int32), t),
+        "completion_text": pa.array(["abcd"] * n),
+        "token_logprobs": lists(top.reshape(-1, k)[:, 0].copy(), t),
+        "top_token_ids": lists(np.empty(0), t, lists(rng.integers(0, 49152, n * t * k, dtype=np.int32), k)),
+        "top_logprobs": lists(np.empty(0), t, lists(np.ascontiguousarray(top), k)),
+        "finish_reason": pa.array(["length"] * n),
+    }
+    arrays = [columns.get(f.name, pa.nulls(n, f.type)) for f in RESULT_SCHEMA]
+    table = pa.Table.from_arrays(arrays, schema=RESULT_SCHEMA)
+    entries = [(key, i, 1, 4, t) for i, key in enumerate(keys)]
+    return table, entries
+
+
+def seed_cache(rt, count: int, shard_rows: int) -> float:
+    """Index `count` results for file_request(0..count)'s requests as workers would have (module
+    docstring, 4.); the seconds it took."""
+    import numpy as np
+
+    from service.db import copy_cursor
+    from service.jobs.schemas import JobCreate
+    from service.jobs.service import JobWriter
+    from teachercache.shard_format import parquet_options, shard_metadata
+
+    started = time.perf_counter()
+    teacher = rt.teachers.get(TEACHER)
+    job = JobCreate.model_validate({**body(0, 1), "requests": [file_request(0)]})
+    key_of = JobWriter(None, None, job, teacher).key_of  # type: ignore[arg-type]  # keys need neither
+    metadata = shard_metadata(rt.teacher_metadata().get(TEACHER, {}))
+    rng = np.random.default_rng(0)
+    for first in range(0, count, shard_rows):
+        keys = [key_of([1, 2, 3, i], None) for i in range(first, min(first + shard_rows, count))]
+        table, entries = seeded_result_table(keys, first, rng)
+        stored = rt.storage.write_table(f"results/{TEACHER}/seeded/{first:09d}.parquet", table, metadata,
+                                        **parquet_options(table.schema))
+        shard_id = f"shard_seed{first:09d}"
+        with rt.sessions() as db, db.begin():
+            db.execute(sa.text("INSERT INTO shards (id, kind, path, rows, bytes, sha256) "
+                               "VALUES (:id, 'result', :path, :rows, :bytes, :sha256)"),
+                       {"id": shard_id, "path": stored.path, "rows": stored.rows, "bytes": stored.bytes,
+                        "sha256": stored.sha256})
+            with copy_cursor(db) as cursor, cursor.copy(
+                    "COPY results (cache_key, teacher, shard_id, row_start, row_count, prompt_tokens, "
+                    "completion_tokens) FROM STDIN") as copy:
+                for key, start, rows, prompt, completion in entries:
+                    copy.write_row((key, TEACHER, shard_id, start, rows, prompt, completion))
+    return time.perf_counter() - started
+
+
+def cached_file_job(rt, count: int, shard_rows: int) -> dict:
+    """A fully cached job of `count` requests from a JSONL file, POST /v1/files to its shards downloaded."""
+    import json
+
+    import pyarrow.parquet as pq
+    from fastapi.testclient import TestClient
+
+    from bench.common import bench_auth
+    from service.http.app import create_app
+
+    seed_s = seed_cache(rt, count, shard_rows)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "cached.jsonl"
+        with path.open("w") as f:
+            f.writelines(json.dumps(file_request(i), separators=(",", ":")) + "\n" for i in range(count))
+        with TestClient(create_app(rt), headers=bench_auth(rt)) as api:
+            started = time.perf_counter()
+            with path.open("rb") as data:
+                uploaded = api.post("/v1/files", files={"file": (path.name, data)}, data={"purpose": "batch"})
+            assert uploaded.status_code == 200, uploaded.text
+            upload_s = time.perf_counter() - started
+            envelope = {k: v for k, v in body(0, 0).items() if k != "requests"}
+            response = api.post("/v1/jobs", json={**envelope, "input_file_id": uploaded.json()["id"]})
+            assert response.status_code == 201, response.text
+            job = response.json()
+            created_s = time.perf_counter() - started
+            assert job["counts"]["cached"] == count, job["counts"]
+            while (job := api.get(f"/v1/jobs/{job['id']}").json())["status"] != "succeeded":
+                time.sleep(0.1)
+            assembled_s = time.perf_counter() - started
+            rows = sum(pq.read_table(io.BytesIO(api.get(s["url"]).content)).num_rows for s in job["shards"])
+            seconds = time.perf_counter() - started
+    assert rows == count, rows
+    return {"requests": count, "rows": rows, "seed_s": seed_s, "upload_s": upload_s,
+            "create_s": created_s - upload_s, "assemble_s": assembled_s - created_s,
+            "download_s": seconds - assembled_s, "seconds": seconds, "job_shards": len(job["shards"]),
+            "api_peak_rss_mib": rss_mib()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="the large fill (10^7 for the manual run)")
@@ -241,9 +362,18 @@ def main() -> None:
     parser.add_argument("--cached", type=int, default=20_000, help="the fully cached job's requests")
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--worker-requests", type=int, default=4000)
+    parser.add_argument("--cached-file", type=int, default=0, help="only the seeded, fully cached file job (4.)")
+    parser.add_argument("--seed-shard-rows", type=int, default=1000, help="results per seeded result shard")
     args = parser.parse_args()
 
     from bench.common import RESULTS, report, scratch_runtime
+
+    if args.cached_file:
+        with tempfile.TemporaryDirectory() as state, scratch_runtime(Path(state)) as rt:
+            row = cached_file_job(rt, args.cached_file, args.seed_shard_rows)
+        report(f"fully cached job from a {args.cached_file:,}-request file, POST to downloaded shards", [row],
+               "scale_cached_file.json", {"args": vars(args)})
+        return
 
     figures, fills = {}, {}
     for size in (args.small, args.rows):
