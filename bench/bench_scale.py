@@ -243,8 +243,13 @@ def cached_job(rt, start: int, count: int, workers: int) -> dict:
             "worker_peak_rss_mib": worker_peak}
 
 
+def file_prompt(i: int) -> list[int]:
+    """Request i's prompt: distinct for every i below 10^8, every id inside the vocabulary."""
+    return [1, 2, 3 + i // 40000, i % 40000]
+
+
 def file_request(i: int) -> dict:
-    return {"custom_id": f"r{i}", "prompt_token_ids": [1, 2, 3, i]}
+    return {"custom_id": f"r{i}", "prompt_token_ids": file_prompt(i)}
 
 
 SEED_TOKENS, SEED_TOP = 4, 5  # the scripted job's shape: body()'s max_tokens and top_logprobs
@@ -263,7 +268,8 @@ def seeded_result_table(keys: list[str], first: int, rng) -> tuple:
         offsets = pa.array(np.arange(0, (len(values) if inner is None else len(inner)) + 1, width, dtype=np.int32))
         return pa.ListArray.from_arrays(offsets, pa.array(values) if inner is None else inner)
 
-    prompts = np.column_stack([np.ones(n), np.full(n, 2), np.full(n, 3), np.arange(first, first + n)])
+    index = np.arange(first, first + n)
+    prompts = np.column_stack([np.ones(n), np.full(n, 2), 3 + index // 40000, index % 40000])  # file_prompt
     top = np.sort(-rng.random((n * t, k)).astype(np.float32) * 8, axis=1)[:, ::-1].ravel()
     columns = {
         "cache_key": pa.array(keys), "sample_index": pa.array(np.zeros(n, np.int32)),
@@ -298,7 +304,7 @@ def seed_cache(rt, count: int, shard_rows: int) -> float:
     metadata = shard_metadata(rt.teacher_metadata().get(TEACHER, {}))
     rng = np.random.default_rng(0)
     for first in range(0, count, shard_rows):
-        keys = [key_of([1, 2, 3, i], None) for i in range(first, min(first + shard_rows, count))]
+        keys = [key_of(file_prompt(i), None) for i in range(first, min(first + shard_rows, count))]
         table, entries = seeded_result_table(keys, first, rng)
         stored = rt.storage.write_table(f"results/{TEACHER}/seeded/{first:09d}.parquet", table, metadata,
                                         **parquet_options(table.schema))
