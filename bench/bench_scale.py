@@ -255,44 +255,24 @@ def file_request(i: int) -> dict:
 SEED_TOKENS, SEED_TOP = 4, 5  # the scripted job's shape: body()'s max_tokens and top_logprobs
 
 
-def seeded_result_table(keys: list[str], first: int, rng) -> tuple:
-    """Result-shard rows for `keys` (requests first, first + 1, ...), one sample each."""
-    import numpy as np
+def seeded_result_table(keys: list[str], first: int):
+    """Result-shard rows for `keys` (requests first, first + 1, ...), one sample each: bench_assembly's
+    scripted rows with these keys and prompts."""
     import pyarrow as pa
 
-    from teachercache.shard_format import RESULT_SCHEMA
+    from bench.bench_assembly import scripted_rows
 
-    n, t, k = len(keys), SEED_TOKENS, SEED_TOP
-
-    def lists(values: np.ndarray, width: int, inner: pa.Array | None = None) -> pa.Array:
-        offsets = pa.array(np.arange(0, (len(values) if inner is None else len(inner)) + 1, width, dtype=np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.array(values) if inner is None else inner)
-
-    index = np.arange(first, first + n)
-    prompts = np.column_stack([np.ones(n), np.full(n, 2), 3 + index // 40000, index % 40000])  # file_prompt
-    top = np.sort(-rng.random((n * t, k)).astype(np.float32) * 8, axis=1)[:, ::-1].ravel()
-    columns = {
-        "cache_key": pa.array(keys), "sample_index": pa.array(np.zeros(n, np.int32)),
-        "prompt_token_ids": lists(prompts.astype(np.int32).ravel(), 4),
-        "completion_token_ids": lists(rng.integers(0, 49152, n * t, dtype=np.int32), t),
-        "completion_text": pa.array(["abcd"] * n),
-        "token_logprobs": lists(top.reshape(-1, k)[:, 0].copy(), t),
-        "top_token_ids": lists(np.empty(0), t, lists(rng.integers(0, 49152, n * t * k, dtype=np.int32), k)),
-        "top_logprobs": lists(np.empty(0), t, lists(np.ascontiguousarray(top), k)),
-        "finish_reason": pa.array(["length"] * n),
-    }
-    arrays = [columns.get(f.name, pa.nulls(n, f.type)) for f in RESULT_SCHEMA]
-    table = pa.Table.from_arrays(arrays, schema=RESULT_SCHEMA)
-    entries = [(key, i, 1, 4, t) for i, key in enumerate(keys)]
-    return table, entries
+    table = scripted_rows(len(keys), SEED_TOKENS, SEED_TOP, seed=first)
+    prompts = pa.array([file_prompt(i) for i in range(first, first + len(keys))], pa.list_(pa.int32()))
+    for name, column in (("cache_key", pa.array(keys)), ("prompt_token_ids", prompts)):
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table
 
 
 def seed_cache(rt, count: int, shard_rows: int) -> float:
     """Index `count` results for file_request(0..count)'s requests as workers would have (module
     docstring, 4.); the seconds it took."""
-    import numpy as np
-
-    from service.db import copy_cursor
+    from bench.bench_assembly import copy_rows
     from service.jobs.schemas import JobCreate
     from service.jobs.service import JobWriter
     from teachercache.shard_format import parquet_options, shard_metadata
@@ -302,10 +282,10 @@ def seed_cache(rt, count: int, shard_rows: int) -> float:
     job = JobCreate.model_validate({**body(0, 1), "requests": [file_request(0)]})
     key_of = JobWriter(None, None, job, teacher).key_of  # type: ignore[arg-type]  # keys need neither
     metadata = shard_metadata(rt.teacher_metadata().get(TEACHER, {}))
-    rng = np.random.default_rng(0)
     for first in range(0, count, shard_rows):
-        keys = [key_of(file_prompt(i), None) for i in range(first, min(first + shard_rows, count))]
-        table, entries = seeded_result_table(keys, first, rng)
+        indexes = range(first, min(first + shard_rows, count))
+        keys = [key_of(file_prompt(i), None) for i in indexes]
+        table = seeded_result_table(keys, first)
         stored = rt.storage.write_table(f"results/{TEACHER}/seeded/{first:09d}.parquet", table, metadata,
                                         **parquet_options(table.schema))
         shard_id = f"shard_seed{first:09d}"
@@ -314,11 +294,10 @@ def seed_cache(rt, count: int, shard_rows: int) -> float:
                                "VALUES (:id, 'result', :path, :rows, :bytes, :sha256)"),
                        {"id": shard_id, "path": stored.path, "rows": stored.rows, "bytes": stored.bytes,
                         "sha256": stored.sha256})
-            with copy_cursor(db) as cursor, cursor.copy(
-                    "COPY results (cache_key, teacher, shard_id, row_start, row_count, prompt_tokens, "
-                    "completion_tokens) FROM STDIN") as copy:
-                for key, start, rows, prompt, completion in entries:
-                    copy.write_row((key, TEACHER, shard_id, start, rows, prompt, completion))
+            copy_rows(db.connection().connection.driver_connection, "results",
+                      ["cache_key", "teacher", "shard_id", "row_start", "row_count", "prompt_tokens", "completion_tokens"],
+                      ((key, TEACHER, shard_id, row, 1, len(file_prompt(i)), SEED_TOKENS)
+                       for row, (i, key) in enumerate(zip(indexes, keys))))
     return time.perf_counter() - started
 
 

@@ -131,7 +131,7 @@ class JobService:
         self._spend_submission()
         job = self._add_job(body, teacher, idempotency_key, len(prepared), interactive=interactive)
         writer = JobWriter(self, job, body, teacher, notes, interactive)
-        writer.write(prepared)
+        writer.write(writer.keyed(prepared))
         writer.finish()
         return job
 
@@ -337,29 +337,26 @@ class JobWriter:
         read-ahead thread of a file job, while the request's thread waits on Postgres): each
         prompt's ids joined once, for its key and its task's array literal."""
         keys: list[str | None] = []
-        literals: list[str | None] = []
+        joined: list[str | None] = []
         for request in prepared:
             if isinstance(request, PreparedRequest):
-                joined = ",".join(map(str, request.prompt_token_ids))
-                keys.append(self.key(request, joined))
-                literals.append("{" + joined + "}")
+                joined.append(",".join(map(str, request.prompt_token_ids)))
+                keys.append(self.key(request, joined[-1]))
             else:  # refused alone: no key, no task
                 keys.append(None)
-                literals.append(None)
+                joined.append(None)
         rows = [self._row(r, k) for r, k in zip(prepared, keys)]
-        return KeyedBatch(prepared, keys, rows, literals)
+        return KeyedBatch(prepared, keys, rows, joined)
 
-    def write(self, batch: KeyedBatch | list[Prepared]) -> int:
+    def write(self, batch: KeyedBatch) -> int:
         """Write one batch; how many of its requests wait for the teacher."""
         body, service, job = self.body, self.service, self.job
-        if not isinstance(batch, KeyedBatch):
-            batch = self.keyed(batch)
         live = [k for k in batch.keys if k is not None]
         hits = service.results.results_for(live) if body.cache == "use" else {}
         pending = sum(k not in hits for k in live)
         # The cached spend counts each result once a job: not again for a hit an earlier batch had.
         before = service.jobs.hits_answered_before(job.id, list(hits)) if hits and self.total else set()
-        count_batch(job, {k: v for k, v in hits.items() if k not in before} if before else hits,
+        count_batch(job, {k: v for k, v in hits.items() if k not in before},
                     hits_answered=len(live) - pending, pending=pending, refused=len(batch.keys) - len(live))
         if hits:
             for row, key in zip(batch.rows, batch.keys):
@@ -402,7 +399,7 @@ class JobWriter:
         that key; the keys whose task was already done."""
         tasks: dict[str, NewTask] = {}
         waiters: dict[str, int] = {}
-        for request, key, literal in zip(batch.prepared, batch.keys, batch.literals):
+        for request, key, joined in zip(batch.prepared, batch.keys, batch.joined_prompts):
             if key is None or key in hits or not isinstance(request, PreparedRequest):
                 continue
             waiters[key] = waiters.get(key, 0) + 1
@@ -412,7 +409,7 @@ class JobWriter:
                     prompt_token_ids=request.prompt_token_ids, response_token_ids=request.response_token_ids,
                     sampling=self.sampling_of(request), top_logprobs=request.top_logprobs,
                     max_attempts=MAX_ATTEMPTS, messages=request.messages, interactive=self.interactive,
-                    prompt_literal=literal,
+                    prompt_joined=joined,
                 )
         return self.service.tasks.enqueue(list(tasks.values()), waiters, recompute_done=self.body.cache == "refresh")
 
@@ -420,12 +417,12 @@ class JobWriter:
 @dataclass
 class KeyedBatch:
     """One batch as JobWriter.keyed prepares it: the requests, their cache keys (None: refused
-    alone), their rows as if none were a cache hit, and their prompts as array literals."""
+    alone), their rows as if none were a cache hit, and their prompts' ids joined by commas."""
 
     prepared: list[Prepared]
     keys: list[str | None]
     rows: list[dict[str, Any]]
-    literals: list[str | None]
+    joined_prompts: list[str | None]
 
 
 def count_batch(job: Job, hits: dict[str, tuple[int, int]], hits_answered: int, pending: int, refused: int) -> None:
@@ -465,13 +462,12 @@ def request_row(job_id: str, request: PreparedRequest, key: str, defaults: tuple
                 notes: dict[str, Any] | None = None) -> dict[str, Any]:
     """A request's row, pending (answered_from_cache makes it a cache hit's)."""
     parameters = {**own_parameters(request, defaults), **(notes or {})}
-    row = {
+    return {
         "job_id": job_id, "request_index": request.index, "custom_id": request.custom_id, "cache_key": key,
         "state": RequestState.PENDING, "cached": False, "result_key": None,
         "prompt_tokens": len(request.prompt_token_ids), "error": None,
         "parameters": json.dumps(parameters) if parameters else None,
     }
-    return row
 
 
 def answered_from_cache(row: dict[str, Any]) -> None:

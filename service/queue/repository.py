@@ -335,9 +335,9 @@ class NewTask:
     max_attempts: int
     messages: list[dict[str, Any]] | None = None
     interactive: bool = False
-    # The prompt as an array literal, where the caller built it already (a file job's read-ahead
-    # thread joins each prompt's ids once, for its cache key and this).
-    prompt_literal: str | None = None
+    # The prompt's ids joined by commas, where the caller has them already (a file job's read-ahead
+    # thread joins each prompt once, for its cache key and its array literal).
+    prompt_joined: str | None = None
 
 
 def task_rows(tasks: list[NewTask], waiters: dict[str, int]) -> Iterator[tuple[Any, ...]]:
@@ -348,7 +348,7 @@ def task_rows(tasks: list[NewTask], waiters: dict[str, int]) -> Iterator[tuple[A
         sampling = encoded.get(id(t.sampling))
         if sampling is None:
             sampling = encoded[id(t.sampling)] = json.dumps(t.sampling)
-        yield (t.key, t.teacher, t.mode, t.prompt_literal or array_literal(t.prompt_token_ids),
+        yield (t.key, t.teacher, t.mode, array_literal(t.prompt_token_ids, t.prompt_joined),
                None if t.response_token_ids is None else array_literal(t.response_token_ids), sampling,
                t.top_logprobs, t.max_attempts,
                # Null for every teacher but a chat endpoint's, so other jobs pay nothing for it.
@@ -356,8 +356,9 @@ def task_rows(tasks: list[NewTask], waiters: dict[str, int]) -> Iterator[tuple[A
                t.interactive)
 
 
-def array_literal(ids: list[int]) -> str:
-    return "{" + ",".join(map(str, ids)) + "}"
+def array_literal(ids: list[int], joined: str | None = None) -> str:
+    """`ids` as a Postgres array literal (`joined`: the ids already joined by commas)."""
+    return "{" + (",".join(map(str, ids)) if joined is None else joined) + "}"
 
 
 def storable_error(text: str) -> str:
