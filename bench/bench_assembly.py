@@ -3,7 +3,7 @@
 The jobs are seeded directly (no engine): scripted result shards (64 tokens, top-20 per
 position) written through the storage port, indexed in Postgres, and a job of N requests
 answered from them, left `finalizing`. Each assembly runs in a fresh child process that reports
-its own RSS before and its peak RSS after (ru_maxrss), so the figure is the assembler's memory,
+its own RSS before and its peak RSS after (VmHWM), so the figure is the assembler's memory,
 not this process's. RSS should stay flat as N grows: it is bounded by `assembly_batch_rows`.
 
     python -m bench.bench_assembly [--sizes 10000 100000 1000000] [--batch-rows 4096]
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -109,13 +107,9 @@ def seed_job(rt, requests: int, distinct: int = 8192, openai: bool = False) -> s
     return job_id
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def assemble_here(database_url: str, state_dir: str, storage_uri: str | None, batch_rows: int) -> dict:
     """Finalize the one ready job in this process; time and memory of it."""
+    from bench.common import rss_mb
     from service.jobs.finalizer import finalize_ready
     from service.runtime import Runtime
     from service.settings import PROJECT_ROOT, ServiceSettings
@@ -124,13 +118,13 @@ def assemble_here(database_url: str, state_dir: str, storage_uri: str | None, ba
                                  models_dir=PROJECT_ROOT / "models", assembly_batch_rows=batch_rows), database_url)
     rt.engine.connect().close()
     rt.storage  # noqa: B018 - built before the baseline
-    before = rss_bytes()
+    before = rss_mb()
     started = time.perf_counter()
     done = finalize_ready(rt)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"finalized": done, "seconds": seconds, "rss_before_mb": before / 2**20, "rss_peak_mb": peak / 2**20,
-            "rss_growth_mb": (peak - before) / 2**20}
+    peak = rss_mb(field="VmHWM")
+    return {"finalized": done, "seconds": seconds, "rss_before_mb": before, "rss_peak_mb": peak,
+            "rss_growth_mb": peak - before, "arrow_peak_mb": pa.default_memory_pool().max_memory() / 2**20}
 
 
 def assemble_in_child(rt, batch_rows: int) -> dict:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 
-from bench.common import bench_key, report, scratch_runtime  # noqa: E402
+from bench.common import bench_key, report, rss_mb, scratch_runtime  # noqa: E402
 from bench.processes import free_port, stop_process_group, wait_until_answering  # noqa: E402
 
 TEACHER = "smollm2-135m-instruct"
@@ -69,14 +69,6 @@ def write_file(path: Path, count: int, kind: str, prompt_tokens: int = 64, first
                 request = {"custom_id": f"q{i}", "prompt": f"Request {i}: {words}."}
             f.write(json.dumps(request, separators=(",", ":")) + "\n")
     return path.stat().st_size
-
-
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    """A process's resident set (VmRSS) or its peak so far (VmHWM), from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} for process {pid}")
 
 
 @contextmanager

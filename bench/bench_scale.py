@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -156,13 +155,14 @@ def plans(rt) -> str:
     return "\n".join(out)
 
 
-def rss_mib(pid: int | None = None) -> float:
-    if pid is None:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def rss_mib(pid: int | str = "self") -> float:
+    """The process's peak RSS (0 once it is gone)."""
+    from bench.common import rss_mb
+
+    try:
+        return rss_mb(pid, "VmHWM")
+    except FileNotFoundError:
+        return 0.0
 
 
 def start_workers(rt, n: int) -> list[subprocess.Popen]:

@@ -51,6 +51,18 @@ def as_lists(values: Any) -> Any:
     return values.tolist() if hasattr(values, "tolist") else values
 
 
+def rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float:
+    """A process's resident set (VmRSS) or its peak so far (VmHWM), from /proc.
+
+    Peaks come from VmHWM, never getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so
+    a child started from a big process (pytest after the engine tests: 850 MB) reports at least
+    its parent's size, whatever it used itself."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for process {pid}")
+
+
 def report(title: str, rows: list[dict], filename: str, extra: dict | None = None) -> None:
     """Print a table and write the figures as JSON under bench/results/."""
     print_table(title, rows)

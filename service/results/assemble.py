@@ -113,7 +113,7 @@ def assemble(jobs: JobRepository, results: ResultRepository, storage: Storage, j
     metadata = shard_metadata({**teacher_meta.get(job.teacher, {"teacher": job.teacher}), **job_parameters(job)})
     encoding = job_encoding(job)
     schema = stored_schema(JOB_SCHEMA.with_metadata(metadata), encoding)
-    batches = RowBuffer(job_batches(jobs, results, storage, job.id, limits.batch_rows))
+    batches = RowBuffer(job_batches(jobs, results, storage, job, limits.batch_rows))
     index = 0
     while index == 0 or not batches.exhausted():  # an empty job still gets one (empty) shard
         stored = storage.write(f"jobs/{job.id}/part-{index:05d}.parquet",
@@ -160,13 +160,13 @@ def damaged_sources(results: ResultRepository, storage: Storage, job_id: str) ->
     return damaged
 
 
-def job_batches(jobs: JobRepository, results: ResultRepository, storage: Storage, job_id: str,
+def job_batches(jobs: JobRepository, results: ResultRepository, storage: Storage, job: Job,
                 batch_rows: int) -> Iterator[pa.Table]:
-    """The job's rows in request order, a window of requests at a time."""
-    after = -1
-    while window := results.assembly_rows(job_id, after, batch_rows):
-        after = window[-1].request_index
-        yield window_table(jobs, storage, window)
+    """The job's rows in request order, a window of requests at a time (request indexes run
+    0 .. total - 1, so the windows step over that range)."""
+    for after in range(-1, job.total - 1, batch_rows):
+        if window := results.assembly_rows(job.id, after, batch_rows):
+            yield window_table(jobs, storage, window)
 
 
 def window_table(jobs: JobRepository, storage: Storage, window: list[AssemblyRow]) -> pa.Table:

@@ -262,14 +262,19 @@ class ResultRepository:
         return [SourceShard(*row) for row in self.session.execute(JOB_RESULT_SHARDS_SQL, {"job_id": job_id})]
 
     def assembly_rows(self, job_id: str, after_index: int, limit: int) -> list[AssemblyRow]:
-        """The next `limit` requests after `after_index`, in request order (keyset: each window
-        is one index range scan, however far into a 10^7-request job)."""
+        """The requests of index range (after_index, after_index + limit], in request order.
+
+        Bounded on both sides, so each window is one index range scan whatever the planner's
+        statistics say: right after a 10^6-request submission they still claim the job has a few
+        dozen rows, and an open-ended `> after ORDER BY .. LIMIT` was planned as a bitmap scan
+        and sort of every later request of the job, per window (354 ms against 22 ms)."""
         query = (
             sa.select(Request.request_index, Request.custom_id, Request.state, Request.cached, Request.cache_key,
                       Request.error, Shard.path, Result.row_start, Result.row_count, Request.parameters)
             .outerjoin(Result, Result.cache_key == Request.result_key)
             .outerjoin(Shard, Shard.id == Result.shard_id)
-            .where(Request.job_id == job_id, Request.request_index > after_index)
+            .where(Request.job_id == job_id, Request.request_index > after_index,
+                   Request.request_index <= after_index + limit)
             .order_by(Request.request_index)
             .limit(limit)
         )

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.bench_ingest import api_client, api_process, create_job, load_tokenizer, rss_mb, upload, write_file
+from bench.bench_ingest import api_client, api_process, create_job, load_tokenizer, upload, write_file
+from bench.common import rss_mb
 
 REQUESTS = 250_000
 BOUND_MB = 100  # a few batches of requests (5,000 each, read ahead by 2), the COPY buffers, the allocator's arenas

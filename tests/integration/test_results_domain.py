@@ -32,10 +32,10 @@ def test_a_job_whose_assembly_keeps_failing_ends_failed_and_does_not_hold_up_ano
     other = api.post("/v1/jobs", json=batch("o")).json()["id"]  # created after: behind it in the claim order
     real = assemble.job_batches
 
-    def overflowing(jobs, results, storage, job_id, batch_rows):
-        if job_id == poisoned:
+    def overflowing(jobs, results, storage, job, batch_rows):
+        if job.id == poisoned:
             raise OverflowError("offsets overflow int32")  # deterministic: every attempt fails the same way
-        return real(jobs, results, storage, job_id, batch_rows)
+        return real(jobs, results, storage, job, batch_rows)
 
     monkeypatch.setattr(assemble, "job_batches", overflowing)
     start_worker(ScriptedEngine())
