@@ -59,19 +59,25 @@ RESOLVE_SQL = with_counters(
 # rewritten by every submission), and skips an entry another transaction is touching right now
 # (touching is best effort; waiting could deadlock two submissions that hit the same keys).
 LAST_USED_RESOLUTION_S = 60
+# Every step finds its rows by key, one index probe per key: as `cache_key = ANY(keys)` or as
+# a join with the table, the planner chose a sequential scan of every result per 5,000-key
+# batch (and a hash join over a second one) at 10^5-10^6 entries. A LATERAL ... LIMIT 1 is
+# never flattened into a join, so it stays a probe per key whatever the statistics say.
 USE_RESULTS_SQL = sa.text(
     """
     WITH hit AS (
-        SELECT cache_key, last_used_at FROM results WHERE cache_key = ANY(string_to_array(:keys, ',')) FOR KEY SHARE
+        SELECT entry.* FROM unnest(string_to_array(:keys, ',')) AS wanted(key)
+         CROSS JOIN LATERAL (SELECT cache_key, prompt_tokens, completion_tokens, last_used_at FROM results
+                              WHERE cache_key = wanted.key LIMIT 1 FOR KEY SHARE) entry
     ), stale AS (
-        SELECT res.cache_key FROM results res JOIN hit ON hit.cache_key = res.cache_key
-         WHERE hit.last_used_at < now() - make_interval(secs => :resolution_s)
-           FOR NO KEY UPDATE OF res SKIP LOCKED
+        SELECT cache_key FROM results
+         WHERE cache_key = ANY(ARRAY(SELECT cache_key FROM hit
+                                      WHERE last_used_at < now() - make_interval(secs => :resolution_s)))
+           FOR NO KEY UPDATE SKIP LOCKED
     ), touched AS (
-        UPDATE results res SET last_used_at = now() FROM stale WHERE res.cache_key = stale.cache_key
+        UPDATE results SET last_used_at = now() WHERE cache_key = ANY(ARRAY(SELECT cache_key FROM stale))
     )
-    SELECT hit.cache_key, res.prompt_tokens, res.completion_tokens
-      FROM hit JOIN results res ON res.cache_key = hit.cache_key
+    SELECT cache_key, prompt_tokens, completion_tokens FROM hit
     """
 )
 # The cache as users see it. Bypass jobs index their rows under private keys that no lookup
@@ -267,16 +273,23 @@ class ResultRepository:
         Bounded on both sides, so each window is one index range scan whatever the planner's
         statistics say: right after a 10^6-request submission they still claim the job has a few
         dozen rows, and an open-ended `> after ORDER BY .. LIMIT` was planned as a bitmap scan
-        and sort of every later request of the job, per window (354 ms against 22 ms)."""
+        and sort of every later request of the job, per window (354 ms against 22 ms).
+
+        Each request's entry and its shard are looked up by key (LATERAL ... LIMIT 1, which the
+        planner cannot turn into a join): as plain joins they were planned as hash joins over a
+        sequential scan of every result, per window, at 10^5-10^6 cached results."""
+        entry = (sa.select(Result.shard_id, Result.row_start, Result.row_count)
+                 .where(Result.cache_key == Request.result_key).limit(1).lateral("entry"))
+        shard = sa.select(Shard.path).where(Shard.id == entry.c.shard_id).limit(1).lateral("shard")
         query = (
             sa.select(Request.request_index, Request.custom_id, Request.state, Request.cached, Request.cache_key,
-                      Request.error, Shard.path, Result.row_start, Result.row_count, Request.parameters)
-            .outerjoin(Result, Result.cache_key == Request.result_key)
-            .outerjoin(Shard, Shard.id == Result.shard_id)
+                      Request.error, shard.c.path, entry.c.row_start, entry.c.row_count, Request.parameters)
+            .select_from(Request)
+            .outerjoin(entry, sa.true())
+            .outerjoin(shard, sa.true())
             .where(Request.job_id == job_id, Request.request_index > after_index,
                    Request.request_index <= after_index + limit)
             .order_by(Request.request_index)
-            .limit(limit)
         )
         return [AssemblyRow(*row) for row in self.session.execute(query)]
 

@@ -301,7 +301,7 @@ def test_old_idle_tasks_are_deleted_in_bounded_rounds_and_a_resubmission_queues_
     (results_repository.LRU_SHARES_SQL, {"limit": 10}, "ix_results_last_used_at"),
     (jobs_repository.DELETING_JOBS_SQL, {"limit": 10}, "ix_jobs_status"),
     (jobs_repository.DELETE_REQUESTS_CHUNK_SQL, {"job_id": "j", "rows": 10}, "requests_job_id"),
-    (results_repository.USE_RESULTS_SQL, {"keys": ["k2-a", "k2-b"], "resolution_s": 60}, "pk_results"),
+    (results_repository.USE_RESULTS_SQL, {"keys": "k2-a,k2-b", "resolution_s": 60}, "pk_results"),
     (queue_repository.DELETE_IDLE_TASKS_SQL, {"age_s": 86400, "limit": 10}, "ix_tasks_idle"),
 ])
 def test_the_sweep_and_the_hit_lookup_are_index_scans(rt, statement, params, index):

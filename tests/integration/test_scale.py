@@ -320,3 +320,70 @@ def test_a_submission_that_joins_a_task_finished_meanwhile_answers_its_requests_
     assert late["counts"]["pending"] == 0 and late["counts"]["completed"] == 3
     assert late["status"] in ("finalizing", "succeeded")
     assert_counters_agree(rt, [first["id"], late["id"]])
+
+
+# -- the cache's two per-request lookups on a filled table -------------------------------------
+
+FILLED_RESULTS = 200_000
+
+
+def filled_results_job(rt) -> str:
+    """A finalizing 4,096-request job answered from a results table of FILLED_RESULTS entries
+    (seeded without an engine), with fresh statistics: the sizes at which the planner preferred
+    a hash join over a sequential scan of every result to looking each request's entry up."""
+    from bench.bench_assembly import seed_job
+
+    job_id = seed_job(rt, 4096, distinct=64)
+    with rt.sessions() as db, db.begin():
+        shard_id = db.scalar(sa.text("SELECT shard_id FROM results LIMIT 1"))
+        db.execute(sa.text(
+            "INSERT INTO results (cache_key, teacher, shard_id, row_start, row_count, prompt_tokens, completion_tokens) "
+            "SELECT 'filler-' || i, :teacher, :shard_id, 0, 1, 16, 64 FROM generate_series(1, :n) i"),
+            {"teacher": TEACHER, "shard_id": shard_id, "n": FILLED_RESULTS})
+    with rt.engine.connect() as connection:
+        connection.execute(sa.text("ANALYZE results"))
+        connection.execute(sa.text("ANALYZE requests"))
+        connection.commit()
+    return job_id
+
+
+def analyzed_plan(rt, run) -> str:
+    """EXPLAIN ANALYZE of the one statement `run(session)` sends, rolled back."""
+    statements: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, params, context, executemany):
+        statements.append((statement, params))
+
+    sa.event.listen(rt.engine, "before_cursor_execute", capture)
+    try:
+        with rt.sessions() as db, db.begin():
+            run(db)
+            statement, params = statements[-1]
+            db.rollback()
+    finally:
+        sa.event.remove(rt.engine, "before_cursor_execute", capture)
+    with rt.engine.connect() as connection:
+        cursor = connection.connection.driver_connection.cursor()
+        cursor.execute("EXPLAIN (ANALYZE, COSTS OFF) " + statement, params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+        connection.rollback()
+    return plan
+
+
+def test_an_assembly_window_looks_each_request_entry_up_by_key_on_a_filled_table(rt):
+    from service.results.repository import ResultRepository
+
+    job_id = filled_results_job(rt)
+    plan = analyzed_plan(rt, lambda db: ResultRepository(db).assembly_rows(job_id, 1023, 1024))
+    assert "Seq Scan on results" not in plan and "Index Cond: ((cache_key)::text = (requests.result_key)::text)" in plan, plan
+    assert re.search(r"Index (Only )?Scan using uq_requests_job_id_request_index|Bitmap Index Scan on uq_requests_job_id", plan), plan
+
+
+def test_a_hit_lookup_reads_only_the_entries_it_looks_up_on_a_filled_table(rt):
+    from service.results.repository import ResultRepository
+
+    filled_results_job(rt)
+    keys = [f"filler-{i}" for i in range(1, 2001)]
+    plan = analyzed_plan(rt, lambda db: ResultRepository(db).results_for(keys))
+    assert "Seq Scan on results" not in plan, plan
+    assert re.search(r"Hash (Right |Left )?Join", plan) is None, plan
