@@ -27,6 +27,7 @@ from service.jobs.limits import (
 )
 from service.jobs.repository import JobRepository
 from service.jobs.schemas import Counts, JobCreate, JobOut, RequestError, Sampling, ShardOut
+from service.jobs.seen_keys import SeenKeys
 from service.jobs.spend import NO_PRICES, Prices, SpendTokens, job_spend
 from service.jobs.tokenize import Prepared, PreparedRequest, RejectedRequest, prepare_requests
 from service.models import Job, Shard
@@ -313,6 +314,9 @@ class JobWriter:
         self.key_of = key_maker(self.identity, body.mode, self.sampling, body.top_logprobs)
         self.total = self.pending = 0
         self.gave_custom_ids = False
+        # The hits of the batches written so far: a set for the first (a body job has only that
+        # one), a fixed-size filter from the second (a file job's 10^7 keys are not held).
+        self.earlier_hits: set[str] | SeenKeys = set()
 
     def runs_as_job(self, request: PreparedRequest) -> bool:
         """The request runs with the job's own sampling (most do: then it is the job's object,
@@ -355,7 +359,7 @@ class JobWriter:
         hits = service.results.results_for(live) if body.cache == "use" else {}
         pending = sum(k not in hits for k in live)
         # The cached spend counts each result once a job: not again for a hit an earlier batch had.
-        before = service.jobs.hits_answered_before(job.id, list(hits)) if hits and self.total else set()
+        before = self._hits_answered_before(list(hits))
         count_batch(job, {k: v for k, v in hits.items() if k not in before},
                     hits_answered=len(live) - pending, pending=pending, refused=len(batch.keys) - len(live))
         if hits:
@@ -372,6 +376,18 @@ class JobWriter:
         self.pending += pending
         self.gave_custom_ids = self.gave_custom_ids or any(r.custom_id != str(r.index) for r in batch.prepared)
         return pending
+
+    def _hits_answered_before(self, hits: list[str]) -> set[str]:
+        """Of this batch's hits, those an earlier batch of the job was answered from: asked of
+        the database only for the few the filter of earlier hits may hold."""
+        if not self.total:  # the first batch: none before it
+            self.earlier_hits = set(hits)
+            return set()
+        if isinstance(self.earlier_hits, set):
+            self.earlier_hits = SeenKeys(self.earlier_hits)
+        maybe = self.earlier_hits.maybe_seen(hits)
+        self.earlier_hits.add(hits)
+        return self.service.jobs.hits_answered_before(self.job.id, maybe) if maybe else set()
 
     def finish(self) -> None:
         """The tenant's pending limit over what was written, the job's total, and its start: a

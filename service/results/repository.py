@@ -8,7 +8,7 @@ here commits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -201,9 +201,9 @@ class SourceShard:
     sha256: str
 
 
-@dataclass(frozen=True)
-class AssemblyRow:
-    """One request of a job as assembly sees it; `shard_path` is None for an unanswered one."""
+class AssemblyRow(NamedTuple):
+    """One request of a job as assembly sees it; `shard_path` is None for an unanswered one (a
+    tuple: a window builds thousands of them, a frozen dataclass took 2 µs each)."""
 
     request_index: int
     custom_id: str
@@ -291,7 +291,8 @@ class ResultRepository:
                    Request.request_index <= after_index + limit)
             .order_by(Request.request_index)
         )
-        return [AssemblyRow(*row) for row in self.session.execute(query)]
+        # Core, not the ORM's loading: its per-row machinery took two thirds of the window's time.
+        return [AssemblyRow._make(row) for row in self.session.connection().execute(query).all()]
 
     def drop_damaged_shards(self, shard_ids: list[str]) -> set[str]:
         """Drop the cache entries of these result shards and requeue what they answered; the jobs
