@@ -100,7 +100,9 @@ class Request(Base):
     __tablename__ = "requests"
     __table_args__ = (
         sa.UniqueConstraint("job_id", "request_index"),
-        sa.Index("ix_requests_job_id_state", "job_id", "state"),
+        # By job and state, for the states a lookup asks for: never `done`, where nearly all end.
+        sa.Index("ix_requests_job_id_unsettled", "job_id", "state",
+                 postgresql_where=sa.text(f"state <> '{RequestState.DONE}'")),
         sa.Index("ix_requests_pending_key", "cache_key",
                  postgresql_where=sa.text(f"state = '{RequestState.PENDING}'")),
         # Which requests an entry answered: eviction spares entries an unfinished job reads, and
