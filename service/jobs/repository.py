@@ -194,11 +194,15 @@ FIRST_DUPLICATE_CUSTOM_ID_SQL = sa.text(
     """
 )
 # A job another finalizer holds is skipped, and so is one backing off after a failed assembly.
+# FOR NO KEY UPDATE, not FOR UPDATE: finalizing changes no key of the job, and FOR UPDATE
+# conflicts with the FOR KEY SHARE that any insert referencing the job (a progress snapshot, a
+# shard) holds until it commits, so one worker paused inside such a transaction (SIGSTOP, a
+# frozen VM) had every finalizer skip that job for as long as it stayed paused.
 CLAIM_FINALIZING_SQL = sa.text(
     """
     SELECT id FROM jobs WHERE status = 'finalizing'
        AND (finalize_not_before IS NULL OR finalize_not_before <= now())
-     ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
+     ORDER BY created_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED
     """
 )
 # One more failed attempt: back off exponentially (capped), or end the job failed with the reason.

@@ -100,3 +100,23 @@ def test_a_job_still_running_cannot_be_deleted(api):
     response = api.delete(f"/v1/jobs/{job['id']}")
     assert response.status_code == 409 and response.json()["error"]["code"] == "conflict"
     assert api.get(f"/v1/jobs/{job['id']}").status_code == 200
+
+
+def test_a_job_is_finalized_while_another_transaction_holds_a_row_that_references_it(rt):
+    """A worker paused inside a transaction that inserted a row referencing the job (its progress
+    snapshot: the foreign key holds FOR KEY SHARE on the job until commit) must not stop the job
+    from being finalized: this was test_faults' occasional job stuck in `finalizing` while its
+    SIGSTOPped worker slept."""
+    from bench.bench_assembly import seed_job
+    from service.jobs.finalizer import finalize_ready
+
+    job_id = seed_job(rt, 8)
+    with rt.engine.connect() as paused:  # the paused worker's open transaction
+        paused.execute(sa.text("INSERT INTO job_progress (job_id, completed, cached, failed) VALUES (:id, 0, 8, 0)"),
+                       {"id": job_id})
+        assert finalize_ready(rt) == 1
+        paused.rollback()
+    with rt.sessions() as db:
+        job = db.get(Job, job_id)
+        assert job.status == "succeeded"
+        assert sum(s.rows for s in db.scalars(sa.select(Shard).where(Shard.job_id == job_id))) == 8
